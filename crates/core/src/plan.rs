@@ -1,0 +1,356 @@
+//! The plan: from a federation's spec and what was observed in its members, the objects every member should hold
+//! and the status to report. Pure: the clock comes in as an argument.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use meshfed_api::{ClusterSpec, ClusterStatus, MeshFederationSpec, MeshFederationStatus, SecretKeyRef};
+
+use crate::{
+    conditions::{Cond, first_failure, stamp},
+    validate::{Problem, Validated},
+};
+
+/// The field manager of every write meshfed makes.
+pub const FIELD_MANAGER: &str = "meshfed";
+/// Marks everything meshfed writes in a member.
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The name of the federation that owns an object in a member.
+pub const LABEL_FEDERATION: &str = "meshfed.io/federation";
+/// The hub namespace of the federation that owns an object in a member.
+pub const LABEL_FEDERATION_NAMESPACE: &str = "meshfed.io/federation-namespace";
+/// The member cluster an object was written for.
+pub const LABEL_CLUSTER: &str = "meshfed.io/cluster";
+/// On a namespace that meshfed created (rather than found), so that cleanup deletes it only then.
+pub const ANNOTATION_CREATED: &str = "meshfed.io/created-namespace";
+/// Istio's network label (ISTIO-FACTS.md section 4).
+pub const NETWORK_LABEL: &str = "topology.istio.io/network";
+
+/// Which federation a plan is for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FederationRef {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl FederationRef {
+    /// The labels that every object meshfed writes for `cluster` carries.
+    pub fn owned_labels(&self, cluster: &str) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            (MANAGED_BY.into(), FIELD_MANAGER.into()),
+            (LABEL_FEDERATION.into(), self.name.clone()),
+            (LABEL_FEDERATION_NAMESPACE.into(), self.namespace.clone()),
+            (LABEL_CLUSTER.into(), cluster.into()),
+        ])
+    }
+}
+
+/// The Istio namespace of a member, labelled with its network. `observed` is the namespace as it is now, if it
+/// exists: meshfed marks a namespace it creates, so that cleanup deletes only namespaces meshfed made.
+pub fn istio_namespace(fed: &FederationRef, spec: &MeshFederationSpec, cluster: &ClusterSpec, observed: Option<&Namespace>) -> Namespace {
+    let mut labels = fed.owned_labels(&cluster.name);
+    labels.insert(NETWORK_LABEL.into(), cluster.network.clone());
+    let created = observed.is_none_or(created_by_meshfed);
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(spec.istio.namespace.clone()),
+            labels: Some(labels),
+            annotations: created.then(|| BTreeMap::from([(ANNOTATION_CREATED.into(), "true".into())])),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Whether meshfed created this namespace (and so may delete it on cleanup).
+pub fn created_by_meshfed(ns: &Namespace) -> bool {
+    ns.metadata.annotations.as_ref().is_some_and(|a| a.get(ANNOTATION_CREATED).is_some_and(|v| v == "true"))
+}
+
+/// Whether `observed` already holds everything in `desired` (a JSON subset: objects by key, lists item by item), so
+/// that applying `desired` would change nothing and can be skipped.
+pub fn holds(observed: &serde_json::Value, desired: &serde_json::Value) -> bool {
+    use serde_json::Value::{Array, Object};
+    match (desired, observed) {
+        (Object(d), Object(o)) => d.iter().all(|(k, dv)| o.get(k).is_some_and(|ov| holds(ov, dv))),
+        (Array(d), Array(o)) => d.len() == o.len() && d.iter().zip(o).all(|(dv, ov)| holds(ov, dv)),
+        (d, o) => d == o,
+    }
+}
+
+/// Why something about a member is not as desired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub reason: String,
+    pub message: String,
+}
+
+impl Failure {
+    pub fn new(reason: &str, message: impl Into<String>) -> Self {
+        Self { reason: reason.into(), message: message.into() }
+    }
+}
+
+/// What one reconcile did with one member.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberReport {
+    pub name: String,
+    pub kubeconfig: SecretKeyRef,
+    /// The member's Kubernetes version when it was reached.
+    pub version: Option<String>,
+    /// What went wrong, if anything: unreachable when `version` is `None`, else a failed write.
+    pub failure: Option<Failure>,
+    /// The member left the spec and is being cleaned up.
+    pub leaving: bool,
+}
+
+/// The federation's status after a reconcile. `validation` is the outcome of [`crate::validate::validate`]; on a
+/// valid spec `members` has one report per member of the spec and per member still leaving. An invalid spec touches
+/// no member, so the previous per-cluster entries are kept as they were.
+pub fn federation_status(
+    previous: Option<&MeshFederationStatus>,
+    generation: Option<i64>,
+    spec: &MeshFederationSpec,
+    validation: &Result<Validated, Vec<Problem>>,
+    members: &[MemberReport],
+    now: Timestamp,
+) -> MeshFederationStatus {
+    let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
+    let validated = match validation {
+        Err(problems) => {
+            let reason = problems.first().map_or("Invalid", |p| p.reason);
+            let message = problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ");
+            let conds = vec![
+                Cond::failed("Ready", reason, "the spec is invalid; nothing is written to any member until it is fixed"),
+                Cond::failed("Valid", reason, message),
+            ];
+            return MeshFederationStatus {
+                observed_generation: generation,
+                topology: None,
+                ready_clusters: previous.and_then(|p| p.ready_clusters.clone()),
+                conditions: stamp(prev_conditions, conds, generation, now),
+                trust: previous.and_then(|p| p.trust.clone()),
+                clusters: previous.map(|p| p.clusters.clone()).unwrap_or_default(),
+            };
+        }
+        Ok(v) => v,
+    };
+
+    let unreachable: Vec<_> = members.iter().filter(|m| m.version.is_none()).collect();
+    let reachable = match unreachable.as_slice() {
+        [] => Cond::ok("ClustersReachable", "AllReachable", format!("all {} members answered", members.len())),
+        [first, ..] => Cond::failed(
+            "ClustersReachable",
+            &first.failure.as_ref().map_or("Unreachable".into(), |f| f.reason.clone()),
+            unreachable.iter().map(|m| format!("{}: {}", m.name, failure_message(m))).collect::<Vec<_>>().join("; "),
+        ),
+    };
+    let failed: Vec<_> = members.iter().filter(|m| m.version.is_some() && m.failure.is_some()).collect();
+    let leaving: Vec<_> = members.iter().filter(|m| m.leaving && m.failure.is_some()).map(|m| m.name.as_str()).collect();
+    let mut conds = vec![Cond::ok("Valid", "Valid", format!("topology {}", validated.topology)), reachable];
+    if let [first, ..] = failed.as_slice() {
+        conds.push(Cond::failed(
+            "MembersConverged",
+            &first.failure.as_ref().map_or(String::new(), |f| f.reason.clone()),
+            failed.iter().map(|m| format!("{}: {}", m.name, failure_message(m))).collect::<Vec<_>>().join("; "),
+        ));
+    } else {
+        conds.push(Cond::ok("MembersConverged", "Converged", "every reachable member holds what the spec asks"));
+    }
+    let ready = match (first_failure(&conds), leaving.as_slice()) {
+        (Some(f), _) => Cond::failed("Ready", &f.reason, f.message.clone()),
+        (None, [_, ..]) => Cond::failed("Ready", "CleanupPending", format!("waiting to clean up members that left the spec: {}", leaving.join(", "))),
+        (None, []) => Cond::ok("Ready", "Converged", format!("all {} members converged", spec.clusters.len())),
+    };
+    conds.insert(0, ready);
+
+    let prev_cluster = |name: &str| previous.and_then(|p| p.clusters.iter().find(|c| c.name == name));
+    let clusters: Vec<ClusterStatus> = members
+        .iter()
+        .filter(|m| !(m.leaving && m.failure.is_none()))
+        .map(|m| member_status(prev_cluster(&m.name), generation, m, now))
+        .collect();
+    let converged = members.iter().filter(|m| !m.leaving && m.version.is_some() && m.failure.is_none()).count();
+    MeshFederationStatus {
+        observed_generation: generation,
+        topology: Some(validated.topology.to_string()),
+        ready_clusters: Some(format!("{converged}/{}", spec.clusters.len())),
+        conditions: stamp(prev_conditions, conds, generation, now),
+        trust: previous.and_then(|p| p.trust.clone()),
+        clusters,
+    }
+}
+
+/// The status while the federation is being deleted: which members are not cleaned up yet, and why.
+pub fn deletion_status(previous: Option<&MeshFederationStatus>, generation: Option<i64>, pending: &[MemberReport], now: Timestamp) -> MeshFederationStatus {
+    let mut status = previous.cloned().unwrap_or_default();
+    let message = pending.iter().map(|m| format!("{}: {}", m.name, failure_message(m))).collect::<Vec<_>>().join("; ");
+    let conds = vec![Cond::failed("Ready", "CleanupPending", format!("the federation is being deleted; members not cleaned up yet: {message}"))];
+    let ready = stamp(&status.conditions, conds, generation, now).remove(0);
+    status.conditions.retain(|c| c.type_ != "Ready");
+    status.conditions.insert(0, ready);
+    status.clusters = pending
+        .iter()
+        .map(|m| member_status(status.clusters.iter().find(|c| c.name == m.name), generation, m, now))
+        .collect();
+    status
+}
+
+fn failure_message(m: &MemberReport) -> &str {
+    m.failure.as_ref().map_or("", |f| f.message.as_str())
+}
+
+fn member_status(previous: Option<&ClusterStatus>, generation: Option<i64>, m: &MemberReport, now: Timestamp) -> ClusterStatus {
+    let reachable = match (&m.version, &m.failure) {
+        (Some(v), _) => Cond::ok("Reachable", "Reachable", format!("Kubernetes {v}")),
+        (None, Some(f)) => Cond::failed("Reachable", &f.reason, f.message.clone()),
+        (None, None) => Cond::failed("Reachable", "Unreachable", ""),
+    };
+    let ready = match (&m.failure, m.leaving) {
+        (Some(f), true) => Cond::failed("Ready", "CleanupPending", format!("cleanup waits: {}", f.message)),
+        (Some(f), false) => Cond::failed("Ready", &f.reason, f.message.clone()),
+        (None, _) => Cond::ok("Ready", "Converged", "holds what the spec asks"),
+    };
+    let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
+    let reached = m.version.is_some();
+    ClusterStatus {
+        name: m.name.clone(),
+        reachable: reached,
+        kubernetes_version: m.version.clone().or_else(|| previous.and_then(|p| p.kubernetes_version.clone())),
+        last_seen: if reached { Some(now.to_string()) } else { previous.and_then(|p| p.last_seen.clone()) },
+        last_error: m.failure.as_ref().map(|f| f.message.clone()),
+        kubeconfig_secret_ref: Some(m.kubeconfig.clone()),
+        conditions: stamp(prev_conditions, vec![reachable, ready], generation, now),
+        ..previous.cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validate::validate;
+
+    fn spec() -> MeshFederationSpec {
+        serde_yaml::from_str(
+            "meshID: m\ntrust: {root: {generate: {}}}\nclusters:\n- {name: east, network: n1, kubeconfigSecretRef: {name: east}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: west}}\n",
+        )
+        .unwrap()
+    }
+
+    fn fed() -> FederationRef {
+        FederationRef { namespace: "mesh-system".into(), name: "prod".into() }
+    }
+
+    fn now() -> Timestamp {
+        "2026-11-22T10:00:00Z".parse().unwrap()
+    }
+
+    fn report(name: &str, version: Option<&str>, failure: Option<Failure>) -> MemberReport {
+        MemberReport {
+            name: name.into(),
+            kubeconfig: SecretKeyRef { name: name.into(), key: "kubeconfig".into() },
+            version: version.map(Into::into),
+            failure,
+            leaving: false,
+        }
+    }
+
+    fn condition<'a>(conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition], t: &str) -> (&'a str, &'a str) {
+        let c = conds.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no {t} condition"));
+        (c.status.as_str(), c.reason.as_str())
+    }
+
+    #[test]
+    fn a_created_namespace_is_labelled_with_network_and_ownership_and_marked_created() {
+        let s = spec();
+        let ns = istio_namespace(&fed(), &s, &s.clusters[1], None);
+        let labels = ns.metadata.labels.as_ref().unwrap();
+        assert_eq!(ns.metadata.name.as_deref(), Some("istio-system"));
+        assert_eq!(labels[NETWORK_LABEL], "n2");
+        assert_eq!(labels[MANAGED_BY], "meshfed");
+        assert_eq!((labels[LABEL_FEDERATION].as_str(), labels[LABEL_CLUSTER].as_str()), ("prod", "west"));
+        assert!(created_by_meshfed(&ns));
+        // Once it exists, the plan keeps the mark, so that the next apply does not drop it.
+        assert!(created_by_meshfed(&istio_namespace(&fed(), &s, &s.clusters[1], Some(&ns))));
+    }
+
+    #[test]
+    fn a_namespace_that_existed_before_is_not_marked_created() {
+        let s = spec();
+        let theirs = Namespace { metadata: ObjectMeta { name: Some("istio-system".into()), ..Default::default() }, ..Default::default() };
+        assert!(!created_by_meshfed(&istio_namespace(&fed(), &s, &s.clusters[0], Some(&theirs))));
+    }
+
+    #[test]
+    fn holds_is_a_subset_check_that_sees_changed_values() {
+        let observed = serde_json::json!({"metadata": {"name": "a", "uid": "1", "labels": {"x": "1", "y": "2"}}, "spec": {"l": [1, 2]}});
+        assert!(holds(&observed, &serde_json::json!({"metadata": {"labels": {"x": "1"}}})));
+        assert!(!holds(&observed, &serde_json::json!({"metadata": {"labels": {"x": "2"}}})));
+        assert!(!holds(&observed, &serde_json::json!({"metadata": {"labels": {"z": "1"}}})));
+        assert!(!holds(&observed, &serde_json::json!({"spec": {"l": [1]}})));
+    }
+
+    #[test]
+    fn all_members_converged_makes_the_federation_ready() {
+        let s = spec();
+        let members = [report("east", Some("v1.34.2"), None), report("west", Some("v1.34.2"), None)];
+        let st = federation_status(None, Some(3), &s, &validate(&s), &members, now());
+        assert_eq!(condition(&st.conditions, "Ready"), ("True", "Converged"));
+        assert_eq!(condition(&st.conditions, "Valid"), ("True", "Valid"));
+        assert_eq!(condition(&st.conditions, "ClustersReachable"), ("True", "AllReachable"));
+        assert_eq!((st.observed_generation, st.topology.as_deref(), st.ready_clusters.as_deref()), (Some(3), Some("MultiPrimary/MultiNetwork"), Some("2/2")));
+        assert_eq!(st.clusters[1].kubernetes_version.as_deref(), Some("v1.34.2"));
+        assert_eq!(st.clusters[1].last_seen.as_deref(), Some("2026-11-22T10:00:00Z"));
+    }
+
+    #[test]
+    fn one_unreachable_member_is_named_and_keeps_its_last_known_facts() {
+        let s = spec();
+        let up = [report("east", Some("v1.34.2"), None), report("west", Some("v1.34.2"), None)];
+        let before = federation_status(None, Some(1), &s, &validate(&s), &up, now());
+        let down = [up[0].clone(), report("west", None, Some(Failure::new("Unreachable", "connection refused")))];
+        let later: Timestamp = "2026-11-22T10:01:00Z".parse().unwrap();
+        let st = federation_status(Some(&before), Some(1), &s, &validate(&s), &down, later);
+        assert_eq!(condition(&st.conditions, "Ready"), ("False", "Unreachable"));
+        let reach = st.conditions.iter().find(|c| c.type_ == "ClustersReachable").unwrap();
+        assert_eq!(reach.message, "west: connection refused");
+        let west = &st.clusters[1];
+        assert!(!west.reachable);
+        assert_eq!(west.last_seen.as_deref(), Some("2026-11-22T10:00:00Z"));
+        assert_eq!(west.last_error.as_deref(), Some("connection refused"));
+        assert_eq!(st.ready_clusters.as_deref(), Some("1/2"));
+        // East's Ready condition did not flip, so its transition time did not move.
+        assert_eq!(st.clusters[0].conditions, before.clusters[0].conditions);
+    }
+
+    #[test]
+    fn an_invalid_spec_reports_every_problem_and_keeps_the_members_it_knew() {
+        let mut s = spec();
+        let up = [report("east", Some("v1.34.2"), None), report("west", Some("v1.34.2"), None)];
+        let before = federation_status(None, Some(1), &s, &validate(&s), &up, now());
+        s.clusters[1].name = "east".into();
+        let st = federation_status(Some(&before), Some(2), &s, &validate(&s), &[], now());
+        assert_eq!(condition(&st.conditions, "Valid"), ("False", "DuplicateClusterName"));
+        assert_eq!(condition(&st.conditions, "Ready"), ("False", "DuplicateClusterName"));
+        assert_eq!(st.clusters, before.clusters);
+        assert_eq!(st.observed_generation, Some(2));
+    }
+
+    #[test]
+    fn a_leaving_member_stays_in_status_until_it_is_cleaned_up() {
+        let s = spec();
+        let mut gone = report("old", None, Some(Failure::new("Unreachable", "timed out")));
+        gone.leaving = true;
+        let members = [report("east", Some("v"), None), report("west", Some("v"), None), gone.clone()];
+        let st = federation_status(None, Some(1), &s, &validate(&s), &members, now());
+        assert_eq!(st.clusters.len(), 3);
+        assert_eq!(condition(&st.clusters[2].conditions, "Ready"), ("False", "CleanupPending"));
+        gone.failure = None;
+        gone.version = Some("v".into());
+        let members = [members[0].clone(), members[1].clone(), gone];
+        let st = federation_status(Some(&st), Some(1), &s, &validate(&s), &members, now());
+        assert_eq!(st.clusters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["east", "west"]);
+        assert_eq!(condition(&st.conditions, "Ready"), ("True", "Converged"));
+    }
+}

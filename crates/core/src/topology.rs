@@ -1,0 +1,32 @@
+//! The topology, derived from the clusters' roles and networks; never declared.
+
+use std::{collections::BTreeSet, fmt};
+
+use meshfed_api::{ClusterRole, MeshFederationSpec};
+
+/// Which of the four Istio multi-cluster topologies a federation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    /// Some member is a Remote served by a Primary's istiod.
+    pub primary_remote: bool,
+    /// The members are on more than one network.
+    pub multi_network: bool,
+}
+
+impl Topology {
+    pub fn of(spec: &MeshFederationSpec) -> Self {
+        let networks: BTreeSet<_> = spec.clusters.iter().map(|c| c.network.as_str()).collect();
+        Self {
+            primary_remote: spec.clusters.iter().any(|c| c.role == ClusterRole::Remote),
+            multi_network: networks.len() > 1,
+        }
+    }
+}
+
+impl fmt::Display for Topology {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let control = if self.primary_remote { "PrimaryRemote" } else { "MultiPrimary" };
+        let network = if self.multi_network { "MultiNetwork" } else { "SingleNetwork" };
+        write!(f, "{control}/{network}")
+    }
+}

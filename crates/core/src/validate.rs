@@ -1,0 +1,236 @@
+//! The rules that need the whole federation, beyond what the CRD's schema and CEL rules check. A federation that
+//! breaks any of them gets `Valid=False` and nothing is written to any member.
+
+use std::{collections::BTreeMap, fmt, time::Duration};
+
+use ipnet::IpNet;
+use meshfed_api::{ClusterRole, ExposeMode, MeshFederationSpec};
+
+use crate::topology::Topology;
+
+/// One broken rule: a stable reason and a message that says what to change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// The TokenRequest API refuses lifetimes under ten minutes.
+const MIN_TOKEN_TTL: Duration = Duration::from_secs(600);
+
+/// The parsed durations of a valid spec.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durations {
+    pub root_validity: Option<Duration>,
+    pub intermediate_validity: Duration,
+    pub renew_before: Duration,
+    pub token_ttl: Duration,
+}
+
+/// A spec that passed every rule, with what validation derived from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Validated {
+    pub topology: Topology,
+    pub durations: Durations,
+}
+
+/// Checks every rule and returns all problems found, in spec order, not just the first.
+pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
+    let mut problems = Vec::new();
+    let mut problem = |reason, message: String| problems.push(Problem { reason, message });
+
+    let mut seen = BTreeMap::new();
+    for c in &spec.clusters {
+        if seen.insert(c.name.as_str(), c).is_some() {
+            problem("DuplicateClusterName", format!("cluster name {:?} is used more than once; names are Istio cluster IDs and must be unique", c.name));
+        }
+    }
+    let mut kubeconfigs = BTreeMap::new();
+    for c in &spec.clusters {
+        if let Some(other) = kubeconfigs.insert(&c.kubeconfig_secret_ref, c.name.as_str()) {
+            problem(
+                "DuplicateKubeconfig",
+                format!(
+                    "clusters {other:?} and {:?} use the same kubeconfig (Secret {} key {}); each member needs its own",
+                    c.name, c.kubeconfig_secret_ref.name, c.kubeconfig_secret_ref.key
+                ),
+            );
+        }
+    }
+    for c in spec.clusters.iter().filter(|c| c.role == ClusterRole::Remote) {
+        let Some(cp) = c.control_plane.as_deref() else {
+            problem("MissingControlPlane", format!("cluster {:?} is a Remote but names no controlPlane", c.name));
+            continue;
+        };
+        match seen.get(cp) {
+            None => problem("UnknownControlPlane", format!("cluster {:?} names controlPlane {cp:?}, which is not a cluster of this federation", c.name)),
+            Some(p) if p.role != ClusterRole::Primary => {
+                problem("ControlPlaneNotPrimary", format!("cluster {:?} names controlPlane {cp:?}, which is a Remote; a controlPlane must be a Primary", c.name))
+            }
+            Some(_) => {}
+        }
+    }
+
+    let mut duration = |field: &str, value: &str| match humantime::parse_duration(value) {
+        Ok(d) if !d.is_zero() => Some(d),
+        _ => {
+            problem("InvalidDuration", format!("{field} {value:?} is not a positive duration; write it like 24h, 90m or 8760h"));
+            None
+        }
+    };
+    let root_validity = spec.trust.root.generate.as_ref().map(|g| duration("trust.root.generate.validity", &g.validity));
+    let intermediate_validity = duration("trust.intermediate.validity", &spec.trust.intermediate.validity);
+    let renew_before = duration("trust.intermediate.renewBefore", &spec.trust.intermediate.renew_before);
+    let token_ttl = duration("remoteAccess.tokenTTL", &spec.remote_access.token_ttl);
+    if let (Some(v), Some(r)) = (intermediate_validity, renew_before)
+        && r >= v
+    {
+        problem("InvalidDuration", format!("trust.intermediate.renewBefore ({}) must be shorter than trust.intermediate.validity ({})", spec.trust.intermediate.renew_before, spec.trust.intermediate.validity));
+    }
+    if let Some(t) = token_ttl
+        && t < MIN_TOKEN_TTL
+    {
+        problem("InvalidDuration", format!("remoteAccess.tokenTTL ({}) must be at least 10m, the shortest token the TokenRequest API issues", spec.remote_access.token_ttl));
+    }
+
+    let topology = Topology::of(spec);
+    if topology.multi_network {
+        for c in spec.clusters.iter().filter(|c| c.east_west_gateway.expose == ExposeMode::ClusterIP) {
+            problem(
+                "ExposeModeUnsupported",
+                format!("cluster {:?} exposes its east-west gateway as ClusterIP, which other networks cannot reach; use LoadBalancer, NodePort or HostNetwork", c.name),
+            );
+        }
+    }
+    cidr_problems(spec, &mut problem);
+
+    match (problems.is_empty(), intermediate_validity, renew_before, token_ttl) {
+        (true, Some(intermediate_validity), Some(renew_before), Some(token_ttl)) => Ok(Validated {
+            topology,
+            durations: Durations { root_validity: root_validity.flatten(), intermediate_validity, renew_before, token_ttl },
+        }),
+        _ => Err(problems),
+    }
+}
+
+/// Clusters on one network route pods to each other directly, so their declared pod and service ranges must not
+/// overlap.
+fn cidr_problems(spec: &MeshFederationSpec, problem: &mut impl FnMut(&'static str, String)) {
+    let mut ranges: Vec<(&str, &str, IpNet)> = Vec::new();
+    for c in &spec.clusters {
+        for (field, cidr) in c.pod_cidrs.iter().map(|r| ("podCIDRs", r)).chain(c.service_cidrs.iter().map(|r| ("serviceCIDRs", r))) {
+            match cidr.parse::<IpNet>() {
+                Ok(net) => ranges.push((c.name.as_str(), c.network.as_str(), net)),
+                Err(_) => problem("InvalidCIDR", format!("cluster {:?} {field} entry {cidr:?} is not a CIDR such as 10.10.0.0/16", c.name)),
+            }
+        }
+    }
+    for (i, (a, net_a, ra)) in ranges.iter().enumerate() {
+        for (b, net_b, rb) in &ranges[i + 1..] {
+            if a != b && net_a == net_b && (ra.contains(&rb.network()) || rb.contains(&ra.network())) {
+                problem(
+                    "OverlappingCIDRs",
+                    format!("clusters {a:?} ({ra}) and {b:?} ({rb}) are both on network {net_a:?} and their ranges overlap; clusters on one network need disjoint pod and service ranges"),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meshfed_api::MeshFederationSpec;
+
+    /// A spec from its clusters (one flow-style YAML list item per line) and extra top-level YAML.
+    fn spec_with(clusters: &str, extra: &str) -> MeshFederationSpec {
+        serde_yaml::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\n{extra}\nclusters:\n{clusters}")).unwrap()
+    }
+
+    fn spec(clusters: &str) -> MeshFederationSpec {
+        spec_with(clusters, "")
+    }
+
+    fn reasons(spec: &MeshFederationSpec) -> Vec<&'static str> {
+        validate(spec).err().unwrap_or_default().into_iter().map(|p| p.reason).collect()
+    }
+
+    const EAST: &str = r#"- {"name": "east", "network": "n1", "kubeconfigSecretRef": {"name": "east"}}"#;
+    const WEST: &str = r#"- {"name": "west", "network": "n2", "kubeconfigSecretRef": {"name": "west"}}"#;
+
+    #[test]
+    fn a_valid_multi_primary_spec_passes_with_its_topology_and_durations() {
+        let v = validate(&spec(&format!("{EAST}\n{WEST}"))).unwrap();
+        assert_eq!(v.topology.to_string(), "MultiPrimary/MultiNetwork");
+        assert_eq!(v.durations.token_ttl, Duration::from_secs(24 * 3600));
+        assert_eq!(v.durations.root_validity, Some(Duration::from_secs(87600 * 3600)));
+    }
+
+    #[test]
+    fn duplicate_cluster_names_are_refused() {
+        let dup = WEST.replace("west\", \"network", "east\", \"network");
+        assert_eq!(reasons(&spec(&format!("{EAST}\n{dup}"))), ["DuplicateClusterName"]);
+    }
+
+    #[test]
+    fn two_clusters_sharing_one_kubeconfig_are_refused() {
+        let same = WEST.replace(r#"{"name": "west"}"#, r#"{"name": "east"}"#);
+        assert_eq!(reasons(&spec(&format!("{EAST}\n{same}"))), ["DuplicateKubeconfig"]);
+    }
+
+    #[test]
+    fn a_remote_must_name_an_existing_primary() {
+        let remote = |cp: &str| format!(r#"- {{"name": "r", "network": "n1", "role": "Remote", "controlPlane": "{cp}", "kubeconfigSecretRef": {{"name": "r"}}}}"#);
+        assert_eq!(reasons(&spec(&format!("{EAST}\n{}", remote("nowhere")))), ["UnknownControlPlane"]);
+        let second = remote("r").replace("\"r\"", "\"r2\"");
+        assert_eq!(reasons(&spec(&format!("{EAST}\n{}\n{second}", remote("east")))), ["ControlPlaneNotPrimary"]);
+        let v = validate(&spec(&format!("{EAST}\n{}", remote("east")))).unwrap();
+        assert_eq!(v.topology.to_string(), "PrimaryRemote/SingleNetwork");
+    }
+
+    #[test]
+    fn unparsable_or_inconsistent_durations_are_refused() {
+        let s = spec_with(EAST, "remoteAccess: {tokenTTL: tomorrow}");
+        let problems = validate(&s).unwrap_err();
+        assert_eq!(problems[0].reason, "InvalidDuration");
+        assert!(problems[0].message.contains("remoteAccess.tokenTTL \"tomorrow\""), "{}", problems[0]);
+        assert_eq!(reasons(&spec_with(EAST, "remoteAccess: {tokenTTL: 5m}")), ["InvalidDuration"]);
+        let mut s = spec(EAST);
+        s.trust.intermediate.renew_before = "9000h".into();
+        assert!(validate(&s).unwrap_err()[0].message.contains("must be shorter"));
+    }
+
+    #[test]
+    fn overlapping_ranges_on_one_network_are_refused_naming_both_clusters() {
+        let a = r#"- {"name": "a", "network": "n1", "podCIDRs": ["10.0.0.0/16"], "kubeconfigSecretRef": {"name": "a"}}"#;
+        let b = r#"- {"name": "b", "network": "n1", "podCIDRs": ["10.0.128.0/17"], "kubeconfigSecretRef": {"name": "b"}}"#;
+        let problems = validate(&spec(&format!("{a}\n{b}"))).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].reason, "OverlappingCIDRs");
+        assert!(problems[0].message.contains("\"a\" (10.0.0.0/16) and \"b\" (10.0.128.0/17)"), "{}", problems[0]);
+        // The same ranges on different networks are fine.
+        assert!(validate(&spec(&format!("{a}\n{}", b.replace("n1", "n2")))).is_ok());
+        let bad = a.replace("10.0.0.0/16", "10.0.0.0/33");
+        assert_eq!(reasons(&spec(&bad)), ["InvalidCIDR"]);
+    }
+
+    #[test]
+    fn cluster_ip_exposure_is_refused_across_networks() {
+        let west = WEST.replace(r#""kubeconfigSecretRef""#, r#""eastWestGateway": {"expose": "ClusterIP"}, "kubeconfigSecretRef""#);
+        assert_eq!(reasons(&spec(&format!("{EAST}\n{west}"))), ["ExposeModeUnsupported"]);
+        assert!(validate(&spec(&format!("{EAST}\n{}", west.replace("n2", "n1")))).is_ok());
+    }
+
+    #[test]
+    fn every_problem_is_reported_not_just_the_first() {
+        let dup = EAST.to_string();
+        let s = spec_with(&format!("{EAST}\n{dup}"), "remoteAccess: {tokenTTL: x}");
+        assert_eq!(reasons(&s), ["DuplicateClusterName", "DuplicateKubeconfig", "InvalidDuration"]);
+    }
+}

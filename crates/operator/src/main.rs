@@ -1,0 +1,3 @@
+fn main() {
+    print!("{}", meshfed_api::crd_yaml());
+}
