@@ -6,14 +6,15 @@ set -euo pipefail
 
 K8S_VERSION="${MESHFED_K8S_VERSION:-v1.34.2}"
 CACHE="${MESHFED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meshfed}"
-OUT="$CACHE/k8s-$K8S_VERSION"
+# The recipe revision is part of the cache key: bump it when this script builds differently.
+OUT="$CACHE/k8s-$K8S_VERSION-r2"
 BINS=(kube-apiserver kube-controller-manager etcd)
 
 ready() { for b in "${BINS[@]}"; do [ -x "$OUT/bin/$b" ] || return 1; done; }
 if ready; then echo "$OUT/bin"; exit 0; fi
 
 mkdir -p "$CACHE"
-exec 9>"$CACHE/k8s-$K8S_VERSION.lock"
+exec 9>"$OUT.lock"
 flock 9
 if ready; then echo "$OUT/bin"; exit 0; fi
 
@@ -68,8 +69,13 @@ import (
 GO
 export GOFLAGS=-mod=mod CGO_ENABLED=0
 go mod tidy >&2
-go build -trimpath -ldflags='-s -w' -o "$OUT/bin/kube-apiserver" k8s.io/kubernetes/cmd/kube-apiserver >&2
-go build -trimpath -ldflags='-s -w' -o "$OUT/bin/kube-controller-manager" k8s.io/kubernetes/cmd/kube-controller-manager >&2
+# Stamp the version a real release build carries, so that /version reports it.
+major_minor="${K8S_VERSION#v}"
+ver="k8s.io/component-base/version"
+ldflags="-s -w -X $ver.gitVersion=$K8S_VERSION -X $ver.gitMajor=${major_minor%%.*} -X $ver.gitMinor=$(echo "$major_minor" | cut -d. -f2) -X $ver.gitTreeState=clean"
+for cmd in kube-apiserver kube-controller-manager; do
+  go build -trimpath -ldflags="$ldflags" -o "$OUT/bin/$cmd" "k8s.io/kubernetes/cmd/$cmd" >&2
+done
 go build -trimpath -ldflags='-s -w' -o "$OUT/bin/etcd" ./etcd >&2
 ready
 echo "$OUT/bin"

@@ -1,1 +1,224 @@
+//! The foundation end to end, against real local clusters: a federation converges, bad input is refused and writes
+//! nothing, a dead member is isolated and catches up, and deletion cleans every member.
 
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client,
+    api::{ListParams, PostParams},
+};
+use meshfed_e2e::{Fixture, condition, example, fed_condition, is_ready, put_kubeconfig};
+use meshfed_testenv::Options;
+
+const WAIT: Duration = Duration::from_secs(60);
+const NETWORK: &str = "topology.istio.io/network";
+
+async fn istio_namespace(member: &Client) -> Option<Namespace> {
+    Api::<Namespace>::all(member.clone()).get_opt("istio-system").await.expect("reading the istio namespace")
+}
+
+fn labels(ns: &Namespace) -> std::collections::BTreeMap<String, String> {
+    ns.metadata.labels.clone().unwrap_or_default()
+}
+
+/// Namespaces in a member that carry meshfed's ownership label.
+async fn owned_namespaces(member: &Client) -> Vec<String> {
+    let lp = ListParams::default().labels("app.kubernetes.io/managed-by=meshfed");
+    Api::<Namespace>::all(member.clone()).list(&lp).await.unwrap().items.into_iter().filter_map(|n| n.metadata.name).collect()
+}
+
+/// Gone, or being deleted (a cluster without kube-controller-manager never finishes a namespace deletion).
+fn deleted(ns: &Option<Namespace>) -> bool {
+    ns.as_ref().is_none_or(|n| n.metadata.deletion_timestamp.is_some())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_federation_labels_every_member_and_deletion_cleans_them() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options { controller_manager: true }).await?;
+    let east = f.member("east").await?;
+    let west = f.member("west").await?;
+    // West already has an Istio namespace of its own: meshfed labels it but must never delete it.
+    let theirs: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": "istio-system", "labels": {"team": "mesh"}}}))?;
+    Api::<Namespace>::all(west.clone()).create(&PostParams::default(), &theirs).await?;
+
+    let applied = Instant::now();
+    f.apply(&example("multi-primary-multi-network")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    println!("time from apply to Ready=True: {:?}", applied.elapsed());
+
+    let status = fed.status.as_ref().unwrap();
+    assert_eq!(status.observed_generation, fed.metadata.generation);
+    assert_eq!(status.topology.as_deref(), Some("MultiPrimary/MultiNetwork"));
+    assert_eq!(status.ready_clusters.as_deref(), Some("2/2"));
+    for c in &status.clusters {
+        assert!(c.reachable, "{c:?}");
+        assert_eq!(c.kubernetes_version.as_deref(), Some(meshfed_testenv::K8S_VERSION));
+        assert_eq!(condition(&c.conditions, "Ready").unwrap().status, "True");
+    }
+    for cond in ["Ready", "Valid", "ClustersReachable"] {
+        assert_eq!(fed_condition(&fed, cond).unwrap().status, "True", "{cond}");
+    }
+    assert!(fed.metadata.finalizers.as_ref().unwrap().contains(&"meshfed.io/cleanup".to_string()));
+
+    let east_ns = istio_namespace(&east).await.expect("east has the Istio namespace");
+    assert_eq!(labels(&east_ns)[NETWORK], "network1");
+    assert_eq!(labels(&east_ns)["app.kubernetes.io/managed-by"], "meshfed");
+    assert_eq!(labels(&east_ns)["meshfed.io/cluster"], "east");
+    let west_ns = istio_namespace(&west).await.unwrap();
+    assert_eq!((labels(&west_ns)[NETWORK].as_str(), labels(&west_ns)["team"].as_str()), ("network2", "mesh"));
+
+    // A network change in the spec reaches the member.
+    let moved = example("multi-primary-multi-network").replace("network: network2", "network: network3");
+    f.apply(&moved).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    assert_eq!(labels(&istio_namespace(&west).await.unwrap())[NETWORK], "network3");
+
+    f.delete("prod").await?;
+    f.wait_gone("prod", WAIT).await?;
+    // East's namespace was meshfed's: deleted (the namespace controller finishes it).
+    let deadline = Instant::now() + WAIT;
+    while istio_namespace(&east).await.is_some() {
+        assert!(Instant::now() < deadline, "east's istio-system was not deleted");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // West's was not: it stays, with its own label and without any of meshfed's.
+    let west_ns = istio_namespace(&west).await.expect("a namespace meshfed did not create is never deleted");
+    let mut left = labels(&west_ns);
+    left.remove("kubernetes.io/metadata.name"); // set by the API server on every namespace
+    assert_eq!(left, [("team".to_string(), "mesh".to_string())].into());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_federations_get_a_precise_reason_and_write_nothing() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let base = example("multi-primary-multi-network");
+    let west_remote_of = |cp: &str| base.replace("    network: network2\n", &format!("    network: network2\n    role: Remote\n    controlPlane: {cp}\n"));
+    let cases: Vec<(&str, String, &str, &str)> = vec![
+        ("dup", base.replace("name: west", "name: east"), "DuplicateClusterName", "\"east\" is used more than once"),
+        ("unknown-cp", west_remote_of("north"), "UnknownControlPlane", "\"north\", which is not a cluster"),
+        (
+            "cp-remote",
+            base.replace("  clusters:\n", "  clusters:\n  - {name: north, network: network1, role: Remote, controlPlane: west, kubeconfigSecretRef: {name: north-kubeconfig}}\n").replace("    network: network2\n", "    network: network2\n    role: Remote\n    controlPlane: east\n"),
+            "ControlPlaneNotPrimary",
+            "cluster \"north\" names controlPlane \"west\", which is a Remote",
+        ),
+        ("ttl", base.replace("tokenTTL: 24h", "tokenTTL: a-day"), "InvalidDuration", "remoteAccess.tokenTTL \"a-day\""),
+        (
+            "cidrs",
+            base.replace("network: network2", "network: network1\n    podCIDRs: [10.0.0.0/16]").replace("    kubeconfigSecretRef: {name: east-kubeconfig}", "    podCIDRs: [10.0.4.0/24]\n    kubeconfigSecretRef: {name: east-kubeconfig}"),
+            "OverlappingCIDRs",
+            "clusters \"east\" (10.0.4.0/24) and \"west\" (10.0.0.0/16)",
+        ),
+        ("same-kubeconfig", base.replace("{name: west-kubeconfig}", "{name: east-kubeconfig}"), "DuplicateKubeconfig", "use the same kubeconfig"),
+    ];
+    for (name, yaml, reason, message) in &cases {
+        f.apply(&yaml.replace("name: prod", &format!("name: {name}"))).await?;
+        let fed = f.wait_for(name, WAIT, |f| fed_condition(f, "Valid").is_some()).await?;
+        let valid = fed_condition(&fed, "Valid").unwrap();
+        assert_eq!((valid.status.as_str(), valid.reason.as_str()), ("False", *reason), "{name}: {}", valid.message);
+        assert!(valid.message.contains(message), "{name}: {:?} lacks {message:?}", valid.message);
+        assert_eq!(fed_condition(&fed, "Ready").unwrap().status, "False");
+    }
+    // What a schema can say, the API server refuses before meshfed sees it.
+    for (yaml, message) in [
+        (base.replace("    network: network2\n", "    network: network2\n    role: Remote\n"), "a Remote cluster must name its controlPlane"),
+        (base.replace("name: west", "name: West_1"), "spec.clusters[1].name in body should match"),
+        (base.replace("      generate:", "      secretRef: {name: corp-root}\n      generate:"), "set exactly one of trust.root.generate and trust.root.secretRef"),
+    ] {
+        let err = f.apply(&yaml.replace("name: prod", "name: cel")).await.unwrap_err();
+        assert!(err.to_string().contains(message), "{err}");
+    }
+    // Nothing reached any member.
+    for m in ["east", "west"] {
+        let member = f.member(m).await?;
+        assert!(istio_namespace(&member).await.is_none(), "{m} got an Istio namespace from an invalid federation");
+        assert_eq!(owned_namespaces(&member).await, Vec::<String>::new());
+    }
+
+    // Fixing the spec converges it.
+    f.apply(&base.replace("name: prod", "name: dup")).await?;
+    f.wait_for("dup", WAIT, is_ready).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_exec_kubeconfig_is_refused_unrun_and_only_its_member_waits() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let marker = f.env.dir().join("exec-ran");
+    let mut kc: serde_yaml::Value = serde_yaml::from_str(f.env.cluster("west").kubeconfig())?;
+    kc["users"][0]["user"] = serde_yaml::from_str(&format!(
+        "exec: {{apiVersion: client.authentication.k8s.io/v1, command: sh, args: [-c, 'touch {}'], interactiveMode: Never}}",
+        marker.display()
+    ))?;
+    put_kubeconfig(&f.hub, "west", &serde_yaml::to_string(&kc)?).await?;
+
+    f.apply(&example("multi-primary-multi-network")).await?;
+    let fed = f
+        .wait_for("prod", WAIT, |fed| {
+            let clusters = fed.status.as_ref().map(|s| s.clusters.as_slice()).unwrap_or_default();
+            let ready = |n: &str| clusters.iter().any(|c| c.name == n && condition(&c.conditions, "Ready").is_some_and(|r| r.status == "True"));
+            ready("east") && clusters.iter().any(|c| c.name == "west")
+        })
+        .await?;
+    let west = fed.status.as_ref().unwrap().clusters.iter().find(|c| c.name == "west").unwrap();
+    let reach = condition(&west.conditions, "Reachable").unwrap();
+    assert_eq!((reach.status.as_str(), reach.reason.as_str()), ("False", "KubeconfigRefused"));
+    assert!(reach.message.contains("`exec`") && reach.message.contains("west-kubeconfig"), "{}", reach.message);
+    assert_eq!(fed_condition(&fed, "ClustersReachable").unwrap().reason, "KubeconfigRefused");
+    assert!(!marker.exists(), "meshfed ran the kubeconfig's exec command");
+    assert!(istio_namespace(&f.member("east").await?).await.is_some());
+
+    // Replacing the Secret with a good kubeconfig is picked up without touching the federation.
+    put_kubeconfig(&f.hub, "west", f.env.cluster("west").kubeconfig()).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    assert!(istio_namespace(&f.member("west").await?).await.is_some());
+    assert!(!marker.exists());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_member_is_reported_alone_and_catches_up_and_holds_deletion() -> anyhow::Result<()> {
+    let mut f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
+    let yaml = example("multi-primary-multi-network").replace(
+        "  clusters:\n",
+        "  clusters:\n  - {name: north, network: network3, kubeconfigSecretRef: {name: north-kubeconfig}}\n",
+    );
+    f.env.cluster_mut("north").stop();
+
+    f.apply(&yaml).await?;
+    let fed = f
+        .wait_for("prod", WAIT, |fed| fed.status.as_ref().is_some_and(|s| s.ready_clusters.as_deref() == Some("2/3")))
+        .await?;
+    let reach = fed_condition(&fed, "ClustersReachable").unwrap();
+    assert_eq!(reach.status, "False");
+    assert!(reach.message.starts_with("north: "), "{}", reach.message);
+    let clusters = &fed.status.as_ref().unwrap().clusters;
+    assert!(clusters.iter().all(|c| c.reachable == (c.name != "north")), "{clusters:?}");
+    for m in ["east", "west"] {
+        assert!(istio_namespace(&f.member(m).await?).await.is_some(), "{m} did not converge while north was down");
+    }
+
+    f.env.cluster_mut("north").start().await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    assert_eq!(labels(&istio_namespace(&f.member("north").await?).await.unwrap())[NETWORK], "network3");
+
+    // Deleting while a member is down: the others are cleaned, the finalizer waits for the one that is down.
+    f.env.cluster_mut("north").stop();
+    f.delete("prod").await?;
+    let fed = f
+        .wait_for("prod", WAIT, |fed| fed_condition(fed, "Ready").is_some_and(|c| c.reason == "CleanupPending"))
+        .await?;
+    assert!(fed_condition(&fed, "Ready").unwrap().message.contains("north: "), "{:?}", fed_condition(&fed, "Ready"));
+    for m in ["east", "west"] {
+        assert!(deleted(&istio_namespace(&f.member(m).await?).await), "{m} not cleaned up");
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(f.federations().get_opt("prod").await?.is_some(), "the finalizer was released with a member not cleaned up");
+
+    f.env.cluster_mut("north").start().await?;
+    f.wait_gone("prod", WAIT).await?;
+    assert!(deleted(&istio_namespace(&f.member("north").await?).await));
+    Ok(())
+}

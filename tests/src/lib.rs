@@ -1,1 +1,145 @@
+//! What the end-to-end suites and the demo share: a hub and members from `meshfed-testenv`, the CRD installed, one
+//! kubeconfig Secret per member in the hub, and the meshfed controller running in-process against the hub.
 
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{Namespace, Secret},
+    apimachinery::pkg::apis::meta::v1::Condition,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, PostParams},
+};
+use meshfed_api::MeshFederation;
+use meshfed_operator::controller::{self, Settings};
+use meshfed_testenv::{Env, Options};
+use tokio::task::JoinHandle;
+
+/// The hub namespace the examples in `deploy/` live in.
+pub const NAMESPACE: &str = "mesh-system";
+/// The name of the hub cluster in every fixture.
+pub const HUB: &str = "hub";
+
+/// A hub, its members, and a running controller. Everything stops when it is dropped.
+pub struct Fixture {
+    pub env: Env,
+    pub hub: Client,
+    operator: JoinHandle<()>,
+}
+
+impl Fixture {
+    /// Starts a hub and `members`, installs the CRD, writes `<member>-kubeconfig` Secrets (key `kubeconfig`) in
+    /// [`NAMESPACE`], and starts the controller with short timeouts.
+    pub async fn start(members: &[&str], options: Options) -> Result<Self> {
+        let names: Vec<&str> = std::iter::once(HUB).chain(members.iter().copied()).collect();
+        let env = Env::start(&names, options).await?;
+        let hub_cluster = env.cluster(HUB);
+        hub_cluster.install_crds(&meshfed_api::crd_yaml()).await?;
+        let hub = hub_cluster.client().await?;
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
+        Api::<Namespace>::all(hub.clone()).create(&PostParams::default(), &ns).await?;
+        let fixture_hub = hub.clone();
+        for m in members {
+            put_kubeconfig(&hub, m, env.cluster(m).kubeconfig()).await?;
+        }
+        let settings = Settings { member_timeout: Duration::from_secs(5), retry_after: Duration::from_secs(1), ..Settings::default() };
+        let operator = tokio::spawn(async move {
+            if let Err(e) = controller::run(fixture_hub, settings).await {
+                eprintln!("controller stopped: {e:#}");
+            }
+        });
+        Ok(Self { env, hub, operator })
+    }
+
+    /// The federations of [`NAMESPACE`].
+    pub fn federations(&self) -> Api<MeshFederation> {
+        Api::namespaced(self.hub.clone(), NAMESPACE)
+    }
+
+    /// Creates or updates a federation from YAML, as `kubectl apply --server-side` would.
+    pub async fn apply(&self, yaml: &str) -> Result<MeshFederation> {
+        let fed: MeshFederation = serde_yaml::from_str(yaml)?;
+        Ok(self.federations().patch(&fed.name_any(), &PatchParams::apply("e2e").force(), &Patch::Apply(&fed)).await?)
+    }
+
+    /// Deletes a federation.
+    pub async fn delete(&self, name: &str) -> Result<()> {
+        self.federations().delete(name, &DeleteParams::default()).await?;
+        Ok(())
+    }
+
+    /// Waits until the federation satisfies `done` and returns it; on timeout, fails showing its last status.
+    pub async fn wait_for(&self, name: &str, timeout: Duration, done: impl Fn(&MeshFederation) -> bool) -> Result<MeshFederation> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let fed = self.federations().get(name).await?;
+            if done(&fed) {
+                return Ok(fed);
+            }
+            if Instant::now() > deadline {
+                bail!("federation {name} not as expected after {timeout:?}; status:\n{}", serde_yaml::to_string(&fed.status)?);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Waits until the federation is gone (its finalizer released).
+    pub async fn wait_gone(&self, name: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while let Some(fed) = self.federations().get_opt(name).await? {
+            if Instant::now() > deadline {
+                bail!("federation {name} still there after {timeout:?}; status:\n{}", serde_yaml::to_string(&fed.status)?);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        Ok(())
+    }
+
+    /// An admin client for a member.
+    pub async fn member(&self, name: &str) -> Result<Client> {
+        self.env.cluster(name).client().await.with_context(|| format!("client for {name}"))
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        self.operator.abort();
+    }
+}
+
+/// Writes (or replaces) the kubeconfig Secret `<member>-kubeconfig` in the hub.
+pub async fn put_kubeconfig(hub: &Client, member: &str, kubeconfig: &str) -> Result<()> {
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some(format!("{member}-kubeconfig")), ..Default::default() },
+        data: Some([("kubeconfig".to_string(), ByteString(kubeconfig.as_bytes().to_vec()))].into()),
+        ..Default::default()
+    };
+    let secrets: Api<Secret> = Api::namespaced(hub.clone(), NAMESPACE);
+    secrets.patch(&format!("{member}-kubeconfig"), &PatchParams::apply("e2e").force(), &Patch::Apply(&secret)).await?;
+    Ok(())
+}
+
+/// The condition of `type_` among `conditions`.
+pub fn condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// The federation's condition of `type_`.
+pub fn fed_condition<'a>(fed: &'a MeshFederation, type_: &str) -> Option<&'a Condition> {
+    fed.status.as_ref().and_then(|s| condition(&s.conditions, type_))
+}
+
+/// Whether the federation reports `Ready=True` for its current generation.
+pub fn is_ready(fed: &MeshFederation) -> bool {
+    let current = fed.status.as_ref().and_then(|s| s.observed_generation) == fed.metadata.generation;
+    current && fed_condition(fed, "Ready").is_some_and(|c| c.status == "True")
+}
+
+/// The example federation of a topology, from `deploy/examples/`.
+pub fn example(name: &str) -> String {
+    let path = format!("{}/../deploy/examples/{name}.yaml", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}

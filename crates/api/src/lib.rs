@@ -39,7 +39,7 @@ pub const GROUP: &str = "meshfed.io";
 pub struct MeshFederationSpec {
     /// The mesh ID shared by every member (Istio `values.global.meshID`). Example: `prod`.
     #[serde(rename = "meshID")]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self) <= 63").message("meshID must be a DNS-1123 label: lower case letters, digits and '-', at most 63 characters"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub mesh_id: String,
 
     /// How Istio is installed in every member.
@@ -67,7 +67,7 @@ pub struct IstioSpec {
     /// The namespace Istio lives in, in every member. meshfed creates it when missing and labels it with the
     /// cluster's network. Default: `istio-system`.
     #[serde(default = "default_istio_namespace")]
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self) <= 63").message("namespace must be a DNS-1123 label"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub namespace: String,
 
     /// The Istio version written into each member's Sail `Istio` resource, for example `v1.28.0`. Unset: the Sail
@@ -212,12 +212,12 @@ fn default_token_ttl() -> String {
 #[x_kube(validation = Rule::new("self.role != 'Primary' || !has(self.controlPlane)").message("a Primary cluster runs its own istiod: do not set controlPlane"))]
 pub struct ClusterSpec {
     /// The cluster's name: its Istio cluster ID, unique in the federation. A DNS-1123 label, for example `east`.
-    #[x_kube(validation = Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self) <= 63").message("cluster name must be a DNS-1123 label: lower case letters, digits and '-', at most 63 characters"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: String,
 
     /// The Istio network the cluster's workloads are on (`topology.istio.io/network`). Clusters on one network
     /// reach each other's pods directly; clusters on different networks through east-west gateways.
-    #[x_kube(validation = Rule::new("self.matches('^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$') && size(self) <= 63").message("network must be a valid label value: letters, digits, '-', '_' and '.', at most 63 characters"))]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"))]
     pub network: String,
 
     /// `Primary` runs istiod; `Remote` is served by the istiod of the Primary named in `controlPlane`.
@@ -238,6 +238,7 @@ pub struct ClusterSpec {
     /// `https://east.example:6443`. Default: the server of the kubeconfig in `kubeconfigSecretRef`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[x_kube(validation = Rule::new("self.startsWith('https://')").message("apiServer must be an https:// URL"))]
+    #[schemars(length(max = 2048))]
     pub api_server: Option<String>,
 
     /// The cluster's pod CIDRs, for example `10.10.0.0/16`. Optional; when given, clusters on one network must not

@@ -68,6 +68,23 @@ pub fn created_by_meshfed(ns: &Namespace) -> bool {
     ns.metadata.annotations.as_ref().is_some_and(|a| a.get(ANNOTATION_CREATED).is_some_and(|v| v == "true"))
 }
 
+/// Whether an object's labels say meshfed wrote it for this federation and cluster.
+pub fn owned_by(meta: &ObjectMeta, fed: &FederationRef, cluster: &str) -> bool {
+    let labels = meta.labels.clone().unwrap_or_default();
+    fed.owned_labels(cluster).iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// Whether `new` says something `previous` does not, apart from `lastSeen` (which moves at every contact and would
+/// otherwise cost a status write per resync).
+pub fn status_changed(previous: Option<&MeshFederationStatus>, new: &MeshFederationStatus) -> bool {
+    let mask = |s: &MeshFederationStatus| {
+        let mut s = s.clone();
+        s.clusters.iter_mut().for_each(|c| c.last_seen = None);
+        s
+    };
+    previous.is_none_or(|p| mask(p) != mask(new))
+}
+
 /// Whether `observed` already holds everything in `desired` (a JSON subset: objects by key, lists item by item), so
 /// that applying `desired` would change nothing and can be skipped.
 pub fn holds(observed: &serde_json::Value, desired: &serde_json::Value) -> bool {
@@ -280,6 +297,28 @@ mod tests {
         let s = spec();
         let theirs = Namespace { metadata: ObjectMeta { name: Some("istio-system".into()), ..Default::default() }, ..Default::default() };
         assert!(!created_by_meshfed(&istio_namespace(&fed(), &s, &s.clusters[0], Some(&theirs))));
+    }
+
+    #[test]
+    fn ownership_needs_every_label_of_this_federation_and_cluster() {
+        let s = spec();
+        let ns = istio_namespace(&fed(), &s, &s.clusters[0], None);
+        assert!(owned_by(&ns.metadata, &fed(), "east"));
+        assert!(!owned_by(&ns.metadata, &fed(), "west"));
+        let other = FederationRef { namespace: "other".into(), name: "prod".into() };
+        assert!(!owned_by(&ns.metadata, &other, "east"));
+    }
+
+    #[test]
+    fn a_resync_that_only_moves_last_seen_writes_no_status() {
+        let s = spec();
+        let members = [report("east", Some("v"), None), report("west", Some("v"), None)];
+        let first = federation_status(None, Some(1), &s, &validate(&s), &members, now());
+        let later = federation_status(Some(&first), Some(1), &s, &validate(&s), &members, "2026-11-22T11:00:00Z".parse().unwrap());
+        assert!(!status_changed(Some(&first), &later));
+        let down = [members[0].clone(), report("west", None, Some(Failure::new("Unreachable", "refused")))];
+        let changed = federation_status(Some(&first), Some(1), &s, &validate(&s), &down, now());
+        assert!(status_changed(Some(&first), &changed));
     }
 
     #[test]

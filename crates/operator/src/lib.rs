@@ -1,1 +1,29 @@
+//! The meshfed hub controller. `meshfed run` runs [`controller::run`]; tests and the demo run it in-process.
 
+pub mod controller;
+pub mod members;
+
+/// What can fail in a reconcile, with a stable category for logs and metrics.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the MeshFederation has no namespace")]
+    NotNamespaced,
+    #[error("writing status: {0}")]
+    Status(#[source] kube::Error),
+    #[error("members not cleaned up yet: {0}")]
+    CleanupPending(String),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+}
+
+impl Error {
+    /// A stable category, for metrics labels and Events.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Self::NotNamespaced => "not_namespaced",
+            Self::Status(_) => "status",
+            Self::CleanupPending(_) => "cleanup_pending",
+            Self::Finalizer(_) => "finalizer",
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! The hub controller: for every `MeshFederation`, observe -> plan -> apply -> prune -> report.
+//!
+//! The plan lives in `meshfed-core`; this module only reads, writes and waits. Every member is handled concurrently
+//! with its own deadline, so one slow or dead member never delays the others.
+
+use std::{sync::Arc, time::Duration};
+
+use futures::{StreamExt, future::join_all};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{ListParams, Patch, PatchParams},
+    runtime::{
+        Controller,
+        controller::Action,
+        finalizer::{Event, finalizer},
+        watcher,
+    },
+};
+use meshfed_api::{ClusterSpec, MeshFederation, MeshFederationSpec, SecretKeyRef};
+use meshfed_core::{
+    plan::{self, FIELD_MANAGER, Failure, FederationRef, MemberReport},
+    validate::validate,
+};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::{Error, members::ClientPool};
+
+/// The finalizer that holds a federation until its members are cleaned up.
+pub const FINALIZER: &str = "meshfed.io/cleanup";
+
+/// Settings of the controller.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How long one member may take to answer within a reconcile before it is reported unreachable.
+    pub member_timeout: Duration,
+    /// How soon a federation that is not ready is looked at again.
+    pub retry_after: Duration,
+    /// How often a ready federation is checked against its members.
+    pub resync_after: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self { member_timeout: Duration::from_secs(10), retry_after: Duration::from_secs(5), resync_after: Duration::from_secs(300) }
+    }
+}
+
+struct Context {
+    hub: Client,
+    pool: ClientPool,
+    settings: Settings,
+}
+
+/// Runs the controller until the future is dropped. Fails at once, with an install hint, when the CRD is missing.
+pub async fn run(hub: Client, settings: Settings) -> anyhow::Result<()> {
+    let feds: Api<MeshFederation> = Api::all(hub.clone());
+    if let Err(e) = feds.list(&ListParams::default().limit(1)).await {
+        anyhow::bail!(
+            "cannot list MeshFederations in the hub ({e}); is the CRD installed? `meshfed crd | kubectl apply --server-side -f -`"
+        );
+    }
+    let ctx = Arc::new(Context { hub, pool: ClientPool::default(), settings });
+    info!("meshfed controller started");
+    Controller::new(feds, watcher::Config::default().any_semantic())
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+    Ok(())
+}
+
+fn error_policy(_fed: Arc<MeshFederation>, _error: &Error, ctx: Arc<Context>) -> Action {
+    Action::requeue(ctx.settings.retry_after)
+}
+
+async fn reconcile(fed: Arc<MeshFederation>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let ns = fed.namespace().ok_or(Error::NotNamespaced)?;
+    let api: Api<MeshFederation> = Api::namespaced(ctx.hub.clone(), &ns);
+    finalizer(&api, FINALIZER, fed, |event| async {
+        match event {
+            Event::Apply(fed) => converge(&fed, &ctx).await,
+            Event::Cleanup(fed) => cleanup(&fed, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+fn federation_ref(fed: &MeshFederation) -> FederationRef {
+    FederationRef { namespace: fed.namespace().unwrap_or_default(), name: fed.name_any() }
+}
+
+/// Makes every member hold what the spec asks, cleans up members that left it, and reports.
+async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
+    let fref = federation_ref(fed);
+    let spec = &fed.spec;
+    let previous = fed.status.as_ref();
+    let validation = validate(spec);
+    let reports = match &validation {
+        Err(problems) => {
+            info!(federation = %fref.name, problems = problems.len(), "federation is invalid; nothing is written to members");
+            Vec::new()
+        }
+        Ok(_) => {
+            let staying = spec.clusters.iter().map(|c| converge_member(ctx, &fref, spec, c));
+            let leaving = previous
+                .into_iter()
+                .flat_map(|s| &s.clusters)
+                .filter(|c| !spec.clusters.iter().any(|m| m.name == c.name))
+                .filter_map(|c| Some((c.name.clone(), c.kubeconfig_secret_ref.clone()?)))
+                .map(|(name, secret)| cleanup_member(ctx, &fref, spec, name, secret));
+            let (mut staying, leaving) = futures::join!(join_all(staying), join_all(leaving));
+            staying.extend(leaving);
+            staying
+        }
+    };
+    let status = plan::federation_status(previous, fed.meta().generation, spec, &validation, &reports, Timestamp::now());
+    report(fed, ctx, &status).await?;
+    let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+    Ok(match (&validation, ready) {
+        // An invalid spec waits for its next edit: retrying cannot fix it.
+        (Err(_), _) => Action::await_change(),
+        (Ok(_), true) => Action::requeue(ctx.settings.resync_after),
+        (Ok(_), false) => Action::requeue(ctx.settings.retry_after),
+    })
+}
+
+/// Removes what meshfed wrote in every member; keeps the finalizer while any member could not be cleaned.
+async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
+    let fref = federation_ref(fed);
+    let mut members: Vec<(String, SecretKeyRef)> = fed.spec.clusters.iter().map(|c| (c.name.clone(), c.kubeconfig_secret_ref.clone())).collect();
+    for c in fed.status.iter().flat_map(|s| &s.clusters) {
+        if let (false, Some(secret)) = (members.iter().any(|(n, _)| *n == c.name), &c.kubeconfig_secret_ref) {
+            members.push((c.name.clone(), secret.clone()));
+        }
+    }
+    let reports = join_all(members.into_iter().map(|(name, secret)| cleanup_member(ctx, &fref, &fed.spec, name, secret))).await;
+    let pending: Vec<_> = reports.into_iter().filter(|r| r.failure.is_some()).collect();
+    if pending.is_empty() {
+        info!(federation = %fref.name, "members cleaned up; releasing the finalizer");
+        return Ok(Action::await_change());
+    }
+    let status = plan::deletion_status(fed.status.as_ref(), fed.meta().generation, &pending, Timestamp::now());
+    report(fed, ctx, &status).await?;
+    Err(Error::CleanupPending(pending.iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(", ")))
+}
+
+/// Patches the status when it differs from what the federation already shows.
+async fn report(fed: &MeshFederation, ctx: &Context, status: &meshfed_api::MeshFederationStatus) -> Result<(), Error> {
+    if !plan::status_changed(fed.status.as_ref(), status) {
+        return Ok(());
+    }
+    let api: Api<MeshFederation> = Api::namespaced(ctx.hub.clone(), &fed.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": MeshFederation::api_version(&()),
+        "kind": MeshFederation::kind(&()),
+        "status": status,
+    });
+    api.patch_status(&fed.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await.map_err(Error::Status)?;
+    Ok(())
+}
+
+fn member_report(name: &str, secret: &SecretKeyRef, leaving: bool) -> MemberReport {
+    MemberReport { name: name.into(), kubeconfig: secret.clone(), version: None, failure: None, leaving }
+}
+
+/// Runs `work` against a member within the member deadline, filling `report` with its version or failure.
+async fn with_member<F, Fut>(ctx: &Context, fref: &FederationRef, mut report: MemberReport, work: F) -> MemberReport
+where
+    F: FnOnce(Client) -> Fut,
+    Fut: Future<Output = Result<(), Failure>>,
+{
+    let timeout = ctx.settings.member_timeout;
+    let member = match ctx.pool.member(&ctx.hub, &fref.namespace, &report.kubeconfig, timeout).await {
+        Ok(m) => m,
+        Err(f) => {
+            report.failure = Some(f);
+            return report;
+        }
+    };
+    let run = async {
+        let version = member.client.apiserver_version().await.map_err(|e| (false, Failure::new("Unreachable", format!("{}: {e}", member.server))))?;
+        report.version = Some(version.git_version);
+        work(member.client.clone()).await.map_err(|f| (true, f))
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(Ok(())) => {}
+        Ok(Err((_, f))) => report.failure = Some(f),
+        Err(_) => report.failure = Some(Failure::new("Timeout", format!("{} did not answer within {timeout:?}", member.server))),
+    }
+    if let Some(f) = &report.failure {
+        warn!(federation = %fref.name, cluster = %report.name, reason = %f.reason, "{}", f.message);
+    }
+    report
+}
+
+fn api_failure(what: &str, e: kube::Error) -> Failure {
+    Failure::new("WriteFailed", format!("{what}: {e}"))
+}
+
+/// Brings one member to the plan: today its Istio namespace with the network label.
+async fn converge_member(ctx: &Context, fref: &FederationRef, spec: &MeshFederationSpec, cluster: &ClusterSpec) -> MemberReport {
+    let report = member_report(&cluster.name, &cluster.kubeconfig_secret_ref, false);
+    with_member(ctx, fref, report, |client| async move {
+        let namespaces: Api<Namespace> = Api::all(client);
+        let name = &spec.istio.namespace;
+        let observed = namespaces.get_opt(name).await.map_err(|e| api_failure(&format!("reading namespace {name}"), e))?;
+        if observed.as_ref().is_some_and(|o| o.metadata.deletion_timestamp.is_some()) {
+            return Err(Failure::new("NamespaceTerminating", format!("namespace {name} is being deleted; waiting for it to go")));
+        }
+        let desired = plan::istio_namespace(fref, spec, cluster, observed.as_ref());
+        let unchanged = observed.is_some_and(|o| plan::holds(&serde_json::to_value(o).unwrap_or_default(), &serde_json::to_value(&desired).unwrap_or_default()));
+        if !unchanged {
+            namespaces.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired)).await.map_err(|e| api_failure(&format!("applying namespace {name}"), e))?;
+            info!(federation = %fref.name, cluster = %cluster.name, namespace = %name, "namespace applied");
+        }
+        Ok(())
+    })
+    .await
+}
+
+/// Removes what meshfed wrote for `fref` in one member: deletes the namespace if meshfed created it, otherwise
+/// gives back the labels it set (an empty server-side apply drops every field meshfed owns).
+async fn cleanup_member(ctx: &Context, fref: &FederationRef, spec: &MeshFederationSpec, name: String, secret: SecretKeyRef) -> MemberReport {
+    let report = member_report(&name, &secret, true);
+    with_member(ctx, fref, report, |client| async move {
+        let namespaces: Api<Namespace> = Api::all(client);
+        let ns = &spec.istio.namespace;
+        let Some(observed) = namespaces.get_opt(ns).await.map_err(|e| api_failure(&format!("reading namespace {ns}"), e))? else {
+            return Ok(());
+        };
+        if !plan::owned_by(&observed.metadata, fref, &name) || observed.metadata.deletion_timestamp.is_some() {
+            return Ok(());
+        }
+        if plan::created_by_meshfed(&observed) {
+            namespaces.delete(ns, &Default::default()).await.map_err(|e| api_failure(&format!("deleting namespace {ns}"), e))?;
+        } else {
+            let release = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
+            namespaces.patch(ns, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(release)).await.map_err(|e| api_failure(&format!("releasing namespace {ns}"), e))?;
+        }
+        info!(federation = %fref.name, cluster = %name, namespace = %ns, "member cleaned up");
+        Ok(())
+    })
+    .await
+}
