@@ -25,7 +25,14 @@ fn labels(ns: &Namespace) -> std::collections::BTreeMap<String, String> {
 /// Namespaces in a member that carry meshfed's ownership label.
 async fn owned_namespaces(member: &Client) -> Vec<String> {
     let lp = ListParams::default().labels("app.kubernetes.io/managed-by=meshfed");
-    Api::<Namespace>::all(member.clone()).list(&lp).await.unwrap().items.into_iter().filter_map(|n| n.metadata.name).collect()
+    Api::<Namespace>::all(member.clone())
+        .list(&lp)
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|n| n.metadata.name)
+        .collect()
 }
 
 /// Gone, or being deleted (a cluster without kube-controller-manager never finishes a namespace deletion).
@@ -39,7 +46,8 @@ async fn a_federation_labels_every_member_and_deletion_cleans_them() -> anyhow::
     let east = f.member("east").await?;
     let west = f.member("west").await?;
     // West already has an Istio namespace of its own: meshfed labels it but must never delete it.
-    let theirs: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": "istio-system", "labels": {"team": "mesh"}}}))?;
+    let theirs: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "istio-system", "labels": {"team": "mesh"}}}))?;
     Api::<Namespace>::all(west.clone()).create(&PostParams::default(), &theirs).await?;
 
     let applied = Instant::now();
@@ -94,7 +102,12 @@ async fn a_federation_labels_every_member_and_deletion_cleans_them() -> anyhow::
 async fn invalid_federations_get_a_precise_reason_and_write_nothing() -> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west"], Options::default()).await?;
     let base = example("multi-primary-multi-network");
-    let west_remote_of = |cp: &str| base.replace("    network: network2\n", &format!("    network: network2\n    role: Remote\n    controlPlane: {cp}\n"));
+    let west_remote_of = |cp: &str| {
+        base.replace(
+            "    network: network2\n",
+            &format!("    network: network2\n    role: Remote\n    controlPlane: {cp}\n"),
+        )
+    };
     let cases: Vec<(&str, String, &str, &str)> = vec![
         ("dup", base.replace("name: west", "name: east"), "DuplicateClusterName", "\"east\" is used more than once"),
         ("unknown-cp", west_remote_of("north"), "UnknownControlPlane", "\"north\", which is not a cluster"),
@@ -123,9 +136,15 @@ async fn invalid_federations_get_a_precise_reason_and_write_nothing() -> anyhow:
     }
     // What a schema can say, the API server refuses before meshfed sees it.
     for (yaml, message) in [
-        (base.replace("    network: network2\n", "    network: network2\n    role: Remote\n"), "a Remote cluster must name its controlPlane"),
+        (
+            base.replace("    network: network2\n", "    network: network2\n    role: Remote\n"),
+            "a Remote cluster must name its controlPlane",
+        ),
         (base.replace("name: west", "name: West_1"), "spec.clusters[1].name in body should match"),
-        (base.replace("      generate:", "      secretRef: {name: corp-root}\n      generate:"), "set exactly one of trust.root.generate and trust.root.secretRef"),
+        (
+            base.replace("      generate:", "      secretRef: {name: corp-root}\n      generate:"),
+            "set exactly one of trust.root.generate and trust.root.secretRef",
+        ),
     ] {
         let err = f.apply(&yaml.replace("name: prod", "name: cel")).await.unwrap_err();
         assert!(err.to_string().contains(message), "{err}");
@@ -158,7 +177,11 @@ async fn an_exec_kubeconfig_is_refused_unrun_and_only_its_member_waits() -> anyh
     let fed = f
         .wait_for("prod", WAIT, |fed| {
             let clusters = fed.status.as_ref().map(|s| s.clusters.as_slice()).unwrap_or_default();
-            let ready = |n: &str| clusters.iter().any(|c| c.name == n && condition(&c.conditions, "Ready").is_some_and(|r| r.status == "True"));
+            let ready = |n: &str| {
+                clusters
+                    .iter()
+                    .any(|c| c.name == n && condition(&c.conditions, "Ready").is_some_and(|r| r.status == "True"))
+            };
             ready("east") && clusters.iter().any(|c| c.name == "west")
         })
         .await?;
@@ -215,7 +238,10 @@ async fn a_stopped_member_is_reported_alone_and_catches_up_and_holds_deletion() 
         assert!(deleted(&istio_namespace(&f.member(m).await?).await), "{m} not cleaned up");
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert!(f.federations().get_opt("prod").await?.is_some(), "the finalizer was released with a member not cleaned up");
+    assert!(
+        f.federations().get_opt("prod").await?.is_some(),
+        "the finalizer was released with a member not cleaned up"
+    );
 
     f.env.cluster_mut("north").start().await?;
     f.wait_gone("prod", WAIT).await?;

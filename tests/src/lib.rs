@@ -45,7 +45,11 @@ impl Fixture {
         for m in members {
             put_kubeconfig(&hub, m, env.cluster(m).kubeconfig()).await?;
         }
-        let settings = Settings { member_timeout: Duration::from_secs(5), retry_after: Duration::from_secs(1), ..Settings::default() };
+        let settings = Settings {
+            member_timeout: Duration::from_secs(5),
+            retry_after: Duration::from_secs(1),
+            ..Settings::default()
+        };
         let operator = tokio::spawn(async move {
             if let Err(e) = controller::run(fixture_hub, settings).await {
                 eprintln!("controller stopped: {e:#}");
@@ -72,7 +76,12 @@ impl Fixture {
     }
 
     /// Waits until the federation satisfies `done` and returns it; on timeout, fails showing its last status.
-    pub async fn wait_for(&self, name: &str, timeout: Duration, done: impl Fn(&MeshFederation) -> bool) -> Result<MeshFederation> {
+    pub async fn wait_for(
+        &self,
+        name: &str,
+        timeout: Duration,
+        done: impl Fn(&MeshFederation) -> bool,
+    ) -> Result<MeshFederation> {
         let deadline = Instant::now() + timeout;
         loop {
             let fed = self.federations().get(name).await?;
@@ -80,7 +89,10 @@ impl Fixture {
                 return Ok(fed);
             }
             if Instant::now() > deadline {
-                bail!("federation {name} not as expected after {timeout:?}; status:\n{}", serde_yaml::to_string(&fed.status)?);
+                bail!(
+                    "federation {name} not as expected after {timeout:?}; status:\n{}",
+                    serde_yaml::to_string(&fed.status)?
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -91,7 +103,10 @@ impl Fixture {
         let deadline = Instant::now() + timeout;
         while let Some(fed) = self.federations().get_opt(name).await? {
             if Instant::now() > deadline {
-                bail!("federation {name} still there after {timeout:?}; status:\n{}", serde_yaml::to_string(&fed.status)?);
+                bail!(
+                    "federation {name} still there after {timeout:?}; status:\n{}",
+                    serde_yaml::to_string(&fed.status)?
+                );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }

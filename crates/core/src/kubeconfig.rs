@@ -60,7 +60,8 @@ pub fn check(yaml: &str) -> Result<(Kubeconfig, String), KubeconfigError> {
             }
         }
     }
-    if let Some(c) = kc.clusters.iter().find(|c| c.cluster.as_ref().is_some_and(|c| c.certificate_authority.is_some())) {
+    if let Some(c) = kc.clusters.iter().find(|c| c.cluster.as_ref().is_some_and(|c| c.certificate_authority.is_some()))
+    {
         return Err(KubeconfigError::CaFile { cluster: c.name.clone() });
     }
     let server = current_server(&kc).ok_or(KubeconfigError::NoServer)?;
@@ -93,7 +94,8 @@ mod tests {
 
     #[test]
     fn exec_is_refused_naming_the_field_and_user() {
-        let yaml = kubeconfig("    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: touch\n", "");
+        let yaml =
+            kubeconfig("    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: touch\n", "");
         let err = check(&yaml).unwrap_err();
         assert_eq!(err.reason(), "KubeconfigRefused");
         let text = err.to_string();

@@ -48,7 +48,12 @@ impl FederationRef {
 
 /// The Istio namespace of a member, labelled with its network. `observed` is the namespace as it is now, if it
 /// exists: meshfed marks a namespace it creates, so that cleanup deletes only namespaces meshfed made.
-pub fn istio_namespace(fed: &FederationRef, spec: &MeshFederationSpec, cluster: &ClusterSpec, observed: Option<&Namespace>) -> Namespace {
+pub fn istio_namespace(
+    fed: &FederationRef,
+    spec: &MeshFederationSpec,
+    cluster: &ClusterSpec,
+    observed: Option<&Namespace>,
+) -> Namespace {
     let mut labels = fed.owned_labels(&cluster.name);
     labels.insert(NETWORK_LABEL.into(), cluster.network.clone());
     let created = observed.is_none_or(created_by_meshfed);
@@ -139,7 +144,11 @@ pub fn federation_status(
             let reason = problems.first().map_or("Invalid", |p| p.reason);
             let message = problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ");
             let conds = vec![
-                Cond::failed("Ready", reason, "the spec is invalid; nothing is written to any member until it is fixed"),
+                Cond::failed(
+                    "Ready",
+                    reason,
+                    "the spec is invalid; nothing is written to any member until it is fixed",
+                ),
                 Cond::failed("Valid", reason, message),
             ];
             return MeshFederationStatus {
@@ -164,7 +173,8 @@ pub fn federation_status(
         ),
     };
     let failed: Vec<_> = members.iter().filter(|m| m.version.is_some() && m.failure.is_some()).collect();
-    let leaving: Vec<_> = members.iter().filter(|m| m.leaving && m.failure.is_some()).map(|m| m.name.as_str()).collect();
+    let leaving: Vec<_> =
+        members.iter().filter(|m| m.leaving && m.failure.is_some()).map(|m| m.name.as_str()).collect();
     let mut conds = vec![Cond::ok("Valid", "Valid", format!("topology {}", validated.topology)), reachable];
     if let [first, ..] = failed.as_slice() {
         conds.push(Cond::failed(
@@ -177,7 +187,11 @@ pub fn federation_status(
     }
     let ready = match (first_failure(&conds), leaving.as_slice()) {
         (Some(f), _) => Cond::failed("Ready", &f.reason, f.message.clone()),
-        (None, [_, ..]) => Cond::failed("Ready", "CleanupPending", format!("waiting to clean up members that left the spec: {}", leaving.join(", "))),
+        (None, [_, ..]) => Cond::failed(
+            "Ready",
+            "CleanupPending",
+            format!("waiting to clean up members that left the spec: {}", leaving.join(", ")),
+        ),
         (None, []) => Cond::ok("Ready", "Converged", format!("all {} members converged", spec.clusters.len())),
     };
     conds.insert(0, ready);
@@ -200,10 +214,19 @@ pub fn federation_status(
 }
 
 /// The status while the federation is being deleted: which members are not cleaned up yet, and why.
-pub fn deletion_status(previous: Option<&MeshFederationStatus>, generation: Option<i64>, pending: &[MemberReport], now: Timestamp) -> MeshFederationStatus {
+pub fn deletion_status(
+    previous: Option<&MeshFederationStatus>,
+    generation: Option<i64>,
+    pending: &[MemberReport],
+    now: Timestamp,
+) -> MeshFederationStatus {
     let mut status = previous.cloned().unwrap_or_default();
     let message = pending.iter().map(|m| format!("{}: {}", m.name, failure_message(m))).collect::<Vec<_>>().join("; ");
-    let conds = vec![Cond::failed("Ready", "CleanupPending", format!("the federation is being deleted; members not cleaned up yet: {message}"))];
+    let conds = vec![Cond::failed(
+        "Ready",
+        "CleanupPending",
+        format!("the federation is being deleted; members not cleaned up yet: {message}"),
+    )];
     let ready = stamp(&status.conditions, conds, generation, now).remove(0);
     status.conditions.retain(|c| c.type_ != "Ready");
     status.conditions.insert(0, ready);
@@ -218,7 +241,12 @@ fn failure_message(m: &MemberReport) -> &str {
     m.failure.as_ref().map_or("", |f| f.message.as_str())
 }
 
-fn member_status(previous: Option<&ClusterStatus>, generation: Option<i64>, m: &MemberReport, now: Timestamp) -> ClusterStatus {
+fn member_status(
+    previous: Option<&ClusterStatus>,
+    generation: Option<i64>,
+    m: &MemberReport,
+    now: Timestamp,
+) -> ClusterStatus {
     let reachable = match (&m.version, &m.failure) {
         (Some(v), _) => Cond::ok("Reachable", "Reachable", format!("Kubernetes {v}")),
         (None, Some(f)) => Cond::failed("Reachable", &f.reason, f.message.clone()),
@@ -273,7 +301,10 @@ mod tests {
         }
     }
 
-    fn condition<'a>(conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition], t: &str) -> (&'a str, &'a str) {
+    fn condition<'a>(
+        conds: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+        t: &str,
+    ) -> (&'a str, &'a str) {
         let c = conds.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no {t} condition"));
         (c.status.as_str(), c.reason.as_str())
     }
@@ -295,7 +326,10 @@ mod tests {
     #[test]
     fn a_namespace_that_existed_before_is_not_marked_created() {
         let s = spec();
-        let theirs = Namespace { metadata: ObjectMeta { name: Some("istio-system".into()), ..Default::default() }, ..Default::default() };
+        let theirs = Namespace {
+            metadata: ObjectMeta { name: Some("istio-system".into()), ..Default::default() },
+            ..Default::default()
+        };
         assert!(!created_by_meshfed(&istio_namespace(&fed(), &s, &s.clusters[0], Some(&theirs))));
     }
 
@@ -314,7 +348,14 @@ mod tests {
         let s = spec();
         let members = [report("east", Some("v"), None), report("west", Some("v"), None)];
         let first = federation_status(None, Some(1), &s, &validate(&s), &members, now());
-        let later = federation_status(Some(&first), Some(1), &s, &validate(&s), &members, "2026-11-22T11:00:00Z".parse().unwrap());
+        let later = federation_status(
+            Some(&first),
+            Some(1),
+            &s,
+            &validate(&s),
+            &members,
+            "2026-11-22T11:00:00Z".parse().unwrap(),
+        );
         assert!(!status_changed(Some(&first), &later));
         let down = [members[0].clone(), report("west", None, Some(Failure::new("Unreachable", "refused")))];
         let changed = federation_status(Some(&first), Some(1), &s, &validate(&s), &down, now());
@@ -338,7 +379,10 @@ mod tests {
         assert_eq!(condition(&st.conditions, "Ready"), ("True", "Converged"));
         assert_eq!(condition(&st.conditions, "Valid"), ("True", "Valid"));
         assert_eq!(condition(&st.conditions, "ClustersReachable"), ("True", "AllReachable"));
-        assert_eq!((st.observed_generation, st.topology.as_deref(), st.ready_clusters.as_deref()), (Some(3), Some("MultiPrimary/MultiNetwork"), Some("2/2")));
+        assert_eq!(
+            (st.observed_generation, st.topology.as_deref(), st.ready_clusters.as_deref()),
+            (Some(3), Some("MultiPrimary/MultiNetwork"), Some("2/2"))
+        );
         assert_eq!(st.clusters[1].kubernetes_version.as_deref(), Some("v1.34.2"));
         assert_eq!(st.clusters[1].last_seen.as_deref(), Some("2026-11-22T10:00:00Z"));
     }

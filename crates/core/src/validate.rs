@@ -48,7 +48,13 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
     let mut seen = BTreeMap::new();
     for c in &spec.clusters {
         if seen.insert(c.name.as_str(), c).is_some() {
-            problem("DuplicateClusterName", format!("cluster name {:?} is used more than once; names are Istio cluster IDs and must be unique", c.name));
+            problem(
+                "DuplicateClusterName",
+                format!(
+                    "cluster name {:?} is used more than once; names are Istio cluster IDs and must be unique",
+                    c.name
+                ),
+            );
         }
     }
     let mut kubeconfigs = BTreeMap::new();
@@ -69,10 +75,17 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
             continue;
         };
         match seen.get(cp) {
-            None => problem("UnknownControlPlane", format!("cluster {:?} names controlPlane {cp:?}, which is not a cluster of this federation", c.name)),
-            Some(p) if p.role != ClusterRole::Primary => {
-                problem("ControlPlaneNotPrimary", format!("cluster {:?} names controlPlane {cp:?}, which is a Remote; a controlPlane must be a Primary", c.name))
-            }
+            None => problem(
+                "UnknownControlPlane",
+                format!("cluster {:?} names controlPlane {cp:?}, which is not a cluster of this federation", c.name),
+            ),
+            Some(p) if p.role != ClusterRole::Primary => problem(
+                "ControlPlaneNotPrimary",
+                format!(
+                    "cluster {:?} names controlPlane {cp:?}, which is a Remote; a controlPlane must be a Primary",
+                    c.name
+                ),
+            ),
             Some(_) => {}
         }
     }
@@ -80,23 +93,39 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
     let mut duration = |field: &str, value: &str| match humantime::parse_duration(value) {
         Ok(d) if !d.is_zero() => Some(d),
         _ => {
-            problem("InvalidDuration", format!("{field} {value:?} is not a positive duration; write it like 24h, 90m or 8760h"));
+            problem(
+                "InvalidDuration",
+                format!("{field} {value:?} is not a positive duration; write it like 24h, 90m or 8760h"),
+            );
             None
         }
     };
-    let root_validity = spec.trust.root.generate.as_ref().map(|g| duration("trust.root.generate.validity", &g.validity));
+    let root_validity =
+        spec.trust.root.generate.as_ref().map(|g| duration("trust.root.generate.validity", &g.validity));
     let intermediate_validity = duration("trust.intermediate.validity", &spec.trust.intermediate.validity);
     let renew_before = duration("trust.intermediate.renewBefore", &spec.trust.intermediate.renew_before);
     let token_ttl = duration("remoteAccess.tokenTTL", &spec.remote_access.token_ttl);
     if let (Some(v), Some(r)) = (intermediate_validity, renew_before)
         && r >= v
     {
-        problem("InvalidDuration", format!("trust.intermediate.renewBefore ({}) must be shorter than trust.intermediate.validity ({})", spec.trust.intermediate.renew_before, spec.trust.intermediate.validity));
+        problem(
+            "InvalidDuration",
+            format!(
+                "trust.intermediate.renewBefore ({}) must be shorter than trust.intermediate.validity ({})",
+                spec.trust.intermediate.renew_before, spec.trust.intermediate.validity
+            ),
+        );
     }
     if let Some(t) = token_ttl
         && t < MIN_TOKEN_TTL
     {
-        problem("InvalidDuration", format!("remoteAccess.tokenTTL ({}) must be at least 10m, the shortest token the TokenRequest API issues", spec.remote_access.token_ttl));
+        problem(
+            "InvalidDuration",
+            format!(
+                "remoteAccess.tokenTTL ({}) must be at least 10m, the shortest token the TokenRequest API issues",
+                spec.remote_access.token_ttl
+            ),
+        );
     }
 
     let topology = Topology::of(spec);
@@ -104,7 +133,10 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
         for c in spec.clusters.iter().filter(|c| c.east_west_gateway.expose == ExposeMode::ClusterIP) {
             problem(
                 "ExposeModeUnsupported",
-                format!("cluster {:?} exposes its east-west gateway as ClusterIP, which other networks cannot reach; use LoadBalancer, NodePort or HostNetwork", c.name),
+                format!(
+                    "cluster {:?} exposes its east-west gateway as ClusterIP, which other networks cannot reach; use LoadBalancer, NodePort or HostNetwork",
+                    c.name
+                ),
             );
         }
     }
@@ -113,7 +145,12 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
     match (problems.is_empty(), intermediate_validity, renew_before, token_ttl) {
         (true, Some(intermediate_validity), Some(renew_before), Some(token_ttl)) => Ok(Validated {
             topology,
-            durations: Durations { root_validity: root_validity.flatten(), intermediate_validity, renew_before, token_ttl },
+            durations: Durations {
+                root_validity: root_validity.flatten(),
+                intermediate_validity,
+                renew_before,
+                token_ttl,
+            },
         }),
         _ => Err(problems),
     }
@@ -124,10 +161,15 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
 fn cidr_problems(spec: &MeshFederationSpec, problem: &mut impl FnMut(&'static str, String)) {
     let mut ranges: Vec<(&str, &str, IpNet)> = Vec::new();
     for c in &spec.clusters {
-        for (field, cidr) in c.pod_cidrs.iter().map(|r| ("podCIDRs", r)).chain(c.service_cidrs.iter().map(|r| ("serviceCIDRs", r))) {
+        for (field, cidr) in
+            c.pod_cidrs.iter().map(|r| ("podCIDRs", r)).chain(c.service_cidrs.iter().map(|r| ("serviceCIDRs", r)))
+        {
             match cidr.parse::<IpNet>() {
                 Ok(net) => ranges.push((c.name.as_str(), c.network.as_str(), net)),
-                Err(_) => problem("InvalidCIDR", format!("cluster {:?} {field} entry {cidr:?} is not a CIDR such as 10.10.0.0/16", c.name)),
+                Err(_) => problem(
+                    "InvalidCIDR",
+                    format!("cluster {:?} {field} entry {cidr:?} is not a CIDR such as 10.10.0.0/16", c.name),
+                ),
             }
         }
     }
@@ -136,7 +178,9 @@ fn cidr_problems(spec: &MeshFederationSpec, problem: &mut impl FnMut(&'static st
             if a != b && net_a == net_b && (ra.contains(&rb.network()) || rb.contains(&ra.network())) {
                 problem(
                     "OverlappingCIDRs",
-                    format!("clusters {a:?} ({ra}) and {b:?} ({rb}) are both on network {net_a:?} and their ranges overlap; clusters on one network need disjoint pod and service ranges"),
+                    format!(
+                        "clusters {a:?} ({ra}) and {b:?} ({rb}) are both on network {net_a:?} and their ranges overlap; clusters on one network need disjoint pod and service ranges"
+                    ),
                 );
             }
         }
@@ -150,7 +194,8 @@ mod tests {
 
     /// A spec from its clusters (one flow-style YAML list item per line) and extra top-level YAML.
     fn spec_with(clusters: &str, extra: &str) -> MeshFederationSpec {
-        serde_yaml::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\n{extra}\nclusters:\n{clusters}")).unwrap()
+        serde_yaml::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\n{extra}\nclusters:\n{clusters}"))
+            .unwrap()
     }
 
     fn spec(clusters: &str) -> MeshFederationSpec {
@@ -186,7 +231,11 @@ mod tests {
 
     #[test]
     fn a_remote_must_name_an_existing_primary() {
-        let remote = |cp: &str| format!(r#"- {{"name": "r", "network": "n1", "role": "Remote", "controlPlane": "{cp}", "kubeconfigSecretRef": {{"name": "r"}}}}"#);
+        let remote = |cp: &str| {
+            format!(
+                r#"- {{"name": "r", "network": "n1", "role": "Remote", "controlPlane": "{cp}", "kubeconfigSecretRef": {{"name": "r"}}}}"#
+            )
+        };
         assert_eq!(reasons(&spec(&format!("{EAST}\n{}", remote("nowhere")))), ["UnknownControlPlane"]);
         let second = remote("r").replace("\"r\"", "\"r2\"");
         assert_eq!(reasons(&spec(&format!("{EAST}\n{}\n{second}", remote("east")))), ["ControlPlaneNotPrimary"]);
@@ -208,8 +257,10 @@ mod tests {
 
     #[test]
     fn overlapping_ranges_on_one_network_are_refused_naming_both_clusters() {
-        let a = r#"- {"name": "a", "network": "n1", "podCIDRs": ["10.0.0.0/16"], "kubeconfigSecretRef": {"name": "a"}}"#;
-        let b = r#"- {"name": "b", "network": "n1", "podCIDRs": ["10.0.128.0/17"], "kubeconfigSecretRef": {"name": "b"}}"#;
+        let a =
+            r#"- {"name": "a", "network": "n1", "podCIDRs": ["10.0.0.0/16"], "kubeconfigSecretRef": {"name": "a"}}"#;
+        let b =
+            r#"- {"name": "b", "network": "n1", "podCIDRs": ["10.0.128.0/17"], "kubeconfigSecretRef": {"name": "b"}}"#;
         let problems = validate(&spec(&format!("{a}\n{b}"))).unwrap_err();
         assert_eq!(problems.len(), 1);
         assert_eq!(problems[0].reason, "OverlappingCIDRs");
@@ -222,7 +273,10 @@ mod tests {
 
     #[test]
     fn cluster_ip_exposure_is_refused_across_networks() {
-        let west = WEST.replace(r#""kubeconfigSecretRef""#, r#""eastWestGateway": {"expose": "ClusterIP"}, "kubeconfigSecretRef""#);
+        let west = WEST.replace(
+            r#""kubeconfigSecretRef""#,
+            r#""eastWestGateway": {"expose": "ClusterIP"}, "kubeconfigSecretRef""#,
+        );
         assert_eq!(reasons(&spec(&format!("{EAST}\n{west}"))), ["ExposeModeUnsupported"]);
         assert!(validate(&spec(&format!("{EAST}\n{}", west.replace("n2", "n1")))).is_ok());
     }

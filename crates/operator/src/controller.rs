@@ -44,7 +44,11 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Self { member_timeout: Duration::from_secs(10), retry_after: Duration::from_secs(5), resync_after: Duration::from_secs(300) }
+        Self {
+            member_timeout: Duration::from_secs(10),
+            retry_after: Duration::from_secs(5),
+            resync_after: Duration::from_secs(300),
+        }
     }
 }
 
@@ -120,7 +124,8 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             staying
         }
     };
-    let status = plan::federation_status(previous, fed.meta().generation, spec, &validation, &reports, Timestamp::now());
+    let status =
+        plan::federation_status(previous, fed.meta().generation, spec, &validation, &reports, Timestamp::now());
     report(fed, ctx, &status).await?;
     let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
     Ok(match (&validation, ready) {
@@ -134,13 +139,15 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
 /// Removes what meshfed wrote in every member; keeps the finalizer while any member could not be cleaned.
 async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
     let fref = federation_ref(fed);
-    let mut members: Vec<(String, SecretKeyRef)> = fed.spec.clusters.iter().map(|c| (c.name.clone(), c.kubeconfig_secret_ref.clone())).collect();
+    let mut members: Vec<(String, SecretKeyRef)> =
+        fed.spec.clusters.iter().map(|c| (c.name.clone(), c.kubeconfig_secret_ref.clone())).collect();
     for c in fed.status.iter().flat_map(|s| &s.clusters) {
         if let (false, Some(secret)) = (members.iter().any(|(n, _)| *n == c.name), &c.kubeconfig_secret_ref) {
             members.push((c.name.clone(), secret.clone()));
         }
     }
-    let reports = join_all(members.into_iter().map(|(name, secret)| cleanup_member(ctx, &fref, &fed.spec, name, secret))).await;
+    let reports =
+        join_all(members.into_iter().map(|(name, secret)| cleanup_member(ctx, &fref, &fed.spec, name, secret))).await;
     let pending: Vec<_> = reports.into_iter().filter(|r| r.failure.is_some()).collect();
     if pending.is_empty() {
         info!(federation = %fref.name, "members cleaned up; releasing the finalizer");
@@ -162,7 +169,9 @@ async fn report(fed: &MeshFederation, ctx: &Context, status: &meshfed_api::MeshF
         "kind": MeshFederation::kind(&()),
         "status": status,
     });
-    api.patch_status(&fed.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch)).await.map_err(Error::Status)?;
+    api.patch_status(&fed.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
+        .await
+        .map_err(Error::Status)?;
     Ok(())
 }
 
@@ -185,14 +194,21 @@ where
         }
     };
     let run = async {
-        let version = member.client.apiserver_version().await.map_err(|e| (false, Failure::new("Unreachable", format!("{}: {e}", member.server))))?;
+        let version = member
+            .client
+            .apiserver_version()
+            .await
+            .map_err(|e| (false, Failure::new("Unreachable", format!("{}: {e}", member.server))))?;
         report.version = Some(version.git_version);
         work(member.client.clone()).await.map_err(|f| (true, f))
     };
     match tokio::time::timeout(timeout, run).await {
         Ok(Ok(())) => {}
         Ok(Err((_, f))) => report.failure = Some(f),
-        Err(_) => report.failure = Some(Failure::new("Timeout", format!("{} did not answer within {timeout:?}", member.server))),
+        Err(_) => {
+            report.failure =
+                Some(Failure::new("Timeout", format!("{} did not answer within {timeout:?}", member.server)))
+        }
     }
     if let Some(f) = &report.failure {
         warn!(federation = %fref.name, cluster = %report.name, reason = %f.reason, "{}", f.message);
@@ -205,19 +221,36 @@ fn api_failure(what: &str, e: kube::Error) -> Failure {
 }
 
 /// Brings one member to the plan: today its Istio namespace with the network label.
-async fn converge_member(ctx: &Context, fref: &FederationRef, spec: &MeshFederationSpec, cluster: &ClusterSpec) -> MemberReport {
+async fn converge_member(
+    ctx: &Context,
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    cluster: &ClusterSpec,
+) -> MemberReport {
     let report = member_report(&cluster.name, &cluster.kubeconfig_secret_ref, false);
     with_member(ctx, fref, report, |client| async move {
         let namespaces: Api<Namespace> = Api::all(client);
         let name = &spec.istio.namespace;
-        let observed = namespaces.get_opt(name).await.map_err(|e| api_failure(&format!("reading namespace {name}"), e))?;
+        let observed =
+            namespaces.get_opt(name).await.map_err(|e| api_failure(&format!("reading namespace {name}"), e))?;
         if observed.as_ref().is_some_and(|o| o.metadata.deletion_timestamp.is_some()) {
-            return Err(Failure::new("NamespaceTerminating", format!("namespace {name} is being deleted; waiting for it to go")));
+            return Err(Failure::new(
+                "NamespaceTerminating",
+                format!("namespace {name} is being deleted; waiting for it to go"),
+            ));
         }
         let desired = plan::istio_namespace(fref, spec, cluster, observed.as_ref());
-        let unchanged = observed.is_some_and(|o| plan::holds(&serde_json::to_value(o).unwrap_or_default(), &serde_json::to_value(&desired).unwrap_or_default()));
+        let unchanged = observed.is_some_and(|o| {
+            plan::holds(
+                &serde_json::to_value(o).unwrap_or_default(),
+                &serde_json::to_value(&desired).unwrap_or_default(),
+            )
+        });
         if !unchanged {
-            namespaces.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired)).await.map_err(|e| api_failure(&format!("applying namespace {name}"), e))?;
+            namespaces
+                .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired))
+                .await
+                .map_err(|e| api_failure(&format!("applying namespace {name}"), e))?;
             info!(federation = %fref.name, cluster = %cluster.name, namespace = %name, "namespace applied");
         }
         Ok(())
@@ -227,22 +260,36 @@ async fn converge_member(ctx: &Context, fref: &FederationRef, spec: &MeshFederat
 
 /// Removes what meshfed wrote for `fref` in one member: deletes the namespace if meshfed created it, otherwise
 /// gives back the labels it set (an empty server-side apply drops every field meshfed owns).
-async fn cleanup_member(ctx: &Context, fref: &FederationRef, spec: &MeshFederationSpec, name: String, secret: SecretKeyRef) -> MemberReport {
+async fn cleanup_member(
+    ctx: &Context,
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    name: String,
+    secret: SecretKeyRef,
+) -> MemberReport {
     let report = member_report(&name, &secret, true);
     with_member(ctx, fref, report, |client| async move {
         let namespaces: Api<Namespace> = Api::all(client);
         let ns = &spec.istio.namespace;
-        let Some(observed) = namespaces.get_opt(ns).await.map_err(|e| api_failure(&format!("reading namespace {ns}"), e))? else {
+        let Some(observed) =
+            namespaces.get_opt(ns).await.map_err(|e| api_failure(&format!("reading namespace {ns}"), e))?
+        else {
             return Ok(());
         };
         if !plan::owned_by(&observed.metadata, fref, &name) || observed.metadata.deletion_timestamp.is_some() {
             return Ok(());
         }
         if plan::created_by_meshfed(&observed) {
-            namespaces.delete(ns, &Default::default()).await.map_err(|e| api_failure(&format!("deleting namespace {ns}"), e))?;
+            namespaces
+                .delete(ns, &Default::default())
+                .await
+                .map_err(|e| api_failure(&format!("deleting namespace {ns}"), e))?;
         } else {
             let release = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
-            namespaces.patch(ns, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(release)).await.map_err(|e| api_failure(&format!("releasing namespace {ns}"), e))?;
+            namespaces
+                .patch(ns, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(release))
+                .await
+                .map_err(|e| api_failure(&format!("releasing namespace {ns}"), e))?;
         }
         info!(federation = %fref.name, cluster = %name, namespace = %ns, "member cleaned up");
         Ok(())

@@ -34,7 +34,11 @@ async fn main() -> anyhow::Result<()> {
         Command::Run { log_json, member_timeout } => {
             let filter = EnvFilter::try_from_env("MESHFED_LOG").unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
             let logs = fmt().with_env_filter(filter);
-            if log_json { logs.json().init() } else { logs.init() }
+            if log_json {
+                logs.json().init()
+            } else {
+                logs.init()
+            }
             let hub = kube::Client::try_default().await?;
             let settings = Settings { member_timeout: Duration::from_secs(member_timeout), ..Settings::default() };
             tokio::select! {

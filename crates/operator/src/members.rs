@@ -27,7 +27,13 @@ pub struct ClientPool {
 
 impl ClientPool {
     /// The client for the member whose kubeconfig is in `secret` of `namespace` in the hub.
-    pub async fn member(&self, hub: &Client, namespace: &str, secret: &SecretKeyRef, connect_timeout: Duration) -> Result<Member, Failure> {
+    pub async fn member(
+        &self,
+        hub: &Client,
+        namespace: &str,
+        secret: &SecretKeyRef,
+        connect_timeout: Duration,
+    ) -> Result<Member, Failure> {
         let where_ = format!("Secret {namespace}/{} key {:?}", secret.name, secret.key);
         let s = Api::<Secret>::namespaced(hub.clone(), namespace)
             .get_opt(&secret.name)
@@ -46,13 +52,15 @@ impl ClientPool {
             .as_ref()
             .and_then(|d| d.get(&secret.key))
             .ok_or_else(|| Failure::new("KubeconfigKeyMissing", format!("{where_}: the Secret has no such key")))?;
-        let yaml = std::str::from_utf8(&bytes.0).map_err(|_| Failure::new("KubeconfigInvalid", format!("{where_}: not UTF-8 text")))?;
+        let yaml = std::str::from_utf8(&bytes.0)
+            .map_err(|_| Failure::new("KubeconfigInvalid", format!("{where_}: not UTF-8 text")))?;
         let (kc, server) = kubeconfig::check(yaml).map_err(|e| Failure::new(e.reason(), format!("{where_}: {e}")))?;
         let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
             .await
             .map_err(|e| Failure::new("KubeconfigInvalid", format!("{where_}: {e}")))?;
         config.connect_timeout = Some(connect_timeout);
-        let client = Client::try_from(config).map_err(|e| Failure::new("KubeconfigInvalid", format!("{where_}: {e}")))?;
+        let client =
+            Client::try_from(config).map_err(|e| Failure::new("KubeconfigInvalid", format!("{where_}: {e}")))?;
         let member = Member { client, server };
         self.cache.lock().expect("pool lock").insert(key, (version, member.clone()));
         Ok(member)

@@ -26,8 +26,11 @@ use kube::{
     api::{Patch, PatchParams},
     config::{KubeConfigOptions, Kubeconfig},
 };
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SanType,
+};
 use serde::Deserialize;
-use rcgen::{BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 
 /// The Kubernetes version the binaries are built at (`hack/k8s-binaries.sh` builds this one by default).
 pub const K8S_VERSION: &str = "v1.34.2";
@@ -115,7 +118,14 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    fn create(name: &str, index: usize, root: &Path, bin: &Path, etcd_url: &str, controller_manager: bool) -> Result<Self> {
+    fn create(
+        name: &str,
+        index: usize,
+        root: &Path,
+        bin: &Path,
+        etcd_url: &str,
+        controller_manager: bool,
+    ) -> Result<Self> {
         let dir = root.join(name);
         fs::create_dir_all(&dir)?;
         let port = free_port()?;
@@ -218,12 +228,14 @@ impl Cluster {
     pub async fn start(&mut self) -> Result<()> {
         if self.apiserver.is_none() {
             let log = self.dir.join("kube-apiserver.log");
-            self.apiserver = Some(Process::spawn(Command::new(self.bin.join("kube-apiserver")).args(&self.apiserver_args), &log)?);
+            self.apiserver =
+                Some(Process::spawn(Command::new(self.bin.join("kube-apiserver")).args(&self.apiserver_args), &log)?);
         }
         self.wait_ready().await?;
         if let (None, Some(args)) = (&self.controller_manager, &self.controller_manager_args) {
             let log = self.dir.join("kube-controller-manager.log");
-            self.controller_manager = Some(Process::spawn(Command::new(self.bin.join("kube-controller-manager")).args(args), &log)?);
+            self.controller_manager =
+                Some(Process::spawn(Command::new(self.bin.join("kube-controller-manager")).args(args), &log)?);
         }
         Ok(())
     }
@@ -241,10 +253,19 @@ impl Cluster {
             if let Some(p) = &mut self.apiserver
                 && let Some(status) = p.0.try_wait()?
             {
-                bail!("kube-apiserver of {} exited with {status}; log: {}\n{}", self.name, self.dir.join("kube-apiserver.log").display(), tail(&self.dir.join("kube-apiserver.log")));
+                bail!(
+                    "kube-apiserver of {} exited with {status}; log: {}\n{}",
+                    self.name,
+                    self.dir.join("kube-apiserver.log").display(),
+                    tail(&self.dir.join("kube-apiserver.log"))
+                );
             }
             if Instant::now() > deadline {
-                bail!("kube-apiserver of {} not ready after 120s; log tail:\n{}", self.name, tail(&self.dir.join("kube-apiserver.log")));
+                bail!(
+                    "kube-apiserver of {} not ready after 120s; log tail:\n{}",
+                    self.name,
+                    tail(&self.dir.join("kube-apiserver.log"))
+                );
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -261,14 +282,19 @@ impl Cluster {
             }
             let crd: CustomResourceDefinition = serde_yaml::from_value(value)?;
             let name = crd.name_any();
-            crds.patch(&name, &PatchParams::apply("meshfed-testenv").force(), &Patch::Apply(&crd)).await.with_context(|| format!("installing CRD {name}"))?;
+            crds.patch(&name, &PatchParams::apply("meshfed-testenv").force(), &Patch::Apply(&crd))
+                .await
+                .with_context(|| format!("installing CRD {name}"))?;
             names.push(name);
         }
         for name in names {
             let cond = kube::runtime::conditions::is_crd_established();
-            tokio::time::timeout(Duration::from_secs(60), kube::runtime::wait::await_condition(crds.clone(), &name, cond))
-                .await
-                .with_context(|| format!("CRD {name} not established"))??;
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                kube::runtime::wait::await_condition(crds.clone(), &name, cond),
+            )
+            .await
+            .with_context(|| format!("CRD {name} not established"))??;
         }
         Ok(())
     }
@@ -299,7 +325,9 @@ pub fn istio_crds() -> Result<String> {
         .output()
         .context("running `go mod download` (is Go installed?)")?;
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading `go mod download -json`")?;
-    let dir = info["Dir"].as_str().with_context(|| format!("istio.io/api@{ISTIO_API_VERSION} not downloadable: {}", info["Error"]))?;
+    let dir = info["Dir"]
+        .as_str()
+        .with_context(|| format!("istio.io/api@{ISTIO_API_VERSION} not downloadable: {}", info["Error"]))?;
     Ok(fs::read_to_string(Path::new(dir).join("kubernetes/customresourcedefinitions.gen.yaml"))?)
 }
 

@@ -17,21 +17,29 @@ async fn clusters_are_separate_serve_tokens_and_survive_a_restart() -> anyhow::R
     let two = env.cluster("two").client().await?;
 
     // Each cluster has its own data.
-    let cm: ConfigMap = serde_json::from_value(serde_json::json!({"metadata": {"name": "marker"}, "data": {"k": "v"}}))?;
+    let cm: ConfigMap =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": "marker"}, "data": {"k": "v"}}))?;
     Api::<ConfigMap>::namespaced(one.clone(), "default").create(&PostParams::default(), &cm).await?;
     assert!(Api::<ConfigMap>::namespaced(two.clone(), "default").get_opt("marker").await?.is_none());
 
     // TokenRequest works (service-account keys are configured).
     let sas: Api<ServiceAccount> = Api::namespaced(one.clone(), "default");
-    sas.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": "reader"}}))?).await?;
-    let req = TokenRequest { spec: TokenRequestSpec { expiration_seconds: Some(600), ..Default::default() }, ..Default::default() };
+    sas.create(&PostParams::default(), &serde_json::from_value(serde_json::json!({"metadata": {"name": "reader"}}))?)
+        .await?;
+    let req = TokenRequest {
+        spec: TokenRequestSpec { expiration_seconds: Some(600), ..Default::default() },
+        ..Default::default()
+    };
     let token = sas.create_token_request("reader", &PostParams::default(), &req).await?;
     assert!(!token.status.unwrap().token.is_empty());
 
     // RBAC is on: the fresh service account may not list namespaces.
     let mut kc: serde_yaml::Value = serde_yaml::from_str(env.cluster("one").kubeconfig())?;
     let user = &mut kc["users"][0]["user"];
-    *user = serde_yaml::from_str(&format!("token: {}", sas.create_token_request("reader", &PostParams::default(), &req).await?.status.unwrap().token))?;
+    *user = serde_yaml::from_str(&format!(
+        "token: {}",
+        sas.create_token_request("reader", &PostParams::default(), &req).await?.status.unwrap().token
+    ))?;
     let reader = meshfed_testenv::client_from_kubeconfig(&serde_yaml::to_string(&kc)?).await?;
     let err = Api::<Namespace>::all(reader).list(&ListParams::default()).await.unwrap_err();
     assert!(matches!(&err, kube::Error::Api(s) if s.code == 403), "{err}");

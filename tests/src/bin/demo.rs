@@ -1,1 +1,79 @@
-fn main() {}
+//! The demo: a hub and two members on this machine, the example federation applied, the controller running, and the
+//! result printed as a table. `--keep` leaves everything running and writes each cluster's kubeconfig to a directory.
+
+use std::{path::PathBuf, time::Duration, time::Instant};
+
+use anyhow::Result;
+use clap::Parser;
+use meshfed_api::MeshFederation;
+use meshfed_e2e::{Fixture, HUB, NAMESPACE, condition, example, is_ready};
+use meshfed_testenv::Options;
+
+#[derive(Parser)]
+#[command(about = "Run meshfed against a local hub and two member clusters")]
+struct Args {
+    /// Keep the clusters and the controller running until Ctrl-C, and write every cluster's kubeconfig.
+    #[arg(long)]
+    keep: bool,
+    /// Where `--keep` writes the kubeconfigs.
+    #[arg(long, default_value = "meshfed-demo")]
+    dir: PathBuf,
+    /// The example from deploy/examples to apply.
+    #[arg(long, default_value = "multi-primary-multi-network")]
+    example: String,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt().with_env_filter(std::env::var("MESHFED_LOG").unwrap_or_else(|_| "warn,kube_client::client::builder=off".into())).init();
+
+    println!("starting a hub and members east, west (real kube-apiserver + etcd on 127.0.0.1)...");
+    let started = Instant::now();
+    let fixture = Fixture::start(&["east", "west"], Options { controller_manager: true }).await?;
+    for member in ["east", "west"] {
+        fixture.env.cluster(member).install_istio_crds().await?;
+    }
+    println!("clusters up with the Istio CRDs in {:.1?}; applying deploy/examples/{}.yaml", started.elapsed(), args.example);
+
+    let applied = Instant::now();
+    let fed = fixture.apply(&example(&args.example)).await?;
+    let fed = fixture.wait_for(&fed.metadata.name.unwrap(), Duration::from_secs(120), is_ready).await?;
+    println!("Ready=True {:.1?} after apply\n", applied.elapsed());
+    print_status(&fed);
+
+    if args.keep {
+        std::fs::create_dir_all(&args.dir)?;
+        for c in fixture.env.clusters() {
+            std::fs::write(args.dir.join(format!("{}.kubeconfig", c.name())), c.kubeconfig())?;
+        }
+        let dir = std::fs::canonicalize(&args.dir)?;
+        println!("\nkubeconfigs in {}; for example:", dir.display());
+        println!("  kubectl --kubeconfig {}/{HUB}.kubeconfig -n {NAMESPACE} get meshfederations", dir.display());
+        println!("  kubectl --kubeconfig {}/east.kubeconfig get namespace istio-system --show-labels", dir.display());
+        println!("Ctrl-C stops everything.");
+        tokio::signal::ctrl_c().await?;
+    }
+    Ok(())
+}
+
+fn print_status(fed: &MeshFederation) {
+    let status = fed.status.clone().unwrap_or_default();
+    println!("federation {}/{}: topology {}", NAMESPACE, fed.metadata.name.as_deref().unwrap_or(""), status.topology.unwrap_or_default());
+    for c in &status.conditions {
+        println!("  {:<18} {:<6} {:<14} {}", c.type_, c.status, c.reason, c.message);
+    }
+    println!("\n{:<8} {:<10} {:<8} {:<10} {:<10} READY", "CLUSTER", "NETWORK", "ROLE", "REACHABLE", "VERSION");
+    for c in &status.clusters {
+        let spec = fed.spec.clusters.iter().find(|s| s.name == c.name);
+        let ready = condition(&c.conditions, "Ready").map(|r| r.status.as_str()).unwrap_or("-");
+        println!(
+            "{:<8} {:<10} {:<8} {:<10} {:<10} {ready}",
+            c.name,
+            spec.map(|s| s.network.as_str()).unwrap_or("-"),
+            spec.map(|s| format!("{:?}", s.role)).unwrap_or_default(),
+            c.reachable,
+            c.kubernetes_version.as_deref().unwrap_or("-"),
+        );
+    }
+}
