@@ -44,6 +44,16 @@ async fn clusters_are_separate_serve_tokens_and_survive_a_restart() -> anyhow::R
     let err = Api::<Namespace>::all(reader).list(&ListParams::default()).await.unwrap_err();
     assert!(matches!(&err, kube::Error::Api(s) if s.code == 403), "{err}");
 
+    // The real Istio CRDs install and are served.
+    env.cluster("two").install_istio_crds().await?;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(two.clone());
+    for name in
+        ["gateways.networking.istio.io", "virtualservices.networking.istio.io", "peerauthentications.security.istio.io"]
+    {
+        crds.get(name).await?;
+    }
+
     // Stop and start: unreachable meanwhile, same data after.
     env.cluster_mut("one").stop();
     assert!(Api::<ConfigMap>::namespaced(one.clone(), "default").get_opt("marker").await.is_err());
