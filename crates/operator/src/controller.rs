@@ -26,7 +26,7 @@ use meshfed_core::{
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::{Error, members::ClientPool};
+use crate::{Error, apply, members::ClientPool};
 
 /// The finalizer that holds a federation until its members are cleaned up.
 pub const FINALIZER: &str = "meshfed.io/cleanup";
@@ -216,10 +216,6 @@ where
     report
 }
 
-fn api_failure(what: &str, e: kube::Error) -> Failure {
-    Failure::new("WriteFailed", format!("{what}: {e}"))
-}
-
 /// Brings one member to the plan: today its Istio namespace with the network label.
 async fn converge_member(
     ctx: &Context,
@@ -231,8 +227,7 @@ async fn converge_member(
     with_member(ctx, fref, report, |client| async move {
         let namespaces: Api<Namespace> = Api::all(client);
         let name = &spec.istio.namespace;
-        let observed =
-            namespaces.get_opt(name).await.map_err(|e| api_failure(&format!("reading namespace {name}"), e))?;
+        let observed = apply::read(&namespaces, name).await?;
         if observed.as_ref().is_some_and(|o| o.metadata.deletion_timestamp.is_some()) {
             return Err(Failure::new(
                 "NamespaceTerminating",
@@ -240,17 +235,7 @@ async fn converge_member(
             ));
         }
         let desired = plan::istio_namespace(fref, spec, cluster, observed.as_ref());
-        let unchanged = observed.is_some_and(|o| {
-            plan::holds(
-                &serde_json::to_value(o).unwrap_or_default(),
-                &serde_json::to_value(&desired).unwrap_or_default(),
-            )
-        });
-        if !unchanged {
-            namespaces
-                .patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&desired))
-                .await
-                .map_err(|e| api_failure(&format!("applying namespace {name}"), e))?;
+        if apply::ensure(&namespaces, observed.as_ref(), &desired).await? {
             info!(federation = %fref.name, cluster = %cluster.name, namespace = %name, "namespace applied");
         }
         Ok(())
@@ -271,9 +256,7 @@ async fn cleanup_member(
     with_member(ctx, fref, report, |client| async move {
         let namespaces: Api<Namespace> = Api::all(client);
         let ns = &spec.istio.namespace;
-        let Some(observed) =
-            namespaces.get_opt(ns).await.map_err(|e| api_failure(&format!("reading namespace {ns}"), e))?
-        else {
+        let Some(observed) = apply::read(&namespaces, ns).await? else {
             return Ok(());
         };
         if !plan::owned_by(&observed.metadata, fref, &name) || observed.metadata.deletion_timestamp.is_some() {
@@ -283,13 +266,13 @@ async fn cleanup_member(
             namespaces
                 .delete(ns, &Default::default())
                 .await
-                .map_err(|e| api_failure(&format!("deleting namespace {ns}"), e))?;
+                .map_err(|e| apply::write_failure(&format!("deleting namespace {ns}"), e))?;
         } else {
             let release = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
             namespaces
                 .patch(ns, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(release))
                 .await
-                .map_err(|e| api_failure(&format!("releasing namespace {ns}"), e))?;
+                .map_err(|e| apply::write_failure(&format!("releasing namespace {ns}"), e))?;
         }
         info!(federation = %fref.name, cluster = %name, namespace = %ns, "member cleaned up");
         Ok(())

@@ -1,5 +1,6 @@
 //! The meshfed hub controller. `meshfed run` runs [`controller::run`]; tests and the demo run it in-process.
 
+pub mod apply;
 pub mod controller;
 pub mod members;
 
