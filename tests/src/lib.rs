@@ -14,7 +14,10 @@ use kube::{
     api::{DeleteParams, Patch, PatchParams, PostParams},
 };
 use meshfed_api::MeshFederation;
-use meshfed_operator::controller::{self, Settings};
+use meshfed_operator::{
+    controller::{self, Settings},
+    metrics::Metrics,
+};
 use meshfed_testenv::{Env, Options};
 use tokio::task::JoinHandle;
 
@@ -27,13 +30,29 @@ pub const HUB: &str = "hub";
 pub struct Fixture {
     pub env: Env,
     pub hub: Client,
-    operator: JoinHandle<()>,
+    /// The running controller's metrics.
+    pub metrics: Metrics,
+    operator: Option<JoinHandle<()>>,
 }
 
 impl Fixture {
     /// Starts a hub and `members`, installs the CRD, writes `<member>-kubeconfig` Secrets (key `kubeconfig`) in
-    /// [`NAMESPACE`], and starts the controller with short timeouts.
+    /// [`NAMESPACE`], and starts the controller in-process with short timeouts.
     pub async fn start(members: &[&str], options: Options) -> Result<Self> {
+        let mut f = Self::clusters(members, options).await?;
+        let settings =
+            Settings { member_timeout: Duration::from_secs(5), retry_after: Duration::from_secs(1), ..Settings::default() };
+        let (hub, metrics) = (f.hub.clone(), f.metrics.clone());
+        f.operator = Some(tokio::spawn(async move {
+            if let Err(e) = controller::run(hub, settings, metrics).await {
+                eprintln!("controller stopped: {e:#}");
+            }
+        }));
+        Ok(f)
+    }
+
+    /// Like [`Fixture::start`], without starting the controller (to run it as a process instead).
+    pub async fn clusters(members: &[&str], options: Options) -> Result<Self> {
         let names: Vec<&str> = std::iter::once(HUB).chain(members.iter().copied()).collect();
         let env = Env::start(&names, options).await?;
         let hub_cluster = env.cluster(HUB);
@@ -41,21 +60,10 @@ impl Fixture {
         let hub = hub_cluster.client().await?;
         let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
         Api::<Namespace>::all(hub.clone()).create(&PostParams::default(), &ns).await?;
-        let fixture_hub = hub.clone();
         for m in members {
             put_kubeconfig(&hub, m, env.cluster(m).kubeconfig()).await?;
         }
-        let settings = Settings {
-            member_timeout: Duration::from_secs(5),
-            retry_after: Duration::from_secs(1),
-            ..Settings::default()
-        };
-        let operator = tokio::spawn(async move {
-            if let Err(e) = controller::run(fixture_hub, settings).await {
-                eprintln!("controller stopped: {e:#}");
-            }
-        });
-        Ok(Self { env, hub, operator })
+        Ok(Self { env, hub, metrics: Metrics::default(), operator: None })
     }
 
     /// The federations of [`NAMESPACE`].
@@ -121,7 +129,9 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        self.operator.abort();
+        if let Some(op) = &self.operator {
+            op.abort();
+        }
     }
 }
 

@@ -5,6 +5,8 @@
 
 pub mod conditions;
 pub mod kubeconfig;
+pub mod pki;
 pub mod plan;
+pub mod remote;
 pub mod topology;
 pub mod validate;

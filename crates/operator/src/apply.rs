@@ -10,8 +10,16 @@ use kube::{
 use meshfed_core::plan::{FIELD_MANAGER, Failure, holds};
 use serde::{Serialize, de::DeserializeOwned};
 
+use crate::metrics::Metrics;
+
+/// Who writes where: every write to a member is counted by cluster and kind.
+pub struct Writer<'a> {
+    pub cluster: &'a str,
+    pub metrics: &'a Metrics,
+}
+
 /// Applies `desired` unless `observed` already holds it. Returns whether it wrote.
-pub async fn ensure<K>(api: &Api<K>, observed: Option<&K>, desired: &K) -> Result<bool, Failure>
+pub async fn ensure<K>(w: &Writer<'_>, api: &Api<K>, observed: Option<&K>, desired: &K) -> Result<bool, Failure>
 where
     K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
 {
@@ -19,11 +27,34 @@ where
     if unchanged {
         return Ok(false);
     }
-    let name = desired.name_any();
-    api.patch(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(desired))
+    apply(w, api, &desired.name_any(), desired).await?;
+    Ok(true)
+}
+
+/// Server-side applies `body` (which names its apiVersion and kind) as object `name`.
+pub async fn apply<K, B>(w: &Writer<'_>, api: &Api<K>, name: &str, body: &B) -> Result<(), Failure>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+    B: Serialize + Debug,
+{
+    w.metrics.wrote(w.cluster, &K::kind(&()), "apply");
+    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
         .await
         .map_err(|e| write_failure(&format!("applying {} {name}", K::kind(&())), e))?;
-    Ok(true)
+    Ok(())
+}
+
+/// Deletes object `name`; one that is already gone counts as deleted.
+pub async fn delete<K>(w: &Writer<'_>, api: &Api<K>, name: &str) -> Result<(), Failure>
+where
+    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
+{
+    w.metrics.wrote(w.cluster, &K::kind(&()), "delete");
+    match api.delete(name, &Default::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(write_failure(&format!("deleting {} {name}", K::kind(&())), e)),
+    }
 }
 
 /// Reads an object, or `None` when it does not exist.

@@ -26,7 +26,12 @@ use meshfed_core::{
 use serde_json::json;
 use tracing::{info, warn};
 
-use crate::{Error, apply, members::ClientPool};
+use crate::{
+    Error,
+    apply::{self, Writer},
+    members::ClientPool,
+    metrics::{FailureLabels, MemberLabels, Metrics},
+};
 
 /// The finalizer that holds a federation until its members are cleaned up.
 pub const FINALIZER: &str = "meshfed.io/cleanup";
@@ -56,17 +61,19 @@ struct Context {
     hub: Client,
     pool: ClientPool,
     settings: Settings,
+    metrics: Metrics,
 }
 
 /// Runs the controller until the future is dropped. Fails at once, with an install hint, when the CRD is missing.
-pub async fn run(hub: Client, settings: Settings) -> anyhow::Result<()> {
+pub async fn run(hub: Client, settings: Settings, metrics: Metrics) -> anyhow::Result<()> {
     let feds: Api<MeshFederation> = Api::all(hub.clone());
     if let Err(e) = feds.list(&ListParams::default().limit(1)).await {
         anyhow::bail!(
             "cannot list MeshFederations in the hub ({e}); is the CRD installed? `meshfed crd | kubectl apply --server-side -f -`"
         );
     }
-    let ctx = Arc::new(Context { hub, pool: ClientPool::default(), settings });
+    metrics.set_ready();
+    let ctx = Arc::new(Context { hub, pool: ClientPool::default(), settings, metrics });
     info!("meshfed controller started");
     Controller::new(feds, watcher::Config::default().any_semantic())
         .run(reconcile, error_policy, ctx)
@@ -79,11 +86,13 @@ pub async fn run(hub: Client, settings: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn error_policy(_fed: Arc<MeshFederation>, _error: &Error, ctx: Arc<Context>) -> Action {
+fn error_policy(_fed: Arc<MeshFederation>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.failures.get_or_create(&FailureLabels { category: error.metric_label().into() }).inc();
     Action::requeue(ctx.settings.retry_after)
 }
 
 async fn reconcile(fed: Arc<MeshFederation>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.time_reconcile();
     let ns = fed.namespace().ok_or(Error::NotNamespaced)?;
     let api: Api<MeshFederation> = Api::namespaced(ctx.hub.clone(), &ns);
     finalizer(&api, FINALIZER, fed, |event| async {
@@ -169,6 +178,7 @@ async fn report(fed: &MeshFederation, ctx: &Context, status: &meshfed_api::MeshF
         "kind": MeshFederation::kind(&()),
         "status": status,
     });
+    ctx.metrics.status_writes.inc();
     api.patch_status(&fed.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
         .await
         .map_err(Error::Status)?;
@@ -210,6 +220,8 @@ where
                 Some(Failure::new("Timeout", format!("{} did not answer within {timeout:?}", member.server)))
         }
     }
+    let labels = MemberLabels { federation: format!("{}/{}", fref.namespace, fref.name), cluster: report.name.clone() };
+    ctx.metrics.member_reachable.get_or_create(&labels).set(i64::from(report.version.is_some()));
     if let Some(f) = &report.failure {
         warn!(federation = %fref.name, cluster = %report.name, reason = %f.reason, "{}", f.message);
     }
@@ -235,7 +247,8 @@ async fn converge_member(
             ));
         }
         let desired = plan::istio_namespace(fref, spec, cluster, observed.as_ref());
-        if apply::ensure(&namespaces, observed.as_ref(), &desired).await? {
+        let w = Writer { cluster: &cluster.name, metrics: &ctx.metrics };
+        if apply::ensure(&w, &namespaces, observed.as_ref(), &desired).await? {
             info!(federation = %fref.name, cluster = %cluster.name, namespace = %name, "namespace applied");
         }
         Ok(())
@@ -262,17 +275,12 @@ async fn cleanup_member(
         if !plan::owned_by(&observed.metadata, fref, &name) || observed.metadata.deletion_timestamp.is_some() {
             return Ok(());
         }
+        let w = Writer { cluster: &name, metrics: &ctx.metrics };
         if plan::created_by_meshfed(&observed) {
-            namespaces
-                .delete(ns, &Default::default())
-                .await
-                .map_err(|e| apply::write_failure(&format!("deleting namespace {ns}"), e))?;
+            apply::delete(&w, &namespaces, ns).await?;
         } else {
             let release = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
-            namespaces
-                .patch(ns, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(release))
-                .await
-                .map_err(|e| apply::write_failure(&format!("releasing namespace {ns}"), e))?;
+            apply::apply(&w, &namespaces, ns, &release).await?;
         }
         info!(federation = %fref.name, cluster = %name, namespace = %ns, "member cleaned up");
         Ok(())

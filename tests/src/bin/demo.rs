@@ -26,7 +26,11 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
-    tracing_subscriber::fmt().with_env_filter(std::env::var("MESHFED_LOG").unwrap_or_else(|_| "warn,kube_client::client::builder=off".into())).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            std::env::var("MESHFED_LOG").unwrap_or_else(|_| "warn,kube_client::client::builder=off".into()),
+        )
+        .init();
 
     println!("starting a hub and members east, west (real kube-apiserver + etcd on 127.0.0.1)...");
     let started = Instant::now();
@@ -34,7 +38,11 @@ async fn main() -> Result<()> {
     for member in ["east", "west"] {
         fixture.env.cluster(member).install_istio_crds().await?;
     }
-    println!("clusters up with the Istio CRDs in {:.1?}; applying deploy/examples/{}.yaml", started.elapsed(), args.example);
+    println!(
+        "clusters up with the Istio CRDs in {:.1?}; applying deploy/examples/{}.yaml",
+        started.elapsed(),
+        args.example
+    );
 
     let applied = Instant::now();
     let fed = fixture.apply(&example(&args.example)).await?;
@@ -59,7 +67,12 @@ async fn main() -> Result<()> {
 
 fn print_status(fed: &MeshFederation) {
     let status = fed.status.clone().unwrap_or_default();
-    println!("federation {}/{}: topology {}", NAMESPACE, fed.metadata.name.as_deref().unwrap_or(""), status.topology.unwrap_or_default());
+    println!(
+        "federation {}/{}: topology {}",
+        NAMESPACE,
+        fed.metadata.name.as_deref().unwrap_or(""),
+        status.topology.unwrap_or_default()
+    );
     for c in &status.conditions {
         println!("  {:<18} {:<6} {:<14} {}", c.type_, c.status, c.reason, c.message);
     }
