@@ -44,6 +44,11 @@ impl FederationRef {
             (LABEL_CLUSTER.into(), cluster.into()),
         ])
     }
+
+    /// The label selector matching every object meshfed wrote for `cluster` of this federation.
+    pub fn selector(&self, cluster: &str) -> String {
+        self.owned_labels(cluster).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    }
 }
 
 /// The Istio namespace of a member, labelled with its network. `observed` is the namespace as it is now, if it
@@ -125,6 +130,30 @@ pub struct MemberReport {
     pub failure: Option<Failure>,
     /// The member left the spec and is being cleaned up.
     pub leaving: bool,
+    /// What went wrong with remote access for this member: its reader token, or the remote secrets it holds.
+    pub remote_access: Option<Failure>,
+    /// When the reader token that peers hold for this member expires.
+    pub token_expires_at: Option<Timestamp>,
+}
+
+impl MemberReport {
+    /// A report with nothing known yet.
+    pub fn new(name: &str, kubeconfig: &SecretKeyRef, leaving: bool) -> Self {
+        Self {
+            name: name.into(),
+            kubeconfig: kubeconfig.clone(),
+            version: None,
+            failure: None,
+            leaving,
+            remote_access: None,
+            token_expires_at: None,
+        }
+    }
+
+    /// Reached, written and with its remote access in place.
+    fn converged(&self) -> bool {
+        self.version.is_some() && self.failure.is_none() && self.remote_access.is_none()
+    }
 }
 
 /// The federation's status after a reconcile. `validation` is the outcome of [`crate::validate::validate`]; on a
@@ -185,6 +214,23 @@ pub fn federation_status(
     } else {
         conds.push(Cond::ok("MembersConverged", "Converged", "every reachable member holds what the spec asks"));
     }
+    let no_access: Vec<_> = members.iter().filter(|m| !m.leaving && m.remote_access.is_some()).collect();
+    conds.push(match no_access.as_slice() {
+        [] => Cond::ok(
+            "RemoteAccessReady",
+            "RemoteSecretsInPlace",
+            "every Primary holds a valid remote secret for every other member",
+        ),
+        [first, ..] => Cond::failed(
+            "RemoteAccessReady",
+            &first.remote_access.as_ref().map_or(String::new(), |f| f.reason.clone()),
+            no_access
+                .iter()
+                .filter_map(|m| Some(format!("{}: {}", m.name, m.remote_access.as_ref()?.message)))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+    });
     let ready = match (first_failure(&conds), leaving.as_slice()) {
         (Some(f), _) => Cond::failed("Ready", &f.reason, f.message.clone()),
         (None, [_, ..]) => Cond::failed(
@@ -202,7 +248,7 @@ pub fn federation_status(
         .filter(|m| !(m.leaving && m.failure.is_none()))
         .map(|m| member_status(prev_cluster(&m.name), generation, m, now))
         .collect();
-    let converged = members.iter().filter(|m| !m.leaving && m.version.is_some() && m.failure.is_none()).count();
+    let converged = members.iter().filter(|m| !m.leaving && m.converged()).count();
     MeshFederationStatus {
         observed_generation: generation,
         topology: Some(validated.topology.to_string()),
@@ -252,11 +298,23 @@ fn member_status(
         (None, Some(f)) => Cond::failed("Reachable", &f.reason, f.message.clone()),
         (None, None) => Cond::failed("Reachable", "Unreachable", ""),
     };
+    let access = match (&m.version, &m.remote_access) {
+        (_, Some(f)) => Cond::failed("RemoteAccessReady", &f.reason, f.message.clone()),
+        (None, None) => Cond::failed("RemoteAccessReady", "Unreachable", "the member did not answer"),
+        (Some(_), None) => {
+            Cond::ok("RemoteAccessReady", "RemoteSecretsInPlace", "its reader and remote secrets are in place")
+        }
+    };
     let ready = match (&m.failure, m.leaving) {
         (Some(f), true) => Cond::failed("Ready", "CleanupPending", format!("cleanup waits: {}", f.message)),
         (Some(f), false) => Cond::failed("Ready", &f.reason, f.message.clone()),
+        (None, _) if !access.ok && !m.leaving => Cond::failed("Ready", &access.reason, access.message.clone()),
         (None, _) => Cond::ok("Ready", "Converged", "holds what the spec asks"),
     };
+    let mut conds = vec![reachable, ready];
+    if !m.leaving {
+        conds.push(access);
+    }
     let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
     let reached = m.version.is_some();
     ClusterStatus {
@@ -266,7 +324,11 @@ fn member_status(
         last_seen: if reached { Some(now.to_string()) } else { previous.and_then(|p| p.last_seen.clone()) },
         last_error: m.failure.as_ref().map(|f| f.message.clone()),
         kubeconfig_secret_ref: Some(m.kubeconfig.clone()),
-        conditions: stamp(prev_conditions, vec![reachable, ready], generation, now),
+        reader_token_expires_at: m
+            .token_expires_at
+            .map(|t| t.to_string())
+            .or_else(|| previous.and_then(|p| p.reader_token_expires_at.clone())),
+        conditions: stamp(prev_conditions, conds, generation, now),
         ..previous.cloned().unwrap_or_default()
     }
 }
@@ -292,13 +354,10 @@ mod tests {
     }
 
     fn report(name: &str, version: Option<&str>, failure: Option<Failure>) -> MemberReport {
-        MemberReport {
-            name: name.into(),
-            kubeconfig: SecretKeyRef { name: name.into(), key: "kubeconfig".into() },
-            version: version.map(Into::into),
-            failure,
-            leaving: false,
-        }
+        let mut r = MemberReport::new(name, &SecretKeyRef { name: name.into(), key: "kubeconfig".into() }, false);
+        r.version = version.map(Into::into);
+        r.failure = failure;
+        r
     }
 
     fn condition<'a>(

@@ -10,6 +10,8 @@ use kube::{
 use meshfed_core::plan::{FIELD_MANAGER, Failure, holds};
 use serde::{Serialize, de::DeserializeOwned};
 
+use tracing::info;
+
 use crate::metrics::Metrics;
 
 /// Who writes where: every write to a member is counted by cluster and kind.
@@ -18,30 +20,40 @@ pub struct Writer<'a> {
     pub metrics: &'a Metrics,
 }
 
-/// Applies `desired` unless `observed` already holds it. Returns whether it wrote.
-pub async fn ensure<K>(w: &Writer<'_>, api: &Api<K>, observed: Option<&K>, desired: &K) -> Result<bool, Failure>
+/// Applies `desired` unless `observed` already holds it. Returns the object as it is now.
+pub async fn ensure<K>(w: &Writer<'_>, api: &Api<K>, observed: Option<K>, desired: &K) -> Result<K, Failure>
 where
     K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
 {
-    let unchanged = observed.is_some_and(|o| json(o).is_some_and(|o| json(desired).is_some_and(|d| holds(&o, &d))));
-    if unchanged {
-        return Ok(false);
+    if let Some(o) = observed
+        && json(&o).is_some_and(|o| json(desired).is_some_and(|d| holds(&o, &d)))
+    {
+        return Ok(o);
     }
-    apply(w, api, &desired.name_any(), desired).await?;
-    Ok(true)
+    apply(w, api, &desired.name_any(), desired).await
+}
+
+/// Reads the object `desired` names, then [`ensure`]s it.
+pub async fn ensure_fresh<K>(w: &Writer<'_>, api: &Api<K>, desired: &K) -> Result<K, Failure>
+where
+    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
+{
+    let observed = read(api, &desired.name_any()).await?;
+    ensure(w, api, observed, desired).await
 }
 
 /// Server-side applies `body` (which names its apiVersion and kind) as object `name`.
-pub async fn apply<K, B>(w: &Writer<'_>, api: &Api<K>, name: &str, body: &B) -> Result<(), Failure>
+pub async fn apply<K, B>(w: &Writer<'_>, api: &Api<K>, name: &str, body: &B) -> Result<K, Failure>
 where
     K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
     B: Serialize + Debug,
 {
-    w.metrics.wrote(w.cluster, &K::kind(&()), "apply");
+    let kind = K::kind(&());
+    w.metrics.wrote(w.cluster, &kind, "apply");
+    info!(cluster = %w.cluster, %kind, %name, "applying");
     api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
         .await
-        .map_err(|e| write_failure(&format!("applying {} {name}", K::kind(&())), e))?;
-    Ok(())
+        .map_err(|e| write_failure(&format!("applying {kind} {name}"), e))
 }
 
 /// Deletes object `name`; one that is already gone counts as deleted.
@@ -50,6 +62,7 @@ where
     K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
 {
     w.metrics.wrote(w.cluster, &K::kind(&()), "delete");
+    info!(cluster = %w.cluster, kind = %K::kind(&()), %name, "deleting");
     match api.delete(name, &Default::default()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),

@@ -3,7 +3,7 @@
 //! The plan lives in `meshfed-core`; this module only reads, writes and waits. Every member is handled concurrently
 //! with its own deadline, so one slow or dead member never delays the others.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use futures::{StreamExt, future::join_all};
 use jiff::Timestamp;
@@ -29,8 +29,9 @@ use tracing::{info, warn};
 use crate::{
     Error,
     apply::{self, Writer},
-    members::ClientPool,
+    members::{ClientPool, Member},
     metrics::{FailureLabels, MemberLabels, Metrics},
+    remote_access,
 };
 
 /// The finalizer that holds a federation until its members are cleaned up.
@@ -120,7 +121,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             info!(federation = %fref.name, problems = problems.len(), "federation is invalid; nothing is written to members");
             Vec::new()
         }
-        Ok(_) => {
+        Ok(valid) => {
             let staying = spec.clusters.iter().map(|c| converge_member(ctx, &fref, spec, c));
             let leaving = previous
                 .into_iter()
@@ -128,9 +129,27 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
                 .filter(|c| !spec.clusters.iter().any(|m| m.name == c.name))
                 .filter_map(|c| Some((c.name.clone(), c.kubeconfig_secret_ref.clone()?)))
                 .map(|(name, secret)| cleanup_member(ctx, &fref, spec, name, secret));
-            let (mut staying, leaving) = futures::join!(join_all(staying), join_all(leaving));
-            staying.extend(leaving);
-            staying
+            let (staying, leaving) = futures::join!(join_all(staying), join_all(leaving));
+            let observed: BTreeMap<_, _> =
+                staying.iter().filter_map(|(r, o)| Some((r.name.clone(), o.as_ref()?))).collect();
+            let access = remote_access::converge(
+                &ctx.metrics,
+                &fref,
+                spec,
+                &observed,
+                valid.durations.token_ttl,
+                ctx.settings.member_timeout,
+            )
+            .await;
+            let mut reports: Vec<MemberReport> = staying.into_iter().map(|(r, _)| r).collect();
+            for r in &mut reports {
+                if let Some(outcome) = access.get(&r.name) {
+                    r.remote_access = outcome.failure.clone();
+                    r.token_expires_at = outcome.token_expires_at;
+                }
+            }
+            reports.extend(leaving);
+            reports
         }
     };
     let status =
@@ -185,22 +204,24 @@ async fn report(fed: &MeshFederation, ctx: &Context, status: &meshfed_api::MeshF
     Ok(())
 }
 
-fn member_report(name: &str, secret: &SecretKeyRef, leaving: bool) -> MemberReport {
-    MemberReport { name: name.into(), kubeconfig: secret.clone(), version: None, failure: None, leaving }
-}
-
-/// Runs `work` against a member within the member deadline, filling `report` with its version or failure.
-async fn with_member<F, Fut>(ctx: &Context, fref: &FederationRef, mut report: MemberReport, work: F) -> MemberReport
+/// Runs `work` against a member within the member deadline, recording in `report` its version or what failed.
+/// Returns the member and what `work` found, when everything succeeded.
+async fn with_member<T, F, Fut>(
+    ctx: &Context,
+    fref: &FederationRef,
+    report: &mut MemberReport,
+    work: F,
+) -> Option<(Member, T)>
 where
-    F: FnOnce(Client) -> Fut,
-    Fut: Future<Output = Result<(), Failure>>,
+    F: FnOnce(Member) -> Fut,
+    Fut: Future<Output = Result<T, Failure>>,
 {
     let timeout = ctx.settings.member_timeout;
     let member = match ctx.pool.member(&ctx.hub, &fref.namespace, &report.kubeconfig, timeout).await {
         Ok(m) => m,
         Err(f) => {
             report.failure = Some(f);
-            return report;
+            return None;
         }
     };
     let run = async {
@@ -208,56 +229,61 @@ where
             .client
             .apiserver_version()
             .await
-            .map_err(|e| (false, Failure::new("Unreachable", format!("{}: {e}", member.server))))?;
+            .map_err(|e| Failure::new("Unreachable", format!("{}: {e}", member.server)))?;
         report.version = Some(version.git_version);
-        work(member.client.clone()).await.map_err(|f| (true, f))
+        work(member.clone()).await
     };
-    match tokio::time::timeout(timeout, run).await {
-        Ok(Ok(())) => {}
-        Ok(Err((_, f))) => report.failure = Some(f),
+    let found = match tokio::time::timeout(timeout, run).await {
+        Ok(Ok(found)) => Some((member.clone(), found)),
+        Ok(Err(f)) => {
+            report.failure = Some(f);
+            None
+        }
         Err(_) => {
             report.failure =
-                Some(Failure::new("Timeout", format!("{} did not answer within {timeout:?}", member.server)))
+                Some(Failure::new("Timeout", format!("{} did not answer within {timeout:?}", member.server)));
+            None
         }
-    }
+    };
     let labels = MemberLabels { federation: format!("{}/{}", fref.namespace, fref.name), cluster: report.name.clone() };
     ctx.metrics.member_reachable.get_or_create(&labels).set(i64::from(report.version.is_some()));
     if let Some(f) = &report.failure {
         warn!(federation = %fref.name, cluster = %report.name, reason = %f.reason, "{}", f.message);
     }
-    report
+    found
 }
 
-/// Brings one member to the plan: today its Istio namespace with the network label.
+/// Brings one member to the plan: its Istio namespace with the network label and its reader identity; returns
+/// what the remote-access step needs from it.
 async fn converge_member(
     ctx: &Context,
     fref: &FederationRef,
     spec: &MeshFederationSpec,
     cluster: &ClusterSpec,
-) -> MemberReport {
-    let report = member_report(&cluster.name, &cluster.kubeconfig_secret_ref, false);
-    with_member(ctx, fref, report, |client| async move {
-        let namespaces: Api<Namespace> = Api::all(client);
-        let name = &spec.istio.namespace;
-        let observed = apply::read(&namespaces, name).await?;
+) -> (MemberReport, Option<remote_access::Observed>) {
+    let mut report = MemberReport::new(&cluster.name, &cluster.kubeconfig_secret_ref, false);
+    let found = with_member(ctx, fref, &mut report, |member| async move {
+        let w = Writer { cluster: &cluster.name, metrics: &ctx.metrics };
+        let ns = &spec.istio.namespace;
+        let namespaces: Api<Namespace> = Api::all(member.client.clone());
+        let observed = apply::read(&namespaces, ns).await?;
         if observed.as_ref().is_some_and(|o| o.metadata.deletion_timestamp.is_some()) {
             return Err(Failure::new(
                 "NamespaceTerminating",
-                format!("namespace {name} is being deleted; waiting for it to go"),
+                format!("namespace {ns} is being deleted; waiting for it to go"),
             ));
         }
         let desired = plan::istio_namespace(fref, spec, cluster, observed.as_ref());
-        let w = Writer { cluster: &cluster.name, metrics: &ctx.metrics };
-        if apply::ensure(&w, &namespaces, observed.as_ref(), &desired).await? {
-            info!(federation = %fref.name, cluster = %cluster.name, namespace = %name, "namespace applied");
-        }
-        Ok(())
+        apply::ensure(&w, &namespaces, observed, &desired).await?;
+        remote_access::observe_member(&w, fref, spec, cluster, member).await
     })
-    .await
+    .await;
+    (report, found.map(|(_, observed)| observed))
 }
 
-/// Removes what meshfed wrote for `fref` in one member: deletes the namespace if meshfed created it, otherwise
-/// gives back the labels it set (an empty server-side apply drops every field meshfed owns).
+/// Removes what meshfed wrote for `fref` in one member: everything labelled for it, and the Istio namespace if
+/// meshfed created it; a namespace meshfed found gets back only the labels meshfed set (an empty server-side apply
+/// drops every field meshfed owns).
 async fn cleanup_member(
     ctx: &Context,
     fref: &FederationRef,
@@ -265,9 +291,11 @@ async fn cleanup_member(
     name: String,
     secret: SecretKeyRef,
 ) -> MemberReport {
-    let report = member_report(&name, &secret, true);
-    with_member(ctx, fref, report, |client| async move {
-        let namespaces: Api<Namespace> = Api::all(client);
+    let mut report = MemberReport::new(&name, &secret, true);
+    with_member(ctx, fref, &mut report, |member| async move {
+        let w = Writer { cluster: &name, metrics: &ctx.metrics };
+        remote_access::cleanup_member(&w, fref, &member).await?;
+        let namespaces: Api<Namespace> = Api::all(member.client);
         let ns = &spec.istio.namespace;
         let Some(observed) = apply::read(&namespaces, ns).await? else {
             return Ok(());
@@ -275,15 +303,15 @@ async fn cleanup_member(
         if !plan::owned_by(&observed.metadata, fref, &name) || observed.metadata.deletion_timestamp.is_some() {
             return Ok(());
         }
-        let w = Writer { cluster: &name, metrics: &ctx.metrics };
         if plan::created_by_meshfed(&observed) {
             apply::delete(&w, &namespaces, ns).await?;
         } else {
             let release = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
             apply::apply(&w, &namespaces, ns, &release).await?;
         }
-        info!(federation = %fref.name, cluster = %name, namespace = %ns, "member cleaned up");
+        info!(federation = %fref.name, cluster = %name, "member cleaned up");
         Ok(())
     })
-    .await
+    .await;
+    report
 }

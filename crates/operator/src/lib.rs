@@ -4,6 +4,7 @@ pub mod apply;
 pub mod controller;
 pub mod members;
 pub mod metrics;
+pub mod remote_access;
 
 /// What can fail in a reconcile, with a stable category for logs and metrics.
 #[derive(Debug, thiserror::Error)]

@@ -6,15 +6,19 @@
 use std::{collections::HashMap, sync::Mutex, time::Duration};
 
 use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, Client, Config, ResourceExt, config::KubeConfigOptions};
+use kube::{
+    Api, Client, Config, ResourceExt,
+    config::{KubeConfigOptions, Kubeconfig},
+};
 use meshfed_api::SecretKeyRef;
 use meshfed_core::{kubeconfig, plan::Failure};
 
-/// A member's client, with the API server address from its kubeconfig.
+/// A member's client, with the checked kubeconfig it was built from (whose server and CA peers use too).
 #[derive(Clone)]
 pub struct Member {
     pub client: Client,
     pub server: String,
+    pub kubeconfig: Kubeconfig,
 }
 
 type Key = (String, String, String);
@@ -55,13 +59,13 @@ impl ClientPool {
         let yaml = std::str::from_utf8(&bytes.0)
             .map_err(|_| Failure::new("KubeconfigInvalid", format!("{where_}: not UTF-8 text")))?;
         let (kc, server) = kubeconfig::check(yaml).map_err(|e| Failure::new(e.reason(), format!("{where_}: {e}")))?;
-        let mut config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        let mut config = Config::from_custom_kubeconfig(kc.clone(), &KubeConfigOptions::default())
             .await
             .map_err(|e| Failure::new("KubeconfigInvalid", format!("{where_}: {e}")))?;
         config.connect_timeout = Some(connect_timeout);
         let client =
             Client::try_from(config).map_err(|e| Failure::new("KubeconfigInvalid", format!("{where_}: {e}")))?;
-        let member = Member { client, server };
+        let member = Member { client, server, kubeconfig: kc };
         self.cache.lock().expect("pool lock").insert(key, (version, member.clone()));
         Ok(member)
     }
