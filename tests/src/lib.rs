@@ -15,7 +15,7 @@ use kube::{
 };
 use meshfed_api::MeshFederation;
 use meshfed_operator::{
-    controller::{self, Settings},
+    controller::{self, Clock, Settings},
     metrics::Metrics,
 };
 use meshfed_testenv::{Env, Options};
@@ -32,6 +32,8 @@ pub struct Fixture {
     pub hub: Client,
     /// The running controller's metrics.
     pub metrics: Metrics,
+    /// The running controller's clock, to advance.
+    pub clock: Clock,
     operator: Option<JoinHandle<()>>,
 }
 
@@ -40,8 +42,12 @@ impl Fixture {
     /// [`NAMESPACE`], and starts the controller in-process with short timeouts.
     pub async fn start(members: &[&str], options: Options) -> Result<Self> {
         let mut f = Self::clusters(members, options).await?;
-        let settings =
-            Settings { member_timeout: Duration::from_secs(5), retry_after: Duration::from_secs(1), ..Settings::default() };
+        let settings = Settings {
+            member_timeout: Duration::from_secs(5),
+            retry_after: Duration::from_secs(1),
+            clock: f.clock.clone(),
+            ..Settings::default()
+        };
         let (hub, metrics) = (f.hub.clone(), f.metrics.clone());
         f.operator = Some(tokio::spawn(async move {
             if let Err(e) = controller::run(hub, settings, metrics).await {
@@ -63,7 +69,7 @@ impl Fixture {
         for m in members {
             put_kubeconfig(&hub, m, env.cluster(m).kubeconfig()).await?;
         }
-        Ok(Self { env, hub, metrics: Metrics::default(), operator: None })
+        Ok(Self { env, hub, metrics: Metrics::default(), clock: Clock::default(), operator: None })
     }
 
     /// The federations of [`NAMESPACE`].
@@ -118,6 +124,14 @@ impl Fixture {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        Ok(())
+    }
+
+    /// Triggers a reconcile of a federation without changing its spec (an annotation change is a watch event).
+    pub async fn poke(&self, name: &str) -> Result<()> {
+        let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos().to_string();
+        let patch = serde_json::json!({"metadata": {"annotations": {"e2e/poke": stamp}}});
+        self.federations().patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
         Ok(())
     }
 

@@ -3,10 +3,17 @@
 //! The plan lives in `meshfed-core`; this module only reads, writes and waits. Every member is handled concurrently
 //! with its own deadline, so one slow or dead member never delays the others.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicI64, Ordering},
+    },
+    time::Duration,
+};
 
 use futures::{StreamExt, future::join_all};
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -37,6 +44,21 @@ use crate::{
 /// The finalizer that holds a federation until its members are cleaned up.
 pub const FINALIZER: &str = "meshfed.io/cleanup";
 
+/// The controller's clock: the system time, moved by an offset that tests advance to see renewals without waiting.
+#[derive(Debug, Clone, Default)]
+pub struct Clock(Arc<AtomicI64>);
+
+impl Clock {
+    pub fn now(&self) -> Timestamp {
+        Timestamp::now() + SignedDuration::from_secs(self.0.load(Ordering::Relaxed))
+    }
+
+    /// Moves the clock forward (for tests).
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_secs() as i64, Ordering::Relaxed);
+    }
+}
+
 /// Settings of the controller.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -46,6 +68,8 @@ pub struct Settings {
     pub retry_after: Duration,
     /// How often a ready federation is checked against its members.
     pub resync_after: Duration,
+    /// The time.
+    pub clock: Clock,
 }
 
 impl Default for Settings {
@@ -54,6 +78,7 @@ impl Default for Settings {
             member_timeout: Duration::from_secs(10),
             retry_after: Duration::from_secs(5),
             resync_after: Duration::from_secs(300),
+            clock: Clock::default(),
         }
     }
 }
@@ -139,6 +164,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
                 &observed,
                 valid.durations.token_ttl,
                 ctx.settings.member_timeout,
+                ctx.settings.clock.now(),
             )
             .await;
             let mut reports: Vec<MemberReport> = staying.into_iter().map(|(r, _)| r).collect();
@@ -153,7 +179,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
         }
     };
     let status =
-        plan::federation_status(previous, fed.meta().generation, spec, &validation, &reports, Timestamp::now());
+        plan::federation_status(previous, fed.meta().generation, spec, &validation, &reports, ctx.settings.clock.now());
     report(fed, ctx, &status).await?;
     let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
     Ok(match (&validation, ready) {
@@ -181,7 +207,7 @@ async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
         info!(federation = %fref.name, "members cleaned up; releasing the finalizer");
         return Ok(Action::await_change());
     }
-    let status = plan::deletion_status(fed.status.as_ref(), fed.meta().generation, &pending, Timestamp::now());
+    let status = plan::deletion_status(fed.status.as_ref(), fed.meta().generation, &pending, ctx.settings.clock.now());
     report(fed, ctx, &status).await?;
     Err(Error::CleanupPending(pending.iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(", ")))
 }

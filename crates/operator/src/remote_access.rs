@@ -75,8 +75,8 @@ pub async fn converge(
     observed: &BTreeMap<String, &Observed>,
     ttl: Duration,
     timeout: Duration,
+    now: Timestamp,
 ) -> BTreeMap<String, Outcome> {
-    let now = Timestamp::now();
     let placement = remote::remote_secret_placement(spec);
     let mut outcomes: BTreeMap<String, Outcome> = BTreeMap::new();
 

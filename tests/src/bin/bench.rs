@@ -62,7 +62,9 @@ async fn main() -> Result<()> {
             .env("MESHFED_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
-            .with_context(|| format!("starting {} (build it with `cargo build --release -p meshfed-operator`)", meshfed.display()))?,
+            .with_context(|| {
+                format!("starting {} (build it with `cargo build --release -p meshfed-operator`)", meshfed.display())
+            })?,
     );
     let scrape = || scrape(port);
     wait_until(Duration::from_secs(30), || async { scrape().await.is_ok() }).await?;
@@ -79,14 +81,18 @@ async fn main() -> Result<()> {
     f.wait_for("bench", Duration::from_secs(600), is_ready).await?;
     let converge = applied.elapsed();
     let m = scrape().await?;
-    let (writes, status_writes, reconciles) = (m.sum("meshfed_member_writes_total"), m.sum("meshfed_status_writes_total"), m.sum("meshfed_reconciles_total"));
+    let (writes, status_writes, reconciles) =
+        (m.sum("meshfed_member_writes_total"), m.sum("meshfed_status_writes_total"), m.sum("meshfed_reconciles_total"));
 
     // Force resyncs: every annotation change is a watch event and a reconcile with nothing to do.
     for i in 0..args.resyncs {
         let patch = serde_json::json!({"metadata": {"annotations": {"bench/resync": i.to_string()}}});
         f.federations().patch("bench", &PatchParams::default(), &Patch::Merge(&patch)).await?;
         let want = reconciles + i + 1;
-        wait_until(Duration::from_secs(60), || async { scrape().await.is_ok_and(|m| m.sum("meshfed_reconciles_total") >= want) }).await?;
+        wait_until(Duration::from_secs(60), || async {
+            scrape().await.is_ok_and(|m| m.sum("meshfed_reconciles_total") >= want)
+        })
+        .await?;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = scrape().await?;
@@ -103,7 +109,11 @@ async fn main() -> Result<()> {
         after.sum("meshfed_member_writes_total") - writes,
         after.sum("meshfed_status_writes_total") - status_writes
     );
-    println!("operator memory:                 {:.1} MiB resident, {:.1} MiB peak", rss as f64 / 1024.0, hwm as f64 / 1024.0);
+    println!(
+        "operator memory:                 {:.1} MiB resident, {:.1} MiB peak",
+        rss as f64 / 1024.0,
+        hwm as f64 / 1024.0
+    );
     Ok(())
 }
 
@@ -148,7 +158,10 @@ where
 fn memory(pid: u32) -> Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let field = |name: &str| {
-        status.lines().find_map(|l| l.strip_prefix(name)?.trim().trim_end_matches(" kB").parse::<u64>().ok()).unwrap_or(0)
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().trim_end_matches(" kB").parse::<u64>().ok())
+            .unwrap_or(0)
     };
     Ok((field("VmRSS:"), field("VmHWM:")))
 }

@@ -1,0 +1,214 @@
+//! Cross-cluster discovery end to end: remote secrets where the topology needs them, kubeconfigs in them that work
+//! and may only read, tokens renewed before they expire, and secrets removed with the clusters they were for.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use k8s_openapi::api::{
+    core::v1::{Secret, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    api::{ListParams, PostParams},
+};
+use meshfed_core::{kubeconfig, remote};
+use meshfed_e2e::{Fixture, condition, fed_condition, is_ready};
+use meshfed_testenv::{Options, client_from_kubeconfig};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn federation(clusters: &[&str], ttl: &str) -> String {
+    let items: String = clusters.iter().map(|c| format!("  - {c}\n")).collect();
+    format!(
+        "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: mesh-system}}\nspec:\n  meshID: prod\n  trust: {{root: {{generate: {{}}}}}}\n  remoteAccess: {{tokenTTL: {ttl}}}\n  clusters:\n{items}"
+    )
+}
+
+fn primary(name: &str, network: &str) -> String {
+    format!("{{name: {name}, network: {network}, kubeconfigSecretRef: {{name: {name}-kubeconfig}}}}")
+}
+
+fn remote_of(name: &str, network: &str, control_plane: &str) -> String {
+    format!(
+        "{{name: {name}, network: {network}, role: Remote, controlPlane: {control_plane}, kubeconfigSecretRef: {{name: {name}-kubeconfig}}}}"
+    )
+}
+
+/// The remote secrets a member holds (by Istio's label), by name.
+async fn remote_secrets(member: &Client) -> Vec<Secret> {
+    let lp = ListParams::default().labels("istio/multiCluster=true");
+    Api::<Secret>::namespaced(member.clone(), "istio-system").list(&lp).await.unwrap().items
+}
+
+fn names(secrets: &[Secret]) -> BTreeSet<String> {
+    secrets.iter().filter_map(|s| s.metadata.name.clone()).collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// The kubeconfig a remote secret holds for `target`.
+fn kubeconfig_of(secret: &Secret, target: &str) -> String {
+    String::from_utf8(secret.data.as_ref().unwrap()[target].0.clone()).unwrap()
+}
+
+/// istiod's view: the kubeconfig passes meshfed's own refusal rules (no exec, no files), reads what istiod reads in
+/// the target, and is refused a write by the target's real RBAC.
+async fn assert_works_and_only_reads(kubeconfig_yaml: &str, what: &str) {
+    kubeconfig::check(kubeconfig_yaml).unwrap_or_else(|e| panic!("{what}: {e}"));
+    let reader = client_from_kubeconfig(kubeconfig_yaml).await.unwrap();
+    Api::<Service>::all(reader.clone()).list(&ListParams::default()).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+    Api::<EndpointSlice>::all(reader.clone())
+        .list(&ListParams::default())
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let secret: Secret = serde_json::from_value(serde_json::json!({"metadata": {"name": "stolen"}})).expect("a secret");
+    let err = Api::<Secret>::namespaced(reader, "default").create(&PostParams::default(), &secret).await.unwrap_err();
+    assert!(matches!(&err, kube::Error::Api(s) if s.code == 403), "{what}: writing a Secret was not refused: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_primary_holds_a_working_read_only_remote_secret_for_every_other_member() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
+    let clusters = [primary("east", "n1"), primary("west", "n2"), primary("north", "n1")];
+    f.apply(&federation(&clusters.iter().map(String::as_str).collect::<Vec<_>>(), "24h")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    assert_eq!(fed_condition(&fed, "RemoteAccessReady").unwrap().status, "True");
+
+    let all = ["east", "west", "north"];
+    for holder in all {
+        let held = remote_secrets(&f.member(holder).await?).await;
+        let others: Vec<&str> = all.iter().copied().filter(|c| *c != holder).collect();
+        let expected: Vec<String> = others.iter().map(|o| format!("istio-remote-secret-{o}")).collect();
+        assert_eq!(names(&held), expected.iter().map(String::as_str).map(String::from).collect(), "{holder}");
+        for target in others {
+            let s = held
+                .iter()
+                .find(|s| s.metadata.name.as_deref() == Some(&format!("istio-remote-secret-{target}")))
+                .unwrap();
+            assert_eq!(s.metadata.annotations.as_ref().unwrap()["networking.istio.io/cluster"], target);
+            assert_eq!(s.data.as_ref().unwrap().keys().collect::<Vec<_>>(), [target]);
+            let kc = kubeconfig_of(s, target);
+            assert!(kc.contains(&f.env.cluster(target).server()), "{holder}/{target}: wrong server");
+            assert_works_and_only_reads(&kc, &format!("{holder}'s secret for {target}")).await;
+        }
+    }
+    let status = fed.status.as_ref().unwrap();
+    for c in &status.clusters {
+        assert!(c.reader_token_expires_at.is_some(), "{} has no token expiry in status", c.name);
+        assert_eq!(condition(&c.conditions, "RemoteAccessReady").unwrap().status, "True");
+    }
+    // No token anywhere in status.
+    let text = serde_json::to_string(&fed.status)?;
+    for holder in all {
+        for s in remote_secrets(&f.member(holder).await?).await {
+            let target = s.metadata.annotations.as_ref().unwrap()["networking.istio.io/cluster"].clone();
+            let token = remote::token_in_remote_secret(&s, &target).unwrap();
+            assert!(!text.contains(token.expose()), "a token is in the status");
+        }
+    }
+
+    // A deleted remote secret is put back; an edited one is repaired.
+    let east = f.member("east").await?;
+    let east_secrets: Api<Secret> = Api::namespaced(east.clone(), "istio-system");
+    east_secrets.delete("istio-remote-secret-west", &Default::default()).await?;
+    f.poke("prod").await?;
+    wait(|| async { names(&remote_secrets(&east).await).contains("istio-remote-secret-west") }).await;
+    let mut edited = east_secrets.get("istio-remote-secret-north").await?;
+    edited.data.as_mut().unwrap().insert("north".into(), k8s_openapi::ByteString(b"not a kubeconfig".to_vec()));
+    east_secrets.replace("istio-remote-secret-north", &PostParams::default(), &edited).await?;
+    f.poke("prod").await?;
+    wait(|| async {
+        let s = east_secrets.get("istio-remote-secret-north").await.unwrap();
+        remote::token_in_remote_secret(&s, "north").is_some()
+    })
+    .await;
+    let repaired = east_secrets.get("istio-remote-secret-north").await?;
+    assert_works_and_only_reads(&kubeconfig_of(&repaired, "north"), "the repaired secret").await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn primary_remote_places_secrets_on_the_primary_only_and_removal_cleans_everywhere() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
+    let (e, w, n) = (primary("east", "n1"), remote_of("west", "n2", "east"), remote_of("north", "n1", "east"));
+    f.apply(&federation(&[&e, &w, &n], "1h")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    assert_eq!(fed.status.as_ref().unwrap().topology.as_deref(), Some("PrimaryRemote/MultiNetwork"));
+    let east = f.member("east").await?;
+    assert_eq!(names(&remote_secrets(&east).await), set(&["istio-remote-secret-west", "istio-remote-secret-north"]));
+    for remote_member in ["west", "north"] {
+        assert!(remote_secrets(&f.member(remote_member).await?).await.is_empty(), "a Remote holds a remote secret");
+    }
+    for s in remote_secrets(&east).await {
+        let target = s.metadata.annotations.as_ref().unwrap()["networking.istio.io/cluster"].clone();
+        assert_works_and_only_reads(&kubeconfig_of(&s, &target), &format!("east's secret for {target}")).await;
+    }
+
+    // North leaves: east loses its secret for north, and north loses meshfed's reader identity.
+    f.apply(&federation(&[&e, &w], "1h")).await?;
+    f.wait_for("prod", WAIT, |fed| is_ready(fed) && fed.status.as_ref().unwrap().clusters.len() == 2).await?;
+    assert_eq!(names(&remote_secrets(&east).await), set(&["istio-remote-secret-west"]));
+    let north = f.member("north").await?;
+    let lp = ListParams::default().labels("meshfed.io/cluster=north");
+    assert!(Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(north.clone()).list(&lp).await?.items.is_empty());
+    assert!(Api::<k8s_openapi::api::core::v1::ServiceAccount>::all(north).list(&lp).await?.items.is_empty());
+
+    // East becomes a Remote of a new primary, west: east's secrets go, west gets one for east.
+    let (e2, w2) = (remote_of("east", "n1", "west"), primary("west", "n2"));
+    f.apply(&federation(&[&e2, &w2], "1h")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    assert!(remote_secrets(&east).await.is_empty());
+    assert_eq!(names(&remote_secrets(&f.member("west").await?).await), set(&["istio-remote-secret-east"]));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tokens_are_replaced_before_they_expire_and_the_old_one_still_works_until_then() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    // The TokenRequest API issues no token shorter than 10 minutes; the controller's clock is advanced instead of
+    // waiting. The API servers keep real time, so the old token is really still valid when it is replaced.
+    f.apply(&federation(&[&primary("east", "n1"), &primary("west", "n2")], "10m")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let held = |member: Client| async move {
+        let s = remote_secrets(&member).await.into_iter().next().expect("a remote secret");
+        let target = s.metadata.annotations.as_ref().unwrap()["networking.istio.io/cluster"].clone();
+        (kubeconfig_of(&s, &target), remote::token_in_remote_secret(&s, &target).unwrap())
+    };
+    let (old_kubeconfig, old_token) = held(f.member("east").await?).await;
+    let (_, west_old_token) = held(f.member("west").await?).await;
+    let writes = f.metrics.member_writes_total();
+
+    // Two thirds of the lifetime on, less than a third remains but nothing expired: no renewal yet at 6 minutes.
+    f.clock.advance(Duration::from_secs(6 * 60));
+    f.poke("prod").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(held(f.member("east").await?).await.1.expose(), old_token.expose(), "renewed too early");
+    assert_eq!(f.metrics.member_writes_total(), writes, "a resync with nothing to renew wrote");
+
+    f.clock.advance(Duration::from_secs(60));
+    f.poke("prod").await?;
+    let east = f.member("east").await?;
+    wait(|| async { held(east.clone()).await.1.expose() != old_token.expose() }).await;
+    let (new_kubeconfig, _) = held(east).await;
+    // Both work: the old one until it expires, so istiod's swap never meets an expired token.
+    assert_works_and_only_reads(&old_kubeconfig, "the replaced token").await;
+    assert_works_and_only_reads(&new_kubeconfig, "the new token").await;
+    // The other holder's token was renewed in the same pass.
+    let (_, west_token) = held(f.member("west").await?).await;
+    assert_ne!(west_token.expose(), west_old_token.expose());
+    Ok(())
+}
+
+async fn wait<F, Fut>(mut done: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + WAIT;
+    while !done().await {
+        assert!(std::time::Instant::now() < deadline, "condition not reached within {WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
