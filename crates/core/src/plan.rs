@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-use meshfed_api::{ClusterSpec, ClusterStatus, MeshFederationSpec, MeshFederationStatus, SecretKeyRef};
+use meshfed_api::{ClusterSpec, ClusterStatus, MeshFederationSpec, MeshFederationStatus, SecretKeyRef, TrustStatus};
 
 use crate::{
     conditions::{Cond, first_failure, stamp},
+    pki::CertSummary,
     validate::{Problem, Validated},
 };
 
@@ -134,6 +135,8 @@ pub struct MemberReport {
     pub remote_access: Option<Failure>,
     /// When the reader token that peers hold for this member expires.
     pub token_expires_at: Option<Timestamp>,
+    /// The member's intermediate CA as it is now, or why it could not be put in place.
+    pub intermediate: Option<Result<CertSummary, Failure>>,
 }
 
 impl MemberReport {
@@ -147,12 +150,21 @@ impl MemberReport {
             leaving,
             remote_access: None,
             token_expires_at: None,
+            intermediate: None,
         }
     }
 
-    /// Reached, written and with its remote access in place.
+    /// Why its trust is not in place, if it is not.
+    fn trust_failure(&self) -> Option<&Failure> {
+        self.intermediate.as_ref()?.as_ref().err()
+    }
+
+    /// Reached, written, with its intermediate CA and its remote access in place.
     fn converged(&self) -> bool {
-        self.version.is_some() && self.failure.is_none() && self.remote_access.is_none()
+        self.version.is_some()
+            && self.failure.is_none()
+            && self.remote_access.is_none()
+            && self.trust_failure().is_none()
     }
 }
 
@@ -164,6 +176,7 @@ pub fn federation_status(
     generation: Option<i64>,
     spec: &MeshFederationSpec,
     validation: &Result<Validated, Vec<Problem>>,
+    root: Option<&Result<CertSummary, Failure>>,
     members: &[MemberReport],
     now: Timestamp,
 ) -> MeshFederationStatus {
@@ -214,6 +227,25 @@ pub fn federation_status(
     } else {
         conds.push(Cond::ok("MembersConverged", "Converged", "every reachable member holds what the spec asks"));
     }
+    let no_trust: Vec<_> = members.iter().filter(|m| !m.leaving && m.trust_failure().is_some()).collect();
+    conds.push(match (root, no_trust.as_slice()) {
+        (Some(Err(f)), _) => Cond::failed("TrustReady", &f.reason, f.message.clone()),
+        (_, [first, ..]) => Cond::failed(
+            "TrustReady",
+            &first.trust_failure().map_or(String::new(), |f| f.reason.clone()),
+            no_trust
+                .iter()
+                .filter_map(|m| Some(format!("{}: {}", m.name, m.trust_failure()?.message)))
+                .collect::<Vec<_>>()
+                .join("; "),
+        ),
+        (Some(Ok(r)), []) => Cond::ok(
+            "TrustReady",
+            "IntermediatesValid",
+            format!("every reachable member holds an intermediate CA of root {}", r.fingerprint),
+        ),
+        (None, []) => Cond::failed("TrustReady", "RootUnknown", "the root CA was not read"),
+    });
     let no_access: Vec<_> = members.iter().filter(|m| !m.leaving && m.remote_access.is_some()).collect();
     conds.push(match no_access.as_slice() {
         [] => Cond::ok(
@@ -254,7 +286,14 @@ pub fn federation_status(
         topology: Some(validated.topology.to_string()),
         ready_clusters: Some(format!("{converged}/{}", spec.clusters.len())),
         conditions: stamp(prev_conditions, conds, generation, now),
-        trust: previous.and_then(|p| p.trust.clone()),
+        trust: match root {
+            Some(Ok(r)) => Some(TrustStatus {
+                root_fingerprint: Some(r.fingerprint.clone()),
+                root_not_after: Some(r.not_after_rfc3339()),
+                rotation_phase: None,
+            }),
+            _ => previous.and_then(|p| p.trust.clone()),
+        },
         clusters,
     }
 }
@@ -311,8 +350,19 @@ fn member_status(
         (None, _) if !access.ok && !m.leaving => Cond::failed("Ready", &access.reason, access.message.clone()),
         (None, _) => Cond::ok("Ready", "Converged", "holds what the spec asks"),
     };
+    let trust = match (&m.version, &m.intermediate) {
+        (_, Some(Err(f))) => Cond::failed("TrustReady", &f.reason, f.message.clone()),
+        (_, Some(Ok(i))) => Cond::ok("TrustReady", "IntermediateValid", format!("intermediate {}", i.fingerprint)),
+        (None, None) => Cond::failed("TrustReady", "Unreachable", "the member did not answer"),
+        (Some(_), None) => Cond::failed("TrustReady", "RootUnavailable", "no root CA to issue an intermediate from"),
+    };
+    let ready = match (&ready.ok, &trust.ok) {
+        (true, false) if !m.leaving => Cond::failed("Ready", &trust.reason, trust.message.clone()),
+        _ => ready,
+    };
     let mut conds = vec![reachable, ready];
     if !m.leaving {
+        conds.push(trust);
         conds.push(access);
     }
     let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
@@ -324,6 +374,14 @@ fn member_status(
         last_seen: if reached { Some(now.to_string()) } else { previous.and_then(|p| p.last_seen.clone()) },
         last_error: m.failure.as_ref().map(|f| f.message.clone()),
         kubeconfig_secret_ref: Some(m.kubeconfig.clone()),
+        intermediate_fingerprint: match &m.intermediate {
+            Some(Ok(i)) => Some(i.fingerprint.clone()),
+            _ => previous.and_then(|p| p.intermediate_fingerprint.clone()),
+        },
+        intermediate_not_after: match &m.intermediate {
+            Some(Ok(i)) => Some(i.not_after_rfc3339()),
+            _ => previous.and_then(|p| p.intermediate_not_after.clone()),
+        },
         reader_token_expires_at: m
             .token_expires_at
             .map(|t| t.to_string())
@@ -349,12 +407,21 @@ mod tests {
         FederationRef { namespace: "mesh-system".into(), name: "prod".into() }
     }
 
+    fn summary() -> CertSummary {
+        CertSummary { fingerprint: "sha256:ab".into(), not_after: "2027-01-01T00:00:00Z".parse().unwrap() }
+    }
+
+    fn root() -> Result<CertSummary, Failure> {
+        Ok(summary())
+    }
+
     fn now() -> Timestamp {
         "2026-11-22T10:00:00Z".parse().unwrap()
     }
 
     fn report(name: &str, version: Option<&str>, failure: Option<Failure>) -> MemberReport {
         let mut r = MemberReport::new(name, &SecretKeyRef { name: name.into(), key: "kubeconfig".into() }, false);
+        r.intermediate = version.map(|_| Ok(summary()));
         r.version = version.map(Into::into);
         r.failure = failure;
         r
@@ -406,18 +473,19 @@ mod tests {
     fn a_resync_that_only_moves_last_seen_writes_no_status() {
         let s = spec();
         let members = [report("east", Some("v"), None), report("west", Some("v"), None)];
-        let first = federation_status(None, Some(1), &s, &validate(&s), &members, now());
+        let first = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &members, now());
         let later = federation_status(
             Some(&first),
             Some(1),
             &s,
             &validate(&s),
+            Some(&root()),
             &members,
             "2026-11-22T11:00:00Z".parse().unwrap(),
         );
         assert!(!status_changed(Some(&first), &later));
         let down = [members[0].clone(), report("west", None, Some(Failure::new("Unreachable", "refused")))];
-        let changed = federation_status(Some(&first), Some(1), &s, &validate(&s), &down, now());
+        let changed = federation_status(Some(&first), Some(1), &s, &validate(&s), Some(&root()), &down, now());
         assert!(status_changed(Some(&first), &changed));
     }
 
@@ -434,7 +502,7 @@ mod tests {
     fn all_members_converged_makes_the_federation_ready() {
         let s = spec();
         let members = [report("east", Some("v1.34.2"), None), report("west", Some("v1.34.2"), None)];
-        let st = federation_status(None, Some(3), &s, &validate(&s), &members, now());
+        let st = federation_status(None, Some(3), &s, &validate(&s), Some(&root()), &members, now());
         assert_eq!(condition(&st.conditions, "Ready"), ("True", "Converged"));
         assert_eq!(condition(&st.conditions, "Valid"), ("True", "Valid"));
         assert_eq!(condition(&st.conditions, "ClustersReachable"), ("True", "AllReachable"));
@@ -450,10 +518,10 @@ mod tests {
     fn one_unreachable_member_is_named_and_keeps_its_last_known_facts() {
         let s = spec();
         let up = [report("east", Some("v1.34.2"), None), report("west", Some("v1.34.2"), None)];
-        let before = federation_status(None, Some(1), &s, &validate(&s), &up, now());
+        let before = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &up, now());
         let down = [up[0].clone(), report("west", None, Some(Failure::new("Unreachable", "connection refused")))];
         let later: Timestamp = "2026-11-22T10:01:00Z".parse().unwrap();
-        let st = federation_status(Some(&before), Some(1), &s, &validate(&s), &down, later);
+        let st = federation_status(Some(&before), Some(1), &s, &validate(&s), Some(&root()), &down, later);
         assert_eq!(condition(&st.conditions, "Ready"), ("False", "Unreachable"));
         let reach = st.conditions.iter().find(|c| c.type_ == "ClustersReachable").unwrap();
         assert_eq!(reach.message, "west: connection refused");
@@ -470,13 +538,26 @@ mod tests {
     fn an_invalid_spec_reports_every_problem_and_keeps_the_members_it_knew() {
         let mut s = spec();
         let up = [report("east", Some("v1.34.2"), None), report("west", Some("v1.34.2"), None)];
-        let before = federation_status(None, Some(1), &s, &validate(&s), &up, now());
+        let before = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &up, now());
         s.clusters[1].name = "east".into();
-        let st = federation_status(Some(&before), Some(2), &s, &validate(&s), &[], now());
+        let st = federation_status(Some(&before), Some(2), &s, &validate(&s), Some(&root()), &[], now());
         assert_eq!(condition(&st.conditions, "Valid"), ("False", "DuplicateClusterName"));
         assert_eq!(condition(&st.conditions, "Ready"), ("False", "DuplicateClusterName"));
         assert_eq!(st.clusters, before.clusters);
         assert_eq!(st.observed_generation, Some(2));
+    }
+
+    #[test]
+    fn a_root_that_cannot_be_had_fails_trust_and_readiness_naming_why() {
+        let s = spec();
+        let members = [report("east", Some("v"), None), report("west", Some("v"), None)];
+        let missing = Err(Failure::new("RootMissing", "restore the Secret"));
+        let st = federation_status(None, Some(1), &s, &validate(&s), Some(&missing), &members, now());
+        assert_eq!(condition(&st.conditions, "TrustReady"), ("False", "RootMissing"));
+        assert_eq!(condition(&st.conditions, "Ready"), ("False", "RootMissing"));
+        let st = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &members, now());
+        assert_eq!(st.trust.unwrap().root_fingerprint.as_deref(), Some("sha256:ab"));
+        assert_eq!(st.clusters[0].intermediate_not_after.as_deref(), Some("2027-01-01T00:00:00Z"));
     }
 
     #[test]
@@ -485,13 +566,13 @@ mod tests {
         let mut gone = report("old", None, Some(Failure::new("Unreachable", "timed out")));
         gone.leaving = true;
         let members = [report("east", Some("v"), None), report("west", Some("v"), None), gone.clone()];
-        let st = federation_status(None, Some(1), &s, &validate(&s), &members, now());
+        let st = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &members, now());
         assert_eq!(st.clusters.len(), 3);
         assert_eq!(condition(&st.clusters[2].conditions, "Ready"), ("False", "CleanupPending"));
         gone.failure = None;
         gone.version = Some("v".into());
         let members = [members[0].clone(), members[1].clone(), gone];
-        let st = federation_status(Some(&st), Some(1), &s, &validate(&s), &members, now());
+        let st = federation_status(Some(&st), Some(1), &s, &validate(&s), Some(&root()), &members, now());
         assert_eq!(st.clusters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["east", "west"]);
         assert_eq!(condition(&st.conditions, "Ready"), ("True", "Converged"));
     }

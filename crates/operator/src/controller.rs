@@ -38,7 +38,7 @@ use crate::{
     apply::{self, Writer},
     members::{ClientPool, Member},
     metrics::{FailureLabels, MemberLabels, Metrics},
-    remote_access,
+    remote_access, trust,
 };
 
 /// The finalizer that holds a federation until its members are cleaned up.
@@ -141,13 +141,21 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
     let spec = &fed.spec;
     let previous = fed.status.as_ref();
     let validation = validate(spec);
+    let mut root_summary = None;
     let reports = match &validation {
         Err(problems) => {
             info!(federation = %fref.name, problems = problems.len(), "federation is invalid; nothing is written to members");
             Vec::new()
         }
         Ok(valid) => {
-            let staying = spec.clusters.iter().map(|c| converge_member(ctx, &fref, spec, c));
+            let now = ctx.settings.clock.now();
+            let root = trust::root(&ctx.hub, fed, &valid.durations, now).await;
+            if let Err(f) = &root {
+                warn!(federation = %fref.name, reason = %f.reason, "{}", f.message);
+            }
+            let issuer = root.as_ref().ok().map(|root| trust::Issuer { root, durations: &valid.durations, now });
+            root_summary = Some(root.as_ref().map(|r| r.summary().clone()).map_err(Clone::clone));
+            let staying = spec.clusters.iter().map(|c| converge_member(ctx, &fref, spec, c, issuer));
             let leaving = previous
                 .into_iter()
                 .flat_map(|s| &s.clusters)
@@ -178,8 +186,15 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             reports
         }
     };
-    let status =
-        plan::federation_status(previous, fed.meta().generation, spec, &validation, &reports, ctx.settings.clock.now());
+    let status = plan::federation_status(
+        previous,
+        fed.meta().generation,
+        spec,
+        &validation,
+        root_summary.as_ref(),
+        &reports,
+        ctx.settings.clock.now(),
+    );
     report(fed, ctx, &status).await?;
     let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
     Ok(match (&validation, ready) {
@@ -286,6 +301,7 @@ async fn converge_member(
     fref: &FederationRef,
     spec: &MeshFederationSpec,
     cluster: &ClusterSpec,
+    issuer: Option<trust::Issuer<'_>>,
 ) -> (MemberReport, Option<remote_access::Observed>) {
     let mut report = MemberReport::new(&cluster.name, &cluster.kubeconfig_secret_ref, false);
     let found = with_member(ctx, fref, &mut report, |member| async move {
@@ -301,10 +317,16 @@ async fn converge_member(
         }
         let desired = plan::istio_namespace(fref, spec, cluster, observed.as_ref());
         apply::ensure(&w, &namespaces, observed, &desired).await?;
-        remote_access::observe_member(&w, fref, spec, cluster, member).await
+        let intermediate = match issuer {
+            Some(issuer) => Some(trust::converge_cacerts(&w, fref, &member.client, spec, cluster, issuer).await),
+            None => None,
+        };
+        Ok((remote_access::observe_member(&w, fref, spec, cluster, member).await?, intermediate))
     })
     .await;
-    (report, found.map(|(_, observed)| observed))
+    let (observed, intermediate) = found.map(|(_, found)| found).unzip();
+    report.intermediate = intermediate.flatten();
+    (report, observed)
 }
 
 /// Removes what meshfed wrote for `fref` in one member: everything labelled for it, and the Istio namespace if

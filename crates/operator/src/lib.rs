@@ -5,6 +5,7 @@ pub mod controller;
 pub mod members;
 pub mod metrics;
 pub mod remote_access;
+pub mod trust;
 
 /// What can fail in a reconcile, with a stable category for logs and metrics.
 #[derive(Debug, thiserror::Error)]
