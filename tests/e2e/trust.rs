@@ -1,0 +1,294 @@
+//! Trust end to end: a root and one intermediate per member that openssl accepts, a root the user brings, every bad
+//! root refused with its reason, a hand-made `cacerts` repaired, and a lost generated root reported, never replaced.
+
+use std::{path::Path, process::Command, time::Duration};
+
+use k8s_openapi::{ByteString, api::core::v1::Secret};
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
+use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready};
+use meshfed_testenv::Options;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
+    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+async fn cacerts(member: &Client) -> Option<Secret> {
+    Api::<Secret>::namespaced(member.clone(), "istio-system").get_opt("cacerts").await.unwrap()
+}
+
+fn write_bundle(dir: &Path, secret: &Secret) {
+    for (k, v) in secret.data.as_ref().unwrap() {
+        std::fs::write(dir.join(k), &v.0).unwrap();
+    }
+}
+
+/// A member's cacerts verifies with openssl against `root_pem`, has Istio's intermediate profile, and signs a
+/// workload (leaf) certificate that verifies too, which needs the root to allow a path below the intermediate.
+fn assert_istio_intermediate(dir: &Path, secret: &Secret, cluster: &str, root_pem: &[u8]) {
+    write_bundle(dir, secret);
+    std::fs::write(dir.join("expected-root.pem"), root_pem).unwrap();
+    let (ok, out) =
+        openssl(dir, &["verify", "-CAfile", "expected-root.pem", "-untrusted", "cert-chain.pem", "ca-cert.pem"]);
+    assert!(ok, "{cluster}: the intermediate does not verify: {out}");
+    let (_, text) = openssl(dir, &["x509", "-in", "ca-cert.pem", "-noout", "-text"]);
+    assert!(text.contains("CA:TRUE, pathlen:0"), "{cluster}: {text}");
+    assert!(text.contains("DNS:istiod.istio-system.svc"), "{cluster}: {text}");
+    assert!(text.contains(&format!("L = {cluster}")) && text.contains("CN = Intermediate CA"), "{cluster}: {text}");
+    for args in [
+        &[
+            "req",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "leaf.key",
+            "-subj",
+            "/O=workload",
+            "-out",
+            "leaf.csr",
+        ][..],
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "leaf.csr",
+            "-CA",
+            "ca-cert.pem",
+            "-CAkey",
+            "ca-key.pem",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            "leaf.pem",
+        ][..],
+    ] {
+        let (ok, out) = openssl(dir, args);
+        assert!(ok, "{cluster}: openssl {args:?}: {out}");
+    }
+    let (ok, out) =
+        openssl(dir, &["verify", "-CAfile", "expected-root.pem", "-untrusted", "cert-chain.pem", "leaf.pem"]);
+    assert!(ok, "{cluster}: a workload certificate from the intermediate does not verify: {out}");
+}
+
+async fn hub_secret(f: &Fixture, name: &str) -> Option<Secret> {
+    Api::<Secret>::namespaced(f.hub.clone(), NAMESPACE).get_opt(name).await.unwrap()
+}
+
+async fn put_hub_secret(f: &Fixture, name: &str, data: &[(&str, Vec<u8>)]) {
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta { name: Some(name.into()), ..Default::default() },
+        data: Some(data.iter().map(|(k, v)| (k.to_string(), ByteString(v.clone()))).collect()),
+        ..Default::default()
+    };
+    let api: Api<Secret> = Api::namespaced(f.hub.clone(), NAMESPACE);
+    api.patch(name, &PatchParams::apply("e2e").force(), &Patch::Apply(&secret)).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generated_root_gives_every_member_an_intermediate_that_istio_accepts() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
+    let yaml = example("multi-primary-multi-network").replace(
+        "  clusters:\n",
+        "  clusters:\n  - {name: north, network: network3, kubeconfigSecretRef: {name: north-kubeconfig}}\n",
+    );
+    f.apply(&yaml).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    assert_eq!(fed_condition(&fed, "TrustReady").unwrap().status, "True");
+    let root = hub_secret(&f, "prod-root-ca").await.expect("the generated root is in the hub");
+    let root_pem = root.data.as_ref().unwrap()["tls.crt"].0.clone();
+    let status = fed.status.as_ref().unwrap();
+    assert!(status.trust.as_ref().unwrap().root_fingerprint.as_ref().unwrap().starts_with("sha256:"));
+
+    let dir = tempfile::tempdir()?;
+    let mut fingerprints = std::collections::BTreeSet::new();
+    for cluster in ["east", "west", "north"] {
+        let secret = cacerts(&f.member(cluster).await?).await.expect("cacerts");
+        let keys: Vec<_> = secret.data.as_ref().unwrap().keys().cloned().collect();
+        assert_eq!(keys, ["ca-cert.pem", "ca-key.pem", "cert-chain.pem", "root-cert.pem"]);
+        assert_istio_intermediate(dir.path(), &secret, cluster, &root_pem);
+        let c = status.clusters.iter().find(|c| c.name == cluster).unwrap();
+        assert_eq!(condition(&c.conditions, "TrustReady").unwrap().status, "True");
+        fingerprints.insert(c.intermediate_fingerprint.clone().unwrap());
+    }
+    assert_eq!(fingerprints.len(), 3, "every member has its own intermediate");
+    // No private key in status.
+    assert!(!serde_json::to_string(&fed.status)?.contains("PRIVATE KEY"));
+
+    // A cacerts replaced by hand with a CA of its own is repaired.
+    let east = f.member("east").await?;
+    let (ok, out) = openssl(
+        dir.path(),
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "own.key",
+            "-subj",
+            "/CN=own",
+            "-days",
+            "1",
+            "-out",
+            "own.pem",
+        ],
+    );
+    assert!(ok, "{out}");
+    let own = std::fs::read(dir.path().join("own.pem"))?;
+    let own_key = std::fs::read(dir.path().join("own.key"))?;
+    let mut hand_made = cacerts(&east).await.unwrap();
+    hand_made.metadata.managed_fields = None;
+    hand_made.metadata.resource_version = None;
+    hand_made.data = Some(
+        [("ca-cert.pem", &own), ("ca-key.pem", &own_key), ("root-cert.pem", &own), ("cert-chain.pem", &own)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), ByteString(v.clone())))
+            .collect(),
+    );
+    Api::<Secret>::namespaced(east.clone(), "istio-system").replace("cacerts", &Default::default(), &hand_made).await?;
+    f.poke("prod").await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let now = cacerts(&east).await.unwrap();
+        if now.data.as_ref().unwrap()["ca-cert.pem"].0 != own {
+            assert_istio_intermediate(dir.path(), &now, "east", &root_pem);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the hand-made cacerts was not repaired");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // The generated root's Secret is lost: reported, never replaced, and the members keep their intermediates.
+    let before = cacerts(&east).await.unwrap();
+    Api::<Secret>::namespaced(f.hub.clone(), NAMESPACE).delete("prod-root-ca", &Default::default()).await?;
+    f.poke("prod").await?;
+    let fed = f
+        .wait_for("prod", WAIT, |fed| fed_condition(fed, "TrustReady").is_some_and(|c| c.reason == "RootMissing"))
+        .await?;
+    let trust = fed_condition(&fed, "TrustReady").unwrap();
+    assert!(trust.message.contains("restore the Secret"), "{}", trust.message);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(hub_secret(&f, "prod-root-ca").await.is_none(), "a new root was minted");
+    assert_eq!(cacerts(&east).await.unwrap().data, before.data, "a member's intermediate changed without a root");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_the_user_brings_is_used_and_a_bad_one_is_refused_with_its_reason() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    for args in [
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "root.key",
+            "-subj",
+            "/O=Corp/CN=Corp Root",
+            "-days",
+            "30",
+            "-addext",
+            "basicConstraints=critical,CA:true",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-out",
+            "root.pem",
+        ][..],
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "other.key",
+            "-subj",
+            "/CN=Other",
+            "-days",
+            "30",
+            "-addext",
+            "basicConstraints=critical,CA:true",
+            "-out",
+            "other.pem",
+        ][..],
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-keyout",
+            "leaf.key",
+            "-subj",
+            "/CN=leaf",
+            "-days",
+            "30",
+            "-addext",
+            "basicConstraints=critical,CA:false",
+            "-out",
+            "leaf.pem",
+        ][..],
+    ] {
+        let (ok, out) = openssl(d, args);
+        assert!(ok, "openssl {args:?}: {out}");
+    }
+    let read = |n: &str| std::fs::read(d.join(n)).unwrap();
+    let yaml = example("multi-primary-multi-network")
+        .replace("      generate: {algorithm: ECDSAP256, validity: 87600h}", "      secretRef: {name: corp-root}");
+
+    // Each bad root gets its own reason, and nothing else stops: members are still labelled.
+    for (data, reason) in [
+        (vec![], "RootSecretMissing"),
+        (vec![("tls.crt", b"not a certificate".to_vec()), ("tls.key", read("root.key"))], "RootMalformed"),
+        (vec![("tls.crt", read("leaf.pem")), ("tls.key", read("leaf.key"))], "RootNotCA"),
+        (vec![("tls.crt", read("root.pem")), ("tls.key", read("other.key"))], "RootKeyMismatch"),
+    ] {
+        if !data.is_empty() {
+            put_hub_secret(&f, "corp-root", &data).await;
+        }
+        f.apply(&yaml).await?;
+        f.poke("prod").await?;
+        let fed = f
+            .wait_for("prod", WAIT, |fed| fed_condition(fed, "TrustReady").is_some_and(|c| c.reason == reason))
+            .await?;
+        assert_eq!(fed_condition(&fed, "TrustReady").unwrap().status, "False");
+        let message = &fed_condition(&fed, "TrustReady").unwrap().message;
+        assert!(!message.contains("PRIVATE KEY"), "{message}");
+        assert!(cacerts(&f.member("east").await?).await.is_none(), "an intermediate without a valid root");
+    }
+    assert!(
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(f.member("west").await?)
+            .get_opt("istio-system")
+            .await?
+            .is_some()
+    );
+
+    put_hub_secret(&f, "corp-root", &[("tls.crt", read("root.pem")), ("tls.key", read("root.key"))]).await;
+    f.poke("prod").await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    for cluster in ["east", "west"] {
+        let secret = cacerts(&f.member(cluster).await?).await.expect("cacerts");
+        assert_istio_intermediate(d, &secret, cluster, &read("root.pem"));
+    }
+    assert!(hub_secret(&f, "prod-root-ca").await.is_none(), "a root was generated although one was brought");
+    Ok(())
+}
