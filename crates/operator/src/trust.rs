@@ -54,8 +54,8 @@ pub async fn root(hub: &Client, fed: &MeshFederation, durations: &Durations, now
         ));
     }
     let validity = durations.root_validity.expect("a generated root has a validated validity");
-    let material =
-        pki::generate_root(generate.algorithm, validity, now).map_err(|e| Failure::new(e.reason(), e.to_string()))?;
+    let material = tokio::task::block_in_place(|| pki::generate_root(generate.algorithm, validity, now))
+        .map_err(|e| Failure::new(e.reason(), e.to_string()))?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.clone()),
@@ -128,8 +128,10 @@ pub async fn converge_cacerts(
         CacertsVerdict::Reissue(reason) => reason,
     };
     warn!(cluster = %cluster.name, reason = reason.reason(), "{reason}; issuing a new intermediate CA");
-    let bundle = pki::issue_intermediate(root, &profile, durations.intermediate_validity, now)
-        .map_err(|e| Failure::new(e.reason(), e.to_string()))?;
+    // Key generation is CPU work (seconds for RSA 4096): keep it off the async workers.
+    let bundle =
+        tokio::task::block_in_place(|| pki::issue_intermediate(root, &profile, durations.intermediate_validity, now))
+            .map_err(|e| Failure::new(e.reason(), e.to_string()))?;
     // Keys meshfed does not write (istiod's `istio-generated` marker, a stale CRL) would survive an apply.
     if data.is_some_and(|d| d.keys().any(|k| !pki::CACERTS_KEYS.contains(&k.as_str()))) {
         apply::delete(w, &secrets, pki::CACERTS_SECRET).await?;
