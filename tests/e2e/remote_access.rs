@@ -212,3 +212,58 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hub_credential_that_cannot_create_tokens_is_named_with_the_permission_it_lacks() -> anyhow::Result<()> {
+    use k8s_openapi::api::{
+        authentication::v1::{TokenRequest, TokenRequestSpec},
+        core::v1::ServiceAccount,
+        rbac::v1::{ClusterRole, ClusterRoleBinding},
+    };
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    // West's kubeconfig Secret holds a credential that may do everything meshfed does except create tokens.
+    let west = f.member("west").await?;
+    let create = PostParams::default();
+    let role: ClusterRole = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "hub-without-tokens"},
+        "rules": [
+            {"apiGroups": [""], "resources": ["namespaces", "secrets", "serviceaccounts"], "verbs": ["*"]},
+            {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles", "clusterrolebindings"], "verbs": ["*"]},
+        ],
+    }))?;
+    Api::<ClusterRole>::all(west.clone()).create(&create, &role).await?;
+    let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "hub-without-tokens"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "hub-without-tokens"},
+        "subjects": [{"kind": "ServiceAccount", "name": "hub", "namespace": "default"}],
+    }))?;
+    Api::<ClusterRoleBinding>::all(west.clone()).create(&create, &binding).await?;
+    let sas: Api<ServiceAccount> = Api::namespaced(west.clone(), "default");
+    sas.create(&create, &serde_json::from_value(serde_json::json!({"metadata": {"name": "hub"}}))?).await?;
+    let req = TokenRequest {
+        spec: TokenRequestSpec { expiration_seconds: Some(3600), ..Default::default() },
+        ..Default::default()
+    };
+    let token = sas.create_token_request("hub", &create, &req).await?.status.unwrap().token;
+    let mut kc: serde_yaml::Value = serde_yaml::from_str(f.env.cluster("west").kubeconfig())?;
+    kc["users"][0]["user"] = serde_yaml::from_str(&format!("token: {token}"))?;
+    meshfed_e2e::put_kubeconfig(&f.hub, "west", &serde_yaml::to_string(&kc)?).await?;
+
+    f.apply(&federation(&[&primary("east", "n1"), &primary("west", "n2")], "1h")).await?;
+    let fed = f
+        .wait_for("prod", WAIT, |fed| fed_condition(fed, "RemoteAccessReady").is_some_and(|c| c.status == "False"))
+        .await?;
+    let access = fed_condition(&fed, "RemoteAccessReady").unwrap();
+    assert_eq!(access.reason, "TokenRequestFailed");
+    assert!(
+        access.message.starts_with("west: ") && access.message.contains("serviceaccounts/token"),
+        "{}",
+        access.message
+    );
+    assert!(!access.message.contains(&token), "the hub credential's token is in the status");
+    assert_eq!(fed_condition(&fed, "Ready").unwrap().status, "False");
+    // What could be done was done: west holds its secret for east; east holds none for west.
+    assert_eq!(names(&remote_secrets(&west).await), set(&["istio-remote-secret-east"]));
+    assert!(remote_secrets(&f.member("east").await?).await.is_empty());
+    Ok(())
+}
