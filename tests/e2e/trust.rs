@@ -13,8 +13,10 @@ use meshfed_testenv::Options;
 
 const WAIT: Duration = Duration::from_secs(60);
 
-fn openssl(dir: &Path, args: &[&str]) -> (bool, String) {
-    let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl is installed");
+/// Runs openssl with whitespace-separated arguments in `dir`.
+fn openssl(dir: &Path, args: &str) -> (bool, String) {
+    let out =
+        Command::new("openssl").args(args.split_whitespace()).current_dir(dir).output().expect("openssl is installed");
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
@@ -33,50 +35,20 @@ fn write_bundle(dir: &Path, secret: &Secret) {
 fn assert_istio_intermediate(dir: &Path, secret: &Secret, cluster: &str, root_pem: &[u8]) {
     write_bundle(dir, secret);
     std::fs::write(dir.join("expected-root.pem"), root_pem).unwrap();
-    let (ok, out) =
-        openssl(dir, &["verify", "-CAfile", "expected-root.pem", "-untrusted", "cert-chain.pem", "ca-cert.pem"]);
+    let (ok, out) = openssl(dir, "verify -CAfile expected-root.pem -untrusted cert-chain.pem ca-cert.pem");
     assert!(ok, "{cluster}: the intermediate does not verify: {out}");
-    let (_, text) = openssl(dir, &["x509", "-in", "ca-cert.pem", "-noout", "-text"]);
+    let (_, text) = openssl(dir, "x509 -in ca-cert.pem -noout -text");
     assert!(text.contains("CA:TRUE, pathlen:0"), "{cluster}: {text}");
     assert!(text.contains("DNS:istiod.istio-system.svc"), "{cluster}: {text}");
     assert!(text.contains(&format!("L = {cluster}")) && text.contains("CN = Intermediate CA"), "{cluster}: {text}");
     for args in [
-        &[
-            "req",
-            "-new",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "leaf.key",
-            "-subj",
-            "/O=workload",
-            "-out",
-            "leaf.csr",
-        ][..],
-        &[
-            "x509",
-            "-req",
-            "-in",
-            "leaf.csr",
-            "-CA",
-            "ca-cert.pem",
-            "-CAkey",
-            "ca-key.pem",
-            "-CAcreateserial",
-            "-days",
-            "1",
-            "-out",
-            "leaf.pem",
-        ][..],
+        "req -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout leaf.key -subj /O=workload -out leaf.csr",
+        "x509 -req -in leaf.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -days 1 -out leaf.pem",
     ] {
         let (ok, out) = openssl(dir, args);
         assert!(ok, "{cluster}: openssl {args:?}: {out}");
     }
-    let (ok, out) =
-        openssl(dir, &["verify", "-CAfile", "expected-root.pem", "-untrusted", "cert-chain.pem", "leaf.pem"]);
+    let (ok, out) = openssl(dir, "verify -CAfile expected-root.pem -untrusted cert-chain.pem leaf.pem");
     assert!(ok, "{cluster}: a workload certificate from the intermediate does not verify: {out}");
 }
 
@@ -128,23 +100,7 @@ async fn a_generated_root_gives_every_member_an_intermediate_that_istio_accepts(
     let east = f.member("east").await?;
     let (ok, out) = openssl(
         dir.path(),
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "own.key",
-            "-subj",
-            "/CN=own",
-            "-days",
-            "1",
-            "-out",
-            "own.pem",
-        ],
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout own.key -subj /CN=own -days 1 -out own.pem",
     );
     assert!(ok, "{out}");
     let own = std::fs::read(dir.path().join("own.pem"))?;
@@ -192,61 +148,9 @@ async fn a_root_the_user_brings_is_used_and_a_bad_one_is_refused_with_its_reason
     let dir = tempfile::tempdir()?;
     let d = dir.path();
     for args in [
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "root.key",
-            "-subj",
-            "/O=Corp/CN=Corp Root",
-            "-days",
-            "30",
-            "-addext",
-            "basicConstraints=critical,CA:true",
-            "-addext",
-            "keyUsage=critical,keyCertSign,cRLSign",
-            "-out",
-            "root.pem",
-        ][..],
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            "other.key",
-            "-subj",
-            "/CN=Other",
-            "-days",
-            "30",
-            "-addext",
-            "basicConstraints=critical,CA:true",
-            "-out",
-            "other.pem",
-        ][..],
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            "leaf.key",
-            "-subj",
-            "/CN=leaf",
-            "-days",
-            "30",
-            "-addext",
-            "basicConstraints=critical,CA:false",
-            "-out",
-            "leaf.pem",
-        ][..],
+        "req -x509 -newkey rsa:2048 -nodes -keyout root.key -subj /O=Corp/CN=Corp-Root -days 30 -addext basicConstraints=critical,CA:true -addext keyUsage=critical,keyCertSign,cRLSign -out root.pem",
+        "req -x509 -newkey rsa:2048 -nodes -keyout other.key -subj /CN=Other -days 30 -addext basicConstraints=critical,CA:true -out other.pem",
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout leaf.key -subj /CN=leaf -days 30 -addext basicConstraints=critical,CA:false -out leaf.pem",
     ] {
         let (ok, out) = openssl(d, args);
         assert!(ok, "openssl {args:?}: {out}");
