@@ -8,5 +8,6 @@ pub mod kubeconfig;
 pub mod pki;
 pub mod plan;
 pub mod remote;
+pub mod rotation;
 pub mod topology;
 pub mod validate;

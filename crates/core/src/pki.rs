@@ -617,6 +617,31 @@ fn generate_key(algorithm: KeyAlgorithm) -> Result<KeyPair, PkiError> {
 
 /// The DER of every `CERTIFICATE` block of `pem`, each checked to parse; an error (a phrase to follow the thing's
 /// name) when there is none or one does not parse.
+/// The certificates of a PEM bundle, each as its fingerprint and PEM; unreadable blocks are skipped.
+pub fn certificates(pem: &[u8]) -> Vec<(String, String)> {
+    pem_certs(pem).unwrap_or_default().iter().map(|der| (fingerprint_der(der), cert_pem(der))).collect()
+}
+
+/// The fingerprints of the certificates in a PEM bundle.
+pub fn fingerprints(pem: &[u8]) -> Vec<String> {
+    certificates(pem).into_iter().map(|(fp, _)| fp).collect()
+}
+
+/// Whether the (first) certificate in `cert_pem` carries a valid signature by the key of the (first)
+/// certificate in `issuer_pem`.
+pub fn issued_by(cert_pem: &[u8], issuer_pem: &[u8]) -> bool {
+    let (Some(cert), Some(issuer)) = (
+        pem_certs(cert_pem).ok().and_then(|c| c.into_iter().next()),
+        pem_certs(issuer_pem).ok().and_then(|c| c.into_iter().next()),
+    ) else {
+        return false;
+    };
+    match (parse_cert(&cert), parse_cert(&issuer)) {
+        (Ok(c), Ok(i)) => c.verify_signature(Some(i.public_key())).is_ok(),
+        _ => false,
+    }
+}
+
 fn pem_certs(pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
     let blocks = pem::parse_many(pem).map_err(|_| "is not valid PEM".to_string())?;
     let certs: Vec<_> = blocks.into_iter().filter(|b| b.tag() == "CERTIFICATE").map(|b| b.into_contents()).collect();

@@ -176,7 +176,7 @@ pub fn federation_status(
     generation: Option<i64>,
     spec: &MeshFederationSpec,
     validation: &Result<Validated, Vec<Problem>>,
-    root: Option<&Result<CertSummary, Failure>>,
+    root: Option<&Result<TrustStatus, Failure>>,
     members: &[MemberReport],
     now: Timestamp,
 ) -> MeshFederationStatus {
@@ -239,10 +239,16 @@ pub fn federation_status(
                 .collect::<Vec<_>>()
                 .join("; "),
         ),
+        (Some(Ok(TrustStatus { rotation_phase: Some(phase), .. })), []) => {
+            Cond::failed("TrustReady", "RootRotationInProgress", phase.clone())
+        }
         (Some(Ok(r)), []) => Cond::ok(
             "TrustReady",
             "IntermediatesValid",
-            format!("every reachable member holds an intermediate CA of root {}", r.fingerprint),
+            format!(
+                "every reachable member holds an intermediate CA of root {}",
+                r.root_fingerprint.as_deref().unwrap_or_default()
+            ),
         ),
         (None, []) => Cond::failed("TrustReady", "RootUnknown", "the root CA was not read"),
     });
@@ -287,11 +293,7 @@ pub fn federation_status(
         ready_clusters: Some(format!("{converged}/{}", spec.clusters.len())),
         conditions: stamp(prev_conditions, conds, generation, now),
         trust: match root {
-            Some(Ok(r)) => Some(TrustStatus {
-                root_fingerprint: Some(r.fingerprint.clone()),
-                root_not_after: Some(r.not_after_rfc3339()),
-                rotation_phase: None,
-            }),
+            Some(Ok(r)) => Some(r.clone()),
             _ => previous.and_then(|p| p.trust.clone()),
         },
         clusters,
@@ -411,8 +413,12 @@ mod tests {
         CertSummary { fingerprint: "sha256:ab".into(), not_after: "2027-01-01T00:00:00Z".parse().unwrap() }
     }
 
-    fn root() -> Result<CertSummary, Failure> {
-        Ok(summary())
+    fn root() -> Result<TrustStatus, Failure> {
+        Ok(TrustStatus {
+            root_fingerprint: Some("sha256:ab".into()),
+            root_not_after: Some("2027-01-01T00:00:00Z".into()),
+            rotation_phase: None,
+        })
     }
 
     fn now() -> Timestamp {
@@ -557,6 +563,9 @@ mod tests {
         assert_eq!(condition(&st.conditions, "Ready"), ("False", "RootMissing"));
         let st = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &members, now());
         assert_eq!(st.trust.unwrap().root_fingerprint.as_deref(), Some("sha256:ab"));
+        let rotating = root().map(|t| TrustStatus { rotation_phase: Some("DistributingRoot".into()), ..t });
+        let st = federation_status(None, Some(1), &s, &validate(&s), Some(&rotating), &members, now());
+        assert_eq!(condition(&st.conditions, "TrustReady"), ("False", "RootRotationInProgress"));
         assert_eq!(st.clusters[0].intermediate_not_after.as_deref(), Some("2027-01-01T00:00:00Z"));
     }
 

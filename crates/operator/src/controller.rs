@@ -141,7 +141,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
     let spec = &fed.spec;
     let previous = fed.status.as_ref();
     let validation = validate(spec);
-    let mut root_summary = None;
+    let mut root_status = None;
     let reports = match &validation {
         Err(problems) => {
             info!(federation = %fref.name, problems = problems.len(), "federation is invalid; nothing is written to members");
@@ -153,9 +153,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             if let Err(f) = &root {
                 warn!(federation = %fref.name, reason = %f.reason, "{}", f.message);
             }
-            let issuer = root.as_ref().ok().map(|root| trust::Issuer { root, durations: &valid.durations, now });
-            root_summary = Some(root.as_ref().map(|r| r.summary().clone()).map_err(Clone::clone));
-            let staying = spec.clusters.iter().map(|c| converge_member(ctx, &fref, spec, c, issuer));
+            let staying = spec.clusters.iter().map(|c| converge_member(ctx, &fref, spec, c));
             let leaving = previous
                 .into_iter()
                 .flat_map(|s| &s.clusters)
@@ -175,12 +173,35 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
                 ctx.settings.clock.now(),
             )
             .await;
+            let mut trust = match &root {
+                Ok(root) => {
+                    let issuer = trust::Issuer { root, durations: &valid.durations, now };
+                    let previous = previous.and_then(|p| p.trust.as_ref());
+                    let converged = trust::converge(
+                        &ctx.metrics,
+                        &fref,
+                        spec,
+                        issuer,
+                        previous,
+                        &observed,
+                        ctx.settings.member_timeout,
+                    )
+                    .await;
+                    root_status = Some(Ok(converged.status));
+                    converged.intermediates
+                }
+                Err(f) => {
+                    root_status = Some(Err(f.clone()));
+                    BTreeMap::new()
+                }
+            };
             let mut reports: Vec<MemberReport> = staying.into_iter().map(|(r, _)| r).collect();
             for r in &mut reports {
                 if let Some(outcome) = access.get(&r.name) {
                     r.remote_access = outcome.failure.clone();
                     r.token_expires_at = outcome.token_expires_at;
                 }
+                r.intermediate = trust.remove(&r.name);
             }
             reports.extend(leaving);
             reports
@@ -191,7 +212,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
         fed.meta().generation,
         spec,
         &validation,
-        root_summary.as_ref(),
+        root_status.as_ref(),
         &reports,
         ctx.settings.clock.now(),
     );
@@ -301,7 +322,6 @@ async fn converge_member(
     fref: &FederationRef,
     spec: &MeshFederationSpec,
     cluster: &ClusterSpec,
-    issuer: Option<trust::Issuer<'_>>,
 ) -> (MemberReport, Option<remote_access::Observed>) {
     let mut report = MemberReport::new(&cluster.name, &cluster.kubeconfig_secret_ref, false);
     let found = with_member(ctx, fref, &mut report, |member| async move {
@@ -317,16 +337,10 @@ async fn converge_member(
         }
         let desired = plan::istio_namespace(fref, spec, cluster, observed.as_ref());
         apply::ensure(&w, &namespaces, observed, &desired).await?;
-        let intermediate = match issuer {
-            Some(issuer) => Some(trust::converge_cacerts(&w, fref, &member.client, spec, cluster, issuer).await),
-            None => None,
-        };
-        Ok((remote_access::observe_member(&w, fref, spec, cluster, member).await?, intermediate))
+        remote_access::observe_member(&w, fref, spec, cluster, member).await
     })
     .await;
-    let (observed, intermediate) = found.map(|(_, found)| found).unzip();
-    report.intermediate = intermediate.flatten();
-    (report, observed)
+    (report, found.map(|(_, observed)| observed))
 }
 
 /// Removes what meshfed wrote for `fref` in one member: everything labelled for it, and the Istio namespace if

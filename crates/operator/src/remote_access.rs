@@ -20,6 +20,7 @@ use kube::{
 };
 use meshfed_api::{ClusterSpec, MeshFederationSpec};
 use meshfed_core::{
+    pki,
     plan::{Failure, FederationRef},
     remote::{self, ReaderIdentity, ReaderToken, RemoteTarget},
 };
@@ -33,10 +34,12 @@ use crate::{
 
 /// What the remote-access step needs from one reachable member.
 pub struct Observed {
-    member: Member,
+    pub member: Member,
     reader_uid: Option<String>,
     /// The remote secrets meshfed wrote into this member for this federation, in any namespace.
     remote_secrets: Vec<Secret>,
+    /// The member's `cacerts`, if any.
+    pub cacerts: Option<Secret>,
 }
 
 /// The remote-access result for one member.
@@ -63,7 +66,9 @@ pub async fn observe_member(
     let lp = ListParams::default().labels(&remote::remote_secret_selector(fref, &cluster.name));
     let remote_secrets =
         Api::<Secret>::all(client).list(&lp).await.map_err(|e| apply::read_failure("listing remote secrets", e))?.items;
-    Ok(Observed { member, reader_uid: sa.uid(), remote_secrets })
+    let cacerts =
+        apply::read(&Api::namespaced(member.client.clone(), &spec.istio.namespace), pki::CACERTS_SECRET).await?;
+    Ok(Observed { member, reader_uid: sa.uid(), remote_secrets, cacerts })
 }
 
 /// Gives every holder the remote secrets the topology asks for, each with a valid token, and removes the rest.

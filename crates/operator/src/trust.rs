@@ -1,23 +1,30 @@
 //! Trust, the IO half (the plan is `meshfed_core::pki`): the root CA from the hub, and one intermediate CA per
 //! member in its `cacerts` Secret, reissued only when `pki::inspect_cacerts` says so.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
+
+use futures::future::join_all;
 
 use jiff::Timestamp;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ObjectMeta, PostParams},
 };
-use meshfed_api::{ClusterSpec, MeshFederation, MeshFederationSpec};
+use meshfed_api::{ClusterSpec, MeshFederation, MeshFederationSpec, TrustStatus};
 use meshfed_core::{
     pki::{self, CacertsVerdict, CertSummary, IntermediateProfile, Root},
     plan::{Failure, FederationRef},
+    rotation::{self, MemberRoots},
     validate::Durations,
 };
-use tracing::{info, warn};
+use tracing::info;
 
-use crate::apply::{self, Writer};
+use crate::{
+    apply::{self, Writer},
+    metrics::Metrics,
+    remote_access::Observed,
+};
 
 /// The hub Secret that holds a generated root: `<federation>-root-ca` in the federation's namespace.
 pub fn root_secret_name(federation: &str) -> String {
@@ -107,45 +114,155 @@ async fn read(secrets: &Api<Secret>, name: &str) -> Result<Option<Secret>, Failu
         .map_err(|e| Failure::new("RootSecretUnreadable", format!("cannot read Secret {name} in the hub: {e}")))
 }
 
-/// Puts an intermediate CA from the root into the member's `cacerts` unless the one there may stay.
-pub async fn converge_cacerts(
+/// The trust status and each member's intermediate (or why it has none) after [`converge`].
+pub struct Converged {
+    pub status: TrustStatus,
+    pub intermediates: BTreeMap<String, Result<CertSummary, Failure>>,
+}
+
+/// Brings every reachable member's `cacerts` to the root: renewals and repairs as `pki::inspect_cacerts` decides,
+/// or, when the root differs from the one the status says members were brought to, the next step of a rotation.
+pub async fn converge(
+    metrics: &Metrics,
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    issuer: Issuer<'_>,
+    previous: Option<&TrustStatus>,
+    observed: &BTreeMap<String, &Observed>,
+    timeout: Duration,
+) -> Converged {
+    let new = issuer.root.summary();
+    let from = previous.and_then(|t| t.root_fingerprint.clone()).filter(|f| *f != new.fingerprint);
+    let states: Vec<Option<MemberRoots>> = spec
+        .clusters
+        .iter()
+        .map(|c| observed.get(&c.name).map(|o| MemberRoots::of(cacerts_data(o), issuer.root.cert_pem())))
+        .collect();
+    let all_known = states.iter().all(Option::is_some);
+    // A rotation runs while the members were last brought to another root and have not all moved on.
+    let phase = from.as_ref().and_then(|_| rotation::phase(&states));
+    let work = spec.clusters.iter().zip(&states).filter_map(|(cluster, state)| {
+        let o = observed.get(&cluster.name)?;
+        let step = phase.zip(*state).map(|(p, s)| rotation::action(p, s, all_known));
+        Some(async move {
+            let w = Writer { cluster: &cluster.name, metrics };
+            let result = tokio::time::timeout(timeout, member_cacerts(&w, fref, spec, cluster, o, issuer, step))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Failure::new("Timeout", format!("writing cacerts took longer than {timeout:?}")))
+                });
+            (cluster.name.clone(), result)
+        })
+    });
+    let intermediates = join_all(work).await.into_iter().collect();
+    let status = match (&phase, previous) {
+        (Some(p), Some(prev)) => {
+            let held = if all_known { String::new() } else { "; held until every member answers".into() };
+            TrustStatus {
+                rotation_phase: Some(format!(
+                    "{p}: rotating from root {} to {}{held}",
+                    from.unwrap_or_default(),
+                    new.fingerprint
+                )),
+                ..prev.clone()
+            }
+        }
+        _ => TrustStatus {
+            root_fingerprint: Some(new.fingerprint.clone()),
+            root_not_after: Some(new.not_after_rfc3339()),
+            rotation_phase: None,
+        },
+    };
+    Converged { status, intermediates }
+}
+
+fn cacerts_data(o: &Observed) -> Option<&BTreeMap<String, ByteString>> {
+    o.cacerts.as_ref()?.data.as_ref()
+}
+
+/// One member's `cacerts`: outside a rotation, kept or reissued as `pki::inspect_cacerts` says; in one, the
+/// rotation's step for it.
+async fn member_cacerts(
     w: &Writer<'_>,
     fref: &FederationRef,
-    client: &Client,
     spec: &MeshFederationSpec,
     cluster: &ClusterSpec,
+    o: &Observed,
     issuer: Issuer<'_>,
+    step: Option<rotation::Action>,
 ) -> Result<CertSummary, Failure> {
     let Issuer { root, durations, now } = issuer;
-    let istio_namespace = spec.istio.namespace.as_str();
-    let algorithm = spec.trust.intermediate.algorithm;
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), istio_namespace);
-    let observed = apply::read(&secrets, pki::CACERTS_SECRET).await?;
-    let profile = IntermediateProfile { cluster: &cluster.name, istio_namespace, algorithm };
-    let data = observed.as_ref().and_then(|s| s.data.as_ref());
-    let reason = match pki::inspect_cacerts(data, root, &profile, durations.renew_before, now) {
-        CacertsVerdict::Keep(summary) => return Ok(summary),
-        CacertsVerdict::Reissue(reason) => reason,
+    let profile = IntermediateProfile {
+        cluster: &cluster.name,
+        istio_namespace: &spec.istio.namespace,
+        algorithm: spec.trust.intermediate.algorithm,
     };
-    warn!(cluster = %cluster.name, reason = reason.reason(), "{reason}; issuing a new intermediate CA");
-    // Key generation is CPU work (seconds for RSA 4096): keep it off the async workers.
-    let bundle =
-        tokio::task::block_in_place(|| pki::issue_intermediate(root, &profile, durations.intermediate_validity, now))
-            .map_err(|e| Failure::new(e.reason(), e.to_string()))?;
+    let data = cacerts_data(o);
+    let current = || {
+        data.and_then(|d| d.get(pki::CA_CERT))
+            .ok_or_else(|| Failure::new("CacertsUnreadable", "cacerts has no ca-cert.pem"))
+            .and_then(|c| pki::summarize(&c.0).map_err(|e| Failure::new(e.reason(), e.to_string())))
+    };
+    let old_roots = || -> String {
+        let bundle = data.and_then(|d| d.get(pki::ROOT_CERT)).map(|b| b.0.as_slice()).unwrap_or_default();
+        pki::certificates(bundle)
+            .into_iter()
+            .filter(|(fp, _)| *fp != root.summary().fingerprint)
+            .map(|(_, pem)| pem)
+            .collect()
+    };
+    let with_roots = |roots: String| {
+        let mut d = data.cloned().unwrap_or_default();
+        d.insert(pki::ROOT_CERT.into(), ByteString(roots.into_bytes()));
+        d
+    };
+    let (new_data, why) = match step {
+        None => match pki::inspect_cacerts(data, root, &profile, durations.renew_before, now) {
+            CacertsVerdict::Keep(summary) => return Ok(summary),
+            CacertsVerdict::Reissue(reason) => (issue(root, &profile, durations, now, "")?, reason.to_string()),
+        },
+        Some(rotation::Action::Keep) => return current(),
+        Some(rotation::Action::AddNewRoot) if current().is_ok() => {
+            (with_roots(old_roots() + root.cert_pem()), "adding the new root beside the old one".into())
+        }
+        Some(rotation::Action::AddNewRoot | rotation::Action::ReissueTrustingBoth) => {
+            (issue(root, &profile, durations, now, &old_roots())?, "issuing an intermediate from the new root".into())
+        }
+        Some(rotation::Action::DropOldRoots) => (with_roots(root.cert_pem().into()), "dropping the old root".into()),
+    };
+    info!(cluster = %cluster.name, "cacerts: {why}");
     // Keys meshfed does not write (istiod's `istio-generated` marker, a stale CRL) would survive an apply.
+    let secrets: Api<Secret> = Api::namespaced(o.member.client.clone(), &spec.istio.namespace);
     if data.is_some_and(|d| d.keys().any(|k| !pki::CACERTS_KEYS.contains(&k.as_str()))) {
         apply::delete(w, &secrets, pki::CACERTS_SECRET).await?;
     }
+    let summary = pki::summarize(&new_data[pki::CA_CERT].0).map_err(|e| Failure::new(e.reason(), e.to_string()))?;
     let desired = Secret {
         metadata: ObjectMeta {
             name: Some(pki::CACERTS_SECRET.into()),
-            namespace: Some(istio_namespace.into()),
+            namespace: Some(spec.istio.namespace.clone()),
             labels: Some(fref.owned_labels(&cluster.name)),
             ..Default::default()
         },
-        data: Some(bundle.secret_data()),
+        data: Some(new_data),
         ..Default::default()
     };
     apply::apply(w, &secrets, pki::CACERTS_SECRET, &desired).await?;
-    pki::summarize(&bundle.ca_cert_pem).map_err(|e| Failure::new(e.reason(), e.to_string()))
+    Ok(summary)
+}
+
+/// A new intermediate from `root`, with `root-cert.pem` trusting `other_roots` (PEM) besides `root`.
+fn issue(
+    root: &Root,
+    profile: &IntermediateProfile<'_>,
+    durations: &Durations,
+    now: Timestamp,
+    other_roots: &str,
+) -> Result<BTreeMap<String, ByteString>, Failure> {
+    // Key generation is CPU work (seconds for RSA 4096): keep it off the async workers.
+    let mut bundle =
+        tokio::task::block_in_place(|| pki::issue_intermediate(root, profile, durations.intermediate_validity, now))
+            .map_err(|e| Failure::new(e.reason(), e.to_string()))?;
+    bundle.root_cert_pem = format!("{other_roots}{}", bundle.root_cert_pem);
+    Ok(bundle.secret_data())
 }
