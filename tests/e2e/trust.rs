@@ -196,3 +196,120 @@ async fn a_root_the_user_brings_is_used_and_a_bad_one_is_refused_with_its_reason
     assert!(hub_secret(&f, "prod-root-ca").await.is_none(), "a root was generated although one was brought");
     Ok(())
 }
+
+/// Each named member's `cacerts`.
+async fn states(f: &Fixture, names: &[&str]) -> Vec<(String, Secret)> {
+    let mut out = Vec::new();
+    for name in names {
+        out.push((name.to_string(), cacerts(&f.member(name).await.unwrap()).await.expect("cacerts")));
+    }
+    out
+}
+
+/// Every member trusts the issuer of every member's intermediate: the invariant of a rotation without an outage.
+fn assert_everyone_trusts_every_signer(states: &[(String, Secret)]) {
+    for (signer, s) in states {
+        let ca = &s.data.as_ref().unwrap()["ca-cert.pem"].0;
+        for (verifier, v) in states {
+            let roots = meshfed_core::pki::certificates(&v.data.as_ref().unwrap()["root-cert.pem"].0);
+            assert!(
+                roots.iter().any(|(_, pem)| meshfed_core::pki::issued_by(ca, pem.as_bytes())),
+                "{verifier} does not trust the CA that signs {signer}'s intermediate"
+            );
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_rotation_never_leaves_a_member_distrusting_a_peer_and_holds_for_a_stopped_member() -> anyhow::Result<()>
+{
+    let mut f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    for name in ["a", "b"] {
+        let args = format!(
+            "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {name}.key -subj /O=Corp/CN=Root-{name} -days 30 -addext basicConstraints=critical,CA:true -addext keyUsage=critical,keyCertSign,cRLSign -out {name}.pem"
+        );
+        let (ok, out) = openssl(d, &args);
+        assert!(ok, "{out}");
+        put_hub_secret(
+            &f,
+            &format!("root-{name}"),
+            &[
+                ("tls.crt", std::fs::read(d.join(format!("{name}.pem")))?),
+                ("tls.key", std::fs::read(d.join(format!("{name}.key")))?),
+            ],
+        )
+        .await;
+    }
+    let root_b = std::fs::read(d.join("b.pem"))?;
+    let fingerprint_b = meshfed_core::pki::fingerprints(&root_b).remove(0);
+    let yaml = |root: &str| {
+        example("multi-primary-multi-network")
+            .replace(
+                "      generate: {algorithm: ECDSAP256, validity: 87600h}",
+                &format!("      secretRef: {{name: {root}}}"),
+            )
+            .replace(
+                "  clusters:\n",
+                "  clusters:\n  - {name: north, network: network3, kubeconfigSecretRef: {name: north-kubeconfig}}\n",
+            )
+    };
+    f.apply(&yaml("root-a")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let members = ["east", "west", "north"];
+
+    // North is down when the root changes: east and west get both roots, and the rotation holds there.
+    f.env.cluster_mut("north").stop();
+    f.apply(&yaml("root-b")).await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let now = states(&f, &["east", "west"]).await;
+        assert_everyone_trusts_every_signer(&now);
+        let both = now.iter().all(|(_, s)| {
+            meshfed_core::pki::fingerprints(&s.data.as_ref().unwrap()["root-cert.pem"].0).contains(&fingerprint_b)
+        });
+        if both {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the new root did not reach the reachable members");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f.poke("prod").await?;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let fed = f.federations().get("prod").await?;
+    let phase = fed.status.as_ref().unwrap().trust.as_ref().unwrap().rotation_phase.clone().unwrap_or_default();
+    assert!(phase.starts_with("DistributingRoot") && phase.contains("held"), "{phase}");
+    for (name, s) in states(&f, &["east", "west"]).await {
+        assert!(
+            !meshfed_core::pki::issued_by(&s.data.as_ref().unwrap()["ca-cert.pem"].0, &root_b),
+            "{name} was reissued while north was down"
+        );
+    }
+
+    // North is back: the rotation runs to the end, every member trusting every signer at every step seen.
+    f.env.cluster_mut("north").start().await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let now = states(&f, &members).await;
+        assert_everyone_trusts_every_signer(&now);
+        let fed = f.federations().get("prod").await?;
+        if is_ready(&fed) {
+            let trust = fed.status.as_ref().unwrap().trust.clone().unwrap();
+            assert_eq!((trust.root_fingerprint.as_deref(), trust.rotation_phase), (Some(fingerprint_b.as_str()), None));
+            for (name, s) in &now {
+                let data = s.data.as_ref().unwrap();
+                assert_eq!(
+                    meshfed_core::pki::fingerprints(&data["root-cert.pem"].0),
+                    [fingerprint_b.clone()],
+                    "{name} still trusts the old root"
+                );
+                assert_istio_intermediate(d, s, name, &root_b);
+            }
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the rotation did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Ok(())
+}

@@ -62,18 +62,18 @@ impl MemberRoots {
     }
 }
 
-/// Where a rotation stands, from every member's state (`None`: the member did not answer). `None` when the
-/// rotation is complete: every member has an intermediate from the new root and trusts only it.
+/// Where a rotation stands, from every member's state (`None`: the member did not answer): the first phase not
+/// yet finished by every member. `None` when the rotation is complete: every member has an intermediate from the
+/// new root and trusts only it.
 pub fn phase(members: &[Option<MemberRoots>]) -> Option<Phase> {
-    let known: Vec<_> = members.iter().flatten().collect();
-    let all_known = known.len() == members.len();
-    let all_from_new = known.iter().all(|m| m.issued_by_new);
-    let all_trust_new = known.iter().all(|m| m.trusts_new);
-    match (all_from_new, all_trust_new) {
-        (true, _) if all_known && !known.iter().any(|m| m.trusts_others) => None,
-        (true, _) => Some(Phase::DroppingOldRoot),
-        (false, true) => Some(Phase::ReissuingIntermediates),
-        (false, false) => Some(Phase::DistributingRoot),
+    // A member that did not answer has not been shown to have finished any phase.
+    let all = |test: fn(&MemberRoots) -> bool| members.iter().all(|m| m.as_ref().is_some_and(test));
+    if all(|m| m.issued_by_new) {
+        (!all(|m| !m.trusts_others)).then_some(Phase::DroppingOldRoot)
+    } else if all(|m| m.trusts_new) {
+        Some(Phase::ReissuingIntermediates)
+    } else {
+        Some(Phase::DistributingRoot)
     }
 }
 
@@ -123,7 +123,7 @@ mod tests {
 
     #[test]
     fn an_unknown_member_holds_the_rotation_and_never_completes_it() {
-        assert_eq!(phase(&[Some(DONE), None]), Some(Phase::DroppingOldRoot));
+        assert_eq!(phase(&[Some(DONE), None]), Some(Phase::DistributingRoot));
         // Nothing beyond adding the new root happens while a member is unknown.
         assert_eq!(action(Phase::ReissuingIntermediates, BOTH, false), Action::Keep);
         assert_eq!(action(Phase::DroppingOldRoot, NEW_INTERMEDIATE, false), Action::Keep);
