@@ -69,6 +69,9 @@ async fn put_hub_secret(f: &Fixture, name: &str, data: &[(&str, Vec<u8>)]) {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_generated_root_gives_every_member_an_intermediate_that_istio_accepts() -> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
+    // A second replica (no leader election yet) races the first one to make the root: one root must come out.
+    let (hub, settings) = (f.hub.clone(), meshfed_operator::controller::Settings::default());
+    let second = tokio::spawn(meshfed_operator::controller::run(hub, settings, Default::default()));
     let yaml = example("multi-primary-multi-network").replace(
         "  clusters:\n",
         "  clusters:\n  - {name: north, network: network3, kubeconfigSecretRef: {name: north-kubeconfig}}\n",
@@ -93,6 +96,7 @@ async fn a_generated_root_gives_every_member_an_intermediate_that_istio_accepts(
         fingerprints.insert(c.intermediate_fingerprint.clone().unwrap());
     }
     assert_eq!(fingerprints.len(), 3, "every member has its own intermediate");
+    second.abort();
     // No private key in status.
     assert!(!serde_json::to_string(&fed.status)?.contains("PRIVATE KEY"));
 
@@ -301,7 +305,7 @@ async fn a_root_rotation_never_leaves_a_member_distrusting_a_peer_and_holds_for_
                 let data = s.data.as_ref().unwrap();
                 assert_eq!(
                     meshfed_core::pki::fingerprints(&data["root-cert.pem"].0),
-                    [fingerprint_b.clone()],
+                    std::slice::from_ref(&fingerprint_b),
                     "{name} still trusts the old root"
                 );
                 assert_istio_intermediate(d, s, name, &root_b);
@@ -311,5 +315,43 @@ async fn a_root_rotation_never_leaves_a_member_distrusting_a_peer_and_holds_for_
         assert!(std::time::Instant::now() < deadline, "the rotation did not finish");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_generated_root_is_rotated_on_request_and_every_member_ends_on_the_new_root() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    f.apply(&example("multi-primary-multi-network")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    let old = fed.status.as_ref().unwrap().trust.clone().unwrap().root_fingerprint.unwrap();
+
+    let patch = serde_json::json!({"metadata": {"annotations": {"meshfed.io/rotate-root": "2026-11-22"}}});
+    f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let fed = loop {
+        assert_everyone_trusts_every_signer(&states(&f, &["east", "west"]).await);
+        let fed = f.federations().get("prod").await?;
+        let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
+        if is_ready(&fed) && trust.root_fingerprint.as_ref() != Some(&old) {
+            break fed;
+        }
+        assert!(std::time::Instant::now() < deadline, "the requested rotation did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let new_root = hub_secret(&f, "prod-root-ca").await.unwrap().data.unwrap()["tls.crt"].0.clone();
+    let new = meshfed_core::pki::fingerprints(&new_root).remove(0);
+    assert_eq!(fed.status.as_ref().unwrap().trust.as_ref().unwrap().root_fingerprint.as_ref(), Some(&new));
+    let dir = tempfile::tempdir()?;
+    for (name, s) in states(&f, &["east", "west"]).await {
+        assert_eq!(meshfed_core::pki::fingerprints(&s.data.as_ref().unwrap()["root-cert.pem"].0), [new.clone()]);
+        assert_istio_intermediate(dir.path(), &s, &name, &new_root);
+    }
+    // The same request is not a new one: nothing rotates again.
+    f.poke("prod").await?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        meshfed_core::pki::fingerprints(&hub_secret(&f, "prod-root-ca").await.unwrap().data.unwrap()["tls.crt"].0),
+        [new]
+    );
     Ok(())
 }

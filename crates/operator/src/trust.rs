@@ -26,6 +26,9 @@ use crate::{
     remote_access::Observed,
 };
 
+/// Set on a federation with a generated root to ask for a new root: each new value starts one rotation.
+pub const ROTATE_ROOT_ANNOTATION: &str = "meshfed.io/rotate-root";
+
 /// The hub Secret that holds a generated root: `<federation>-root-ca` in the federation's namespace.
 pub fn root_secret_name(federation: &str) -> String {
     format!("{federation}-root-ca")
@@ -49,8 +52,25 @@ pub async fn root(hub: &Client, fed: &MeshFederation, durations: &Durations, now
     }
     let generate = trust.root.generate.as_ref().expect("the schema requires generate or secretRef");
     let name = root_secret_name(&fed.name_any());
-    if let Some(s) = read(&secrets, &name).await? {
-        return load(&name, s);
+    let request = fed.annotations().get(ROTATE_ROOT_ANNOTATION).cloned();
+    if let Some(mut s) = read(&secrets, &name).await? {
+        if request.is_none() || s.annotations().get(ROTATE_ROOT_ANNOTATION) == request.as_ref() {
+            return load(&name, s);
+        }
+        // A rotation was asked for: a new root replaces the old one here (members keep trusting the old one until
+        // the rotation is through). `replace` carries the resourceVersion read, so of two racing replicas one wins.
+        let validity = durations.root_validity.expect("a generated root has a validated validity");
+        let material = tokio::task::block_in_place(|| pki::generate_root(generate.algorithm, validity, now))
+            .map_err(|e| Failure::new(e.reason(), e.to_string()))?;
+        s.data = Some(material.secret_data());
+        s.annotations_mut().insert(ROTATE_ROOT_ANNOTATION.into(), request.unwrap_or_default());
+        let replaced = match secrets.replace(&name, &PostParams::default(), &s).await {
+            Ok(replaced) => replaced,
+            Err(kube::Error::Api(e)) if e.code == 409 => read(&secrets, &name).await?.unwrap_or(s),
+            Err(e) => return Err(Failure::new("RootSecretUnwritable", format!("cannot replace Secret {name}: {e}"))),
+        };
+        info!(federation = %fed.name_any(), secret = %name, "generated a new root CA on request; rotating to it");
+        return load(&name, replaced);
     }
     if let Some(fp) = fed.status.as_ref().and_then(|s| s.trust.as_ref()?.root_fingerprint.clone()) {
         return Err(Failure::new(
@@ -70,6 +90,7 @@ pub async fn root(hub: &Client, fed: &MeshFederation, durations: &Durations, now
                 (meshfed_core::plan::MANAGED_BY.into(), meshfed_core::plan::FIELD_MANAGER.into()),
                 (meshfed_core::plan::LABEL_FEDERATION.into(), fed.name_any()),
             ])),
+            annotations: request.map(|r| BTreeMap::from([(ROTATE_ROOT_ANNOTATION.into(), r)])),
             owner_references: fed.controller_owner_ref(&()).map(|o| vec![o]),
             ..Default::default()
         },
