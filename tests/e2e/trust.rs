@@ -343,7 +343,10 @@ async fn a_generated_root_is_rotated_on_request_and_every_member_ends_on_the_new
     assert_eq!(fed.status.as_ref().unwrap().trust.as_ref().unwrap().root_fingerprint.as_ref(), Some(&new));
     let dir = tempfile::tempdir()?;
     for (name, s) in states(&f, &["east", "west"]).await {
-        assert_eq!(meshfed_core::pki::fingerprints(&s.data.as_ref().unwrap()["root-cert.pem"].0), [new.clone()]);
+        assert_eq!(
+            meshfed_core::pki::fingerprints(&s.data.as_ref().unwrap()["root-cert.pem"].0),
+            std::slice::from_ref(&new)
+        );
         assert_istio_intermediate(dir.path(), &s, &name, &new_root);
     }
     // The same request is not a new one: nothing rotates again.
