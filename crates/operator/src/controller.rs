@@ -39,6 +39,7 @@ use crate::{
     members::{ClientPool, Member},
     metrics::{FailureLabels, MemberLabels, Metrics},
     remote_access, trust,
+    watches::MemberWatches,
 };
 
 /// The finalizer that holds a federation until its members are cleaned up.
@@ -86,6 +87,7 @@ impl Default for Settings {
 struct Context {
     hub: Client,
     pool: ClientPool,
+    watches: MemberWatches,
     settings: Settings,
     metrics: Metrics,
 }
@@ -99,9 +101,12 @@ pub async fn run(hub: Client, settings: Settings, metrics: Metrics) -> anyhow::R
         );
     }
     metrics.set_ready();
-    let ctx = Arc::new(Context { hub, pool: ClientPool::default(), settings, metrics });
+    let (watches, triggers) = MemberWatches::new();
+    let triggers = futures::stream::unfold(triggers, |mut rx| async { rx.recv().await.map(|t| (t, rx)) });
+    let ctx = Arc::new(Context { hub, pool: ClientPool::default(), watches, settings, metrics });
     info!("meshfed controller started");
     Controller::new(feds, watcher::Config::default().any_semantic())
+        .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
@@ -286,6 +291,7 @@ where
             return None;
         }
     };
+    ctx.watches.ensure(&member.id, &member.version, &member.client);
     let run = async {
         let version = member
             .client

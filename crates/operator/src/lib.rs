@@ -6,6 +6,7 @@ pub mod members;
 pub mod metrics;
 pub mod remote_access;
 pub mod trust;
+pub mod watches;
 
 /// What can fail in a reconcile, with a stable category for logs and metrics.
 #[derive(Debug, thiserror::Error)]

@@ -16,6 +16,9 @@ use meshfed_core::{kubeconfig, plan::Failure};
 /// A member's client, with the checked kubeconfig it was built from (whose server and CA peers use too).
 #[derive(Clone)]
 pub struct Member {
+    /// Which kubeconfig Secret (`namespace/name/key`) the client comes from, and the Secret's uid/resourceVersion.
+    pub id: String,
+    pub version: String,
     pub client: Client,
     pub server: String,
     pub kubeconfig: Kubeconfig,
@@ -65,7 +68,13 @@ impl ClientPool {
         config.connect_timeout = Some(connect_timeout);
         let client =
             Client::try_from(config).map_err(|e| Failure::new("KubeconfigInvalid", format!("{where_}: {e}")))?;
-        let member = Member { client, server, kubeconfig: kc };
+        let member = Member {
+            id: key.0.clone() + "/" + &key.1 + "/" + &key.2,
+            version: version.clone(),
+            client,
+            server,
+            kubeconfig: kc,
+        };
         self.cache.lock().expect("pool lock").insert(key, (version, member.clone()));
         Ok(member)
     }
