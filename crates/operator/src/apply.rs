@@ -12,7 +12,14 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use tracing::info;
 
-use crate::metrics::Metrics;
+use k8s_openapi::api::{
+    core::v1::{Secret, ServiceAccount},
+    rbac::v1::{ClusterRole, ClusterRoleBinding},
+};
+use kube::api::ListParams;
+use meshfed_core::plan::FederationRef;
+
+use crate::{members::Member, metrics::Metrics};
 
 /// Who writes where: every write to a member is counted by cluster and kind.
 pub struct Writer<'a> {
@@ -90,4 +97,33 @@ pub fn read_failure(what: &str, e: kube::Error) -> Failure {
 
 fn json<T: Serialize>(v: &T) -> Option<serde_json::Value> {
     serde_json::to_value(v).ok()
+}
+
+/// Deletes every object meshfed labelled for `fref` and this writer's cluster in a member that leaves: `cacerts`,
+/// remote secrets and the reader identity (the Istio namespace is handled by the caller: it may not be meshfed's).
+pub async fn delete_owned(w: &Writer<'_>, fref: &FederationRef, member: &Member) -> Result<(), Failure> {
+    let client = &member.client;
+    let lp = ListParams::default().labels(&fref.selector(w.cluster));
+    delete_labelled(w, &Api::<Secret>::all(client.clone()), &lp, |m| Api::namespaced(client.clone(), m)).await?;
+    delete_labelled(w, &Api::<ServiceAccount>::all(client.clone()), &lp, |m| Api::namespaced(client.clone(), m))
+        .await?;
+    delete_labelled(w, &Api::<ClusterRoleBinding>::all(client.clone()), &lp, |_| Api::all(client.clone())).await?;
+    delete_labelled(w, &Api::<ClusterRole>::all(client.clone()), &lp, |_| Api::all(client.clone())).await
+}
+
+async fn delete_labelled<K>(
+    w: &Writer<'_>,
+    all: &Api<K>,
+    lp: &ListParams,
+    scoped: impl Fn(&str) -> Api<K>,
+) -> Result<(), Failure>
+where
+    K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned + Clone + std::fmt::Debug,
+{
+    let found = all.list_metadata(lp).await.map_err(|e| read_failure("listing owned objects", e))?;
+    for obj in found.items {
+        let api = scoped(obj.metadata.namespace.as_deref().unwrap_or_default());
+        delete(w, &api, &obj.name_any()).await?;
+    }
+    Ok(())
 }

@@ -362,7 +362,7 @@ async fn cleanup_member(
     let mut report = MemberReport::new(&name, &secret, true);
     with_member(ctx, fref, &mut report, |member| async move {
         let w = Writer { cluster: &name, metrics: &ctx.metrics };
-        remote_access::cleanup_member(&w, fref, &member).await?;
+        apply::delete_owned(&w, fref, &member).await?;
         let namespaces: Api<Namespace> = Api::all(member.client);
         let ns = &spec.istio.namespace;
         let Some(observed) = apply::read(&namespaces, ns).await? else {

@@ -210,32 +210,3 @@ async fn write_holder(
     }
     Ok(())
 }
-
-/// Deletes everything of remote access that meshfed wrote for `fref` in a member that leaves: its remote secrets
-/// and its reader identity.
-pub async fn cleanup_member(w: &Writer<'_>, fref: &FederationRef, member: &Member) -> Result<(), Failure> {
-    let client = &member.client;
-    let lp = ListParams::default().labels(&fref.selector(w.cluster));
-    delete_labelled(w, &Api::<Secret>::all(client.clone()), &lp, |m| Api::namespaced(client.clone(), m)).await?;
-    delete_labelled(w, &Api::<ServiceAccount>::all(client.clone()), &lp, |m| Api::namespaced(client.clone(), m))
-        .await?;
-    delete_labelled(w, &Api::<ClusterRoleBinding>::all(client.clone()), &lp, |_| Api::all(client.clone())).await?;
-    delete_labelled(w, &Api::<ClusterRole>::all(client.clone()), &lp, |_| Api::all(client.clone())).await
-}
-
-async fn delete_labelled<K>(
-    w: &Writer<'_>,
-    all: &Api<K>,
-    lp: &ListParams,
-    scoped: impl Fn(&str) -> Api<K>,
-) -> Result<(), Failure>
-where
-    K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned + Clone + std::fmt::Debug,
-{
-    let found = all.list_metadata(lp).await.map_err(|e| apply::read_failure("listing owned objects", e))?;
-    for obj in found.items {
-        let api = scoped(obj.metadata.namespace.as_deref().unwrap_or_default());
-        apply::delete(w, &api, &obj.name_any()).await?;
-    }
-    Ok(())
-}

@@ -167,11 +167,7 @@ pub async fn converge(
         let step = phase.zip(*state).map(|(p, s)| rotation::action(p, s, all_known));
         Some(async move {
             let w = Writer { cluster: &cluster.name, metrics };
-            let result = tokio::time::timeout(timeout, member_cacerts(&w, fref, spec, cluster, o, issuer, step))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(Failure::new("Timeout", format!("writing cacerts took longer than {timeout:?}")))
-                });
+            let result = member_cacerts(&w, fref, spec, cluster, o, issuer, step, timeout).await;
             (cluster.name.clone(), result)
         })
     });
@@ -203,6 +199,7 @@ fn cacerts_data(o: &Observed) -> Option<&BTreeMap<String, ByteString>> {
 
 /// One member's `cacerts`: outside a rotation, kept or reissued as `pki::inspect_cacerts` says; in one, the
 /// rotation's step for it.
+#[allow(clippy::too_many_arguments)]
 async fn member_cacerts(
     w: &Writer<'_>,
     fref: &FederationRef,
@@ -211,6 +208,7 @@ async fn member_cacerts(
     o: &Observed,
     issuer: Issuer<'_>,
     step: Option<rotation::Action>,
+    timeout: Duration,
 ) -> Result<CertSummary, Failure> {
     let Issuer { root, durations, now } = issuer;
     let profile = IntermediateProfile {
@@ -252,11 +250,6 @@ async fn member_cacerts(
         Some(rotation::Action::DropOldRoots) => (with_roots(root.cert_pem().into()), "dropping the old root".into()),
     };
     info!(cluster = %cluster.name, "cacerts: {why}");
-    // Keys meshfed does not write (istiod's `istio-generated` marker, a stale CRL) would survive an apply.
-    let secrets: Api<Secret> = Api::namespaced(o.member.client.clone(), &spec.istio.namespace);
-    if data.is_some_and(|d| d.keys().any(|k| !pki::CACERTS_KEYS.contains(&k.as_str()))) {
-        apply::delete(w, &secrets, pki::CACERTS_SECRET).await?;
-    }
     let summary = pki::summarize(&new_data[pki::CA_CERT].0).map_err(|e| Failure::new(e.reason(), e.to_string()))?;
     let desired = Secret {
         metadata: ObjectMeta {
@@ -268,8 +261,19 @@ async fn member_cacerts(
         data: Some(new_data),
         ..Default::default()
     };
-    apply::apply(w, &secrets, pki::CACERTS_SECRET, &desired).await?;
-    Ok(summary)
+    // The deadline covers the writes only: issuing (above) is the hub's own CPU work, seconds per RSA 4096 key.
+    let secrets: Api<Secret> = Api::namespaced(o.member.client.clone(), &spec.istio.namespace);
+    let write = async {
+        // Keys meshfed does not write (istiod's `istio-generated` marker, a stale CRL) would survive an apply.
+        if data.is_some_and(|d| d.keys().any(|k| !pki::CACERTS_KEYS.contains(&k.as_str()))) {
+            apply::delete(w, &secrets, pki::CACERTS_SECRET).await?;
+        }
+        apply::apply(w, &secrets, pki::CACERTS_SECRET, &desired).await
+    };
+    match tokio::time::timeout(timeout, write).await {
+        Ok(written) => written.map(|_| summary),
+        Err(_) => Err(Failure::new("Timeout", format!("writing cacerts took longer than {timeout:?}"))),
+    }
 }
 
 /// A new intermediate from `root`, with `root-cert.pem` trusting `other_roots` (PEM) besides `root`.
