@@ -4,7 +4,10 @@
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
-use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use k8s_openapi::{
+    api::core::v1::Namespace,
+    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta},
+};
 use meshfed_api::{ClusterSpec, ClusterStatus, MeshFederationSpec, MeshFederationStatus, SecretKeyRef, TrustStatus};
 
 use crate::{
@@ -94,6 +97,12 @@ pub fn status_changed(previous: Option<&MeshFederationStatus>, new: &MeshFederat
         s
     };
     previous.is_none_or(|p| mask(p) != mask(new))
+}
+
+/// The conditions of `new` whose status differs from the same condition in `previous` (or that are new): what
+/// a person should hear about as an Event.
+pub fn flipped<'a>(previous: &[Condition], new: &'a [Condition]) -> Vec<&'a Condition> {
+    new.iter().filter(|n| !previous.iter().any(|p| p.type_ == n.type_ && p.status == n.status)).collect()
 }
 
 /// Whether `observed` already holds everything in `desired` (a JSON subset: objects by key, lists item by item), so
@@ -493,6 +502,19 @@ mod tests {
         let down = [members[0].clone(), report("west", None, Some(Failure::new("Unreachable", "refused")))];
         let changed = federation_status(Some(&first), Some(1), &s, &validate(&s), Some(&root()), &down, now());
         assert!(status_changed(Some(&first), &changed));
+    }
+
+    #[test]
+    fn only_conditions_that_changed_status_are_announced() {
+        let s = spec();
+        let up = [report("east", Some("v"), None), report("west", Some("v"), None)];
+        let first = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &up, now());
+        assert_eq!(flipped(&[], &first.conditions).len(), first.conditions.len());
+        assert!(flipped(&first.conditions, &first.conditions).is_empty());
+        let down = [up[0].clone(), report("west", None, Some(Failure::new("Unreachable", "refused")))];
+        let second = federation_status(Some(&first), Some(1), &s, &validate(&s), Some(&root()), &down, now());
+        let types: Vec<_> = flipped(&first.conditions, &second.conditions).iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["Ready", "ClustersReachable"]);
     }
 
     #[test]

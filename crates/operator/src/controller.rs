@@ -21,6 +21,7 @@ use kube::{
     runtime::{
         Controller,
         controller::Action,
+        events::{Event as KubeEvent, EventType, Recorder, Reporter},
         finalizer::{Event, finalizer},
         watcher,
     },
@@ -86,6 +87,7 @@ impl Default for Settings {
 
 struct Context {
     hub: Client,
+    recorder: Recorder,
     pool: ClientPool,
     watches: MemberWatches,
     settings: Settings,
@@ -103,7 +105,8 @@ pub async fn run(hub: Client, settings: Settings, metrics: Metrics) -> anyhow::R
     metrics.set_ready();
     let (watches, triggers) = MemberWatches::new();
     let triggers = futures::stream::unfold(triggers, |mut rx| async { rx.recv().await.map(|t| (t, rx)) });
-    let ctx = Arc::new(Context { hub, pool: ClientPool::default(), watches, settings, metrics });
+    let recorder = Recorder::new(hub.clone(), Reporter { controller: "meshfed".into(), instance: None });
+    let ctx = Arc::new(Context { hub, recorder, pool: ClientPool::default(), watches, settings, metrics });
     info!("meshfed controller started");
     Controller::new(feds, watcher::Config::default().any_semantic())
         .reconcile_on(triggers)
@@ -268,6 +271,20 @@ async fn report(fed: &MeshFederation, ctx: &Context, status: &meshfed_api::MeshF
     api.patch_status(&fed.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
         .await
         .map_err(Error::Status)?;
+    let previous = fed.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
+    for c in plan::flipped(previous, &status.conditions) {
+        let event = KubeEvent {
+            type_: if c.status == "True" { EventType::Normal } else { EventType::Warning },
+            reason: c.reason.clone(),
+            note: Some(format!("{} is {}: {}", c.type_, c.status, c.message)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        // An Event that cannot be written is not worth failing a reconcile over.
+        if let Err(e) = ctx.recorder.publish(&event, &fed.object_ref(&())).await {
+            warn!(error = %e, "cannot publish an Event");
+        }
+    }
     Ok(())
 }
 
