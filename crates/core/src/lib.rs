@@ -1,7 +1,9 @@
 //! meshfed's plan: validation, topology rules, the objects every member should hold, and the federation's status.
 //!
-//! Nothing here talks to Kubernetes, reads a clock or draws randomness: the operator observes, passes what it saw
-//! (and the time) in, and applies what comes out. That keeps every rule testable with plain `#[test]`s.
+//! Nothing here talks to Kubernetes or reads a clock: the operator observes, passes what it saw (and the time) in,
+//! and applies what comes out. That keeps every rule testable with plain `#[test]`s. The one place that draws
+//! randomness is `pki`, where keys and serial numbers are generated, and its functions say so in their names
+//! (`generate_root`, `issue_intermediate`); every decision about when to call them is pure.
 
 pub mod conditions;
 pub mod kubeconfig;
