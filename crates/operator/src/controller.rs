@@ -171,6 +171,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             let (staying, leaving) = futures::join!(join_all(staying), join_all(leaving));
             let observed: BTreeMap<_, _> =
                 staying.iter().filter_map(|(r, o)| Some((r.name.clone(), o.as_ref()?))).collect();
+            // Remote access and trust are independent of each other: both run at once.
             let access = remote_access::converge(
                 &ctx.metrics,
                 &fref,
@@ -178,38 +179,28 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
                 &observed,
                 valid.durations.token_ttl,
                 ctx.settings.member_timeout,
-                ctx.settings.clock.now(),
-            )
-            .await;
-            let mut trust = match &root {
-                Ok(root) => {
-                    let issuer = trust::Issuer { root, durations: &valid.durations, now };
-                    let previous = previous.and_then(|p| p.trust.as_ref());
-                    let converged = trust::converge(
-                        &ctx.metrics,
-                        &fref,
-                        spec,
-                        issuer,
-                        previous,
-                        &observed,
-                        ctx.settings.member_timeout,
-                    )
-                    .await;
-                    root_status = Some(Ok(converged.status));
-                    converged.intermediates
-                }
-                Err(f) => {
-                    root_status = Some(Err(f.clone()));
-                    BTreeMap::new()
-                }
+                now,
+            );
+            let trust = async {
+                let root = root.as_ref().map_err(Clone::clone)?;
+                let issuer = trust::Issuer { root, durations: &valid.durations, now };
+                let previous = previous.and_then(|p| p.trust.as_ref());
+                let timeout = ctx.settings.member_timeout;
+                Ok(trust::converge(&ctx.metrics, &fref, spec, issuer, previous, &observed, timeout).await)
             };
+            let (access, trust) = futures::join!(access, trust);
+            let mut intermediates = BTreeMap::new();
+            root_status = Some(trust.map(|converged| {
+                intermediates = converged.intermediates;
+                converged.status
+            }));
             let mut reports: Vec<MemberReport> = staying.into_iter().map(|(r, _)| r).collect();
             for r in &mut reports {
                 if let Some(outcome) = access.get(&r.name) {
                     r.remote_access = outcome.failure.clone();
                     r.token_expires_at = outcome.token_expires_at;
                 }
-                r.intermediate = trust.remove(&r.name);
+                r.intermediate = intermediates.remove(&r.name);
             }
             reports.extend(leaving);
             reports
