@@ -74,7 +74,7 @@ fn print_status(fed: &MeshFederation) {
         status.topology.unwrap_or_default()
     );
     for c in &status.conditions {
-        println!("  {:<18} {:<6} {:<14} {}", c.type_, c.status, c.reason, c.message);
+        println!("  {:<18} {:<6} {:<24} {}", c.type_, c.status, c.reason, c.message);
     }
     println!("\n{:<8} {:<10} {:<8} {:<10} {:<10} READY", "CLUSTER", "NETWORK", "ROLE", "REACHABLE", "VERSION");
     for c in &status.clusters {
