@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod controller;
+pub mod leader;
 pub mod members;
 pub mod metrics;
 pub mod remote_access;

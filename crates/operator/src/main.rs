@@ -3,6 +3,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use meshfed_operator::{
     controller::{self, Settings},
+    leader,
     metrics::Metrics,
 };
 use tracing_subscriber::{EnvFilter, fmt};
@@ -30,6 +31,18 @@ enum Command {
         /// Where to serve /metrics, /healthz and /readyz.
         #[arg(long, default_value = "0.0.0.0:8080")]
         metrics_addr: std::net::SocketAddr,
+        /// Run the controller only while holding the Lease `meshfed-leader` (for several replicas).
+        #[arg(long)]
+        leader_elect: bool,
+        /// The hub namespace of the Lease.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+        lease_namespace: String,
+        /// This replica's identity in the Lease.
+        #[arg(long, env = "POD_NAME")]
+        identity: Option<String>,
+        /// Seconds a Lease lasts without renewal: how soon another replica takes over from a dead leader.
+        #[arg(long, default_value_t = 15)]
+        lease_seconds: u64,
     },
 }
 
@@ -37,7 +50,15 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", meshfed_api::crd_yaml()),
-        Command::Run { log_json, member_timeout, metrics_addr } => {
+        Command::Run {
+            log_json,
+            member_timeout,
+            metrics_addr,
+            leader_elect,
+            lease_namespace,
+            identity,
+            lease_seconds,
+        } => {
             let filter = EnvFilter::try_from_env("MESHFED_LOG").unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
             let logs = fmt().with_env_filter(filter);
             if log_json {
@@ -48,8 +69,17 @@ async fn main() -> anyhow::Result<()> {
             let hub = kube::Client::try_default().await?;
             let settings = Settings { member_timeout: Duration::from_secs(member_timeout), ..Settings::default() };
             let metrics = Metrics::default();
+            let controller = controller::run(hub.clone(), settings, metrics.clone());
+            let controller = async {
+                if !leader_elect {
+                    return controller.await;
+                }
+                let identity = identity.unwrap_or_else(|| format!("meshfed-{}", std::process::id()));
+                let lease = Duration::from_secs(lease_seconds);
+                leader::run_as_leader(hub, &lease_namespace, &identity, lease, controller).await
+            };
             tokio::select! {
-                r = controller::run(hub, settings, metrics.clone()) => r?,
+                r = controller => r?,
                 r = metrics.serve(metrics_addr) => r?,
                 _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
             }
