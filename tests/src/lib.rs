@@ -23,6 +23,8 @@ use tokio::task::JoinHandle;
 
 /// The hub namespace the examples in `deploy/` live in.
 pub const NAMESPACE: &str = "mesh-system";
+/// The hub namespace the operator's ServiceAccount (from the chart) lives in.
+pub const OPERATOR_NAMESPACE: &str = "meshfed-system";
 /// The name of the hub cluster in every fixture.
 pub const HUB: &str = "hub";
 
@@ -48,7 +50,8 @@ impl Fixture {
             clock: f.clock.clone(),
             ..Settings::default()
         };
-        let (hub, metrics) = (f.hub.clone(), f.metrics.clone());
+        let hub = f.chart_credentials().await?;
+        let metrics = f.metrics.clone();
         f.operator = Some(tokio::spawn(async move {
             if let Err(e) = controller::run(hub, settings, metrics).await {
                 eprintln!("controller stopped: {e:#}");
@@ -75,6 +78,41 @@ impl Fixture {
     /// The federations of [`NAMESPACE`].
     pub fn federations(&self) -> Api<MeshFederation> {
         Api::namespaced(self.hub.clone(), NAMESPACE)
+    }
+
+    /// A hub client with exactly the permissions of the Helm chart: its RBAC (`charts/meshfed/templates/rbac.yaml`)
+    /// is installed into [`OPERATOR_NAMESPACE`], and the client authenticates as its ServiceAccount. The operator of
+    /// every test runs with it, so a permission the chart lacks fails the suite.
+    pub async fn chart_credentials(&self) -> Result<Client> {
+        let rbac =
+            std::fs::read_to_string(format!("{}/../charts/meshfed/templates/rbac.yaml", env!("CARGO_MANIFEST_DIR")))?
+                .replace("{{ .Release.Namespace }}", OPERATOR_NAMESPACE);
+        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": OPERATOR_NAMESPACE}}))?;
+        Api::<Namespace>::all(self.hub.clone()).create(&PostParams::default(), &ns).await?;
+        let pp = PatchParams::apply("e2e").force();
+        for doc in serde_yaml::Deserializer::from_str(&rbac) {
+            let obj: kube::api::DynamicObject = serde::Deserialize::deserialize(doc)?;
+            let gvk = kube::api::GroupVersionKind::try_from(obj.types.as_ref().context("a kind")?)?;
+            let (resource, caps) = kube::discovery::pinned_kind(&self.hub, &gvk).await?;
+            let api: Api<kube::api::DynamicObject> = match (caps.scope, obj.metadata.namespace.as_deref()) {
+                (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(self.hub.clone(), ns, &resource),
+                _ => Api::all_with(self.hub.clone(), &resource),
+            };
+            api.patch(&obj.metadata.name.clone().context("a name")?, &pp, &Patch::Apply(&obj)).await?;
+        }
+        let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
+            Api::namespaced(self.hub.clone(), OPERATOR_NAMESPACE);
+        let request: k8s_openapi::api::authentication::v1::TokenRequest =
+            serde_json::from_value(serde_json::json!({"spec": {"expirationSeconds": 7200}}))?;
+        let token = sas
+            .create_token_request("meshfed", &PostParams::default(), &request)
+            .await?
+            .status
+            .context("a token")?
+            .token;
+        let mut kubeconfig: serde_yaml::Value = serde_yaml::from_str(self.env.cluster(HUB).kubeconfig())?;
+        kubeconfig["users"][0]["user"] = serde_yaml::from_str(&format!("token: {token}"))?;
+        meshfed_testenv::client_from_kubeconfig(&serde_yaml::to_string(&kubeconfig)?).await
     }
 
     /// Creates or updates a federation from YAML, as `kubectl apply --server-side` would.

@@ -427,11 +427,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn committed_crd_matches_the_code() {
+    fn committed_crds_match_the_code() {
         let committed = include_str!("../../../crds/meshfederations.meshfed.io.yaml");
         assert!(
             committed == crd_yaml(),
             "crds/meshfederations.meshfed.io.yaml is stale: run `cargo run -p meshfed-operator -- crd > crds/meshfederations.meshfed.io.yaml`"
+        );
+        let chart = include_str!("../../../charts/meshfed/crds/meshfederations.meshfed.io.yaml");
+        assert!(
+            chart == crd_yaml(),
+            "the chart's CRD is stale: run `cargo run -p meshfed-operator -- crd > charts/meshfed/crds/meshfederations.meshfed.io.yaml`"
         );
     }
 
