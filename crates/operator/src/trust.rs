@@ -50,7 +50,14 @@ pub async fn root(hub: &Client, fed: &MeshFederation, durations: &Durations, now
         })?;
         return load(&byo.name, s);
     }
-    let generate = trust.root.generate.as_ref().expect("the schema requires generate or secretRef");
+    let (Some(generate), Some(validity)) = (&trust.root.generate, durations.root_validity) else {
+        return Err(Failure::new("RootSourceMissing", "set trust.root.generate or trust.root.secretRef"));
+    };
+    let new_root = || {
+        // Key generation is CPU work (seconds for RSA 4096): keep it off the async workers.
+        tokio::task::block_in_place(|| pki::generate_root(generate.algorithm, validity, now))
+            .map_err(|e| Failure::new(e.reason(), e.to_string()))
+    };
     let name = root_secret_name(&fed.name_any());
     let request = fed.annotations().get(ROTATE_ROOT_ANNOTATION).cloned();
     if let Some(mut s) = read(&secrets, &name).await? {
@@ -59,10 +66,7 @@ pub async fn root(hub: &Client, fed: &MeshFederation, durations: &Durations, now
         }
         // A rotation was asked for: a new root replaces the old one here (members keep trusting the old one until
         // the rotation is through). `replace` carries the resourceVersion read, so of two racing replicas one wins.
-        let validity = durations.root_validity.expect("a generated root has a validated validity");
-        let material = tokio::task::block_in_place(|| pki::generate_root(generate.algorithm, validity, now))
-            .map_err(|e| Failure::new(e.reason(), e.to_string()))?;
-        s.data = Some(material.secret_data());
+        s.data = Some(new_root()?.secret_data());
         s.annotations_mut().insert(ROTATE_ROOT_ANNOTATION.into(), request.unwrap_or_default());
         let replaced = match secrets.replace(&name, &PostParams::default(), &s).await {
             Ok(replaced) => replaced,
@@ -80,9 +84,7 @@ pub async fn root(hub: &Client, fed: &MeshFederation, durations: &Durations, now
             ),
         ));
     }
-    let validity = durations.root_validity.expect("a generated root has a validated validity");
-    let material = tokio::task::block_in_place(|| pki::generate_root(generate.algorithm, validity, now))
-        .map_err(|e| Failure::new(e.reason(), e.to_string()))?;
+    let material = new_root()?;
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(name.clone()),
