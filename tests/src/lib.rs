@@ -173,6 +173,21 @@ impl Fixture {
         Ok(())
     }
 
+    /// Serves the running controller's metrics, as `meshfed run` does, on a free loopback port; returns the port.
+    pub async fn serve_metrics(&self) -> Result<u16> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let metrics = self.metrics.clone();
+        tokio::spawn(metrics.serve(([127, 0, 0, 1], port).into()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http_get(port, "/healthz").await.is_err() {
+            if Instant::now() > deadline {
+                bail!("the metrics endpoint did not come up on port {port}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(port)
+    }
+
     /// An admin client for a member.
     pub async fn member(&self, name: &str) -> Result<Client> {
         self.env.cluster(name).client().await.with_context(|| format!("client for {name}"))
@@ -219,4 +234,51 @@ pub fn is_ready(fed: &MeshFederation) -> bool {
 pub fn example(name: &str) -> String {
     let path = format!("{}/../deploy/examples/{name}.yaml", env!("CARGO_MANIFEST_DIR"));
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// GETs `path` from a loopback HTTP server on `port`: the status code and the body.
+pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await?;
+    let mut response = String::new();
+    s.read_to_string(&mut response).await?;
+    let (head, body) = response.split_once("\r\n\r\n").context("an HTTP response")?;
+    let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).context("an HTTP status code")?;
+    Ok((code, body.to_string()))
+}
+
+/// A scrape of a Prometheus text endpoint.
+pub struct Scrape(pub String);
+
+impl Scrape {
+    /// Scrapes `/metrics` on a loopback `port`.
+    pub async fn from(port: u16) -> Result<Self> {
+        match http_get(port, "/metrics").await? {
+            (200, body) => Ok(Self(body)),
+            (code, _) => bail!("/metrics answered {code}"),
+        }
+    }
+
+    /// The samples of `name`: each with its labels (the text between the braces) and its value.
+    pub fn samples<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (&'a str, f64)> + 'a {
+        self.0.lines().filter_map(move |l| {
+            let rest = l.strip_prefix(name)?;
+            let (labels, value) = match rest.strip_prefix('{') {
+                Some(r) => r.split_once("} ")?,
+                None => ("", rest.strip_prefix(' ')?),
+            };
+            Some((labels, value.parse().ok()?))
+        })
+    }
+
+    /// The value of `name` whose labels contain every one of `labels` (as `key="value"`).
+    pub fn value(&self, name: &str, labels: &[&str]) -> Option<f64> {
+        self.samples(name).find(|(l, _)| labels.iter().all(|want| l.split(',').any(|have| have == *want))).map(|s| s.1)
+    }
+
+    /// The sum of a metric's samples over all its labels.
+    pub fn sum(&self, name: &str) -> u64 {
+        self.samples(name).map(|s| s.1).sum::<f64>() as u64
+    }
 }

@@ -38,6 +38,13 @@ pub struct FederationRef {
     pub name: String,
 }
 
+/// `namespace/name`, as in logs and metric labels.
+impl std::fmt::Display for FederationRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
 impl FederationRef {
     /// The labels that every object meshfed writes for `cluster` carries.
     pub fn owned_labels(&self, cluster: &str) -> BTreeMap<String, String> {

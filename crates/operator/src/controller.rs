@@ -38,7 +38,8 @@ use crate::{
     Error,
     apply::{self, Writer},
     members::{ClientPool, Member},
-    metrics::{FailureLabels, MemberLabels, Metrics},
+    members::member_id,
+    metrics::{FailureLabels, Metrics},
     remote_access, trust,
     watches::MemberWatches,
 };
@@ -103,7 +104,7 @@ pub async fn run(hub: Client, settings: Settings, metrics: Metrics) -> anyhow::R
         );
     }
     metrics.set_ready();
-    let (watches, triggers) = MemberWatches::new();
+    let (watches, triggers) = MemberWatches::new(metrics.member_watches.clone());
     let triggers = futures::stream::unfold(triggers, |mut rx| async { rx.recv().await.map(|t| (t, rx)) });
     let recorder = Recorder::new(hub.clone(), Reporter { controller: "meshfed".into(), instance: None });
     let ctx = Arc::new(Context { hub, recorder, pool: ClientPool::default(), watches, settings, metrics });
@@ -215,6 +216,9 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
         &reports,
         ctx.settings.clock.now(),
     );
+    ctx.metrics.observe_status(&fref.to_string(), &status);
+    let in_use = status.clusters.iter().filter_map(|c| Some(member_id(&fref.namespace, c.kubeconfig_secret_ref.as_ref()?)));
+    ctx.watches.used_by(&fref.to_string(), in_use.collect());
     report(fed, ctx, &status).await?;
     let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
     Ok(match (&validation, ready) {
@@ -240,9 +244,12 @@ async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
     let pending: Vec<_> = reports.into_iter().filter(|r| r.failure.is_some()).collect();
     if pending.is_empty() {
         info!(federation = %fref.name, "members cleaned up; releasing the finalizer");
+        ctx.metrics.forget(&fref.to_string());
+        ctx.watches.used_by(&fref.to_string(), Default::default());
         return Ok(Action::await_change());
     }
     let status = plan::deletion_status(fed.status.as_ref(), fed.meta().generation, &pending, ctx.settings.clock.now());
+    ctx.metrics.observe_status(&fref.to_string(), &status);
     report(fed, ctx, &status).await?;
     Err(Error::CleanupPending(pending.iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(", ")))
 }
@@ -299,13 +306,15 @@ where
             return None;
         }
     };
-    ctx.watches.ensure(&member.id, &member.version, &member.client);
+    ctx.watches.ensure(&fref.to_string(), &member.id, &member.version, &member.client);
     let run = async {
+        let asked = std::time::Instant::now();
         let version = member
             .client
             .apiserver_version()
             .await
             .map_err(|e| Failure::new("Unreachable", format!("{}: {e}", member.server)))?;
+        ctx.metrics.member_answered(&fref.to_string(), &report.name, asked.elapsed());
         report.version = Some(version.git_version);
         work(member.clone()).await
     };
@@ -321,8 +330,6 @@ where
             None
         }
     };
-    let labels = MemberLabels { federation: format!("{}/{}", fref.namespace, fref.name), cluster: report.name.clone() };
-    ctx.metrics.member_reachable.get_or_create(&labels).set(i64::from(report.version.is_some()));
     if let Some(f) = &report.failure {
         warn!(federation = %fref.name, cluster = %report.name, reason = %f.reason, "{}", f.message);
     }

@@ -26,6 +26,11 @@ pub struct Member {
 
 type Key = (String, String, String);
 
+/// The id of the member whose kubeconfig is `secret` in the hub namespace `namespace`: `namespace/name/key`.
+pub fn member_id(namespace: &str, secret: &SecretKeyRef) -> String {
+    format!("{namespace}/{}/{}", secret.name, secret.key)
+}
+
 /// Member clients, keyed by the kubeconfig Secret they were built from.
 #[derive(Default)]
 pub struct ClientPool {
@@ -69,7 +74,7 @@ impl ClientPool {
         let client =
             Client::try_from(config).map_err(|e| Failure::new("KubeconfigInvalid", format!("{where_}: {e}")))?;
         let member = Member {
-            id: key.0.clone() + "/" + &key.1 + "/" + &key.2,
+            id: member_id(namespace, secret),
             version: version.clone(),
             client,
             server,

@@ -1,15 +1,18 @@
 //! Prometheus metrics and the HTTP endpoint that serves them with liveness and readiness.
 
 use std::{
+    collections::{BTreeSet, HashMap},
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use axum::{Router, http::StatusCode, response::IntoResponse, routing::get};
+use jiff::Timestamp;
+use meshfed_api::MeshFederationStatus;
 use prometheus_client::{
     encoding::{EncodeLabelSet, text::encode},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -29,9 +32,22 @@ pub struct WriteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FederationLabels {
+    /// `namespace/name` of the federation.
+    pub federation: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct MemberLabels {
+    /// `namespace/name` of the federation.
     pub federation: String,
     pub cluster: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0])
 }
 
 /// meshfed's metrics. Cheap to clone: every field is a shared handle.
@@ -44,8 +60,15 @@ pub struct Metrics {
     pub member_writes: Family<WriteLabels, Counter>,
     pub status_writes: Counter,
     pub member_reachable: Family<MemberLabels, Gauge>,
+    pub member_latency: HistogramFamily<MemberLabels>,
+    pub root_expiry: Family<FederationLabels, Gauge>,
+    pub intermediate_expiry: Family<MemberLabels, Gauge>,
+    pub token_expiry: Family<MemberLabels, Gauge>,
+    pub member_watches: Gauge,
     ready: Arc<AtomicBool>,
     writes_total: Arc<AtomicU64>,
+    /// The clusters each federation has series for, so that the series of a cluster that left are removed.
+    clusters: Arc<Mutex<HashMap<String, BTreeSet<String>>>>,
 }
 
 impl Default for Metrics {
@@ -57,6 +80,11 @@ impl Default for Metrics {
         let member_writes = Family::<WriteLabels, Counter>::default();
         let status_writes = Counter::default();
         let member_reachable = Family::<MemberLabels, Gauge>::default();
+        let member_latency: HistogramFamily<MemberLabels> = Family::new_with_constructor(latency_histogram);
+        let root_expiry = Family::<FederationLabels, Gauge>::default();
+        let intermediate_expiry = Family::<MemberLabels, Gauge>::default();
+        let token_expiry = Family::<MemberLabels, Gauge>::default();
+        let member_watches = Gauge::default();
         registry.register("reconciles", "Reconciles of MeshFederations", reconciles.clone());
         registry.register("reconcile_failures", "Failed reconciles, by error category", failures.clone());
         registry.register("reconcile_duration_seconds", "Duration of one reconcile", reconcile_duration.clone());
@@ -71,6 +99,31 @@ impl Default for Metrics {
             "1 when the member answered at the last reconcile, else 0",
             member_reachable.clone(),
         );
+        registry.register(
+            "member_latency_seconds",
+            "Round trip of the version probe to each member, once per reconcile",
+            member_latency.clone(),
+        );
+        registry.register(
+            "root_expiry_timestamp_seconds",
+            "When the federation's root CA certificate expires (Unix time)",
+            root_expiry.clone(),
+        );
+        registry.register(
+            "intermediate_expiry_timestamp_seconds",
+            "When each member's intermediate CA certificate expires (Unix time)",
+            intermediate_expiry.clone(),
+        );
+        registry.register(
+            "reader_token_expiry_timestamp_seconds",
+            "When the reader token that peers use for each member expires (Unix time)",
+            token_expiry.clone(),
+        );
+        registry.register(
+            "member_watches",
+            "Member clusters whose owned objects meshfed watches for drift",
+            member_watches.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             reconciles,
@@ -79,8 +132,14 @@ impl Default for Metrics {
             member_writes,
             status_writes,
             member_reachable,
+            member_latency,
+            root_expiry,
+            intermediate_expiry,
+            token_expiry,
+            member_watches,
             ready: Arc::default(),
             writes_total: Arc::default(),
+            clusters: Arc::default(),
         }
     }
 }
@@ -96,6 +155,47 @@ impl Metrics {
     /// The total of writes to members so far, over every label.
     pub fn member_writes_total(&self) -> u64 {
         self.writes_total.load(Ordering::Relaxed)
+    }
+
+    /// Records one round trip to a member.
+    pub fn member_answered(&self, federation: &str, cluster: &str, took: Duration) {
+        let labels = MemberLabels { federation: federation.into(), cluster: cluster.into() };
+        self.member_latency.get_or_create(&labels).observe(took.as_secs_f64());
+    }
+
+    /// Sets the per-federation and per-member gauges from the status a reconcile computed (`federation` is
+    /// `namespace/name`), and removes the series of clusters that are no longer in it.
+    pub fn observe_status(&self, federation: &str, status: &MeshFederationStatus) {
+        let fed = FederationLabels { federation: federation.into() };
+        set_or_remove(&self.root_expiry, &fed, status.trust.as_ref().and_then(|t| t.root_not_after.as_deref()));
+        for c in &status.clusters {
+            let labels = MemberLabels { federation: federation.into(), cluster: c.name.clone() };
+            self.member_reachable.get_or_create(&labels).set(i64::from(c.reachable));
+            set_or_remove(&self.intermediate_expiry, &labels, c.intermediate_not_after.as_deref());
+            set_or_remove(&self.token_expiry, &labels, c.reader_token_expires_at.as_deref());
+        }
+        self.keep_clusters(federation, status.clusters.iter().map(|c| c.name.clone()).collect());
+    }
+
+    /// Removes every series of a federation that is gone.
+    pub fn forget(&self, federation: &str) {
+        self.root_expiry.remove(&FederationLabels { federation: federation.into() });
+        self.keep_clusters(federation, BTreeSet::new());
+    }
+
+    fn keep_clusters(&self, federation: &str, now: BTreeSet<String>) {
+        let mut clusters = self.clusters.lock().expect("metrics lock");
+        let before = clusters.remove(federation).unwrap_or_default();
+        for gone in before.difference(&now) {
+            let labels = MemberLabels { federation: federation.into(), cluster: gone.clone() };
+            self.member_reachable.remove(&labels);
+            self.member_latency.remove(&labels);
+            self.intermediate_expiry.remove(&labels);
+            self.token_expiry.remove(&labels);
+        }
+        if !now.is_empty() {
+            clusters.insert(federation.into(), now);
+        }
     }
 
     /// Marks the controller ready (its watch is running).
@@ -136,6 +236,18 @@ impl Metrics {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         axum::serve(listener, app).await?;
         Ok(())
+    }
+}
+
+/// Sets a timestamp gauge to an RFC 3339 time in Unix seconds, or removes it when there is none.
+fn set_or_remove<L: Clone + std::hash::Hash + Eq>(family: &Family<L, Gauge>, labels: &L, time: Option<&str>) {
+    match time.and_then(|t| t.parse::<Timestamp>().ok()) {
+        Some(t) => {
+            family.get_or_create(labels).set(t.as_second());
+        }
+        None => {
+            family.remove(labels);
+        }
     }
 }
 

@@ -3,9 +3,12 @@
 //!
 //! One metadata-only watch per owned kind per member, filtered by meshfed's `managed-by` label; every event is
 //! mapped by the object's federation labels to that federation. A member's watches start when a reconcile first
-//! reaches it, and restart when its kubeconfig Secret changes.
+//! reaches it, restart when its kubeconfig Secret changes, and stop when no federation uses the member any more.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Mutex,
+};
 
 use futures::{StreamExt, stream::select_all};
 use k8s_openapi::api::{
@@ -19,37 +22,70 @@ use kube::{
 };
 use meshfed_api::MeshFederation;
 use meshfed_core::plan::{FIELD_MANAGER, LABEL_FEDERATION, LABEL_FEDERATION_NAMESPACE, MANAGED_BY};
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::{sync::mpsc, task::JoinHandle};
 
-/// The running member watches, keyed by member (kubeconfig Secret) with the Secret version they were built from.
+/// The running member watches, and which federation uses which member.
 pub struct MemberWatches {
     triggers: mpsc::UnboundedSender<ObjectRef<MeshFederation>>,
-    running: Mutex<HashMap<String, (String, JoinHandle<()>)>>,
+    state: Mutex<State>,
+    /// How many members are watched.
+    gauge: Gauge,
+}
+
+#[derive(Default)]
+struct State {
+    /// By member id, the Secret version the watches were built from and their task.
+    running: HashMap<String, (String, JoinHandle<()>)>,
+    /// By federation (`namespace/name`), the ids of the members it uses.
+    users: HashMap<String, BTreeSet<String>>,
 }
 
 impl MemberWatches {
     /// The watches, and the stream of federations their events point at (for `Controller::reconcile_on`).
-    pub fn new() -> (Self, mpsc::UnboundedReceiver<ObjectRef<MeshFederation>>) {
+    pub fn new(gauge: Gauge) -> (Self, mpsc::UnboundedReceiver<ObjectRef<MeshFederation>>) {
         let (triggers, rx) = mpsc::unbounded_channel();
-        (Self { triggers, running: Mutex::default() }, rx)
+        (Self { triggers, state: Mutex::default(), gauge }, rx)
     }
 
-    /// Makes sure `member`'s watches run on `client`, built from Secret version `version`.
-    pub fn ensure(&self, member: &str, version: &str, client: &Client) {
-        let mut running = self.running.lock().expect("watches lock");
-        if running.get(member).is_some_and(|(v, task)| v == version && !task.is_finished()) {
+    /// Makes sure `member`'s watches run on `client`, built from Secret version `version`, for `federation`.
+    pub fn ensure(&self, federation: &str, member: &str, version: &str, client: &Client) {
+        let mut state = self.state.lock().expect("watches lock");
+        state.users.entry(federation.into()).or_default().insert(member.into());
+        if state.running.get(member).is_some_and(|(v, task)| v == version && !task.is_finished()) {
             return;
         }
         let task = tokio::spawn(watch_member(client.clone(), self.triggers.clone()));
-        if let Some((_, old)) = running.insert(member.to_string(), (version.to_string(), task)) {
+        if let Some((_, old)) = state.running.insert(member.to_string(), (version.to_string(), task)) {
             old.abort();
         }
+        self.gauge.set(state.running.len() as i64);
+    }
+
+    /// Records that `federation` now uses exactly `members` (none once it is gone), and stops the watches of
+    /// members that no federation uses.
+    pub fn used_by(&self, federation: &str, members: BTreeSet<String>) {
+        let mut state = self.state.lock().expect("watches lock");
+        if members.is_empty() {
+            state.users.remove(federation);
+        } else {
+            state.users.insert(federation.into(), members);
+        }
+        let State { running, users } = &mut *state;
+        running.retain(|member, (_, task)| {
+            let used = users.values().any(|m| m.contains(member));
+            if !used {
+                task.abort();
+            }
+            used
+        });
+        self.gauge.set(running.len() as i64);
     }
 }
 
 impl Drop for MemberWatches {
     fn drop(&mut self) {
-        for (_, task) in self.running.lock().expect("watches lock").values() {
+        for (_, task) in self.state.lock().expect("watches lock").running.values() {
             task.abort();
         }
     }

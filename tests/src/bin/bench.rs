@@ -13,7 +13,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use kube::api::{Patch, PatchParams};
-use meshfed_e2e::{Fixture, NAMESPACE, is_ready};
+use meshfed_e2e::{Fixture, NAMESPACE, Scrape, is_ready};
 use meshfed_testenv::Options;
 
 #[derive(Parser)]
@@ -66,7 +66,7 @@ async fn main() -> Result<()> {
                 format!("starting {} (build it with `cargo build --release -p meshfed-operator`)", meshfed.display())
             })?,
     );
-    let scrape = || scrape(port);
+    let scrape = || Scrape::from(port);
     wait_until(Duration::from_secs(30), || async { scrape().await.is_ok() }).await?;
 
     let clusters: String = names
@@ -115,28 +115,6 @@ async fn main() -> Result<()> {
         hwm as f64 / 1024.0
     );
     Ok(())
-}
-
-struct Scrape(String);
-
-impl Scrape {
-    /// The sum of a metric's samples over all its labels.
-    fn sum(&self, name: &str) -> u64 {
-        self.0
-            .lines()
-            .filter(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{')))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum::<f64>() as u64
-    }
-}
-
-async fn scrape(port: u16) -> Result<Scrape> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    s.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").await?;
-    let mut body = String::new();
-    s.read_to_string(&mut body).await?;
-    Ok(Scrape(body))
 }
 
 async fn wait_until<F, Fut>(timeout: Duration, mut ok: F) -> Result<()>

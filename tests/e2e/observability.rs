@@ -1,0 +1,93 @@
+//! Observability end to end: the metrics the README documents, scraped over HTTP from a converged federation and
+//! checked against its status; the series of a member that left, and of a federation that is gone, are removed;
+//! liveness and readiness answer.
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use meshfed_e2e::{Fixture, Scrape, example, http_get, is_ready};
+use meshfed_testenv::Options;
+
+const WAIT: Duration = Duration::from_secs(60);
+const FED: &str = r#"federation="mesh-system/prod""#;
+
+/// The `meshfed_*` names the README mentions.
+fn documented() -> Vec<String> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).unwrap();
+    let mut names: Vec<String> = readme
+        .split(|c: char| !(c.is_ascii_lowercase() || c == '_'))
+        .filter(|w| w.starts_with("meshfed_"))
+        .map(String::from)
+        .collect();
+    names.sort();
+    names.dedup();
+    names
+}
+
+fn unix(rfc3339: Option<&String>) -> f64 {
+    rfc3339.expect("a timestamp in status").parse::<Timestamp>().unwrap().as_second() as f64
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_documented_metrics_are_served_and_follow_the_members() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let port = f.serve_metrics().await?;
+    assert_eq!(http_get(port, "/healthz").await?.0, 200);
+    assert_eq!(http_get(port, "/readyz").await?.0, 200, "the controller is running");
+
+    f.apply(&example("multi-primary-multi-network")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    let status = fed.status.unwrap();
+    let m = Scrape::from(port).await?;
+
+    // The README and the endpoint agree: every documented series is served, and every served one is documented
+    // (a counter `x` is served as `x_total`).
+    let documented = documented();
+    assert!(documented.len() >= 10, "the README lists the metrics: {documented:?}");
+    let served: Vec<&str> = m.0.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.split(' ').next()).collect();
+    let same = |d: &str, s: &str| d == s || d.strip_suffix("_total") == Some(s);
+    for d in &documented {
+        assert!(served.iter().any(|s| same(d, s)), "{d} is documented but not served:\n{}", m.0);
+    }
+    for s in &served {
+        assert!(documented.iter().any(|d| same(d, s)), "{s} is served but not in the README");
+    }
+
+    assert!(m.sum("meshfed_reconciles_total") >= 1);
+    assert!(m.sum("meshfed_member_writes_total") > 0);
+    assert!(m.sum("meshfed_status_writes_total") >= 1);
+    assert_eq!(m.value("meshfed_member_watches", &[]), Some(2.0));
+    let root = unix(status.trust.as_ref().unwrap().root_not_after.as_ref());
+    assert_eq!(m.value("meshfed_root_expiry_timestamp_seconds", &[FED]), Some(root));
+    for c in &status.clusters {
+        let cluster = format!(r#"cluster="{}""#, c.name);
+        let labels = [FED, cluster.as_str()];
+        assert_eq!(m.value("meshfed_member_reachable", &labels), Some(1.0), "{}", c.name);
+        assert!(m.value("meshfed_member_latency_seconds_count", &labels).unwrap() >= 1.0, "{}", c.name);
+        let intermediate = unix(c.intermediate_not_after.as_ref());
+        assert_eq!(m.value("meshfed_intermediate_expiry_timestamp_seconds", &labels), Some(intermediate));
+        let token = unix(c.reader_token_expires_at.as_ref());
+        assert_eq!(m.value("meshfed_reader_token_expiry_timestamp_seconds", &labels), Some(token));
+    }
+
+    // West leaves: its series go, and so do the watches on it.
+    let without_west = example("multi-primary-multi-network")
+        .replace("  - name: west\n    network: network2\n    kubeconfigSecretRef: {name: west-kubeconfig}\n", "");
+    f.apply(&without_west).await?;
+    f.wait_for("prod", WAIT, |fed| {
+        is_ready(fed) && fed.status.as_ref().is_some_and(|s| s.clusters.iter().all(|c| c.name != "west"))
+    })
+    .await?;
+    let m = Scrape::from(port).await?;
+    assert!(!m.0.contains(r#"cluster="west""#), "series of west remain:\n{}", m.0);
+    assert_eq!(m.value("meshfed_member_reachable", &[FED, r#"cluster="east""#]), Some(1.0));
+    assert_eq!(m.value("meshfed_member_watches", &[]), Some(1.0));
+
+    // The federation goes: so do all its series and every watch.
+    f.delete("prod").await?;
+    f.wait_gone("prod", WAIT).await?;
+    let m = Scrape::from(port).await?;
+    assert!(!m.0.contains(FED), "series of the deleted federation remain:\n{}", m.0);
+    assert_eq!(m.value("meshfed_member_watches", &[]), Some(0.0));
+    Ok(())
+}
