@@ -1,7 +1,10 @@
 //! What the end-to-end suites and the demo share: a hub and members from `meshfed-testenv`, the CRD installed, one
 //! kubeconfig Secret per member in the hub, and the meshfed controller running in-process against the hub.
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::{Duration, Instant},
+};
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::{
@@ -11,9 +14,11 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    core::PartialObjectMeta,
 };
 use meshfed_api::MeshFederation;
+use meshfed_core::plan;
 use meshfed_operator::{
     controller::{self, Clock, Settings},
     metrics::Metrics,
@@ -44,20 +49,25 @@ impl Fixture {
     /// [`NAMESPACE`], and starts the controller in-process with short timeouts.
     pub async fn start(members: &[&str], options: Options) -> Result<Self> {
         let mut f = Self::clusters(members, options).await?;
+        f.operator = Some(f.run_operator(f.metrics.clone()).await?);
+        Ok(f)
+    }
+
+    /// Starts a controller in-process, as the chart's ServiceAccount ([`Fixture::chart_credentials`]), with the
+    /// fixture's clock, short timeouts and `metrics`; aborting the task kills it as abruptly as a killed process.
+    pub async fn run_operator(&self, metrics: Metrics) -> Result<JoinHandle<()>> {
         let settings = Settings {
             member_timeout: Duration::from_secs(5),
             retry_after: Duration::from_secs(1),
-            clock: f.clock.clone(),
+            clock: self.clock.clone(),
             ..Settings::default()
         };
-        let hub = f.chart_credentials().await?;
-        let metrics = f.metrics.clone();
-        f.operator = Some(tokio::spawn(async move {
+        let hub = self.chart_credentials().await?;
+        Ok(tokio::spawn(async move {
             if let Err(e) = controller::run(hub, settings, metrics).await {
                 eprintln!("controller stopped: {e:#}");
             }
-        }));
-        Ok(f)
+        }))
     }
 
     /// Like [`Fixture::start`], without starting the controller (to run it as a process instead).
@@ -80,26 +90,16 @@ impl Fixture {
         Api::namespaced(self.hub.clone(), NAMESPACE)
     }
 
-    /// A hub client with exactly the permissions of the Helm chart: its RBAC (`charts/meshfed/templates/rbac.yaml`)
-    /// is installed into [`OPERATOR_NAMESPACE`], and the client authenticates as its ServiceAccount. The operator of
-    /// every test runs with it, so a permission the chart lacks fails the suite.
+    /// A hub client with exactly the permissions of the Helm chart: the RBAC objects of the plain manifests rendered
+    /// from it (`deploy/meshfed.yaml`) are installed into [`OPERATOR_NAMESPACE`], and the client authenticates as its
+    /// ServiceAccount. The operator of every test runs with it, so a permission the chart lacks fails the suite.
     pub async fn chart_credentials(&self) -> Result<Client> {
-        let rbac =
-            std::fs::read_to_string(format!("{}/../charts/meshfed/templates/rbac.yaml", env!("CARGO_MANIFEST_DIR")))?
-                .replace("{{ .Release.Namespace }}", OPERATOR_NAMESPACE);
-        let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": OPERATOR_NAMESPACE}}))?;
-        Api::<Namespace>::all(self.hub.clone()).create(&PostParams::default(), &ns).await?;
-        let pp = PatchParams::apply("e2e").force();
-        for doc in serde_yaml::Deserializer::from_str(&rbac) {
-            let obj: kube::api::DynamicObject = serde::Deserialize::deserialize(doc)?;
-            let gvk = kube::api::GroupVersionKind::try_from(obj.types.as_ref().context("a kind")?)?;
-            let (resource, caps) = kube::discovery::pinned_kind(&self.hub, &gvk).await?;
-            let api: Api<kube::api::DynamicObject> = match (caps.scope, obj.metadata.namespace.as_deref()) {
-                (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(self.hub.clone(), ns, &resource),
-                _ => Api::all_with(self.hub.clone(), &resource),
-            };
-            api.patch(&obj.metadata.name.clone().context("a name")?, &pp, &Patch::Apply(&obj)).await?;
-        }
+        let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": OPERATOR_NAMESPACE}});
+        Api::<Namespace>::all(self.hub.clone())
+            .patch(OPERATOR_NAMESPACE, &PatchParams::apply("e2e"), &Patch::Apply(&ns))
+            .await?;
+        let rbac = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"];
+        apply_manifests(&self.hub, &manifests(), |kind| rbac.contains(&kind)).await?;
         let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
             Api::namespaced(self.hub.clone(), OPERATOR_NAMESPACE);
         let request: k8s_openapi::api::authentication::v1::TokenRequest =
@@ -188,6 +188,54 @@ impl Fixture {
         Ok(port)
     }
 
+    /// The state the federation `name` left in the hub and in `members`, without what differs by chance between two
+    /// runs (keys, tokens, times): every object meshfed owns in each member with its meshfed labels and data keys,
+    /// whether each member's `cacerts` trusts exactly the hub's root, how many roots the hub holds, and the
+    /// conditions of the federation and of each cluster. Two runs that end the same give equal sets.
+    pub async fn end_state(&self, name: &str, members: &[&str]) -> Result<BTreeSet<String>> {
+        let mut state = BTreeSet::new();
+        let secrets: Api<Secret> = Api::namespaced(self.hub.clone(), NAMESPACE);
+        let roots: Vec<Secret> = secrets
+            .list(&ListParams::default())
+            .await?
+            .items
+            .into_iter()
+            .filter(|s| s.name_any().ends_with("-root-ca"))
+            .collect();
+        state.insert(format!("hub: {} root CA Secret(s)", roots.len()));
+        let root_pem = roots.first().and_then(|r| r.data.as_ref()?.get("tls.crt").map(|b| b.0.clone()));
+        let fed = self.federations().get(name).await?;
+        let status = fed.status.unwrap_or_default();
+        for c in &status.conditions {
+            state.insert(format!("federation: {}={} ({})", c.type_, c.status, c.reason));
+        }
+        for cluster in &status.clusters {
+            for c in &cluster.conditions {
+                state.insert(format!("{}: {}={} ({})", cluster.name, c.type_, c.status, c.reason));
+            }
+        }
+        let owned = ListParams::default().labels(&format!("{}={}", plan::MANAGED_BY, plan::FIELD_MANAGER));
+        for m in members {
+            let client = self.member(m).await?;
+            let mut objects = Vec::new();
+            objects.extend(owned_objects::<Namespace>(&client, &owned).await?);
+            objects.extend(owned_objects::<k8s_openapi::api::core::v1::ServiceAccount>(&client, &owned).await?);
+            objects.extend(owned_objects::<k8s_openapi::api::rbac::v1::ClusterRole>(&client, &owned).await?);
+            objects.extend(owned_objects::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>(&client, &owned).await?);
+            for secret in Api::<Secret>::all(client.clone()).list(&owned).await?.items {
+                let data = secret.data.clone().unwrap_or_default();
+                let keys: Vec<&String> = data.keys().collect();
+                objects.push(format!("Secret {} keys {keys:?}", describe(&secret)));
+                if let Some(pem) = data.get("root-cert.pem") {
+                    let trusted = root_pem.as_ref() == Some(&pem.0);
+                    objects.push(format!("Secret {} trusts exactly the hub's root: {trusted}", secret.name_any()));
+                }
+            }
+            state.extend(objects.into_iter().map(|o| format!("{m}: {o}")));
+        }
+        Ok(state)
+    }
+
     /// An admin client for a member.
     pub async fn member(&self, name: &str) -> Result<Client> {
         self.env.cluster(name).client().await.with_context(|| format!("client for {name}"))
@@ -212,6 +260,55 @@ pub async fn put_kubeconfig(hub: &Client, member: &str, kubeconfig: &str) -> Res
     let secrets: Api<Secret> = Api::namespaced(hub.clone(), NAMESPACE);
     secrets.patch(&format!("{member}-kubeconfig"), &PatchParams::apply("e2e").force(), &Patch::Apply(&secret)).await?;
     Ok(())
+}
+
+/// `kind namespace/name` and the meshfed labels of every object of kind `K` that `lp` selects.
+async fn owned_objects<K>(client: &Client, lp: &ListParams) -> Result<Vec<String>>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let list = Api::<PartialObjectMeta<K>>::all(client.clone()).list_metadata(lp).await?;
+    Ok(list.items.iter().map(|o| format!("{} {}", K::kind(&()), describe(o))).collect())
+}
+
+/// `namespace/name {labels}` of an object, with only the labels that are not about the object's identity.
+fn describe(o: &impl kube::Resource) -> String {
+    let labels: BTreeMap<&String, &String> = o.labels().iter().collect();
+    format!("{}/{} {labels:?}", o.namespace().unwrap_or_default(), o.name_any())
+}
+
+/// The plain manifests rendered from the chart: `deploy/meshfed.yaml`.
+pub fn manifests() -> String {
+    let path = format!("{}/../deploy/meshfed.yaml", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Applies, server-side with strict field validation (an unknown or misspelt field fails), the objects of a
+/// multi-document YAML whose kind `keep` accepts, in order; returns their kinds and names.
+pub async fn apply_manifests(client: &Client, yaml: &str, keep: impl Fn(&str) -> bool) -> Result<Vec<String>> {
+    let pp =
+        PatchParams { field_validation: Some(kube::api::ValidationDirective::Strict), ..PatchParams::apply("e2e") };
+    let mut applied = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(yaml) {
+        let obj: kube::api::DynamicObject = serde::Deserialize::deserialize(doc)?;
+        let types = obj.types.as_ref().context("every manifest has apiVersion and kind")?;
+        if !keep(&types.kind) {
+            continue;
+        }
+        let gvk = kube::api::GroupVersionKind::try_from(types)?;
+        let (resource, caps) = kube::discovery::pinned_kind(client, &gvk).await?;
+        let api: Api<kube::api::DynamicObject> = match (caps.scope, obj.metadata.namespace.as_deref()) {
+            (kube::discovery::Scope::Namespaced, Some(ns)) => Api::namespaced_with(client.clone(), ns, &resource),
+            (kube::discovery::Scope::Namespaced, None) => {
+                bail!("{} {:?} has no namespace", gvk.kind, obj.metadata.name)
+            }
+            _ => Api::all_with(client.clone(), &resource),
+        };
+        let name = obj.metadata.name.clone().context("every manifest has a name")?;
+        api.patch(&name, &pp, &Patch::Apply(&obj)).await.with_context(|| format!("applying {} {name}", gvk.kind))?;
+        applied.push(format!("{}/{name}", gvk.kind));
+    }
+    Ok(applied)
 }
 
 /// The condition of `type_` among `conditions`.

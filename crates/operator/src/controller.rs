@@ -37,8 +37,8 @@ use tracing::{info, warn};
 use crate::{
     Error,
     apply::{self, Writer},
-    members::{ClientPool, Member},
     members::member_id,
+    members::{ClientPool, Member},
     metrics::{FailureLabels, Metrics},
     remote_access, trust,
     watches::MemberWatches,
@@ -217,7 +217,8 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
         ctx.settings.clock.now(),
     );
     ctx.metrics.observe_status(&fref.to_string(), &status);
-    let in_use = status.clusters.iter().filter_map(|c| Some(member_id(&fref.namespace, c.kubeconfig_secret_ref.as_ref()?)));
+    let in_use =
+        status.clusters.iter().filter_map(|c| Some(member_id(&fref.namespace, c.kubeconfig_secret_ref.as_ref()?)));
     ctx.watches.used_by(&fref.to_string(), in_use.collect());
     report(fed, ctx, &status).await?;
     let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");

@@ -73,13 +73,8 @@ impl ClientPool {
         config.connect_timeout = Some(connect_timeout);
         let client =
             Client::try_from(config).map_err(|e| Failure::new("KubeconfigInvalid", format!("{where_}: {e}")))?;
-        let member = Member {
-            id: member_id(namespace, secret),
-            version: version.clone(),
-            client,
-            server,
-            kubeconfig: kc,
-        };
+        let member =
+            Member { id: member_id(namespace, secret), version: version.clone(), client, server, kubeconfig: kc };
         self.cache.lock().expect("pool lock").insert(key, (version, member.clone()));
         Ok(member)
     }

@@ -1,0 +1,119 @@
+//! Resilience: a member down for a minute holds back nothing else and catches up once it is back; an operator
+//! killed at any point of a convergence leaves the clusters so that the next one ends in the same state as a run
+//! that was never killed.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Result, bail};
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready};
+use meshfed_operator::metrics::Metrics;
+use meshfed_testenv::Options;
+
+const WAIT: Duration = Duration::from_secs(60);
+const DOWN: Duration = Duration::from_secs(60);
+
+fn cluster_ready(fed: &meshfed_api::MeshFederation, name: &str) -> bool {
+    let clusters = fed.status.as_ref().map(|s| s.clusters.as_slice()).unwrap_or_default();
+    clusters.iter().any(|c| c.name == name && condition(&c.conditions, "Ready").is_some_and(|r| r.status == "True"))
+}
+
+async fn secret_names(f: &Fixture, member: &str) -> Result<Vec<String>> {
+    let secrets: Api<Secret> = Api::namespaced(f.member(member).await?, "istio-system");
+    Ok(secrets.list(&Default::default()).await?.items.into_iter().filter_map(|s| s.metadata.name).collect())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_down_for_a_minute_holds_back_no_change_and_catches_up_after() -> Result<()> {
+    let mut f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
+    f.apply(&example("multi-primary-multi-network")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+
+    f.env.cluster_mut("west").stop();
+    let stopped = Instant::now();
+    // While west is down, north joins.
+    let with_north = example("multi-primary-multi-network").replace(
+        "  clusters:\n",
+        "  clusters:\n  - {name: north, network: network3, kubeconfigSecretRef: {name: north-kubeconfig}}\n",
+    );
+    f.apply(&with_north).await?;
+    let fed = f.wait_for("prod", WAIT, |fed| cluster_ready(fed, "east") && cluster_ready(fed, "north")).await?;
+    println!("north joined {:.1?} after the change, with west down", stopped.elapsed());
+    let reachable = fed_condition(&fed, "ClustersReachable").unwrap();
+    assert_eq!(reachable.status, "False");
+    assert!(reachable.message.starts_with("west: "), "{}", reachable.message);
+    let north = secret_names(&f, "north").await?;
+    assert!(north.contains(&"cacerts".into()) && north.contains(&"istio-remote-secret-east".into()), "{north:?}");
+    assert!(secret_names(&f, "east").await?.contains(&"istio-remote-secret-north".into()));
+
+    // The rest of the minute: the federation is retried every second, and what is converged is not rewritten.
+    let writes = f.metrics.member_writes_total();
+    tokio::time::sleep(DOWN.saturating_sub(stopped.elapsed())).await;
+    assert_eq!(f.metrics.member_writes_total(), writes, "members were written again while west was down");
+    let fed = f.federations().get("prod").await?;
+    assert!(cluster_ready(&fed, "east") && cluster_ready(&fed, "north") && !cluster_ready(&fed, "west"));
+
+    f.env.cluster_mut("west").start().await?;
+    let restarted = Instant::now();
+    f.wait_for("prod", WAIT, is_ready).await?;
+    println!("west converged {:.1?} after it came back from {DOWN:?} down", restarted.elapsed());
+    let west = secret_names(&f, "west").await?;
+    assert!(west.contains(&"istio-remote-secret-north".into()), "{west:?}");
+    assert!(secret_names(&f, "north").await?.contains(&"istio-remote-secret-west".into()));
+    Ok(())
+}
+
+/// Waits until `ok`, checking every millisecond, so that a kill lands close to the point asked for.
+async fn until(what: &str, ok: impl AsyncFn() -> bool) -> Result<()> {
+    let deadline = Instant::now() + WAIT;
+    while !ok().await {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_operator_killed_at_any_point_of_a_convergence_ends_in_the_same_state() -> Result<()> {
+    let members = ["east", "west"];
+    let federation = example("multi-primary-multi-network");
+
+    let f = Fixture::start(&members, Options::default()).await?;
+    f.apply(&federation).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let reference = f.end_state("prod", &members).await?;
+    let writes = f.metrics.member_writes_total();
+    drop(f);
+    assert!(writes > 4, "a convergence takes several writes: {writes}");
+
+    // Kill points: as soon as the root exists in the hub (0), then after k member writes, across the convergence.
+    let points: Vec<u64> = std::iter::once(0).chain((1..writes).step_by((writes as usize / 8).max(1))).collect();
+    for k in points {
+        let f = Fixture::clusters(&members, Options::default()).await?;
+        let metrics = Metrics::default();
+        let first = f.run_operator(metrics.clone()).await?;
+        f.apply(&federation).await?;
+        let roots: Api<Secret> = Api::namespaced(f.hub.clone(), NAMESPACE);
+        until("the root CA", async || roots.get_opt("prod-root-ca").await.is_ok_and(|r| r.is_some())).await?;
+        until("the kill point", async || metrics.member_writes_total() >= k).await?;
+        first.abort();
+        let _ = first.await;
+        let killed_at = metrics.member_writes_total();
+
+        let second = f.run_operator(Metrics::default()).await?;
+        f.wait_for("prod", WAIT, is_ready).await?;
+        let state = f.end_state("prod", &members).await?;
+        second.abort();
+        let missing: Vec<_> = reference.difference(&state).collect();
+        let extra: Vec<_> = state.difference(&reference).collect();
+        assert!(
+            missing.is_empty() && extra.is_empty(),
+            "killed after {killed_at} of {writes} writes, the end state differs:\nmissing {missing:#?}\nextra {extra:#?}"
+        );
+        println!("killed after {killed_at} of {writes} member writes: same end state");
+    }
+    Ok(())
+}
