@@ -1,12 +1,53 @@
 //! Observability end to end: the metrics the README documents, scraped over HTTP from a converged federation and
 //! checked against its status; the series of a member that left, and of a federation that is gone, are removed;
-//! liveness and readiness answer.
+//! liveness and readiness answer; every JSON log line of a reconcile names its federation, and no log line holds a
+//! private key or a token.
 
-use std::time::Duration;
+use std::{
+    io::Write,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
+use meshfed_core::remote;
 use meshfed_e2e::{Fixture, Scrape, example, http_get, is_ready};
 use meshfed_testenv::Options;
+use serde_json::Value;
+
+/// The operator's log, as `meshfed run --log-json` writes it.
+#[derive(Clone, Default)]
+struct Log(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Log {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Log {
+    fn capture() -> Self {
+        let log = Self::default();
+        let writer = log.clone();
+        tracing_subscriber::fmt()
+            .json()
+            .with_env_filter("meshfed_operator=info")
+            .with_writer(move || writer.clone())
+            .init();
+        log
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
 
 const WAIT: Duration = Duration::from_secs(60);
 const FED: &str = r#"federation="mesh-system/prod""#;
@@ -29,7 +70,8 @@ fn unix(rfc3339: Option<&String>) -> f64 {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn the_documented_metrics_are_served_and_follow_the_members() -> anyhow::Result<()> {
+async fn the_documented_metrics_are_served_and_follow_the_members_and_logs_name_the_federation() -> anyhow::Result<()> {
+    let log = Log::capture();
     let f = Fixture::start(&["east", "west"], Options::default()).await?;
     let port = f.serve_metrics().await?;
     assert_eq!(http_get(port, "/healthz").await?.0, 200);
@@ -68,6 +110,26 @@ async fn the_documented_metrics_are_served_and_follow_the_members() -> anyhow::R
         assert_eq!(m.value("meshfed_intermediate_expiry_timestamp_seconds", &labels), Some(intermediate));
         let token = unix(c.reader_token_expires_at.as_ref());
         assert_eq!(m.value("meshfed_reader_token_expiry_timestamp_seconds", &labels), Some(token));
+    }
+
+    // Logs: every line of a reconcile names the federation, every line about a member names its cluster, and no
+    // line holds a private key or the reader token that peers use.
+    let held = Api::<Secret>::namespaced(f.member("east").await?, "istio-system").get("istio-remote-secret-west").await?;
+    let token = remote::token_in_remote_secret(&held, "west").expect("a token in the remote secret");
+    let text = log.text();
+    assert!(!text.contains("PRIVATE KEY") && !text.contains(token.expose()), "a secret is in the log");
+    let lines: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let applying: Vec<&Value> = lines.iter().filter(|l| l["fields"]["message"] == "applying").collect();
+    assert!(!applying.is_empty(), "no write was logged:\n{text}");
+    for l in &lines {
+        let in_reconcile = l["spans"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "reconcile"));
+        if in_reconcile {
+            assert_eq!(l["span"]["federation"], "mesh-system/prod", "{l}");
+        }
+    }
+    for l in applying {
+        assert_eq!(l["span"]["federation"], "mesh-system/prod", "{l}");
+        assert!(l["fields"]["cluster"].is_string(), "{l}");
     }
 
     // West leaves: its series go, and so do the watches on it.

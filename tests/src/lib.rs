@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use serde::Deserialize;
 use k8s_openapi::{
     ByteString,
     api::core::v1::{Namespace, Secret},
@@ -290,7 +291,11 @@ pub async fn apply_manifests(client: &Client, yaml: &str, keep: impl Fn(&str) ->
         PatchParams { field_validation: Some(kube::api::ValidationDirective::Strict), ..PatchParams::apply("e2e") };
     let mut applied = Vec::new();
     for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let obj: kube::api::DynamicObject = serde::Deserialize::deserialize(doc)?;
+        let value = serde_yaml::Value::deserialize(doc)?;
+        if value.is_null() {
+            continue; // a document of comments only
+        }
+        let obj: kube::api::DynamicObject = serde_yaml::from_value(value)?;
         let types = obj.types.as_ref().context("every manifest has apiVersion and kind")?;
         if !keep(&types.kind) {
             continue;

@@ -32,13 +32,12 @@ use meshfed_core::{
     validate::validate,
 };
 use serde_json::json;
-use tracing::{info, warn};
+use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     Error,
     apply::{self, Writer},
-    members::member_id,
-    members::{ClientPool, Member},
+    members::{ClientPool, Member, member_id},
     metrics::{FailureLabels, Metrics},
     remote_access, trust,
     watches::MemberWatches,
@@ -114,7 +113,13 @@ pub async fn run(hub: Client, settings: Settings, metrics: Metrics) -> anyhow::R
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
             if let Err(e) = res {
-                warn!(error = %e, "reconcile failed");
+                match e {
+                    kube::runtime::controller::Error::ReconcilerFailed(e, obj) => {
+                        let federation = format!("{}/{}", obj.namespace.unwrap_or_default(), obj.name);
+                        warn!(%federation, error = %e, "reconcile failed")
+                    }
+                    e => warn!(error = %e, "controller error"),
+                }
             }
         })
         .await;
@@ -126,9 +131,12 @@ fn error_policy(_fed: Arc<MeshFederation>, error: &Error, ctx: Arc<Context>) -> 
     Action::requeue(ctx.settings.retry_after)
 }
 
+/// Every log line of a reconcile carries the federation (`namespace/name`) from this span; lines about one member
+/// also name its cluster.
 async fn reconcile(fed: Arc<MeshFederation>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.time_reconcile();
     let ns = fed.namespace().ok_or(Error::NotNamespaced)?;
+    let span = info_span!("reconcile", federation = %format!("{ns}/{}", fed.name_any()));
     let api: Api<MeshFederation> = Api::namespaced(ctx.hub.clone(), &ns);
     finalizer(&api, FINALIZER, fed, |event| async {
         match event {
@@ -136,6 +144,7 @@ async fn reconcile(fed: Arc<MeshFederation>, ctx: Arc<Context>) -> Result<Action
             Event::Cleanup(fed) => cleanup(&fed, &ctx).await,
         }
     })
+    .instrument(span)
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)))
 }
@@ -153,14 +162,14 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
     let mut root_status = None;
     let reports = match &validation {
         Err(problems) => {
-            info!(federation = %fref.name, problems = problems.len(), "federation is invalid; nothing is written to members");
+            info!(problems = problems.len(), "federation is invalid; nothing is written to members");
             Vec::new()
         }
         Ok(valid) => {
             let now = ctx.settings.clock.now();
             let root = trust::root(&ctx.hub, fed, &valid.durations, now).await;
             if let Err(f) = &root {
-                warn!(federation = %fref.name, reason = %f.reason, "{}", f.message);
+                warn!(reason = %f.reason, "{}", f.message);
             }
             let staying = spec.clusters.iter().map(|c| converge_member(ctx, &fref, spec, c));
             let leaving = previous
@@ -244,7 +253,7 @@ async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
         join_all(members.into_iter().map(|(name, secret)| cleanup_member(ctx, &fref, &fed.spec, name, secret))).await;
     let pending: Vec<_> = reports.into_iter().filter(|r| r.failure.is_some()).collect();
     if pending.is_empty() {
-        info!(federation = %fref.name, "members cleaned up; releasing the finalizer");
+        info!("members cleaned up; releasing the finalizer");
         ctx.metrics.forget(&fref.to_string());
         ctx.watches.used_by(&fref.to_string(), Default::default());
         return Ok(Action::await_change());
@@ -332,7 +341,7 @@ where
         }
     };
     if let Some(f) = &report.failure {
-        warn!(federation = %fref.name, cluster = %report.name, reason = %f.reason, "{}", f.message);
+        warn!(cluster = %report.name, reason = %f.reason, "{}", f.message);
     }
     found
 }
@@ -393,7 +402,7 @@ async fn cleanup_member(
             let release = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
             apply::apply(&w, &namespaces, ns, &release).await?;
         }
-        info!(federation = %fref.name, cluster = %name, "member cleaned up");
+        info!(cluster = %name, "member cleaned up");
         Ok(())
     })
     .await;

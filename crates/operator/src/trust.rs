@@ -73,7 +73,7 @@ pub async fn root(hub: &Client, fed: &MeshFederation, durations: &Durations, now
             Err(kube::Error::Api(e)) if e.code == 409 => read(&secrets, &name).await?.unwrap_or(s),
             Err(e) => return Err(Failure::new("RootSecretUnwritable", format!("cannot replace Secret {name}: {e}"))),
         };
-        info!(federation = %fed.name_any(), secret = %name, "generated a new root CA on request; rotating to it");
+        info!(secret = %name, "generated a new root CA on request; rotating to it");
         return load(&name, replaced);
     }
     if let Some(fp) = fed.status.as_ref().and_then(|s| s.trust.as_ref()?.root_fingerprint.clone()) {
@@ -109,7 +109,7 @@ pub async fn root(hub: &Client, fed: &MeshFederation, durations: &Durations, now
         .await
     {
         Ok(created) => {
-            info!(federation = %fed.name_any(), secret = %name, "generated the root CA");
+            info!(secret = %name, "generated the root CA");
             load(&name, created)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => {
