@@ -23,13 +23,20 @@ pub enum Error {
 }
 
 impl Error {
-    /// A stable category, for metrics labels and Events.
+    /// Every category [`Error::metric_label`] gives.
+    pub const CATEGORIES: [&'static str; 4] = ["not_namespaced", "status", "cleanup_pending", "finalizer"];
+
+    /// A stable category, for metrics labels: the reconcile's own error where the finalizer wraps one.
     pub fn metric_label(&self) -> &'static str {
+        use kube::runtime::finalizer::Error as F;
         match self {
             Self::NotNamespaced => "not_namespaced",
             Self::Status(_) => "status",
             Self::CleanupPending(_) => "cleanup_pending",
-            Self::Finalizer(_) => "finalizer",
+            Self::Finalizer(e) => match &**e {
+                F::ApplyFailed(e) | F::CleanupFailed(e) => e.metric_label(),
+                _ => "finalizer",
+            },
         }
     }
 }
