@@ -54,10 +54,10 @@ async fn a_member_down_for_a_minute_holds_back_no_change_and_catches_up_after() 
     let fed = f.federations().get("prod").await?;
     assert!(cluster_ready(&fed, "east") && cluster_ready(&fed, "north") && !cluster_ready(&fed, "west"));
 
-    f.env.cluster_mut("west").start().await?;
     let restarted = Instant::now();
+    f.env.cluster_mut("west").start().await?;
     f.wait_for("prod", WAIT, is_ready).await?;
-    println!("west converged {:.1?} after it came back from {DOWN:?} down", restarted.elapsed());
+    println!("west converged {:.1?} after its API server was restarted, {DOWN:?} down", restarted.elapsed());
     let west = secret_names(&f, "west").await?;
     assert!(west.contains(&"istio-remote-secret-north".into()), "{west:?}");
     assert!(secret_names(&f, "north").await?.contains(&"istio-remote-secret-west".into()));
