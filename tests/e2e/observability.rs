@@ -114,7 +114,8 @@ async fn the_documented_metrics_are_served_and_follow_the_members_and_logs_name_
 
     // Logs: every line of a reconcile names the federation, every line about a member names its cluster, and no
     // line holds a private key or the reader token that peers use.
-    let held = Api::<Secret>::namespaced(f.member("east").await?, "istio-system").get("istio-remote-secret-west").await?;
+    let held =
+        Api::<Secret>::namespaced(f.member("east").await?, "istio-system").get("istio-remote-secret-west").await?;
     let token = remote::token_in_remote_secret(&held, "west").expect("a token in the remote secret");
     let text = log.text();
     assert!(!text.contains("PRIVATE KEY") && !text.contains(token.expose()), "a secret is in the log");

@@ -7,7 +7,6 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
 use k8s_openapi::{
     ByteString,
     api::core::v1::{Namespace, Secret},
@@ -25,6 +24,7 @@ use meshfed_operator::{
     metrics::Metrics,
 };
 use meshfed_testenv::{Env, Options};
+use serde::Deserialize;
 use tokio::task::JoinHandle;
 
 /// The hub namespace the examples in `deploy/` live in.
@@ -60,6 +60,7 @@ impl Fixture {
         let settings = Settings {
             member_timeout: Duration::from_secs(5),
             retry_after: Duration::from_secs(1),
+            member_backoff_max: Duration::from_secs(4),
             clock: self.clock.clone(),
             ..Settings::default()
         };

@@ -37,7 +37,7 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::{
     Error,
     apply::{self, Writer},
-    members::{ClientPool, Member, member_id},
+    members::{Backoff, ClientPool, Member, member_id},
     metrics::{FailureLabels, Metrics},
     remote_access, trust,
     watches::MemberWatches,
@@ -68,6 +68,9 @@ pub struct Settings {
     pub member_timeout: Duration,
     /// How soon a federation that is not ready is looked at again.
     pub retry_after: Duration,
+    /// The longest a failing member is left alone before it is tried again (the wait starts at `retry_after` and
+    /// doubles with every failure in a row).
+    pub member_backoff_max: Duration,
     /// How often a ready federation is checked against its members.
     pub resync_after: Duration,
     /// The time.
@@ -79,6 +82,7 @@ impl Default for Settings {
         Self {
             member_timeout: Duration::from_secs(10),
             retry_after: Duration::from_secs(5),
+            member_backoff_max: Duration::from_secs(60),
             resync_after: Duration::from_secs(300),
             clock: Clock::default(),
         }
@@ -89,6 +93,7 @@ struct Context {
     hub: Client,
     recorder: Recorder,
     pool: ClientPool,
+    backoff: Backoff,
     watches: MemberWatches,
     settings: Settings,
     metrics: Metrics,
@@ -106,7 +111,15 @@ pub async fn run(hub: Client, settings: Settings, metrics: Metrics) -> anyhow::R
     let (watches, triggers) = MemberWatches::new(metrics.member_watches.clone());
     let triggers = futures::stream::unfold(triggers, |mut rx| async { rx.recv().await.map(|t| (t, rx)) });
     let recorder = Recorder::new(hub.clone(), Reporter { controller: "meshfed".into(), instance: None });
-    let ctx = Arc::new(Context { hub, recorder, pool: ClientPool::default(), watches, settings, metrics });
+    let ctx = Arc::new(Context {
+        hub,
+        recorder,
+        pool: ClientPool::default(),
+        backoff: Backoff::default(),
+        watches,
+        settings,
+        metrics,
+    });
     info!("meshfed controller started");
     Controller::new(feds, watcher::Config::default().any_semantic())
         .reconcile_on(triggers)
@@ -317,6 +330,10 @@ where
         }
     };
     ctx.watches.ensure(&fref.to_string(), &member.id, &member.version, &member.client);
+    if let Some(last) = ctx.backoff.waiting(&member) {
+        report.failure = Some(last);
+        return None;
+    }
     let run = async {
         let asked = std::time::Instant::now();
         let version = member
@@ -340,6 +357,8 @@ where
             None
         }
     };
+    let (base, max) = (ctx.settings.retry_after, ctx.settings.member_backoff_max);
+    ctx.backoff.record(&member, report.failure.as_ref(), base, max);
     if let Some(f) = &report.failure {
         warn!(cluster = %report.name, reason = %f.reason, "{}", f.message);
     }

@@ -3,7 +3,11 @@
 //! A kubeconfig is checked before any client is built from it (no `exec`, auth providers or file paths), and the
 //! client is cached by the Secret's uid and resourceVersion, so it is rebuilt only when the Secret changes.
 
-use std::{collections::HashMap, sync::Mutex, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::Mutex,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -77,5 +81,93 @@ impl ClientPool {
             Member { id: member_id(namespace, secret), version: version.clone(), client, server, kubeconfig: kc };
         self.cache.lock().expect("pool lock").insert(key, (version, member.clone()));
         Ok(member)
+    }
+}
+
+/// Backoff for members that fail: after `n` failures in a row a member is not contacted again for
+/// `base * 2^(n-1)`, at most `max`, and keeps reporting its last failure meanwhile. A success, or a change of its
+/// kubeconfig Secret, ends it. Reconciles that other members trigger meanwhile do not wait on it.
+#[derive(Default)]
+pub struct Backoff {
+    failing: Mutex<HashMap<String, Failing>>,
+}
+
+struct Failing {
+    version: String,
+    failures: u32,
+    retry_at: Instant,
+    last: Failure,
+}
+
+impl Backoff {
+    /// The failure to report instead of contacting `member` (built from Secret `version`), while it waits.
+    pub fn waiting(&self, member: &Member) -> Option<Failure> {
+        let failing = self.failing.lock().expect("backoff lock");
+        let f = failing.get(&member.id)?;
+        (f.version == member.version && Instant::now() < f.retry_at).then(|| f.last.clone())
+    }
+
+    /// Records how contacting `member` went.
+    pub fn record(&self, member: &Member, outcome: Option<&Failure>, base: Duration, max: Duration) {
+        let mut failing = self.failing.lock().expect("backoff lock");
+        let Some(failure) = outcome else {
+            failing.remove(&member.id);
+            return;
+        };
+        let failures = match failing.get(&member.id) {
+            Some(f) if f.version == member.version => f.failures + 1,
+            _ => 1,
+        };
+        let retry_at = Instant::now() + delay(failures, base, max);
+        let entry = Failing { version: member.version.clone(), failures, retry_at, last: failure.clone() };
+        failing.insert(member.id.clone(), entry);
+    }
+}
+
+/// `base * 2^(failures-1)`, at most `max`.
+fn delay(failures: u32, base: Duration, max: Duration) -> Duration {
+    base.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(max)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(version: &str) -> Member {
+        let config = Config::new("https://127.0.0.1:1".parse().unwrap());
+        Member {
+            id: "mesh-system/east-kubeconfig/kubeconfig".into(),
+            version: version.into(),
+            client: Client::try_from(config).unwrap(),
+            server: "https://127.0.0.1:1".into(),
+            kubeconfig: Kubeconfig::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failing_member_waits_until_its_time_a_success_or_a_new_secret() {
+        let backoff = Backoff::default();
+        let (base, max) = (Duration::from_millis(200), Duration::from_secs(60));
+        let down = Failure::new("Unreachable", "connection refused");
+        let east = member("uid/1");
+        assert_eq!(backoff.waiting(&east), None, "a member that never failed is tried");
+        backoff.record(&east, Some(&down), base, max);
+        assert_eq!(backoff.waiting(&east), Some(down.clone()), "it reports its last failure while it waits");
+        assert_eq!(backoff.waiting(&member("uid/2")), None, "a changed kubeconfig Secret is tried at once");
+        tokio::time::sleep(base).await;
+        assert_eq!(backoff.waiting(&east), None, "tried again once the wait is over");
+        backoff.record(&east, Some(&down), base, max);
+        tokio::time::sleep(base).await;
+        assert!(backoff.waiting(&east).is_some(), "the second failure in a row waits twice as long");
+        backoff.record(&east, None, base, max);
+        assert_eq!(backoff.waiting(&east), None, "a success ends the backoff");
+    }
+
+    #[test]
+    fn the_delay_doubles_from_the_base_up_to_the_cap() {
+        let (base, max) = (Duration::from_secs(5), Duration::from_secs(60));
+        let delays: Vec<u64> = (1..=7).map(|n| delay(n, base, max).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 60, 60, 60]);
+        assert_eq!(delay(u32::MAX, base, max), max);
     }
 }

@@ -78,7 +78,7 @@ impl Default for Metrics {
         let failures = Family::<FailureLabels, Counter>::default();
         // Every category is served from the start, at zero, so that a rate over it is defined before any failure.
         for category in crate::Error::CATEGORIES {
-            failures.get_or_create(&FailureLabels { category: category.into() });
+            let _ = failures.get_or_create(&FailureLabels { category: category.into() });
         }
         let reconcile_duration = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
         let member_writes = Family::<WriteLabels, Counter>::default();
