@@ -165,6 +165,10 @@ impl Metrics {
     pub fn member_answered(&self, federation: &str, cluster: &str, took: Duration) {
         let labels = MemberLabels { federation: federation.into(), cluster: cluster.into() };
         self.member_latency.get_or_create(&labels).observe(took.as_secs_f64());
+        // Tracked at once, so that a member reached by a reconcile on an outdated status (one that still lists it as
+        // leaving) loses this series too when the next status leaves it out.
+        let mut clusters = self.clusters.lock().expect("metrics lock");
+        clusters.entry(federation.into()).or_default().insert(cluster.into());
     }
 
     /// Sets the per-federation and per-member gauges from the status a reconcile computed (`federation` is
