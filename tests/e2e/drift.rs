@@ -41,6 +41,13 @@ async fn drift_of_every_owned_kind_is_repaired_within_seconds_without_touching_t
 
     east_secrets.delete("cacerts", &Default::default()).await?;
     repaired("a deleted cacerts", || async { east_secrets.get_opt("cacerts").await.unwrap().is_some() }).await;
+    // Its new intermediate is announced, like the first one was: the same Event about east, seen twice.
+    f.wait_for_event("prod", |e| {
+        e.reason.as_deref() == Some("IntermediateIssued")
+            && e.related.as_ref().and_then(|r| r.name.as_deref()) == Some("east-kubeconfig")
+            && e.series.as_ref().is_some_and(|s| s.count >= 2)
+    })
+    .await?;
 
     west_secrets.delete("istio-remote-secret-east", &Default::default()).await?;
     repaired("a deleted remote secret", || async {

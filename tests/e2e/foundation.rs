@@ -69,17 +69,12 @@ async fn a_federation_labels_every_member_and_deletion_cleans_them() -> anyhow::
     }
     assert!(fed.metadata.finalizers.as_ref().unwrap().contains(&"meshfed.io/cleanup".to_string()));
     // The flip to Ready is announced as an Event on the federation.
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(f.hub.clone(), meshfed_e2e::NAMESPACE);
-    let deadline = Instant::now() + WAIT;
-    while !events.list(&ListParams::default()).await?.items.iter().any(|e| {
-        e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("prod")
-            && e.reason.as_deref() == Some("Converged")
+    f.wait_for_event("prod", |e| {
+        e.reason.as_deref() == Some("Converged")
             && e.type_.as_deref() == Some("Normal")
             && e.note.as_deref().is_some_and(|n| n.starts_with("Ready is True"))
-    }) {
-        assert!(Instant::now() < deadline, "no Event announced Ready=True");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await?;
 
     let east_ns = istio_namespace(&east).await.expect("east has the Istio namespace");
     assert_eq!(labels(&east_ns)[NETWORK], "network1");

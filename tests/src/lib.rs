@@ -167,6 +167,29 @@ impl Fixture {
         Ok(())
     }
 
+    /// Waits until an Event on federation `name` satisfies `matches`.
+    pub async fn wait_for_event(
+        &self,
+        name: &str,
+        matches: impl Fn(&k8s_openapi::api::events::v1::Event) -> bool,
+    ) -> Result<()> {
+        let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.hub.clone(), NAMESPACE);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let list = events.list(&ListParams::default()).await?.items;
+            let regards = |e: &&k8s_openapi::api::events::v1::Event| {
+                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+            };
+            if list.iter().filter(regards).any(&matches) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("no such Event on {name}; all Events:\n{list:#?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Triggers a reconcile of a federation without changing its spec (an annotation change is a watch event).
     pub async fn poke(&self, name: &str) -> Result<()> {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos().to_string();

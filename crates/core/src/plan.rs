@@ -4,10 +4,7 @@
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
-use k8s_openapi::{
-    api::core::v1::Namespace,
-    apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta},
-};
+use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use meshfed_api::{ClusterSpec, ClusterStatus, MeshFederationSpec, MeshFederationStatus, SecretKeyRef, TrustStatus};
 
 use crate::{
@@ -106,10 +103,71 @@ pub fn status_changed(previous: Option<&MeshFederationStatus>, new: &MeshFederat
     previous.is_none_or(|p| mask(p) != mask(new))
 }
 
-/// The conditions of `new` whose status differs from the same condition in `previous` (or that are new): what
-/// a person should hear about as an Event.
-pub fn flipped<'a>(previous: &[Condition], new: &'a [Condition]) -> Vec<&'a Condition> {
-    new.iter().filter(|n| !previous.iter().any(|p| p.type_ == n.type_ && p.status == n.status)).collect()
+/// Something a person should hear about, as an Event on the federation. Events with the same reason (and cluster)
+/// are counted as one series, so a note says what happened, not details that differ each time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Announcement {
+    /// A Warning (something went wrong) rather than a Normal Event.
+    pub warning: bool,
+    pub reason: String,
+    pub note: String,
+    /// The cluster it is about, if one.
+    pub cluster: Option<String>,
+}
+
+impl Announcement {
+    fn new(warning: bool, reason: &str, note: String) -> Self {
+        Self { warning, reason: reason.into(), note, cluster: None }
+    }
+
+    fn about(self, cluster: &str) -> Self {
+        Self { cluster: Some(cluster.into()), ..self }
+    }
+}
+
+/// What changed from `previous` to `new` that a person should hear about: a condition whose status or reason
+/// changed, a cluster that joined or was removed, a new intermediate CA in a cluster, and each step of a root
+/// rotation.
+pub fn announcements(previous: Option<&MeshFederationStatus>, new: &MeshFederationStatus) -> Vec<Announcement> {
+    let empty = MeshFederationStatus::default();
+    let previous = previous.unwrap_or(&empty);
+    let mut out = Vec::new();
+    for c in &new.conditions {
+        if !previous.conditions.iter().any(|p| p.type_ == c.type_ && p.status == c.status && p.reason == c.reason) {
+            let note = format!("{} is {}: {}", c.type_, c.status, c.message);
+            out.push(Announcement::new(c.status != "True", &c.reason, note));
+        }
+    }
+    for c in &new.clusters {
+        let before = previous.clusters.iter().find(|p| p.name == c.name);
+        if before.is_none() {
+            let note = format!("cluster {} joined the federation", c.name);
+            out.push(Announcement::new(false, "ClusterAdded", note).about(&c.name));
+        }
+        if let Some(fingerprint) = &c.intermediate_fingerprint
+            && before.and_then(|b| b.intermediate_fingerprint.as_ref()) != Some(fingerprint)
+        {
+            let note = format!("cluster {}: a new intermediate CA is in place (its cacerts)", c.name);
+            out.push(Announcement::new(false, "IntermediateIssued", note).about(&c.name));
+        }
+    }
+    for gone in previous.clusters.iter().filter(|p| !new.clusters.iter().any(|c| c.name == p.name)) {
+        let note = format!("cluster {} was cleaned up and left the federation", gone.name);
+        out.push(Announcement::new(false, "ClusterRemoved", note).about(&gone.name));
+    }
+    let (was, now) = (previous.trust.as_ref(), new.trust.as_ref());
+    let phase = |t: Option<&TrustStatus>| t.and_then(|t| t.rotation_phase.clone());
+    match (phase(was), phase(now)) {
+        (before, Some(phase)) if before.as_ref() != Some(&phase) => {
+            out.push(Announcement::new(false, "RootRotation", format!("root rotation: phase {phase}")));
+        }
+        (Some(_), None) => {
+            let root = now.and_then(|t| t.root_fingerprint.as_deref()).unwrap_or("?");
+            out.push(Announcement::new(false, "RootRotated", format!("root rotation done: the root is now {root}")));
+        }
+        _ => {}
+    }
+    out
 }
 
 /// Whether `observed` already holds everything in `desired` (a JSON subset: objects by key, lists item by item), so
@@ -512,16 +570,61 @@ mod tests {
     }
 
     #[test]
-    fn only_conditions_that_changed_status_are_announced() {
+    fn changes_a_person_should_know_are_announced_once() {
         let s = spec();
         let up = [report("east", Some("v"), None), report("west", Some("v"), None)];
         let first = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &up, now());
-        assert_eq!(flipped(&[], &first.conditions).len(), first.conditions.len());
-        assert!(flipped(&first.conditions, &first.conditions).is_empty());
+        let reasons = |a: Vec<Announcement>| a.into_iter().map(|a| a.reason).collect::<Vec<_>>();
+        let joined = announcements(None, &first);
+        assert!(joined.iter().any(|a| a.note.starts_with("Ready is True")), "{joined:?}");
+        assert_eq!(joined.iter().filter(|a| a.reason == "ClusterAdded").count(), 2, "{joined:?}");
+        assert!(announcements(Some(&first), &first).is_empty(), "nothing changed, nothing said");
+
         let down = [up[0].clone(), report("west", None, Some(Failure::new("Unreachable", "refused")))];
         let second = federation_status(Some(&first), Some(1), &s, &validate(&s), Some(&root()), &down, now());
-        let types: Vec<_> = flipped(&first.conditions, &second.conditions).iter().map(|c| c.type_.as_str()).collect();
+        let said = announcements(Some(&first), &second);
+        assert!(said.iter().all(|a| a.warning), "{said:?}");
+        let types: Vec<_> = said.iter().map(|a| a.note.split(' ').next().unwrap()).collect();
         assert_eq!(types, ["Ready", "ClustersReachable"]);
+
+        // Still down, for another reason: said again, with the new reason.
+        let refused = [up[0].clone(), report("west", None, Some(Failure::new("Timeout", "no answer")))];
+        let third = federation_status(Some(&second), Some(1), &s, &validate(&s), Some(&root()), &refused, now());
+        assert_eq!(reasons(announcements(Some(&second), &third)), ["Timeout", "Timeout"]);
+
+        let mut left = first.clone();
+        left.clusters.retain(|c| c.name == "east");
+        assert_eq!(reasons(announcements(Some(&first), &left)), ["ClusterRemoved"]);
+    }
+
+    #[test]
+    fn a_new_intermediate_and_every_rotation_step_are_announced() {
+        let s = spec();
+        let up = [report("east", Some("v"), None)];
+        let first = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &up, now());
+        let mut reissued = first.clone();
+        reissued.clusters[0].intermediate_fingerprint = Some("sha256:new".into());
+        let said = announcements(Some(&first), &reissued);
+        assert_eq!(said.len(), 1);
+        assert_eq!(said[0].reason, "IntermediateIssued");
+        assert_eq!(said[0].cluster.as_deref(), Some("east"));
+
+        let phase = |p: Option<&str>| {
+            let mut s = first.clone();
+            s.trust.as_mut().unwrap().rotation_phase = p.map(String::from);
+            s
+        };
+        let (distributing, reissuing) = (phase(Some("DistributingRoot")), phase(Some("ReissuingIntermediates")));
+        let step = |a: &MeshFederationStatus, b: &MeshFederationStatus| {
+            announcements(Some(a), b).into_iter().map(|a| (a.reason, a.note)).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            step(&first, &distributing),
+            [("RootRotation".into(), "root rotation: phase DistributingRoot".into())]
+        );
+        assert_eq!(step(&distributing, &reissuing)[0].1, "root rotation: phase ReissuingIntermediates");
+        assert!(step(&reissuing, &reissuing).is_empty());
+        assert_eq!(step(&reissuing, &first)[0].0, "RootRotated");
     }
 
     #[test]

@@ -14,7 +14,7 @@ use std::{
 
 use futures::{StreamExt, future::join_all};
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ListParams, Patch, PatchParams},
@@ -292,14 +292,27 @@ async fn report(fed: &MeshFederation, ctx: &Context, status: &meshfed_api::MeshF
     api.patch_status(&fed.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
         .await
         .map_err(Error::Status)?;
-    let previous = fed.status.as_ref().map(|s| s.conditions.as_slice()).unwrap_or_default();
-    for c in plan::flipped(previous, &status.conditions) {
+    let ns = fed.namespace().unwrap_or_default();
+    for said in plan::announcements(fed.status.as_ref(), status) {
+        // An Event about one cluster names its kubeconfig Secret as the related object, so that Events about
+        // different clusters are counted apart.
+        let kubeconfig = said.cluster.as_ref().and_then(|name| {
+            let all = status.clusters.iter().chain(fed.status.iter().flat_map(|s| &s.clusters));
+            all.filter(|c| &c.name == name).find_map(|c| c.kubeconfig_secret_ref.as_ref())
+        });
+        let secondary = kubeconfig.map(|secret| ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Secret".into()),
+            namespace: Some(ns.clone()),
+            name: Some(secret.name.clone()),
+            ..Default::default()
+        });
         let event = KubeEvent {
-            type_: if c.status == "True" { EventType::Normal } else { EventType::Warning },
-            reason: c.reason.clone(),
-            note: Some(format!("{} is {}: {}", c.type_, c.status, c.message)),
+            type_: if said.warning { EventType::Warning } else { EventType::Normal },
+            reason: said.reason,
+            note: Some(said.note),
             action: "Reconcile".into(),
-            secondary: None,
+            secondary,
         };
         // An Event that cannot be written is not worth failing a reconcile over.
         if let Err(e) = ctx.recorder.publish(&event, &fed.object_ref(&())).await {
