@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
-use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready};
+use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready, until};
 use meshfed_operator::metrics::Metrics;
 use meshfed_testenv::Options;
 
@@ -64,18 +64,6 @@ async fn a_member_down_for_a_minute_holds_back_no_change_and_catches_up_after() 
     Ok(())
 }
 
-/// Waits until `ok`, checking every millisecond, so that a kill lands close to the point asked for.
-async fn until(what: &str, ok: impl AsyncFn() -> bool) -> Result<()> {
-    let deadline = Instant::now() + WAIT;
-    while !ok().await {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn an_operator_killed_at_any_point_of_a_convergence_ends_in_the_same_state() -> Result<()> {
     let members = ["east", "west"];
@@ -97,8 +85,10 @@ async fn an_operator_killed_at_any_point_of_a_convergence_ends_in_the_same_state
         let first = f.run_operator(metrics.clone()).await?;
         f.apply(&federation).await?;
         let roots: Api<Secret> = Api::namespaced(f.hub.clone(), NAMESPACE);
-        until("the root CA", async || roots.get_opt("prod-root-ca").await.is_ok_and(|r| r.is_some())).await?;
-        until("the kill point", async || metrics.member_writes_total() >= k).await?;
+        // Checked every millisecond, so that the kill lands close to the point asked for.
+        let has_root = async || roots.get_opt("prod-root-ca").await.is_ok_and(|r| r.is_some());
+        until("the root CA", WAIT, Duration::from_millis(1), has_root).await?;
+        until("the kill point", WAIT, Duration::from_millis(1), async || metrics.member_writes_total() >= k).await?;
         first.abort();
         let _ = first.await;
         let killed_at = metrics.member_writes_total();

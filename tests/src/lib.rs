@@ -362,6 +362,18 @@ pub fn example(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// Waits until `ok` holds, checking every `every`, for at most `timeout`.
+pub async fn until(what: &str, timeout: Duration, every: Duration, ok: impl AsyncFn() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ok().await {
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        tokio::time::sleep(every).await;
+    }
+    Ok(())
+}
+
 /// GETs `path` from a loopback HTTP server on `port`: the status code and the body.
 pub async fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

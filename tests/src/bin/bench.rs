@@ -10,10 +10,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::Parser;
 use kube::api::{Patch, PatchParams};
-use meshfed_e2e::{Fixture, NAMESPACE, Scrape, is_ready};
+use meshfed_e2e::{Fixture, NAMESPACE, Scrape, is_ready, until};
 use meshfed_testenv::Options;
 
 #[derive(Parser)]
@@ -67,7 +67,8 @@ async fn main() -> Result<()> {
             })?,
     );
     let scrape = || Scrape::from(port);
-    wait_until(Duration::from_secs(30), || async { scrape().await.is_ok() }).await?;
+    let every = Duration::from_millis(100);
+    until("the operator's metrics", Duration::from_secs(30), every, async || scrape().await.is_ok()).await?;
 
     let clusters: String = names
         .iter()
@@ -89,10 +90,8 @@ async fn main() -> Result<()> {
         let patch = serde_json::json!({"metadata": {"annotations": {"bench/resync": i.to_string()}}});
         f.federations().patch("bench", &PatchParams::default(), &Patch::Merge(&patch)).await?;
         let want = reconciles + i + 1;
-        wait_until(Duration::from_secs(60), || async {
-            scrape().await.is_ok_and(|m| m.sum("meshfed_reconciles_total") >= want)
-        })
-        .await?;
+        let resynced = async || scrape().await.is_ok_and(|m| m.sum("meshfed_reconciles_total") >= want);
+        until("a resync", Duration::from_secs(60), every, resynced).await?;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = scrape().await?;
@@ -114,21 +113,6 @@ async fn main() -> Result<()> {
         rss as f64 / 1024.0,
         hwm as f64 / 1024.0
     );
-    Ok(())
-}
-
-async fn wait_until<F, Fut>(timeout: Duration, mut ok: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while !ok().await {
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     Ok(())
 }
 
