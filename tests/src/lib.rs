@@ -200,7 +200,7 @@ impl Fixture {
 
     /// Serves the running controller's metrics, as `meshfed run` does, on a free loopback port; returns the port.
     pub async fn serve_metrics(&self) -> Result<u16> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = meshfed_testenv::free_port()?;
         let metrics = self.metrics.clone();
         tokio::spawn(metrics.serve(([127, 0, 0, 1], port).into()));
         let deadline = Instant::now() + Duration::from_secs(10);

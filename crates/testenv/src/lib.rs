@@ -354,8 +354,24 @@ async fn futures_join<F: Future<Output = Result<()>>>(futs: impl Iterator<Item =
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// A loopback port that is free now and that this process has not handed out before. Ports come from below the
+/// kernel's ephemeral range (32768 and up by default), where outgoing connections (many, while a test retries a
+/// stopped cluster) never take them, and are never reused within a process, so a stopped cluster keeps its port for
+/// its restart. Processes start at different points of the range.
+pub fn free_port() -> Result<u16> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000;
+    static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
+    let start = (u64::from(std::process::id()) * 7919 % u64::from(COUNT)) as u32;
+    let _ = NEXT.compare_exchange(u32::MAX, start, Ordering::Relaxed, Ordering::Relaxed);
+    for _ in 0..COUNT {
+        let port = (FIRST + NEXT.fetch_add(1, Ordering::Relaxed) % COUNT) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free loopback port in {FIRST}..{}", FIRST + COUNT)
 }
 
 fn tail(path: &Path) -> String {

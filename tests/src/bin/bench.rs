@@ -54,7 +54,7 @@ async fn main() -> Result<()> {
 
     let kubeconfig = f.env.dir().join("hub.kubeconfig");
     std::fs::write(&kubeconfig, f.env.cluster("hub").kubeconfig())?;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = meshfed_testenv::free_port()?;
     let op = Operator(
         Command::new(&meshfed)
             .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
