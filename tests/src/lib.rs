@@ -203,13 +203,8 @@ impl Fixture {
         let port = meshfed_testenv::free_port()?;
         let metrics = self.metrics.clone();
         tokio::spawn(metrics.serve(([127, 0, 0, 1], port).into()));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while http_get(port, "/healthz").await.is_err() {
-            if Instant::now() > deadline {
-                bail!("the metrics endpoint did not come up on port {port}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let up = async || http_get(port, "/healthz").await.is_ok();
+        until("the metrics endpoint", Duration::from_secs(10), Duration::from_millis(50), up).await?;
         Ok(port)
     }
 
@@ -296,7 +291,7 @@ where
     Ok(list.items.iter().map(|o| format!("{} {}", K::kind(&()), describe(o))).collect())
 }
 
-/// `namespace/name {labels}` of an object, with only the labels that are not about the object's identity.
+/// `namespace/name {labels}` of an object.
 fn describe(o: &impl kube::Resource) -> String {
     let labels: BTreeMap<&String, &String> = o.labels().iter().collect();
     format!("{}/{} {labels:?}", o.namespace().unwrap_or_default(), o.name_any())
