@@ -147,7 +147,7 @@ mod tests {
     #[tokio::test]
     async fn a_failing_member_waits_until_its_time_a_success_or_a_new_secret() {
         let backoff = Backoff::default();
-        let (base, max) = (Duration::from_millis(200), Duration::from_secs(60));
+        let (base, max) = (Duration::from_millis(500), Duration::from_secs(60));
         let down = Failure::new("Unreachable", "connection refused");
         let east = member("uid/1");
         assert_eq!(backoff.waiting(&east), None, "a member that never failed is tried");
