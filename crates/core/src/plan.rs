@@ -113,15 +113,18 @@ pub struct Announcement {
     pub note: String,
     /// The cluster it is about, if one.
     pub cluster: Option<String>,
+    /// That cluster's kubeconfig Secret in the federation's namespace: the Event's related object, so that Events
+    /// about different clusters are counted apart.
+    pub kubeconfig: Option<SecretKeyRef>,
 }
 
 impl Announcement {
     fn new(warning: bool, reason: &str, note: String) -> Self {
-        Self { warning, reason: reason.into(), note, cluster: None }
+        Self { warning, reason: reason.into(), note, cluster: None, kubeconfig: None }
     }
 
-    fn about(self, cluster: &str) -> Self {
-        Self { cluster: Some(cluster.into()), ..self }
+    fn about(self, cluster: &ClusterStatus) -> Self {
+        Self { cluster: Some(cluster.name.clone()), kubeconfig: cluster.kubeconfig_secret_ref.clone(), ..self }
     }
 }
 
@@ -142,18 +145,18 @@ pub fn announcements(previous: Option<&MeshFederationStatus>, new: &MeshFederati
         let before = previous.clusters.iter().find(|p| p.name == c.name);
         if before.is_none() {
             let note = format!("cluster {} joined the federation", c.name);
-            out.push(Announcement::new(false, "ClusterAdded", note).about(&c.name));
+            out.push(Announcement::new(false, "ClusterAdded", note).about(c));
         }
         if let Some(fingerprint) = &c.intermediate_fingerprint
             && before.and_then(|b| b.intermediate_fingerprint.as_ref()) != Some(fingerprint)
         {
             let note = format!("cluster {}: a new intermediate CA is in place (its cacerts)", c.name);
-            out.push(Announcement::new(false, "IntermediateIssued", note).about(&c.name));
+            out.push(Announcement::new(false, "IntermediateIssued", note).about(c));
         }
     }
     for gone in previous.clusters.iter().filter(|p| !new.clusters.iter().any(|c| c.name == p.name)) {
         let note = format!("cluster {} was cleaned up and left the federation", gone.name);
-        out.push(Announcement::new(false, "ClusterRemoved", note).about(&gone.name));
+        out.push(Announcement::new(false, "ClusterRemoved", note).about(gone));
     }
     let (was, now) = (previous.trust.as_ref(), new.trust.as_ref());
     let phase = |t: Option<&TrustStatus>| t.and_then(|t| t.rotation_phase.clone());
@@ -608,6 +611,7 @@ mod tests {
         assert_eq!(said.len(), 1);
         assert_eq!(said[0].reason, "IntermediateIssued");
         assert_eq!(said[0].cluster.as_deref(), Some("east"));
+        assert_eq!(said[0].kubeconfig.as_ref().map(|k| k.name.as_str()), Some("east"), "the Secret the fixture names");
 
         let phase = |p: Option<&str>| {
             let mut s = first.clone();

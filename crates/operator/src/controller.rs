@@ -149,7 +149,7 @@ fn error_policy(_fed: Arc<MeshFederation>, error: &Error, ctx: Arc<Context>) -> 
 async fn reconcile(fed: Arc<MeshFederation>, ctx: Arc<Context>) -> Result<Action, Error> {
     let _timer = ctx.metrics.time_reconcile();
     let ns = fed.namespace().ok_or(Error::NotNamespaced)?;
-    let span = info_span!("reconcile", federation = %format!("{ns}/{}", fed.name_any()));
+    let span = info_span!("reconcile", federation = %federation_ref(&fed));
     let api: Api<MeshFederation> = Api::namespaced(ctx.hub.clone(), &ns);
     finalizer(&api, FINALIZER, fed, |event| async {
         match event {
@@ -238,10 +238,11 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
         &reports,
         ctx.settings.clock.now(),
     );
-    ctx.metrics.observe_status(&fref.to_string(), &status);
+    let key = fref.to_string();
+    ctx.metrics.observe_status(&key, &status);
     let in_use =
         status.clusters.iter().filter_map(|c| Some(member_id(&fref.namespace, c.kubeconfig_secret_ref.as_ref()?)));
-    ctx.watches.used_by(&fref.to_string(), in_use.collect());
+    ctx.watches.used_by(&key, in_use.collect());
     report(fed, ctx, &status).await?;
     let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
     Ok(match (&validation, ready) {
@@ -267,8 +268,9 @@ async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
     let pending: Vec<_> = reports.into_iter().filter(|r| r.failure.is_some()).collect();
     if pending.is_empty() {
         info!("members cleaned up; releasing the finalizer");
-        ctx.metrics.forget(&fref.to_string());
-        ctx.watches.used_by(&fref.to_string(), Default::default());
+        let key = fref.to_string();
+        ctx.metrics.forget(&key);
+        ctx.watches.used_by(&key, Default::default());
         return Ok(Action::await_change());
     }
     let status = plan::deletion_status(fed.status.as_ref(), fed.meta().generation, &pending, ctx.settings.clock.now());
@@ -294,17 +296,11 @@ async fn report(fed: &MeshFederation, ctx: &Context, status: &meshfed_api::MeshF
         .map_err(Error::Status)?;
     let ns = fed.namespace().unwrap_or_default();
     for said in plan::announcements(fed.status.as_ref(), status) {
-        // An Event about one cluster names its kubeconfig Secret as the related object, so that Events about
-        // different clusters are counted apart.
-        let kubeconfig = said.cluster.as_ref().and_then(|name| {
-            let all = status.clusters.iter().chain(fed.status.iter().flat_map(|s| &s.clusters));
-            all.filter(|c| &c.name == name).find_map(|c| c.kubeconfig_secret_ref.as_ref())
-        });
-        let secondary = kubeconfig.map(|secret| ObjectReference {
+        let secondary = said.kubeconfig.map(|secret| ObjectReference {
             api_version: Some("v1".into()),
             kind: Some("Secret".into()),
             namespace: Some(ns.clone()),
-            name: Some(secret.name.clone()),
+            name: Some(secret.name),
             ..Default::default()
         });
         let event = KubeEvent {
@@ -342,7 +338,8 @@ where
             return None;
         }
     };
-    ctx.watches.ensure(&fref.to_string(), &member.id, &member.version, &member.client);
+    let key = fref.to_string();
+    ctx.watches.ensure(&key, &member.id, &member.version, &member.client);
     if let Some(last) = ctx.backoff.waiting(&member) {
         report.failure = Some(last);
         return None;
@@ -354,7 +351,7 @@ where
             .apiserver_version()
             .await
             .map_err(|e| Failure::new("Unreachable", format!("{}: {e}", member.server)))?;
-        ctx.metrics.member_answered(&fref.to_string(), &report.name, asked.elapsed());
+        ctx.metrics.member_answered(&key, &report.name, asked.elapsed());
         report.version = Some(version.git_version);
         work(member.clone()).await
     };
