@@ -7,9 +7,11 @@
 
 pub mod conditions;
 pub mod kubeconfig;
+pub mod member;
 pub mod pki;
 pub mod plan;
 pub mod remote;
 pub mod rotation;
 pub mod topology;
+pub mod trust;
 pub mod validate;

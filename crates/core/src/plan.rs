@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use jiff::Timestamp;
 use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
-use meshfed_api::{ClusterSpec, ClusterStatus, MeshFederationSpec, MeshFederationStatus, SecretKeyRef, TrustStatus};
+use meshfed_api::{ClusterStatus, MeshFederationSpec, MeshFederationStatus, SecretKeyRef, TrustStatus};
 
 use crate::{
     conditions::{Cond, first_failure, stamp},
@@ -59,28 +59,6 @@ impl FederationRef {
     }
 }
 
-/// The Istio namespace of a member, labelled with its network. `observed` is the namespace as it is now, if it
-/// exists: meshfed marks a namespace it creates, so that cleanup deletes only namespaces meshfed made.
-pub fn istio_namespace(
-    fed: &FederationRef,
-    spec: &MeshFederationSpec,
-    cluster: &ClusterSpec,
-    observed: Option<&Namespace>,
-) -> Namespace {
-    let mut labels = fed.owned_labels(&cluster.name);
-    labels.insert(NETWORK_LABEL.into(), cluster.network.clone());
-    let created = observed.is_none_or(created_by_meshfed);
-    Namespace {
-        metadata: ObjectMeta {
-            name: Some(spec.istio.namespace.clone()),
-            labels: Some(labels),
-            annotations: created.then(|| BTreeMap::from([(ANNOTATION_CREATED.into(), "true".into())])),
-            ..Default::default()
-        },
-        ..Default::default()
-    }
-}
-
 /// Whether meshfed created this namespace (and so may delete it on cleanup).
 pub fn created_by_meshfed(ns: &Namespace) -> bool {
     ns.metadata.annotations.as_ref().is_some_and(|a| a.get(ANNOTATION_CREATED).is_some_and(|v| v == "true"))
@@ -90,6 +68,20 @@ pub fn created_by_meshfed(ns: &Namespace) -> bool {
 pub fn owned_by(meta: &ObjectMeta, fed: &FederationRef, cluster: &str) -> bool {
     let labels = meta.labels.clone().unwrap_or_default();
     fed.owned_labels(cluster).iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
+/// The members that left the spec but that the status still lists (not cleaned up yet), with their kubeconfig
+/// Secret: every reconcile cleans them up until they hold nothing of the federation.
+pub fn leaving_members(
+    spec: &MeshFederationSpec,
+    status: Option<&MeshFederationStatus>,
+) -> Vec<(String, SecretKeyRef)> {
+    status
+        .into_iter()
+        .flat_map(|s| &s.clusters)
+        .filter(|c| !spec.clusters.iter().any(|m| m.name == c.name))
+        .filter_map(|c| Some((c.name.clone(), c.kubeconfig_secret_ref.clone()?)))
+        .collect()
 }
 
 /// Whether `new` says something `previous` does not, apart from `lastSeen` (which moves at every contact and would
@@ -521,7 +513,7 @@ mod tests {
     #[test]
     fn a_created_namespace_is_labelled_with_network_and_ownership_and_marked_created() {
         let s = spec();
-        let ns = istio_namespace(&fed(), &s, &s.clusters[1], None);
+        let ns = crate::member::istio_namespace(&fed(), &s, &s.clusters[1], None);
         let labels = ns.metadata.labels.as_ref().unwrap();
         assert_eq!(ns.metadata.name.as_deref(), Some("istio-system"));
         assert_eq!(labels[NETWORK_LABEL], "n2");
@@ -529,7 +521,7 @@ mod tests {
         assert_eq!((labels[LABEL_FEDERATION].as_str(), labels[LABEL_CLUSTER].as_str()), ("prod", "west"));
         assert!(created_by_meshfed(&ns));
         // Once it exists, the plan keeps the mark, so that the next apply does not drop it.
-        assert!(created_by_meshfed(&istio_namespace(&fed(), &s, &s.clusters[1], Some(&ns))));
+        assert!(created_by_meshfed(&crate::member::istio_namespace(&fed(), &s, &s.clusters[1], Some(&ns))));
     }
 
     #[test]
@@ -539,13 +531,13 @@ mod tests {
             metadata: ObjectMeta { name: Some("istio-system".into()), ..Default::default() },
             ..Default::default()
         };
-        assert!(!created_by_meshfed(&istio_namespace(&fed(), &s, &s.clusters[0], Some(&theirs))));
+        assert!(!created_by_meshfed(&crate::member::istio_namespace(&fed(), &s, &s.clusters[0], Some(&theirs))));
     }
 
     #[test]
     fn ownership_needs_every_label_of_this_federation_and_cluster() {
         let s = spec();
-        let ns = istio_namespace(&fed(), &s, &s.clusters[0], None);
+        let ns = crate::member::istio_namespace(&fed(), &s, &s.clusters[0], None);
         assert!(owned_by(&ns.metadata, &fed(), "east"));
         assert!(!owned_by(&ns.metadata, &fed(), "west"));
         let other = FederationRef { namespace: "other".into(), name: "prod".into() };

@@ -8,9 +8,9 @@
 //!    pick one that may stay; only when none may stay, ask `T`'s TokenRequest API for a new one ([`token_request`]).
 //!    The token decision comes from the token's own claims, never from comparing secrets: a fresh token always
 //!    differs;
-//! 3. in every holder that [`remote_secret_placement`] names, build [`remote_secret`] with that token and write it
-//!    only when [`remote_secret_holds`] says the observed one differs;
-//! 4. delete what [`remote_secrets_to_prune`] returns (a removed cluster, a Primary that became a Remote).
+//! 3. in every holder that [`remote_secret_placement`] names, the plan holds [`remote_secret`] with that token
+//!    (`crate::member::member_plan`); the generic apply writes it only where it differs, and the generic prune
+//!    removes the rest (a removed cluster, a Primary that became a Remote).
 //!
 //! A new token is written while the old one is still valid for at least a third of its lifetime, and istiod swaps
 //! its client for a new kubeconfig only once that client has synced, so no moment has an expired token in place.
@@ -19,7 +19,7 @@
 //! remote [`Secret`] holds one in its data, so never log a `Secret` with `{:?}`.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     fmt,
     time::Duration,
 };
@@ -42,7 +42,7 @@ use kube::config::Kubeconfig;
 use meshfed_api::{ClusterRole as Role, ClusterSpec, MeshFederationSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::plan::{FederationRef, owned_by};
+use crate::plan::FederationRef;
 
 /// The reader ServiceAccount in every member's Istio namespace. Istio's charts use `istio-reader-service-account`;
 /// meshfed keeps its own so that it never fights a chart over an object.
@@ -237,36 +237,6 @@ pub fn remote_secret_placement(spec: &MeshFederationSpec) -> BTreeMap<String, Ve
         .collect()
 }
 
-/// The label selector that finds the remote secrets meshfed wrote into `holder` for this federation.
-pub fn remote_secret_selector(fed: &FederationRef, holder: &str) -> String {
-    let mut labels = fed.owned_labels(holder);
-    labels.insert(MULTI_CLUSTER_LABEL.into(), "true".into());
-    labels.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
-}
-
-/// Of the remote secrets observed in `holder` (their metadata, from any namespace), those to delete: every one that
-/// meshfed wrote for this federation and holder (by its labels) but that is not in `istio_namespace` under the name
-/// of one of `targets`. Pass the holder's entry of [`remote_secret_placement`], or no targets for a cluster that
-/// left the spec. Secrets meshfed did not write (a user's own `istio-remote-secret-*`) are never returned.
-pub fn remote_secrets_to_prune<'a>(
-    fed: &FederationRef,
-    holder: &str,
-    istio_namespace: &str,
-    targets: &[String],
-    existing: impl IntoIterator<Item = &'a ObjectMeta>,
-) -> Vec<&'a ObjectMeta> {
-    let wanted: BTreeSet<String> = targets.iter().map(|t| remote_secret_name(t)).collect();
-    existing
-        .into_iter()
-        .filter(|meta| owned_by(meta, fed, holder))
-        .filter(|meta| meta.labels.as_ref().and_then(|l| l.get(MULTI_CLUSTER_LABEL)).is_some_and(|v| v == "true"))
-        .filter(|meta| {
-            meta.namespace.as_deref() != Some(istio_namespace)
-                || !meta.name.as_ref().is_some_and(|n| wanted.contains(n))
-        })
-        .collect()
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // The remote secret
 // ---------------------------------------------------------------------------------------------------------------
@@ -351,20 +321,6 @@ pub fn remote_secret(
         data: Some(BTreeMap::from([(name, ByteString(yaml.into_bytes()))])),
         ..Default::default()
     }
-}
-
-/// Whether `observed` already says what `desired` (from [`remote_secret`]) says, so that writing it can be
-/// skipped: every desired label and annotation with its value, and exactly the desired data (an extra data key
-/// would register one more cluster with istiod). A refreshed token makes the data differ, so decide on refreshing
-/// with [`choose_token`] first and build `desired` with the token chosen.
-pub fn remote_secret_holds(observed: &Secret, desired: &Secret) -> bool {
-    let subset = |o: &Option<BTreeMap<String, String>>, d: &Option<BTreeMap<String, String>>| {
-        d.iter().flatten().all(|(k, v)| o.as_ref().and_then(|o| o.get(k)) == Some(v))
-    };
-    let data = |s: &Secret| s.data.clone().unwrap_or_default();
-    subset(&observed.metadata.labels, &desired.metadata.labels)
-        && subset(&observed.metadata.annotations, &desired.metadata.annotations)
-        && data(observed) == data(desired)
 }
 
 /// The reader token in a remote secret for `target`: the inline token of the user of the current context of the
@@ -667,6 +623,8 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::owned_by;
+    use std::collections::BTreeSet;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use jiff::SignedDuration;
 
@@ -881,81 +839,6 @@ mod tests {
         );
     }
 
-    fn meta(holder: &str, namespace: &str, name: &str) -> ObjectMeta {
-        let mut labels = fed().owned_labels(holder);
-        labels.insert(MULTI_CLUSTER_LABEL.into(), "true".into());
-        ObjectMeta {
-            name: Some(name.into()),
-            namespace: Some(namespace.into()),
-            labels: Some(labels),
-            ..Default::default()
-        }
-    }
-
-    fn pruned(holder: &str, s: &MeshFederationSpec, existing: &[ObjectMeta]) -> Vec<String> {
-        let placed = remote_secret_placement(s);
-        let targets = placed.get(holder).cloned().unwrap_or_default();
-        remote_secrets_to_prune(&fed(), holder, "istio-system", &targets, existing)
-            .into_iter()
-            .map(|m| format!("{}/{}", m.namespace.as_deref().unwrap(), m.name.as_deref().unwrap()))
-            .collect()
-    }
-
-    #[test]
-    fn a_primary_that_becomes_a_remote_loses_its_secrets_and_its_peers_keep_theirs_of_it() {
-        let before = spec(&["east:n1:Primary", "west:n1:Primary"]);
-        let in_west = [meta("west", "istio-system", "istio-remote-secret-east")];
-        let in_east = [meta("east", "istio-system", "istio-remote-secret-west")];
-        assert!(pruned("west", &before, &in_west).is_empty());
-        let after = spec(&["east:n1:Primary", "west:n1:Remote:east"]);
-        assert_eq!(pruned("west", &after, &in_west), ["istio-system/istio-remote-secret-east"]);
-        // east still discovers west, now a Remote it serves.
-        assert!(pruned("east", &after, &in_east).is_empty());
-    }
-
-    #[test]
-    fn a_removed_cluster_loses_its_secrets_and_its_peers_lose_theirs_of_it() {
-        let after = spec(&["east:n1:Primary", "west:n2:Primary"]);
-        let in_east = [
-            meta("east", "istio-system", "istio-remote-secret-west"),
-            meta("east", "istio-system", "istio-remote-secret-gone"),
-        ];
-        assert_eq!(pruned("east", &after, &in_east), ["istio-system/istio-remote-secret-gone"]);
-        // The removed cluster itself is no holder any more: everything meshfed put there goes.
-        let in_gone = [
-            meta("gone", "istio-system", "istio-remote-secret-east"),
-            meta("gone", "istio-system", "istio-remote-secret-west"),
-        ];
-        assert_eq!(pruned("gone", &after, &in_gone).len(), 2);
-    }
-
-    #[test]
-    fn pruning_spares_what_meshfed_did_not_write_and_catches_a_moved_istio_namespace() {
-        let s = spec(&["east:n1:Primary", "west:n1:Primary"]);
-        let mut users = meta("east", "istio-system", "istio-remote-secret-legacy");
-        users.labels = Some(BTreeMap::from([(MULTI_CLUSTER_LABEL.into(), "true".into())]));
-        let other_fed = ObjectMeta {
-            labels: Some(FederationRef { namespace: "other".into(), name: "prod".into() }.owned_labels("east")),
-            ..meta("east", "istio-system", "istio-remote-secret-x")
-        };
-        let old_namespace = meta("east", "istio-old", "istio-remote-secret-west");
-        assert_eq!(pruned("east", &s, &[users, other_fed, old_namespace]), ["istio-old/istio-remote-secret-west"]);
-    }
-
-    #[test]
-    fn the_selector_names_every_ownership_label_and_the_istio_label() {
-        let sel = remote_secret_selector(&fed(), "east");
-        for part in [
-            "app.kubernetes.io/managed-by=meshfed",
-            "meshfed.io/federation=prod",
-            "meshfed.io/federation-namespace=mesh-system",
-            "meshfed.io/cluster=east",
-            "istio/multiCluster=true",
-        ] {
-            assert!(sel.split(',').any(|p| p == part), "{part} in {sel}");
-        }
-    }
-
     // The remote secret
 
     #[test]
@@ -1004,31 +887,6 @@ mod tests {
         );
         s.clusters[0].api_server = Some("https://west.example:6443".into());
         assert_eq!(RemoteTarget::from_kubeconfig(&s.clusters[0], &kc).unwrap().server, "https://west.example:6443");
-    }
-
-    #[test]
-    fn an_unchanged_secret_is_not_rewritten_but_a_changed_server_label_or_extra_key_is() {
-        let s = spec(&["east:n1:Primary", "west:n2:Primary"]);
-        let t = token("2026-11-22T10:00:00Z", "2026-11-23T10:00:00Z");
-        let desired = remote_secret(&fed(), &s, &s.clusters[0], &target("west"), &t);
-        let mut observed = desired.clone();
-        observed.metadata.uid = Some("u".into());
-        observed.metadata.labels.as_mut().unwrap().insert("someone/else".into(), "x".into());
-        observed.type_ = Some("Opaque".into());
-        assert!(remote_secret_holds(&observed, &desired));
-
-        let mut moved = target("west");
-        moved.server = "https://west.other:6443".into();
-        assert!(!remote_secret_holds(&observed, &remote_secret(&fed(), &s, &s.clusters[0], &moved, &t)));
-        let mut unlabelled = observed.clone();
-        unlabelled.metadata.labels.as_mut().unwrap().remove(MULTI_CLUSTER_LABEL);
-        assert!(!remote_secret_holds(&unlabelled, &desired));
-        let mut extra = observed.clone();
-        extra.data.as_mut().unwrap().insert("north".into(), ByteString(b"x".to_vec()));
-        assert!(!remote_secret_holds(&extra, &desired));
-        // A new token always differs, which is why refreshing is decided from the token, not from this.
-        let fresh = token("2026-11-22T11:00:00Z", "2026-11-23T11:00:00Z");
-        assert!(!remote_secret_holds(&observed, &remote_secret(&fed(), &s, &s.clusters[0], &target("west"), &fresh)));
     }
 
     #[test]

@@ -1,0 +1,601 @@
+//! What meshfed owns in a member, on one path: the table of owned kinds, the claim, one member's complete plan, and
+//! the pure decisions of the generic apply (write or not) and prune (delete, release or keep).
+//!
+//! Adding a kind of member object is one entry in [`OWNED_KINDS`] plus one planning rule in [`member_plan`]: the
+//! operator observes, applies, prunes, cleans up and watches every kind of the table the same way, and the tests'
+//! end state lists them from the same table.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Namespace, Secret},
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use meshfed_api::{ClusterSpec, MeshFederationSpec};
+use serde::Serialize;
+use serde_json::{Value, json};
+
+use crate::{
+    pki,
+    plan::{
+        ANNOTATION_CREATED, FederationRef, LABEL_CLUSTER, LABEL_FEDERATION, LABEL_FEDERATION_NAMESPACE, NETWORK_LABEL,
+        created_by_meshfed, holds,
+    },
+    remote,
+};
+
+/// A kind of object meshfed writes in members: its API coordinates and scope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct OwnedKind {
+    /// The API group (`""` for the core group).
+    pub group: &'static str,
+    pub version: &'static str,
+    pub kind: &'static str,
+    /// The resource name in URLs.
+    pub plural: &'static str,
+    pub namespaced: bool,
+}
+
+impl OwnedKind {
+    /// `group/version`, or `version` for the core group, as in an object's `apiVersion`.
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() { self.version.into() } else { format!("{}/{}", self.group, self.version) }
+    }
+}
+
+const fn kind(group: &'static str, version: &'static str, kind: &'static str, plural: &'static str) -> OwnedKind {
+    OwnedKind { group, version, kind, plural, namespaced: true }
+}
+
+const fn cluster_scoped(mut k: OwnedKind) -> OwnedKind {
+    k.namespaced = false;
+    k
+}
+
+pub const CONFIG_MAP: OwnedKind = kind("", "v1", "ConfigMap", "configmaps");
+pub const NAMESPACE: OwnedKind = cluster_scoped(kind("", "v1", "Namespace", "namespaces"));
+pub const SERVICE_ACCOUNT: OwnedKind = kind("", "v1", "ServiceAccount", "serviceaccounts");
+pub const CLUSTER_ROLE: OwnedKind =
+    cluster_scoped(kind("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles"));
+pub const CLUSTER_ROLE_BINDING: OwnedKind =
+    cluster_scoped(kind("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings"));
+pub const SECRET: OwnedKind = kind("", "v1", "Secret", "secrets");
+
+/// Every kind meshfed writes in a member, in the order it applies them; prune and cleanup go in reverse, so the
+/// claim (a ConfigMap) is taken first and given back last, and a namespace goes after what it holds.
+pub const OWNED_KINDS: &[OwnedKind] = &[CONFIG_MAP, NAMESPACE, SERVICE_ACCOUNT, CLUSTER_ROLE, CLUSTER_ROLE_BINDING, SECRET];
+
+/// Identifies one object in a member.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectKey {
+    pub kind: OwnedKind,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl std::fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.namespace {
+            Some(ns) => write!(f, "{} {ns}/{}", self.kind.kind, self.name),
+            None => write!(f, "{} {}", self.kind.kind, self.name),
+        }
+    }
+}
+
+/// One object a member should hold: the complete body meshfed applies (with `apiVersion` and `kind`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub key: ObjectKey,
+    pub body: Value,
+    /// The object's `data` must be exactly the desired keys: a key someone else added (istiod's `istio-generated`
+    /// marker in `cacerts`, one more cluster in a remote secret) makes meshfed recreate the object, since an apply
+    /// leaves fields it does not own in place.
+    pub exact_data: bool,
+}
+
+impl Desired {
+    /// The desired form of a typed object, whose kind must be in [`OWNED_KINDS`].
+    fn of<K: k8s_openapi::Resource + k8s_openapi::Metadata<Ty = ObjectMeta> + Serialize>(obj: &K) -> Self {
+        let kind = *OWNED_KINDS
+            .iter()
+            .find(|k| k.group == K::GROUP && k.kind == K::KIND)
+            .unwrap_or_else(|| panic!("{} is planned but not in OWNED_KINDS", K::KIND));
+        let meta = obj.metadata();
+        let key = ObjectKey { kind, namespace: meta.namespace.clone(), name: meta.name.clone().unwrap_or_default() };
+        // Typed Kubernetes objects always serialize (and carry their apiVersion and kind).
+        let body = serde_json::to_value(obj).expect("a Kubernetes object serializes");
+        Self { key, body, exact_data: false }
+    }
+
+    fn exact(self) -> Self {
+        Self { exact_data: true, ..self }
+    }
+}
+
+/// The complete list of objects one member should hold for a federation, in apply order, and the objects it may
+/// keep as they are although the plan does not write them this time (a `cacerts` or a remote secret whose new
+/// content could not be had: an unreachable root, a token from a target that did not answer).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct MemberPlan {
+    pub objects: Vec<Desired>,
+    pub keep: BTreeSet<ObjectKey>,
+}
+
+/// The Secret key of a remote secret held in `namespace` for `target`.
+pub fn remote_secret_key(namespace: &str, target: &str) -> ObjectKey {
+    ObjectKey { kind: SECRET, namespace: Some(namespace.into()), name: remote::remote_secret_name(target) }
+}
+
+/// The key of a member's `cacerts` in `namespace`.
+pub fn cacerts_key(namespace: &str) -> ObjectKey {
+    ObjectKey { kind: SECRET, namespace: Some(namespace.into()), name: pki::CACERTS_SECRET.into() }
+}
+
+/// The key of the Istio namespace `namespace`.
+pub fn namespace_key(namespace: &str) -> ObjectKey {
+    ObjectKey { kind: NAMESPACE, namespace: None, name: namespace.into() }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The claim
+// ---------------------------------------------------------------------------------------------------------------
+
+/// Where claims live: a namespace every cluster has.
+pub const CLAIM_NAMESPACE: &str = "kube-system";
+/// On a claim: the identity of the hub whose federation holds it (its `kube-system` namespace's UID), so that two
+/// hubs with a federation of the same namespace and name do not both take one member.
+pub const ANNOTATION_HUB: &str = "meshfed.io/hub";
+
+/// The claim on a member's Istio namespace `namespace`: ConfigMap `meshfed-claim.<namespace>` in `kube-system`.
+pub fn claim_key(namespace: &str) -> ObjectKey {
+    ObjectKey { kind: CONFIG_MAP, namespace: Some(CLAIM_NAMESPACE.into()), name: format!("meshfed-claim.{namespace}") }
+}
+
+/// The claim that says `cluster` of `fref`, in the hub `hub`, holds the member's Istio namespace. meshfed creates it
+/// (create, not apply: of two racing writers one wins) before it writes anything else there.
+pub fn claim(fref: &FederationRef, hub: &str, spec: &MeshFederationSpec, cluster: &str) -> ConfigMap {
+    let key = claim_key(&spec.istio.namespace);
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(key.name),
+            namespace: key.namespace,
+            labels: Some(fref.owned_labels(cluster)),
+            annotations: Some(BTreeMap::from([(ANNOTATION_HUB.into(), hub.into())])),
+            ..Default::default()
+        },
+        data: Some(BTreeMap::from([
+            ("federation".into(), fref.to_string()),
+            ("cluster".into(), cluster.into()),
+            ("istioNamespace".into(), spec.istio.namespace.clone()),
+        ])),
+        ..Default::default()
+    }
+}
+
+/// Who holds a claim, as read from it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClaimHolder {
+    /// This federation, for this cluster.
+    Us,
+    /// This federation, under another cluster name: the same cluster is listed twice.
+    UsAs(String),
+    /// Another federation (`hub` says which hub when it is not ours).
+    Other { federation: String, hub: String },
+}
+
+/// Who holds the claim `observed` (the claim ConfigMap's metadata), from the point of view of `cluster` of `fref`
+/// in hub `hub`.
+pub fn claim_holder(observed: &ObjectMeta, fref: &FederationRef, hub: &str, cluster: &str) -> ClaimHolder {
+    let label = |k: &str| observed.labels.as_ref().and_then(|l| l.get(k)).cloned().unwrap_or_default();
+    let their_hub = observed.annotations.as_ref().and_then(|a| a.get(ANNOTATION_HUB)).cloned().unwrap_or_default();
+    let federation = format!("{}/{}", label(LABEL_FEDERATION_NAMESPACE), label(LABEL_FEDERATION));
+    if their_hub != hub || federation != fref.to_string() {
+        return ClaimHolder::Other { federation, hub: their_hub };
+    }
+    match label(LABEL_CLUSTER) {
+        c if c == cluster => ClaimHolder::Us,
+        c => ClaimHolder::UsAs(c),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The plan of one member
+// ---------------------------------------------------------------------------------------------------------------
+
+/// What one member's plan needs beyond the spec, decided by the federation-wide pass.
+#[derive(Debug, Clone, Default)]
+pub struct MemberFacts<'a> {
+    /// The member's Istio namespace as it is now (meshfed marks a namespace it creates, to delete only those).
+    pub namespace: Option<&'a Namespace>,
+    /// The `cacerts` data the member should hold; `None` keeps what it holds (no root to issue from).
+    pub cacerts: Option<BTreeMap<String, ByteString>>,
+    /// The remote secrets this member should hold, by target; targets of the topology missing here keep what the
+    /// member holds for them (their token could not be had this time).
+    pub remote_secrets: BTreeMap<String, Secret>,
+}
+
+/// The complete plan of `cluster` (which the spec lists) in `hub`: the claim, the Istio namespace labelled with the
+/// network, the reader identity, `cacerts`, and the remote secrets of a Primary.
+pub fn member_plan(
+    fref: &FederationRef,
+    hub: &str,
+    spec: &MeshFederationSpec,
+    cluster: &ClusterSpec,
+    facts: MemberFacts<'_>,
+) -> MemberPlan {
+    let ns = &spec.istio.namespace;
+    let mut plan = MemberPlan::default();
+    plan.objects.push(Desired::of(&claim(fref, hub, spec, &cluster.name)));
+    plan.objects.push(Desired::of(&istio_namespace(fref, spec, cluster, facts.namespace)));
+    let reader = remote::reader_objects(fref, spec, cluster);
+    plan.objects.push(Desired::of(&reader.service_account));
+    plan.objects.push(Desired::of(&reader.cluster_role));
+    plan.objects.push(Desired::of(&reader.cluster_role_binding));
+    match facts.cacerts {
+        Some(data) => plan.objects.push(Desired::of(&cacerts(fref, spec, cluster, data)).exact()),
+        None => _ = plan.keep.insert(cacerts_key(ns)),
+    }
+    let placement = remote::remote_secret_placement(spec);
+    for target in placement.get(&cluster.name).into_iter().flatten() {
+        match facts.remote_secrets.get(target) {
+            Some(secret) => plan.objects.push(Desired::of(secret).exact()),
+            None => _ = plan.keep.insert(remote_secret_key(ns, target)),
+        }
+    }
+    plan
+}
+
+/// The Istio namespace of a member, labelled with its network. `observed` is the namespace as it is now, if it
+/// exists: meshfed marks a namespace it creates, so that cleanup deletes only namespaces meshfed made.
+pub fn istio_namespace(
+    fed: &FederationRef,
+    spec: &MeshFederationSpec,
+    cluster: &ClusterSpec,
+    observed: Option<&Namespace>,
+) -> Namespace {
+    let mut labels = fed.owned_labels(&cluster.name);
+    labels.insert(NETWORK_LABEL.into(), cluster.network.clone());
+    let created = observed.is_none_or(created_by_meshfed);
+    Namespace {
+        metadata: ObjectMeta {
+            name: Some(spec.istio.namespace.clone()),
+            labels: Some(labels),
+            annotations: created.then(|| BTreeMap::from([(ANNOTATION_CREATED.into(), "true".into())])),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+/// Secret `cacerts` in the Istio namespace of `cluster`, holding `data`.
+pub fn cacerts(
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    cluster: &ClusterSpec,
+    data: BTreeMap<String, ByteString>,
+) -> Secret {
+    Secret {
+        metadata: ObjectMeta {
+            name: Some(pki::CACERTS_SECRET.into()),
+            namespace: Some(spec.istio.namespace.clone()),
+            labels: Some(fref.owned_labels(&cluster.name)),
+            ..Default::default()
+        },
+        data: Some(data),
+        ..Default::default()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Apply and prune decisions
+// ---------------------------------------------------------------------------------------------------------------
+
+/// What to do to make a member hold one desired object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Write {
+    /// It already holds it: nothing.
+    Nothing,
+    /// Server-side apply the desired body.
+    Apply,
+    /// Delete the object, then apply (its data has keys meshfed does not write).
+    Recreate,
+}
+
+/// An object that meshfed would have to change but that belongs to another federation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Foreign {
+    pub owner: String,
+}
+
+/// What to do about `desired` given the member's object of the same key as it is now (`observed`, as JSON).
+/// An object labelled for another federation is never touched.
+pub fn write_for(fref: &FederationRef, observed: Option<&Value>, desired: &Desired) -> Result<Write, Foreign> {
+    let Some(o) = observed else { return Ok(Write::Apply) };
+    let labels = &o["metadata"]["labels"];
+    let (name, namespace) = (labels[LABEL_FEDERATION].as_str(), labels[LABEL_FEDERATION_NAMESPACE].as_str());
+    if let (Some(name), Some(namespace)) = (name, namespace)
+        && (name != fref.name || namespace != fref.namespace)
+    {
+        return Err(Foreign { owner: format!("{namespace}/{name}") });
+    }
+    let keys = |v: &Value| v.get("data").and_then(Value::as_object).map(|d| d.keys().cloned().collect::<Vec<_>>());
+    Ok(if desired.exact_data && keys(o).unwrap_or_default() != keys(&desired.body).unwrap_or_default() {
+        Write::Recreate
+    } else if holds(o, &desired.body) {
+        Write::Nothing
+    } else {
+        Write::Apply
+    })
+}
+
+/// What prune does to an object meshfed labelled for this federation and cluster that the plan does not want.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Prune {
+    Delete(ObjectKey),
+    /// A namespace meshfed did not create: give back only what meshfed set on it (an apply of nothing).
+    Release(ObjectKey, Value),
+}
+
+/// Of the objects a member holds that meshfed labelled for `fref` and `cluster` (`owned`: key and JSON), what to
+/// prune so that it holds `plan` and nothing else of this federation, in reverse table order. An empty plan is
+/// cleanup. A namespace is deleted only when meshfed created it, else released.
+pub fn to_prune<'a>(
+    fref: &FederationRef,
+    cluster: &str,
+    plan: &MemberPlan,
+    owned: impl IntoIterator<Item = (&'a ObjectKey, &'a Value)>,
+) -> Vec<Prune> {
+    let wanted: BTreeSet<&ObjectKey> = plan.objects.iter().map(|d| &d.key).chain(&plan.keep).collect();
+    let order = |k: &ObjectKey| OWNED_KINDS.iter().position(|o| *o == k.kind).unwrap_or(usize::MAX);
+    let mut stale: Vec<(&ObjectKey, &Value)> = owned
+        .into_iter()
+        .filter(|(k, v)| !wanted.contains(k) && labelled_for(v, fref, cluster))
+        .filter(|(_, v)| v["metadata"]["deletionTimestamp"].is_null())
+        .collect();
+    stale.sort_by_key(|(k, _)| std::cmp::Reverse(order(k)));
+    stale
+        .into_iter()
+        .map(|(k, v)| {
+            let created = v["metadata"]["annotations"][ANNOTATION_CREATED] == "true";
+            if k.kind == NAMESPACE && !created {
+                let body = json!({"apiVersion": k.kind.api_version(), "kind": k.kind.kind, "metadata": {"name": k.name}});
+                Prune::Release(k.clone(), body)
+            } else {
+                Prune::Delete(k.clone())
+            }
+        })
+        .collect()
+}
+
+/// Whether an object (as JSON) carries every label meshfed puts on what it writes for `cluster` of `fref`.
+pub fn labelled_for(object: &Value, fref: &FederationRef, cluster: &str) -> bool {
+    let labels = &object["metadata"]["labels"];
+    fref.owned_labels(cluster).iter().all(|(k, v)| labels[k].as_str() == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MeshFederationSpec {
+        serde_yaml::from_str(
+            "meshID: m\ntrust: {root: {generate: {}}}\nclusters:\n- {name: east, network: n1, kubeconfigSecretRef: {name: east}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: west}}\n- {name: rem, network: n2, role: Remote, controlPlane: east, kubeconfigSecretRef: {name: rem}}\n",
+        )
+        .unwrap()
+    }
+
+    fn fed() -> FederationRef {
+        FederationRef { namespace: "mesh-system".into(), name: "prod".into() }
+    }
+
+    fn keys(plan: &MemberPlan) -> Vec<String> {
+        plan.objects.iter().map(|d| d.key.to_string()).collect()
+    }
+
+    #[test]
+    fn every_planned_object_is_of_an_owned_kind_in_table_order() {
+        let s = spec();
+        let plan = member_plan(&fed(), "hub", &s, &s.clusters[0], MemberFacts::default());
+        let order: Vec<usize> =
+            plan.objects.iter().map(|d| OWNED_KINDS.iter().position(|k| *k == d.key.kind).unwrap()).collect();
+        assert!(order.is_sorted(), "{:?}", keys(&plan));
+        assert_eq!(
+            keys(&plan),
+            [
+                "ConfigMap kube-system/meshfed-claim.istio-system",
+                "Namespace istio-system",
+                "ServiceAccount istio-system/meshfed-reader",
+                "ClusterRole meshfed-reader.mesh-system.prod",
+                "ClusterRoleBinding meshfed-reader.mesh-system.prod",
+            ]
+        );
+        for d in &plan.objects {
+            assert_eq!(d.body["kind"], d.key.kind.kind);
+            assert_eq!(d.body["apiVersion"], d.key.kind.api_version());
+            assert!(labelled_for(&d.body, &fed(), "east"), "{}", d.key);
+        }
+    }
+
+    #[test]
+    fn what_cannot_be_had_this_time_is_kept_not_pruned() {
+        let s = spec();
+        let plan = member_plan(&fed(), "hub", &s, &s.clusters[0], MemberFacts::default());
+        assert!(plan.keep.contains(&cacerts_key("istio-system")));
+        assert!(plan.keep.contains(&remote_secret_key("istio-system", "west")));
+        assert!(plan.keep.contains(&remote_secret_key("istio-system", "rem")));
+        // A Remote holds no remote secrets, so it keeps none either.
+        let remote = member_plan(&fed(), "hub", &s, &s.clusters[2], MemberFacts::default());
+        assert_eq!(remote.keep, BTreeSet::from([cacerts_key("istio-system")]));
+    }
+
+    fn owned(key: &ObjectKey, cluster: &str, extra: Value) -> (ObjectKey, Value) {
+        let mut v = json!({"metadata": {"name": key.name, "labels": fed().owned_labels(cluster)}});
+        if let (Some(m), Some(e)) = (v["metadata"].as_object_mut(), extra.as_object()) {
+            m.extend(e.clone());
+        }
+        (key.clone(), v)
+    }
+
+    #[test]
+    fn prune_removes_what_the_plan_no_longer_wants_last_kinds_first_and_spares_the_rest() {
+        let s = spec();
+        let plan = member_plan(&fed(), "hub", &s, &s.clusters[0], MemberFacts::default());
+        let old_ns = namespace_key("old-istio");
+        let old_cacerts = cacerts_key("old-istio");
+        let mut theirs = owned(&cacerts_key("x"), "east", json!({}));
+        theirs.1["metadata"]["labels"][LABEL_FEDERATION] = "other".into();
+        let observed = [
+            owned(&old_ns, "east", json!({"annotations": {ANNOTATION_CREATED: "true"}})),
+            owned(&claim_key("istio-system"), "east", json!({})),
+            owned(&old_cacerts, "east", json!({})),
+            owned(&cacerts_key("istio-system"), "east", json!({})),
+            owned(&remote_secret_key("istio-system", "gone"), "east", json!({})),
+            owned(&cacerts_key("y"), "west", json!({})),
+            theirs,
+        ];
+        let pruned = to_prune(&fed(), "east", &plan, observed.iter().map(|(k, v)| (k, v)));
+        assert_eq!(
+            pruned,
+            [
+                Prune::Delete(old_cacerts.clone()),
+                Prune::Delete(remote_secret_key("istio-system", "gone")),
+                Prune::Delete(old_ns.clone()),
+            ]
+        );
+        // Cleanup is the same prune with an empty plan: the claim goes last; a namespace meshfed found is released.
+        let found = owned(&old_ns, "east", json!({}));
+        let cleanup = to_prune(&fed(), "east", &MemberPlan::default(), [(&found.0, &found.1), (&observed[1].0, &observed[1].1)]);
+        assert!(matches!(&cleanup[0], Prune::Release(k, _) if *k == old_ns), "{cleanup:?}");
+        assert_eq!(cleanup[1], Prune::Delete(claim_key("istio-system")));
+    }
+
+    #[test]
+    fn an_object_of_another_federation_is_never_written() {
+        let s = spec();
+        let plan = member_plan(&fed(), "hub", &s, &s.clusters[0], MemberFacts::default());
+        let sa = &plan.objects[2];
+        let mut observed = sa.body.clone();
+        assert_eq!(write_for(&fed(), Some(&observed), sa), Ok(Write::Nothing));
+        assert_eq!(write_for(&fed(), None, sa), Ok(Write::Apply));
+        observed["metadata"]["labels"][LABEL_FEDERATION] = "other".into();
+        assert_eq!(write_for(&fed(), Some(&observed), sa), Err(Foreign { owner: "mesh-system/other".into() }));
+    }
+
+    #[test]
+    fn data_keys_meshfed_does_not_write_make_it_recreate_an_exact_object() {
+        let s = spec();
+        let data = BTreeMap::from([(pki::CA_CERT.to_string(), ByteString(b"x".to_vec()))]);
+        let facts = MemberFacts { cacerts: Some(data), ..Default::default() };
+        let plan = member_plan(&fed(), "hub", &s, &s.clusters[0], facts);
+        let cacerts = plan.objects.iter().find(|d| d.key == cacerts_key("istio-system")).unwrap();
+        let mut observed = cacerts.body.clone();
+        assert_eq!(write_for(&fed(), Some(&observed), cacerts), Ok(Write::Nothing));
+        observed["data"]["istio-generated"] = "".into();
+        assert_eq!(write_for(&fed(), Some(&observed), cacerts), Ok(Write::Recreate));
+    }
+
+    #[test]
+    fn a_claim_tells_us_from_a_duplicate_and_from_another_federation_or_hub() {
+        let s = spec();
+        let c = claim(&fed(), "hub-a", &s, "east");
+        assert_eq!(claim_holder(&c.metadata, &fed(), "hub-a", "east"), ClaimHolder::Us);
+        assert_eq!(claim_holder(&c.metadata, &fed(), "hub-a", "west"), ClaimHolder::UsAs("east".into()));
+        let other = FederationRef { namespace: "mesh-system".into(), name: "staging".into() };
+        assert_eq!(
+            claim_holder(&c.metadata, &other, "hub-a", "east"),
+            ClaimHolder::Other { federation: "mesh-system/prod".into(), hub: "hub-a".into() }
+        );
+        assert!(matches!(claim_holder(&c.metadata, &fed(), "hub-b", "east"), ClaimHolder::Other { .. }));
+    }
+
+    fn spec_of(clusters: &str) -> MeshFederationSpec {
+        serde_yaml::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{clusters}")).unwrap()
+    }
+
+    fn secret_for(holder: &ClusterSpec, target: &str, spec: &MeshFederationSpec) -> Secret {
+        let t = remote::RemoteTarget {
+            cluster: target.into(),
+            server: format!("https://{target}.example:6443"),
+            ca_data_base64: None,
+            tls_server_name: None,
+        };
+        remote::remote_secret(&fed(), spec, holder, &t, &remote::ReaderToken::new("t"))
+    }
+
+    /// What prune removes from `holder` that holds remote secrets for `held` (namespace, target) under `spec`.
+    fn pruned_secrets(spec: &MeshFederationSpec, holder: &str, held: &[(&str, &str)]) -> Vec<String> {
+        let cluster = ClusterSpec { name: holder.into(), ..spec.clusters[0].clone() };
+        let cluster = spec.clusters.iter().find(|c| c.name == holder).unwrap_or(&cluster);
+        let plan = match spec.clusters.iter().any(|c| c.name == holder) {
+            true => member_plan(&fed(), "hub", spec, cluster, MemberFacts::default()),
+            false => MemberPlan::default(),
+        };
+        let observed: Vec<(ObjectKey, Value)> = held
+            .iter()
+            .map(|(ns, target)| {
+                let mut s = secret_for(cluster, target, spec);
+                s.metadata.namespace = Some(ns.to_string());
+                (remote_secret_key(ns, target), serde_json::to_value(s).unwrap())
+            })
+            .collect();
+        to_prune(&fed(), holder, &plan, observed.iter().map(|(k, v)| (k, v)))
+            .into_iter()
+            .map(|p| match p {
+                Prune::Delete(k) | Prune::Release(k, _) => k.to_string(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_primary_that_becomes_a_remote_loses_its_remote_secrets_and_its_peers_keep_theirs_of_it() {
+        let two = "- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n";
+        let before = spec_of(&format!("{two}- {{name: west, network: n1, kubeconfigSecretRef: {{name: w}}}}\n"));
+        assert!(pruned_secrets(&before, "west", &[("istio-system", "east")]).is_empty());
+        let after = spec_of(&format!(
+            "{two}- {{name: west, network: n1, role: Remote, controlPlane: east, kubeconfigSecretRef: {{name: w}}}}\n"
+        ));
+        assert_eq!(pruned_secrets(&after, "west", &[("istio-system", "east")]), ["Secret istio-system/istio-remote-secret-east"]);
+        // east still discovers west, now a Remote it serves.
+        assert!(pruned_secrets(&after, "east", &[("istio-system", "west")]).is_empty());
+    }
+
+    #[test]
+    fn a_removed_cluster_loses_every_secret_and_its_peers_lose_theirs_of_it() {
+        let s = spec_of("- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: w}}\n");
+        assert_eq!(
+            pruned_secrets(&s, "east", &[("istio-system", "west"), ("istio-system", "gone")]),
+            ["Secret istio-system/istio-remote-secret-gone"]
+        );
+        assert_eq!(pruned_secrets(&s, "gone", &[("istio-system", "east"), ("istio-system", "west")]).len(), 2);
+    }
+
+    #[test]
+    fn a_moved_istio_namespace_loses_the_secrets_of_the_old_one() {
+        let s = spec_of("- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: w}}\n");
+        assert_eq!(
+            pruned_secrets(&s, "east", &[("istio-old", "west"), ("istio-system", "west")]),
+            ["Secret istio-old/istio-remote-secret-west"]
+        );
+    }
+
+    #[test]
+    fn a_remote_secret_is_rewritten_when_its_server_labels_data_or_token_change_and_not_otherwise() {
+        let s = spec_of("- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: w}}\n");
+        let desired = Desired::of(&secret_for(&s.clusters[0], "west", &s)).exact();
+        let mut observed = desired.body.clone();
+        observed["metadata"]["uid"] = "u".into();
+        observed["metadata"]["labels"]["someone/else"] = "x".into();
+        observed["type"] = "Opaque".into();
+        assert_eq!(write_for(&fed(), Some(&observed), &desired), Ok(Write::Nothing));
+        let mut unlabelled = observed.clone();
+        unlabelled["metadata"]["labels"].as_object_mut().unwrap().remove(remote::MULTI_CLUSTER_LABEL);
+        assert_eq!(write_for(&fed(), Some(&unlabelled), &desired), Ok(Write::Apply));
+        let mut extra = observed.clone();
+        extra["data"]["north"] = "eA==".into();
+        assert_eq!(write_for(&fed(), Some(&extra), &desired), Ok(Write::Recreate));
+        let mut moved = observed.clone();
+        moved["data"]["west"] = "b3RoZXI=".into();
+        assert_eq!(write_for(&fed(), Some(&moved), &desired), Ok(Write::Apply));
+    }
+}
