@@ -7,6 +7,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use base64::Engine as _;
 use k8s_openapi::{
     ByteString,
     api::core::v1::{Namespace, Secret},
@@ -14,11 +15,10 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
-    core::PartialObjectMeta,
+    api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
 };
 use meshfed_api::MeshFederation;
-use meshfed_core::plan;
+use meshfed_core::{member, plan};
 use meshfed_operator::{
     controller::{self, Clock, Settings},
     metrics::Metrics,
@@ -238,17 +238,24 @@ impl Fixture {
         for m in members {
             let client = self.member(m).await?;
             let mut objects = Vec::new();
-            objects.extend(owned_objects::<Namespace>(&client, &owned).await?);
-            objects.extend(owned_objects::<k8s_openapi::api::core::v1::ServiceAccount>(&client, &owned).await?);
-            objects.extend(owned_objects::<k8s_openapi::api::rbac::v1::ClusterRole>(&client, &owned).await?);
-            objects.extend(owned_objects::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>(&client, &owned).await?);
-            for secret in Api::<Secret>::all(client.clone()).list(&owned).await?.items {
-                let data = secret.data.clone().unwrap_or_default();
-                let keys: Vec<&String> = data.keys().collect();
-                objects.push(format!("Secret {} keys {keys:?}", describe(&secret)));
-                if let Some(pem) = data.get("root-cert.pem") {
-                    let trusted = root_pem.as_ref() == Some(&pem.0);
-                    objects.push(format!("Secret {} trusts exactly the hub's root: {trusted}", secret.name_any()));
+            // Every kind meshfed owns, from the one table that drives its observe, prune and watches.
+            for kind in member::OWNED_KINDS {
+                let ar = meshfed_operator::apply::api_resource(kind);
+                for o in Api::<DynamicObject>::all_with(client.clone(), &ar).list(&owned).await?.items {
+                    let data = o.data.get("data").and_then(|d| d.as_object());
+                    match data {
+                        Some(data) if kind.kind == "Secret" => {
+                            let keys: Vec<&String> = data.keys().collect();
+                            objects.push(format!("Secret {} keys {keys:?}", describe(&o)));
+                        }
+                        _ => objects.push(format!("{} {}", kind.kind, describe(&o))),
+                    }
+                    let root = data.and_then(|d| d.get("root-cert.pem")).and_then(|p| p.as_str());
+                    if let Some(pem) = root {
+                        let pem = base64::engine::general_purpose::STANDARD.decode(pem)?;
+                        let trusted = root_pem.as_ref() == Some(&pem);
+                        objects.push(format!("Secret {} trusts exactly the hub's root: {trusted}", o.name_any()));
+                    }
                 }
             }
             state.extend(objects.into_iter().map(|o| format!("{m}: {o}")));
@@ -280,15 +287,6 @@ pub async fn put_kubeconfig(hub: &Client, member: &str, kubeconfig: &str) -> Res
     let secrets: Api<Secret> = Api::namespaced(hub.clone(), NAMESPACE);
     secrets.patch(&format!("{member}-kubeconfig"), &PatchParams::apply("e2e").force(), &Patch::Apply(&secret)).await?;
     Ok(())
-}
-
-/// `kind namespace/name` and the meshfed labels of every object of kind `K` that `lp` selects.
-async fn owned_objects<K>(client: &Client, lp: &ListParams) -> Result<Vec<String>>
-where
-    K: kube::Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
-{
-    let list = Api::<PartialObjectMeta<K>>::all(client.clone()).list_metadata(lp).await?;
-    Ok(list.items.iter().map(|o| format!("{} {}", K::kind(&()), describe(o))).collect())
 }
 
 /// `namespace/name {labels}` of an object.

@@ -25,6 +25,9 @@ pub const LABEL_FEDERATION_NAMESPACE: &str = "meshfed.io/federation-namespace";
 pub const LABEL_CLUSTER: &str = "meshfed.io/cluster";
 /// On a namespace that meshfed created (rather than found), so that cleanup deletes it only then.
 pub const ANNOTATION_CREATED: &str = "meshfed.io/created-namespace";
+/// On a federation: the clusters (comma-separated names) that cleanup may let go of without cleaning them, for a
+/// member that is gone for good while it still holds objects of the federation.
+pub const RELEASE_ANNOTATION: &str = "meshfed.io/release-clusters";
 /// Istio's network label (ISTIO-FACTS.md section 4).
 pub const NETWORK_LABEL: &str = "topology.istio.io/network";
 
@@ -82,6 +85,26 @@ pub fn leaving_members(
         .filter(|c| !spec.clusters.iter().any(|m| m.name == c.name))
         .filter_map(|c| Some((c.name.clone(), c.kubeconfig_secret_ref.clone()?)))
         .collect()
+}
+
+/// Whether the release annotation's value (`a, b`) names `cluster`.
+pub fn release_requested(annotation: Option<&String>, cluster: &str) -> bool {
+    annotation.is_some_and(|a| a.split(',').any(|c| c.trim() == cluster))
+}
+
+/// The Event for a cluster released by annotation: what meshfed left behind there and how to find it.
+pub fn released(fref: &FederationRef, cluster: &str, kubeconfig: &SecretKeyRef) -> Announcement {
+    let note = format!(
+        "cluster {cluster} was released without cleanup ({RELEASE_ANNOTATION}); what meshfed wrote there for this federation is left behind: find it with `kubectl get namespaces,configmaps,secrets,serviceaccounts,clusterroles,clusterrolebindings -A -l {}`",
+        fref.selector(cluster)
+    );
+    Announcement {
+        warning: true,
+        reason: "ClusterReleased".into(),
+        note,
+        cluster: Some(cluster.into()),
+        kubeconfig: Some(kubeconfig.clone()),
+    }
 }
 
 /// Whether `new` says something `previous` does not, apart from `lastSeen` (which moves at every contact and would
@@ -200,6 +223,10 @@ pub struct MemberReport {
     pub failure: Option<Failure>,
     /// The member left the spec and is being cleaned up.
     pub leaving: bool,
+    /// The cluster's identity: the UID of its `kube-system` namespace, when it was reached.
+    pub identity: Option<String>,
+    /// It was let go by the release annotation without being cleaned up.
+    pub released: bool,
     /// What went wrong with remote access for this member: its reader token, or the remote secrets it holds.
     pub remote_access: Option<Failure>,
     /// When the reader token that peers hold for this member expires.
@@ -217,6 +244,8 @@ impl MemberReport {
             version: None,
             failure: None,
             leaving,
+            identity: None,
+            released: false,
             remote_access: None,
             token_expires_at: None,
             intermediate: None,

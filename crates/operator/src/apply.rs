@@ -1,23 +1,24 @@
-//! Writes to members: server-side apply with meshfed's field manager, only where the observed object does not already
-//! hold what the plan wants, so that a steady state writes nothing.
+//! The one path for everything meshfed owns in a member, for every kind of [`OWNED_KINDS`] alike (built-in or CRD):
+//! observe (list by label, kind by kind), take the claim, apply (server-side, field manager `meshfed`, only where
+//! the member does not already hold the plan, so a steady state writes nothing) and prune (what is labelled for this
+//! federation and cluster that the plan does not want; cleanup is the prune of an empty plan).
 
-use std::fmt::Debug;
+use std::collections::BTreeMap;
 
+use futures::future::try_join_all;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
-    Api, Resource, ResourceExt,
-    api::{Patch, PatchParams},
+    Api, Client,
+    api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams},
 };
-use meshfed_core::plan::{FIELD_MANAGER, Failure, holds};
-use serde::{Serialize, de::DeserializeOwned};
-
+use meshfed_core::{
+    member::{
+        self, ClaimHolder, Foreign, MemberPlan, OWNED_KINDS, ObjectKey, OwnedKind, Prune, Write, claim_holder,
+    },
+    plan::{FIELD_MANAGER, Failure, FederationRef},
+};
+use serde_json::Value;
 use tracing::info;
-
-use k8s_openapi::api::{
-    core::v1::{Secret, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
-};
-use kube::api::ListParams;
-use meshfed_core::plan::FederationRef;
 
 use crate::{members::Member, metrics::Metrics};
 
@@ -25,64 +26,183 @@ use crate::{members::Member, metrics::Metrics};
 pub struct Writer<'a> {
     pub cluster: &'a str,
     pub metrics: &'a Metrics,
+    pub client: &'a Client,
 }
 
-/// Applies `desired` unless `observed` already holds it. Returns the object as it is now.
-pub async fn ensure<K>(w: &Writer<'_>, api: &Api<K>, observed: Option<K>, desired: &K) -> Result<K, Failure>
-where
-    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
-{
-    if let Some(o) = observed
-        && json(&o).is_some_and(|o| json(desired).is_some_and(|d| holds(&o, &d)))
-    {
-        return Ok(o);
+/// What a member holds, by key, as JSON: everything labelled for one federation and cluster, and the objects read
+/// by name whatever their labels (the Istio namespace and `cacerts`, which may predate meshfed, and the claim).
+pub type Holdings = BTreeMap<ObjectKey, Value>;
+
+/// A member that answered this reconcile: its client and what it holds of the federation.
+pub struct Reached {
+    pub member: Member,
+    pub held: Holdings,
+}
+
+/// The API resource of an owned kind.
+pub fn api_resource(kind: &OwnedKind) -> ApiResource {
+    ApiResource {
+        group: kind.group.into(),
+        version: kind.version.into(),
+        api_version: kind.api_version(),
+        kind: kind.kind.into(),
+        plural: kind.plural.into(),
     }
-    apply(w, api, &desired.name_any(), desired).await
 }
 
-/// Reads the object `desired` names, then [`ensure`]s it.
-pub async fn ensure_fresh<K>(w: &Writer<'_>, api: &Api<K>, desired: &K) -> Result<K, Failure>
-where
-    K: Resource<DynamicType = ()> + Serialize + DeserializeOwned + Clone + Debug,
-{
-    let observed = read(api, &desired.name_any()).await?;
-    ensure(w, api, observed, desired).await
+fn api(client: &Client, key: &ObjectKey) -> Api<DynamicObject> {
+    let ar = api_resource(&key.kind);
+    match &key.namespace {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    }
 }
 
-/// Server-side applies `body` (which names its apiVersion and kind) as object `name`.
-pub async fn apply<K, B>(w: &Writer<'_>, api: &Api<K>, name: &str, body: &B) -> Result<K, Failure>
-where
-    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
-    B: Serialize + Debug,
-{
-    let kind = K::kind(&());
-    w.metrics.wrote(w.cluster, &kind, "apply");
-    info!(cluster = %w.cluster, %kind, %name, "applying");
-    api.patch(name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+/// An object as JSON, with the `apiVersion` and `kind` that list items lack.
+fn as_json(kind: &OwnedKind, obj: &DynamicObject) -> Value {
+    let mut v = serde_json::to_value(obj).unwrap_or_default();
+    v["apiVersion"] = kind.api_version().into();
+    v["kind"] = kind.kind.into();
+    v
+}
+
+fn key_of(kind: &OwnedKind, obj: &DynamicObject) -> ObjectKey {
+    ObjectKey { kind: *kind, namespace: obj.metadata.namespace.clone(), name: obj.metadata.name.clone().unwrap_or_default() }
+}
+
+/// Reads what the member holds of `fref` for `cluster`: every owned kind listed by label, and `by_name` read whatever
+/// their labels.
+pub async fn observe(
+    client: &Client,
+    fref: &FederationRef,
+    cluster: &str,
+    by_name: &[ObjectKey],
+) -> Result<Holdings, Failure> {
+    let lp = ListParams::default().labels(&fref.selector(cluster));
+    let lists = OWNED_KINDS.iter().map(|kind| {
+        let lp = &lp;
+        async move {
+            let found = Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind))
+                .list(lp)
+                .await
+                .map_err(|e| read_failure(&format!("listing {}s", kind.kind), e))?;
+            Ok::<_, Failure>(found.items.into_iter().map(|o| (key_of(kind, &o), as_json(kind, &o))).collect::<Vec<_>>())
+        }
+    });
+    let reads = by_name.iter().map(|key| async move {
+        let found = api(client, key).get_opt(&key.name).await.map_err(|e| read_failure(&format!("reading {key}"), e))?;
+        Ok::<_, Failure>(found.map(|o| (key.clone(), as_json(&key.kind, &o))))
+    });
+    let (lists, reads) = futures::try_join!(try_join_all(lists), try_join_all(reads))?;
+    Ok(lists.into_iter().flatten().chain(reads.into_iter().flatten()).collect())
+}
+
+/// Takes the claim on the member's Istio namespace for `cluster` of `fref`, unless it is taken: creates it (of two
+/// racing writers, one wins), or reads who holds it. Writes nothing when the claim is another federation's.
+pub async fn claim(
+    w: &Writer<'_>,
+    fref: &FederationRef,
+    hub: &str,
+    spec: &meshfed_api::MeshFederationSpec,
+    held: &mut Holdings,
+) -> Result<(), Failure> {
+    let desired = member::claim(fref, hub, spec, w.cluster);
+    let key = member::claim_key(&spec.istio.namespace);
+    let current = match held.get(&key) {
+        Some(v) => serde_json::from_value::<ConfigMap>(v.clone()).unwrap_or_default(),
+        None => {
+            let configmaps: Api<ConfigMap> = Api::namespaced(w.client.clone(), member::CLAIM_NAMESPACE);
+            w.metrics.wrote(w.cluster, "ConfigMap", "create");
+            let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+            match configmaps.create(&params, &desired).await {
+                Ok(created) => {
+                    info!(cluster = %w.cluster, claim = %key, "claimed the Istio namespace");
+                    created
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => configmaps
+                    .get(&key.name)
+                    .await
+                    .map_err(|e| read_failure(&format!("reading the claim {key}"), e))?,
+                Err(e) => return Err(write_failure(&format!("creating the claim {key}"), e)),
+            }
+        }
+    };
+    held.insert(key.clone(), serde_json::to_value(&current).unwrap_or_default());
+    match claim_holder(&current.metadata, fref, hub, w.cluster) {
+        // Under another name of this federation: the cluster was renamed; the plan relabels the claim.
+        ClaimHolder::Us | ClaimHolder::UsAs(_) => Ok(()),
+        ClaimHolder::Other { federation, hub: their_hub } => {
+            let whose = if their_hub == hub { String::new() } else { format!(" in another hub ({their_hub})") };
+            Err(Failure::new(
+                "ClusterClaimed",
+                format!(
+                    "the Istio namespace {} of this cluster belongs to federation {federation}{whose}; meshfed writes nothing here until that federation lets it go (its {key})",
+                    spec.istio.namespace
+                ),
+            ))
+        }
+    }
+}
+
+/// Makes the member hold every object of `plan`, in order, writing only what differs from `held` (updated with
+/// what was written).
+pub async fn apply_plan(
+    w: &Writer<'_>,
+    fref: &FederationRef,
+    plan: &MemberPlan,
+    held: &mut Holdings,
+) -> Result<(), Failure> {
+    for desired in &plan.objects {
+        let write = member::write_for(fref, held.get(&desired.key), desired).map_err(|Foreign { owner }| {
+            Failure::new(
+                "OwnedByAnotherFederation",
+                format!("{} belongs to federation {owner}; meshfed leaves it alone", desired.key),
+            )
+        })?;
+        if write == Write::Nothing {
+            continue;
+        }
+        if write == Write::Recreate {
+            delete(w, &desired.key).await?;
+        }
+        let now = apply(w, &desired.key, &desired.body).await?;
+        held.insert(desired.key.clone(), now);
+    }
+    Ok(())
+}
+
+/// Deletes (or, for a namespace meshfed did not create, releases) what `held` has of `fref` and this writer's cluster
+/// that `plan` does not want.
+pub async fn prune(w: &Writer<'_>, fref: &FederationRef, plan: &MemberPlan, held: &Holdings) -> Result<(), Failure> {
+    for p in member::to_prune(fref, w.cluster, plan, held) {
+        match p {
+            Prune::Delete(key) => delete(w, &key).await?,
+            Prune::Release(key, body) => _ = apply(w, &key, &body).await?,
+        }
+    }
+    Ok(())
+}
+
+/// Server-side applies `body` as object `key`; returns the object as it is now.
+async fn apply(w: &Writer<'_>, key: &ObjectKey, body: &Value) -> Result<Value, Failure> {
+    w.metrics.wrote(w.cluster, key.kind.kind, "apply");
+    info!(cluster = %w.cluster, object = %key, "applying");
+    api(w.client, key)
+        .patch(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
         .await
-        .map_err(|e| write_failure(&format!("applying {kind} {name}"), e))
+        .map(|o| as_json(&key.kind, &o))
+        .map_err(|e| write_failure(&format!("applying {key}"), e))
 }
 
-/// Deletes object `name`; one that is already gone counts as deleted.
-pub async fn delete<K>(w: &Writer<'_>, api: &Api<K>, name: &str) -> Result<(), Failure>
-where
-    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
-{
-    w.metrics.wrote(w.cluster, &K::kind(&()), "delete");
-    info!(cluster = %w.cluster, kind = %K::kind(&()), %name, "deleting");
-    match api.delete(name, &Default::default()).await {
+/// Deletes object `key`; one that is already gone counts as deleted.
+async fn delete(w: &Writer<'_>, key: &ObjectKey) -> Result<(), Failure> {
+    w.metrics.wrote(w.cluster, key.kind.kind, "delete");
+    info!(cluster = %w.cluster, object = %key, "deleting");
+    match api(w.client, key).delete(&key.name, &Default::default()).await {
         Ok(_) => Ok(()),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(write_failure(&format!("deleting {} {name}", K::kind(&())), e)),
+        Err(e) => Err(write_failure(&format!("deleting {key}"), e)),
     }
-}
-
-/// Reads an object, or `None` when it does not exist.
-pub async fn read<K>(api: &Api<K>, name: &str) -> Result<Option<K>, Failure>
-where
-    K: Resource<DynamicType = ()> + DeserializeOwned + Clone + Debug,
-{
-    api.get_opt(name).await.map_err(|e| read_failure(&format!("reading {} {name}", K::kind(&())), e))
 }
 
 /// A failed write to a member's API, as a per-member failure.
@@ -95,35 +215,7 @@ pub fn read_failure(what: &str, e: kube::Error) -> Failure {
     Failure::new("ReadFailed", format!("{what}: {e}"))
 }
 
-fn json<T: Serialize>(v: &T) -> Option<serde_json::Value> {
-    serde_json::to_value(v).ok()
-}
-
-/// Deletes every object meshfed labelled for `fref` and this writer's cluster in a member that leaves: `cacerts`,
-/// remote secrets and the reader identity (the Istio namespace is handled by the caller: it may not be meshfed's).
-pub async fn delete_owned(w: &Writer<'_>, fref: &FederationRef, member: &Member) -> Result<(), Failure> {
-    let client = &member.client;
-    let lp = ListParams::default().labels(&fref.selector(w.cluster));
-    delete_labelled(w, &Api::<Secret>::all(client.clone()), &lp, |m| Api::namespaced(client.clone(), m)).await?;
-    delete_labelled(w, &Api::<ServiceAccount>::all(client.clone()), &lp, |m| Api::namespaced(client.clone(), m))
-        .await?;
-    delete_labelled(w, &Api::<ClusterRoleBinding>::all(client.clone()), &lp, |_| Api::all(client.clone())).await?;
-    delete_labelled(w, &Api::<ClusterRole>::all(client.clone()), &lp, |_| Api::all(client.clone())).await
-}
-
-async fn delete_labelled<K>(
-    w: &Writer<'_>,
-    all: &Api<K>,
-    lp: &ListParams,
-    scoped: impl Fn(&str) -> Api<K>,
-) -> Result<(), Failure>
-where
-    K: kube::Resource<DynamicType = ()> + serde::de::DeserializeOwned + Clone + std::fmt::Debug,
-{
-    let found = all.list_metadata(lp).await.map_err(|e| read_failure("listing owned objects", e))?;
-    for obj in found.items {
-        let api = scoped(obj.metadata.namespace.as_deref().unwrap_or_default());
-        delete(w, &api, &obj.name_any()).await?;
-    }
-    Ok(())
+/// A held object as its typed form, if the member holds it.
+pub fn typed<K: serde::de::DeserializeOwned>(held: &Holdings, key: &ObjectKey) -> Option<K> {
+    held.get(key).and_then(|v| serde_json::from_value(v.clone()).ok())
 }

@@ -14,7 +14,10 @@ use std::{
 
 use futures::{StreamExt, future::join_all};
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::{Namespace, ObjectReference};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{Namespace, ObjectReference, Secret},
+};
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ListParams, Patch, PatchParams},
@@ -26,18 +29,22 @@ use kube::{
         watcher,
     },
 };
-use meshfed_api::{ClusterSpec, MeshFederation, MeshFederationSpec, SecretKeyRef};
+use meshfed_api::{MeshFederation, MeshFederationSpec, SecretKeyRef, TrustStatus};
 use meshfed_core::{
-    plan::{self, FIELD_MANAGER, Failure, FederationRef, MemberReport},
-    validate::validate,
+    member::{self, MemberFacts, MemberPlan},
+    pki::{self, CertSummary, Root},
+    plan::{self, FIELD_MANAGER, Failure, FederationRef, MemberReport, RELEASE_ANNOTATION},
+    remote,
+    trust::CacertsPlan,
+    validate::{Durations, validate},
 };
 use serde_json::json;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
     Error,
-    apply::{self, Writer},
-    members::{Backoff, ClientPool, Member, member_id},
+    apply::{self, Reached, Writer},
+    members::{Backoff, ClientPool, member_id},
     metrics::{FailureLabels, Metrics},
     remote_access, trust,
     watches::MemberWatches,
@@ -91,6 +98,8 @@ impl Default for Settings {
 
 struct Context {
     hub: Client,
+    /// The hub's identity (its `kube-system` namespace's UID), written on every claim.
+    hub_id: String,
     recorder: Recorder,
     pool: ClientPool,
     backoff: Backoff,
@@ -107,12 +116,20 @@ pub async fn run(hub: Client, settings: Settings, metrics: Metrics) -> anyhow::R
             "cannot list MeshFederations in the hub ({e}); is the CRD installed? `meshfed crd | kubectl apply --server-side -f -`"
         );
     }
+    let hub_id = Api::<Namespace>::all(hub.clone())
+        .get("kube-system")
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read namespace kube-system in the hub (meshfed's identity on claims): {e}"))?
+        .metadata
+        .uid
+        .unwrap_or_default();
     metrics.set_ready();
     let (watches, triggers) = MemberWatches::new(metrics.member_watches.clone());
     let triggers = futures::stream::unfold(triggers, |mut rx| async { rx.recv().await.map(|t| (t, rx)) });
     let recorder = Recorder::new(hub.clone(), Reporter { controller: "meshfed".into(), instance: None });
     let ctx = Arc::new(Context {
         hub,
+        hub_id,
         recorder,
         pool: ClientPool::default(),
         backoff: Backoff::default(),
@@ -167,6 +184,11 @@ fn federation_ref(fed: &MeshFederation) -> FederationRef {
 }
 
 /// Makes every member hold what the spec asks, cleans up members that left it, and reports.
+///
+/// Per member, concurrently: reach it, take its claim, observe what it holds. Then, federation-wide: the trust plan
+/// and the intermediates it asks for. Then every member's plan is applied in two waves, because a remote secret
+/// needs a token and a token needs its reader ServiceAccount in place: first everything but the remote secrets,
+/// then, with a token for every member read, the complete plan, followed by the prune.
 async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
     let fref = federation_ref(fed);
     let spec = &fed.spec;
@@ -180,50 +202,52 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
         }
         Ok(valid) => {
             let now = ctx.settings.clock.now();
-            let root = trust::root(&ctx.hub, fed, &valid.durations, now).await;
-            if let Err(f) = &root {
-                warn!(reason = %f.reason, "{}", f.message);
-            }
-            let staying = spec.clusters.iter().map(|c| converge_member(ctx, &fref, spec, c));
-            let leaving = previous
-                .into_iter()
-                .flat_map(|s| &s.clusters)
-                .filter(|c| !spec.clusters.iter().any(|m| m.name == c.name))
-                .filter_map(|c| Some((c.name.clone(), c.kubeconfig_secret_ref.clone()?)))
-                .map(|(name, secret)| cleanup_member(ctx, &fref, spec, name, secret));
-            let (staying, leaving) = futures::join!(join_all(staying), join_all(leaving));
-            let observed: BTreeMap<_, _> =
-                staying.iter().filter_map(|(r, o)| Some((r.name.clone(), o.as_ref()?))).collect();
-            // Remote access and trust are independent of each other: both run at once.
-            let access = remote_access::converge(
-                &ctx.metrics,
-                &fref,
-                spec,
-                &observed,
-                valid.durations.token_ttl,
-                ctx.settings.member_timeout,
-                now,
+            let leaving = plan::leaving_members(spec, previous);
+            let staying = spec
+                .clusters
+                .iter()
+                .map(|c| observe_member(ctx, &fref, spec, &c.name, &c.kubeconfig_secret_ref, true));
+            let (root, staying, leaving) = futures::join!(
+                trust::root(&ctx.hub, fed, &valid.durations, now),
+                join_all(staying),
+                join_all(leaving.into_iter().map(|(name, secret)| cleanup_member(ctx, fed, name, secret))),
             );
-            let trust = async {
-                let root = root.as_ref().map_err(Clone::clone)?;
-                let issuer = trust::Issuer { root, durations: &valid.durations, now };
-                let previous = previous.and_then(|p| p.trust.as_ref());
-                let timeout = ctx.settings.member_timeout;
-                Ok(trust::converge(&ctx.metrics, &fref, spec, issuer, previous, &observed, timeout).await)
-            };
-            let (access, trust) = futures::join!(access, trust);
-            let mut intermediates = BTreeMap::new();
-            root_status = Some(trust.map(|converged| {
-                intermediates = converged.intermediates;
-                converged.status
-            }));
-            let mut reports: Vec<MemberReport> = staying.into_iter().map(|(r, _)| r).collect();
-            for r in &mut reports {
-                if let Some(outcome) = access.get(&r.name) {
-                    r.remote_access = outcome.failure.clone();
-                    r.token_expires_at = outcome.token_expires_at;
+            let (mut reports, reached): (Vec<MemberReport>, Vec<Option<Reached>>) = staying.into_iter().unzip();
+            let mut reached = refuse_duplicates(&mut reports, reached);
+            let cacerts = match &root {
+                Ok(root) => {
+                    let previous = previous.and_then(|p| p.trust.as_ref());
+                    let (status, cacerts) = plan_cacerts(spec, root, &valid.durations, previous, &reached, now);
+                    root_status = Some(Ok(status));
+                    cacerts
                 }
-                r.intermediate = intermediates.remove(&r.name);
+                Err(f) => {
+                    warn!(reason = %f.reason, "{}", f.message);
+                    root_status = Some(Err(f.clone()));
+                    BTreeMap::new()
+                }
+            };
+            for r in &mut reports {
+                r.intermediate = cacerts.get(&r.name).map(|c| c.as_ref().map(|(_, s)| s.clone()).map_err(Clone::clone));
+            }
+            let first = apply_wave(ctx, &fref, spec, &mut reached, &cacerts, None).await;
+            for name in record_failures(&mut reports, first) {
+                reached.remove(&name);
+            }
+            let (ttl, timeout) = (valid.durations.token_ttl, ctx.settings.member_timeout);
+            let tokens = remote_access::tokens(&ctx.metrics, spec, &reached, ttl, now, timeout).await;
+            let second = apply_wave(ctx, &fref, spec, &mut reached, &cacerts, Some(&tokens)).await;
+            record_failures(&mut reports, second);
+            for r in &mut reports {
+                match tokens.get(&r.name) {
+                    Some(Ok(t)) => r.token_expires_at = Some(t.expires_at),
+                    Some(Err(f)) => r.remote_access = Some(f.clone()),
+                    None => {}
+                }
+                if let Some(m) = reached.get(&r.name) {
+                    let (base, max) = (ctx.settings.retry_after, ctx.settings.member_backoff_max);
+                    ctx.backoff.record(&m.member, r.failure.as_ref(), base, max);
+                }
             }
             reports.extend(leaving);
             reports
@@ -243,7 +267,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
     let in_use =
         status.clusters.iter().filter_map(|c| Some(member_id(&fref.namespace, c.kubeconfig_secret_ref.as_ref()?)));
     ctx.watches.used_by(&key, in_use.collect());
-    report(fed, ctx, &status).await?;
+    report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
     let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
     Ok(match (&validation, ready) {
         // An invalid spec waits for its next edit: retrying cannot fix it.
@@ -253,20 +277,146 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
     })
 }
 
+/// The members that answered, by name, less the same cluster listed twice under two Secrets (one `kube-system`
+/// UID): the later one in the spec is refused and not written.
+fn refuse_duplicates(reports: &mut [MemberReport], reached: Vec<Option<Reached>>) -> BTreeMap<String, Reached> {
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for (r, m) in reports.iter_mut().zip(reached) {
+        let (Some(m), Some(identity)) = (m, r.identity.clone()) else { continue };
+        match seen.get(&identity) {
+            Some(first) => {
+                r.failure = Some(Failure::new(
+                    "DuplicateCluster",
+                    format!("this is the same cluster as {first} (kube-system namespace UID {identity}); remove one of the two"),
+                ))
+            }
+            None => {
+                seen.insert(identity, r.name.clone());
+                out.insert(r.name.clone(), m);
+            }
+        }
+    }
+    out
+}
+
+/// Each member's `cacerts` data and intermediate (or why it has none), as the trust plan asks: kept, with new trusted
+/// roots, or issued afresh; and the trust status.
+fn plan_cacerts(
+    spec: &MeshFederationSpec,
+    root: &Root,
+    durations: &Durations,
+    previous: Option<&TrustStatus>,
+    reached: &BTreeMap<String, Reached>,
+    now: Timestamp,
+) -> (TrustStatus, BTreeMap<String, Result<(CacertsData, CertSummary), Failure>>) {
+    let key = member::cacerts_key(&spec.istio.namespace);
+    let observed: BTreeMap<String, Option<Secret>> =
+        reached.iter().map(|(name, r)| (name.clone(), apply::typed::<Secret>(&r.held, &key))).collect();
+    let data = observed.iter().map(|(n, s)| (n.clone(), s.as_ref().and_then(|s| s.data.as_ref()))).collect();
+    let planned = meshfed_core::trust::plan_trust(spec, root, durations, previous, &data, now);
+    let cacerts = planned
+        .cacerts
+        .into_iter()
+        .map(|(name, step)| {
+            let cluster = spec.clusters.iter().find(|c| c.name == name).expect("planned for a member of the spec");
+            let held = step.and_then(|step| match step {
+                CacertsPlan::Hold { data, summary, why } => {
+                    if let Some(why) = why {
+                        info!(cluster = %name, "cacerts: {why}");
+                    }
+                    Ok((data, summary))
+                }
+                CacertsPlan::Issue { why, other_roots } => {
+                    info!(cluster = %name, "cacerts: {why}");
+                    let data = trust::issue(root, spec, cluster, durations, now, &other_roots)?;
+                    let summary =
+                        pki::summarize(&data[pki::CA_CERT].0).map_err(|e| Failure::new(e.reason(), e.to_string()))?;
+                    Ok((data, summary))
+                }
+            });
+            (name, held)
+        })
+        .collect();
+    (planned.status, cacerts)
+}
+
+type CacertsData = BTreeMap<String, ByteString>;
+
+/// Applies every reached member's plan: without remote secrets when `tokens` is `None` (the first wave), else the
+/// complete plan followed by the prune. Returns each member's outcome.
+async fn apply_wave(
+    ctx: &Context,
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    reached: &mut BTreeMap<String, Reached>,
+    cacerts: &BTreeMap<String, Result<(CacertsData, CertSummary), Failure>>,
+    tokens: Option<&BTreeMap<String, Result<remote_access::Token, Failure>>>,
+) -> Vec<(String, Result<(), Failure>)> {
+    let placement = remote::remote_secret_placement(spec);
+    let work = reached.iter_mut().map(|(name, r)| {
+        let cluster = spec.clusters.iter().find(|c| c.name == *name).expect("a member of the spec");
+        let remote_secrets = tokens
+            .into_iter()
+            .flat_map(|tokens| placement.get(name).into_iter().flatten().map(move |t| (t, tokens.get(t))))
+            .filter_map(|(t, token)| {
+                let token = token?.as_ref().ok()?;
+                Some((t.clone(), remote::remote_secret(fref, spec, cluster, &token.target, &token.token)))
+            })
+            .collect();
+        let namespace = apply::typed::<Namespace>(&r.held, &member::namespace_key(&spec.istio.namespace));
+        let facts = MemberFacts {
+            namespace: namespace.as_ref(),
+            cacerts: cacerts.get(name).and_then(|c| c.as_ref().ok()).map(|(data, _)| data.clone()),
+            remote_secrets,
+        };
+        let plan = member::member_plan(fref, &ctx.hub_id, spec, cluster, facts);
+        async move {
+            let w = Writer { cluster: name, metrics: &ctx.metrics, client: &r.member.client };
+            let work = async {
+                apply::apply_plan(&w, fref, &plan, &mut r.held).await?;
+                if tokens.is_some() {
+                    apply::prune(&w, fref, &plan, &r.held).await?;
+                }
+                Ok(())
+            };
+            (name.clone(), within(ctx.settings.member_timeout, work).await)
+        }
+    });
+    join_all(work).await
+}
+
+/// Puts each failure into its member's report; returns the members that failed.
+fn record_failures(reports: &mut [MemberReport], results: Vec<(String, Result<(), Failure>)>) -> Vec<String> {
+    let mut failed = Vec::new();
+    for (name, result) in results {
+        if let (Err(f), Some(r)) = (result, reports.iter_mut().find(|r| r.name == name)) {
+            warn!(cluster = %name, reason = %f.reason, "{}", f.message);
+            r.failure = Some(f);
+            failed.push(name);
+        }
+    }
+    failed
+}
+
+/// The clusters released by annotation in this reconcile, each with what meshfed left behind there.
+fn released_announcements(fed: &MeshFederation, reports: &[MemberReport]) -> Vec<plan::Announcement> {
+    let fref = federation_ref(fed);
+    reports.iter().filter(|r| r.released).map(|r| plan::released(&fref, &r.name, &r.kubeconfig)).collect()
+}
+
 /// Removes what meshfed wrote in every member; keeps the finalizer while any member could not be cleaned.
 async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
     let fref = federation_ref(fed);
     let mut members: Vec<(String, SecretKeyRef)> =
         fed.spec.clusters.iter().map(|c| (c.name.clone(), c.kubeconfig_secret_ref.clone())).collect();
-    for c in fed.status.iter().flat_map(|s| &s.clusters) {
-        if let (false, Some(secret)) = (members.iter().any(|(n, _)| *n == c.name), &c.kubeconfig_secret_ref) {
-            members.push((c.name.clone(), secret.clone()));
-        }
-    }
-    let reports =
-        join_all(members.into_iter().map(|(name, secret)| cleanup_member(ctx, &fref, &fed.spec, name, secret))).await;
-    let pending: Vec<_> = reports.into_iter().filter(|r| r.failure.is_some()).collect();
+    members.extend(plan::leaving_members(&fed.spec, fed.status.as_ref()));
+    let reports = join_all(members.into_iter().map(|(name, secret)| cleanup_member(ctx, fed, name, secret))).await;
+    let pending: Vec<_> = reports.iter().filter(|r| r.failure.is_some()).cloned().collect();
     if pending.is_empty() {
+        for said in released_announcements(fed, &reports) {
+            publish(ctx, fed, said).await;
+        }
         info!("members cleaned up; releasing the finalizer");
         let key = fref.to_string();
         ctx.metrics.forget(&key);
@@ -275,13 +425,120 @@ async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
     }
     let status = plan::deletion_status(fed.status.as_ref(), fed.meta().generation, &pending, ctx.settings.clock.now());
     ctx.metrics.observe_status(&fref.to_string(), &status);
-    report(fed, ctx, &status).await?;
+    report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
     Err(Error::CleanupPending(pending.iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(", ")))
 }
 
+/// Runs `work` within `timeout`, as a member failure when it takes longer.
+async fn within<T>(timeout: Duration, work: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+    tokio::time::timeout(timeout, work)
+        .await
+        .unwrap_or_else(|_| Err(Failure::new("Timeout", format!("the member did not answer within {timeout:?}"))))
+}
+
+/// Reaches member `name` through its kubeconfig `secret` within the member deadline: its version and identity,
+/// then (when `take_claim`) its claim, and what it holds of the federation. Failures land in the report.
+async fn observe_member(
+    ctx: &Context,
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    name: &str,
+    secret: &SecretKeyRef,
+    take_claim: bool,
+) -> (MemberReport, Option<Reached>) {
+    let mut report = MemberReport::new(name, secret, !take_claim);
+    let timeout = ctx.settings.member_timeout;
+    let member = match ctx.pool.member(&ctx.hub, &fref.namespace, secret, timeout).await {
+        Ok(m) => m,
+        Err(f) => {
+            report.failure = Some(f);
+            return (report, None);
+        }
+    };
+    let key = fref.to_string();
+    ctx.watches.ensure(&key, &member.id, &member.version, &member.client);
+    if let Some(last) = ctx.backoff.waiting(&member) {
+        report.failure = Some(last);
+        return (report, None);
+    }
+    let run = async {
+        let asked = std::time::Instant::now();
+        let version = member
+            .client
+            .apiserver_version()
+            .await
+            .map_err(|e| Failure::new("Unreachable", format!("{}: {e}", member.server)))?;
+        ctx.metrics.member_answered(&key, name, asked.elapsed());
+        report.version = Some(version.git_version);
+        let identity = Api::<Namespace>::all(member.client.clone())
+            .get("kube-system")
+            .await
+            .map_err(|e| apply::read_failure("reading namespace kube-system (the cluster's identity)", e))?;
+        report.identity = identity.metadata.uid;
+        let ns = &spec.istio.namespace;
+        let by_name = [member::claim_key(ns), member::namespace_key(ns), member::cacerts_key(ns)];
+        let mut held = apply::observe(&member.client, fref, name, &by_name).await?;
+        let observed_ns = held.get(&member::namespace_key(ns));
+        if take_claim && observed_ns.is_some_and(|n| !n["metadata"]["deletionTimestamp"].is_null()) {
+            return Err(Failure::new("NamespaceTerminating", format!("namespace {ns} is being deleted; waiting for it to go")));
+        }
+        if take_claim {
+            let w = Writer { cluster: name, metrics: &ctx.metrics, client: &member.client };
+            apply::claim(&w, fref, &ctx.hub_id, spec, &mut held).await?;
+        }
+        Ok(held)
+    };
+    let held = within(timeout, run).await;
+    match held {
+        Ok(held) => (report, Some(Reached { member, held })),
+        Err(f) => {
+            warn!(cluster = %name, reason = %f.reason, "{}", f.message);
+            ctx.backoff.record(&member, Some(&f), ctx.settings.retry_after, ctx.settings.member_backoff_max);
+            report.failure = Some(f);
+            (report, None)
+        }
+    }
+}
+
+/// Removes what meshfed wrote for the federation in member `name`: the prune of an empty plan. A member that was
+/// never reached holds nothing of the federation, and one named in [`RELEASE_ANNOTATION`] is let go as it is: neither
+/// holds the cleanup up.
+async fn cleanup_member(ctx: &Context, fed: &MeshFederation, name: String, secret: SecretKeyRef) -> MemberReport {
+    let fref = federation_ref(fed);
+    let (mut report, reached) = observe_member(ctx, &fref, &fed.spec, &name, &secret, false).await;
+    if let Some(Reached { member, held }) = reached {
+        let w = Writer { cluster: &name, metrics: &ctx.metrics, client: &member.client };
+        match within(ctx.settings.member_timeout, apply::prune(&w, &fref, &MemberPlan::default(), &held)).await {
+            Ok(()) => info!(cluster = %name, "member cleaned up"),
+            Err(f) => report.failure = Some(f),
+        }
+        ctx.backoff.record(&member, report.failure.as_ref(), ctx.settings.retry_after, ctx.settings.member_backoff_max);
+    }
+    if report.failure.is_some() {
+        let previous = fed.status.as_ref().and_then(|s| s.clusters.iter().find(|c| c.name == name));
+        let never_reached = previous.is_none_or(|c| c.last_seen.is_none());
+        if never_reached {
+            info!(cluster = %name, "never reached: it holds nothing of the federation");
+            report.failure = None;
+        } else if plan::release_requested(fed.annotations().get(RELEASE_ANNOTATION), &name) {
+            warn!(cluster = %name, "released by annotation without cleanup");
+            report.failure = None;
+            report.released = true;
+        }
+    }
+    report
+}
 /// Patches the status when it differs from what the federation already shows.
-async fn report(fed: &MeshFederation, ctx: &Context, status: &meshfed_api::MeshFederationStatus) -> Result<(), Error> {
+async fn report(
+    fed: &MeshFederation,
+    ctx: &Context,
+    status: &meshfed_api::MeshFederationStatus,
+    extra: Vec<plan::Announcement>,
+) -> Result<(), Error> {
     if !plan::status_changed(fed.status.as_ref(), status) {
+        for said in extra {
+            publish(ctx, fed, said).await;
+        }
         return Ok(());
     }
     let api: Api<MeshFederation> = Api::namespaced(ctx.hub.clone(), &fed.namespace().unwrap_or_default());
@@ -294,146 +551,31 @@ async fn report(fed: &MeshFederation, ctx: &Context, status: &meshfed_api::MeshF
     api.patch_status(&fed.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
         .await
         .map_err(Error::Status)?;
-    let ns = fed.namespace().unwrap_or_default();
-    for said in plan::announcements(fed.status.as_ref(), status) {
-        let secondary = said.kubeconfig.map(|secret| ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Secret".into()),
-            namespace: Some(ns.clone()),
-            name: Some(secret.name),
-            ..Default::default()
-        });
-        let event = KubeEvent {
-            type_: if said.warning { EventType::Warning } else { EventType::Normal },
-            reason: said.reason,
-            note: Some(said.note),
-            action: "Reconcile".into(),
-            secondary,
-        };
-        // An Event that cannot be written is not worth failing a reconcile over.
-        if let Err(e) = ctx.recorder.publish(&event, &fed.object_ref(&())).await {
-            warn!(error = %e, "cannot publish an Event");
-        }
+    for said in plan::announcements(fed.status.as_ref(), status).into_iter().chain(extra) {
+        publish(ctx, fed, said).await;
     }
     Ok(())
 }
 
-/// Runs `work` against a member within the member deadline, recording in `report` its version or what failed.
-/// Returns the member and what `work` found, when everything succeeded.
-async fn with_member<T, F, Fut>(
-    ctx: &Context,
-    fref: &FederationRef,
-    report: &mut MemberReport,
-    work: F,
-) -> Option<(Member, T)>
-where
-    F: FnOnce(Member) -> Fut,
-    Fut: Future<Output = Result<T, Failure>>,
-{
-    let timeout = ctx.settings.member_timeout;
-    let member = match ctx.pool.member(&ctx.hub, &fref.namespace, &report.kubeconfig, timeout).await {
-        Ok(m) => m,
-        Err(f) => {
-            report.failure = Some(f);
-            return None;
-        }
+/// Publishes one Event on the federation; one about a cluster relates to its kubeconfig Secret.
+async fn publish(ctx: &Context, fed: &MeshFederation, said: plan::Announcement) {
+    let secondary = said.kubeconfig.map(|secret| ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Secret".into()),
+        namespace: fed.namespace(),
+        name: Some(secret.name),
+        ..Default::default()
+    });
+    let event = KubeEvent {
+        type_: if said.warning { EventType::Warning } else { EventType::Normal },
+        reason: said.reason,
+        note: Some(said.note),
+        action: "Reconcile".into(),
+        secondary,
     };
-    let key = fref.to_string();
-    ctx.watches.ensure(&key, &member.id, &member.version, &member.client);
-    if let Some(last) = ctx.backoff.waiting(&member) {
-        report.failure = Some(last);
-        return None;
+    // An Event that cannot be written is not worth failing a reconcile over.
+    if let Err(e) = ctx.recorder.publish(&event, &fed.object_ref(&())).await {
+        warn!(error = %e, "cannot publish an Event");
     }
-    let run = async {
-        let asked = std::time::Instant::now();
-        let version = member
-            .client
-            .apiserver_version()
-            .await
-            .map_err(|e| Failure::new("Unreachable", format!("{}: {e}", member.server)))?;
-        ctx.metrics.member_answered(&key, &report.name, asked.elapsed());
-        report.version = Some(version.git_version);
-        work(member.clone()).await
-    };
-    let found = match tokio::time::timeout(timeout, run).await {
-        Ok(Ok(found)) => Some((member.clone(), found)),
-        Ok(Err(f)) => {
-            report.failure = Some(f);
-            None
-        }
-        Err(_) => {
-            report.failure =
-                Some(Failure::new("Timeout", format!("{} did not answer within {timeout:?}", member.server)));
-            None
-        }
-    };
-    let (base, max) = (ctx.settings.retry_after, ctx.settings.member_backoff_max);
-    ctx.backoff.record(&member, report.failure.as_ref(), base, max);
-    if let Some(f) = &report.failure {
-        warn!(cluster = %report.name, reason = %f.reason, "{}", f.message);
-    }
-    found
 }
 
-/// Brings one member to the plan: its Istio namespace with the network label and its reader identity; returns
-/// what the remote-access step needs from it.
-async fn converge_member(
-    ctx: &Context,
-    fref: &FederationRef,
-    spec: &MeshFederationSpec,
-    cluster: &ClusterSpec,
-) -> (MemberReport, Option<remote_access::Observed>) {
-    let mut report = MemberReport::new(&cluster.name, &cluster.kubeconfig_secret_ref, false);
-    let found = with_member(ctx, fref, &mut report, |member| async move {
-        let w = Writer { cluster: &cluster.name, metrics: &ctx.metrics };
-        let ns = &spec.istio.namespace;
-        let namespaces: Api<Namespace> = Api::all(member.client.clone());
-        let observed = apply::read(&namespaces, ns).await?;
-        if observed.as_ref().is_some_and(|o| o.metadata.deletion_timestamp.is_some()) {
-            return Err(Failure::new(
-                "NamespaceTerminating",
-                format!("namespace {ns} is being deleted; waiting for it to go"),
-            ));
-        }
-        let desired = plan::istio_namespace(fref, spec, cluster, observed.as_ref());
-        apply::ensure(&w, &namespaces, observed, &desired).await?;
-        remote_access::observe_member(&w, fref, spec, cluster, member).await
-    })
-    .await;
-    (report, found.map(|(_, observed)| observed))
-}
-
-/// Removes what meshfed wrote for `fref` in one member: everything labelled for it, and the Istio namespace if
-/// meshfed created it; a namespace meshfed found gets back only the labels meshfed set (an empty server-side apply
-/// drops every field meshfed owns).
-async fn cleanup_member(
-    ctx: &Context,
-    fref: &FederationRef,
-    spec: &MeshFederationSpec,
-    name: String,
-    secret: SecretKeyRef,
-) -> MemberReport {
-    let mut report = MemberReport::new(&name, &secret, true);
-    with_member(ctx, fref, &mut report, |member| async move {
-        let w = Writer { cluster: &name, metrics: &ctx.metrics };
-        apply::delete_owned(&w, fref, &member).await?;
-        let namespaces: Api<Namespace> = Api::all(member.client);
-        let ns = &spec.istio.namespace;
-        let Some(observed) = apply::read(&namespaces, ns).await? else {
-            return Ok(());
-        };
-        if !plan::owned_by(&observed.metadata, fref, &name) || observed.metadata.deletion_timestamp.is_some() {
-            return Ok(());
-        }
-        if plan::created_by_meshfed(&observed) {
-            apply::delete(&w, &namespaces, ns).await?;
-        } else {
-            let release = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}});
-            apply::apply(&w, &namespaces, ns, &release).await?;
-        }
-        info!(cluster = %name, "member cleaned up");
-        Ok(())
-    })
-    .await;
-    report
-}

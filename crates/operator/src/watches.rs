@@ -11,17 +11,17 @@ use std::{
 };
 
 use futures::{StreamExt, stream::select_all};
-use k8s_openapi::api::{
-    core::v1::{Namespace, Secret, ServiceAccount},
-    rbac::v1::{ClusterRole, ClusterRoleBinding},
-};
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, ResourceExt,
+    api::DynamicObject,
     core::PartialObjectMeta,
     runtime::{WatchStreamExt, reflector::ObjectRef, watcher},
 };
 use meshfed_api::MeshFederation;
-use meshfed_core::plan::{FIELD_MANAGER, LABEL_FEDERATION, LABEL_FEDERATION_NAMESPACE, MANAGED_BY};
+use meshfed_core::{
+    member::{OWNED_KINDS, OwnedKind},
+    plan::{FIELD_MANAGER, LABEL_FEDERATION, LABEL_FEDERATION_NAMESPACE, MANAGED_BY},
+};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::{sync::mpsc, task::JoinHandle};
 
@@ -93,14 +93,7 @@ impl Drop for MemberWatches {
 
 async fn watch_member(client: Client, triggers: mpsc::UnboundedSender<ObjectRef<MeshFederation>>) {
     let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"));
-    let streams = vec![
-        owners::<Namespace>(&client, &config),
-        owners::<Secret>(&client, &config),
-        owners::<ServiceAccount>(&client, &config),
-        owners::<ClusterRole>(&client, &config),
-        owners::<ClusterRoleBinding>(&client, &config),
-    ];
-    let mut all = select_all(streams);
+    let mut all = select_all(OWNED_KINDS.iter().map(|kind| owners(&client, kind, &config)));
     while let Some(owner) = all.next().await {
         if triggers.send(owner).is_err() {
             return;
@@ -108,15 +101,14 @@ async fn watch_member(client: Client, triggers: mpsc::UnboundedSender<ObjectRef<
     }
 }
 
-/// The federations that the objects of kind `K` meshfed owns in a member belong to, as they change.
-fn owners<K>(
+/// The federations that the objects of `kind` meshfed owns in a member belong to, as they change.
+fn owners(
     client: &Client,
+    kind: &OwnedKind,
     config: &watcher::Config,
-) -> futures::stream::BoxStream<'static, ObjectRef<MeshFederation>>
-where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + Sync + 'static,
-{
-    watcher(Api::<PartialObjectMeta<K>>::all(client.clone()), config.clone())
+) -> futures::stream::BoxStream<'static, ObjectRef<MeshFederation>> {
+    let api = Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), &crate::apply::api_resource(kind));
+    watcher(api, config.clone())
         .default_backoff()
         .touched_objects()
         .filter_map(|obj| async move {
