@@ -64,7 +64,8 @@ pub const SECRET: OwnedKind = kind("", "v1", "Secret", "secrets");
 
 /// Every kind meshfed writes in a member, in the order it applies them; prune and cleanup go in reverse, so the
 /// claim (a ConfigMap) is taken first and given back last, and a namespace goes after what it holds.
-pub const OWNED_KINDS: &[OwnedKind] = &[CONFIG_MAP, NAMESPACE, SERVICE_ACCOUNT, CLUSTER_ROLE, CLUSTER_ROLE_BINDING, SECRET];
+pub const OWNED_KINDS: &[OwnedKind] =
+    &[CONFIG_MAP, NAMESPACE, SERVICE_ACCOUNT, CLUSTER_ROLE, CLUSTER_ROLE_BINDING, SECRET];
 
 /// Identifies one object in a member.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -359,7 +360,8 @@ pub fn to_prune<'a>(
         .map(|(k, v)| {
             let created = v["metadata"]["annotations"][ANNOTATION_CREATED] == "true";
             if k.kind == NAMESPACE && !created {
-                let body = json!({"apiVersion": k.kind.api_version(), "kind": k.kind.kind, "metadata": {"name": k.name}});
+                let body =
+                    json!({"apiVersion": k.kind.api_version(), "kind": k.kind.kind, "metadata": {"name": k.name}});
                 Prune::Release(k.clone(), body)
             } else {
                 Prune::Delete(k.clone())
@@ -465,7 +467,8 @@ mod tests {
         );
         // Cleanup is the same prune with an empty plan: the claim goes last; a namespace meshfed found is released.
         let found = owned(&old_ns, "east", json!({}));
-        let cleanup = to_prune(&fed(), "east", &MemberPlan::default(), [(&found.0, &found.1), (&observed[1].0, &observed[1].1)]);
+        let cleanup =
+            to_prune(&fed(), "east", &MemberPlan::default(), [(&found.0, &found.1), (&observed[1].0, &observed[1].1)]);
         assert!(matches!(&cleanup[0], Prune::Release(k, _) if *k == old_ns), "{cleanup:?}");
         assert_eq!(cleanup[1], Prune::Delete(claim_key("istio-system")));
     }
@@ -555,14 +558,19 @@ mod tests {
         let after = spec_of(&format!(
             "{two}- {{name: west, network: n1, role: Remote, controlPlane: east, kubeconfigSecretRef: {{name: w}}}}\n"
         ));
-        assert_eq!(pruned_secrets(&after, "west", &[("istio-system", "east")]), ["Secret istio-system/istio-remote-secret-east"]);
+        assert_eq!(
+            pruned_secrets(&after, "west", &[("istio-system", "east")]),
+            ["Secret istio-system/istio-remote-secret-east"]
+        );
         // east still discovers west, now a Remote it serves.
         assert!(pruned_secrets(&after, "east", &[("istio-system", "west")]).is_empty());
     }
 
     #[test]
     fn a_removed_cluster_loses_every_secret_and_its_peers_lose_theirs_of_it() {
-        let s = spec_of("- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: w}}\n");
+        let s = spec_of(
+            "- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: w}}\n",
+        );
         assert_eq!(
             pruned_secrets(&s, "east", &[("istio-system", "west"), ("istio-system", "gone")]),
             ["Secret istio-system/istio-remote-secret-gone"]
@@ -572,7 +580,9 @@ mod tests {
 
     #[test]
     fn a_moved_istio_namespace_loses_the_secrets_of_the_old_one() {
-        let s = spec_of("- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: w}}\n");
+        let s = spec_of(
+            "- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: w}}\n",
+        );
         assert_eq!(
             pruned_secrets(&s, "east", &[("istio-old", "west"), ("istio-system", "west")]),
             ["Secret istio-old/istio-remote-secret-west"]
@@ -581,7 +591,9 @@ mod tests {
 
     #[test]
     fn a_remote_secret_is_rewritten_when_its_server_labels_data_or_token_change_and_not_otherwise() {
-        let s = spec_of("- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: w}}\n");
+        let s = spec_of(
+            "- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: w}}\n",
+        );
         let desired = Desired::of(&secret_for(&s.clusters[0], "west", &s)).exact();
         let mut observed = desired.body.clone();
         observed["metadata"]["uid"] = "u".into();

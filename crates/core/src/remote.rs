@@ -18,11 +18,7 @@
 //! Tokens are secrets: they live in [`ReaderToken`], whose `Debug` is redacted, and no error here quotes one. A
 //! remote [`Secret`] holds one in its data, so never log a `Secret` with `{:?}`.
 
-use std::{
-    collections::BTreeMap,
-    fmt,
-    time::Duration,
-};
+use std::{collections::BTreeMap, fmt, time::Duration};
 
 use base64::{
     Engine as _, alphabet,
@@ -624,9 +620,9 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
     use crate::plan::owned_by;
-    use std::collections::BTreeSet;
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use jiff::SignedDuration;
+    use std::collections::BTreeSet;
 
     fn fed() -> FederationRef {
         FederationRef { namespace: "mesh-system".into(), name: "prod".into() }

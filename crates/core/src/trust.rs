@@ -9,7 +9,7 @@ use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::me
 use meshfed_api::{MeshFederationSpec, TrustStatus};
 
 use crate::{
-    pki::{self, CacertsBundle, CacertsVerdict, CaMaterial, CertSummary, IntermediateProfile, Root},
+    pki::{self, CaMaterial, CacertsBundle, CacertsVerdict, CertSummary, IntermediateProfile, Root},
     plan::{FIELD_MANAGER, Failure, FederationRef, LABEL_FEDERATION, MANAGED_BY},
     rotation::{self, Action, MemberRoots},
     validate::Durations,
@@ -148,7 +148,9 @@ fn member_cacerts(
             }
             CacertsVerdict::Reissue(reason) => issue(&reason.to_string(), String::new()),
         },
-        Some(Action::Keep) => Ok(CacertsPlan::Hold { data: data.cloned().unwrap_or_default(), summary: current()?, why: None }),
+        Some(Action::Keep) => {
+            Ok(CacertsPlan::Hold { data: data.cloned().unwrap_or_default(), summary: current()?, why: None })
+        }
         Some(Action::AddNewRoot) if current().is_ok() => {
             with_roots(old_roots() + root.cert_pem(), "adding the new root beside the old one")
         }

@@ -12,9 +12,7 @@ use kube::{
     api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams},
 };
 use meshfed_core::{
-    member::{
-        self, ClaimHolder, Foreign, MemberPlan, OWNED_KINDS, ObjectKey, OwnedKind, Prune, Write, claim_holder,
-    },
+    member::{self, ClaimHolder, Foreign, MemberPlan, OWNED_KINDS, ObjectKey, OwnedKind, Prune, Write, claim_holder},
     plan::{FIELD_MANAGER, Failure, FederationRef},
 };
 use serde_json::Value;
@@ -67,7 +65,11 @@ fn as_json(kind: &OwnedKind, obj: &DynamicObject) -> Value {
 }
 
 fn key_of(kind: &OwnedKind, obj: &DynamicObject) -> ObjectKey {
-    ObjectKey { kind: *kind, namespace: obj.metadata.namespace.clone(), name: obj.metadata.name.clone().unwrap_or_default() }
+    ObjectKey {
+        kind: *kind,
+        namespace: obj.metadata.namespace.clone(),
+        name: obj.metadata.name.clone().unwrap_or_default(),
+    }
 }
 
 /// Reads what the member holds of `fref` for `cluster`: every owned kind listed by label, and `by_name` read whatever
@@ -90,7 +92,8 @@ pub async fn observe(
         }
     });
     let reads = by_name.iter().map(|key| async move {
-        let found = api(client, key).get_opt(&key.name).await.map_err(|e| read_failure(&format!("reading {key}"), e))?;
+        let found =
+            api(client, key).get_opt(&key.name).await.map_err(|e| read_failure(&format!("reading {key}"), e))?;
         Ok::<_, Failure>(found.map(|o| (key.clone(), as_json(&key.kind, &o))))
     });
     let (lists, reads) = futures::try_join!(try_join_all(lists), try_join_all(reads))?;
@@ -119,10 +122,9 @@ pub async fn claim(
                     info!(cluster = %w.cluster, claim = %key, "claimed the Istio namespace");
                     created
                 }
-                Err(kube::Error::Api(e)) if e.code == 409 => configmaps
-                    .get(&key.name)
-                    .await
-                    .map_err(|e| read_failure(&format!("reading the claim {key}"), e))?,
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    configmaps.get(&key.name).await.map_err(|e| read_failure(&format!("reading the claim {key}"), e))?
+                }
                 Err(e) => return Err(write_failure(&format!("creating the claim {key}"), e)),
             }
         }

@@ -119,7 +119,9 @@ pub async fn run(hub: Client, settings: Settings, metrics: Metrics) -> anyhow::R
     let hub_id = Api::<Namespace>::all(hub.clone())
         .get("kube-system")
         .await
-        .map_err(|e| anyhow::anyhow!("cannot read namespace kube-system in the hub (meshfed's identity on claims): {e}"))?
+        .map_err(|e| {
+            anyhow::anyhow!("cannot read namespace kube-system in the hub (meshfed's identity on claims): {e}")
+        })?
         .metadata
         .uid
         .unwrap_or_default();
@@ -203,10 +205,8 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
         Ok(valid) => {
             let now = ctx.settings.clock.now();
             let leaving = plan::leaving_members(spec, previous);
-            let staying = spec
-                .clusters
-                .iter()
-                .map(|c| observe_member(ctx, &fref, spec, &c.name, &c.kubeconfig_secret_ref, true));
+            let staying =
+                spec.clusters.iter().map(|c| observe_member(ctx, &fref, spec, &c.name, &c.kubeconfig_secret_ref, true));
             let (root, staying, leaving) = futures::join!(
                 trust::root(&ctx.hub, fed, &valid.durations, now),
                 join_all(staying),
@@ -246,7 +246,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
                 }
                 if let Some(m) = reached.get(&r.name) {
                     let (base, max) = (ctx.settings.retry_after, ctx.settings.member_backoff_max);
-                    ctx.backoff.record(&m.member, r.failure.as_ref(), base, max);
+                    ctx.backoff.record(&fref.to_string(), &m.member, r.failure.as_ref(), base, max);
                 }
             }
             reports.extend(leaving);
@@ -288,7 +288,9 @@ fn refuse_duplicates(reports: &mut [MemberReport], reached: Vec<Option<Reached>>
             Some(first) => {
                 r.failure = Some(Failure::new(
                     "DuplicateCluster",
-                    format!("this is the same cluster as {first} (kube-system namespace UID {identity}); remove one of the two"),
+                    format!(
+                        "this is the same cluster as {first} (kube-system namespace UID {identity}); remove one of the two"
+                    ),
                 ))
             }
             None => {
@@ -457,7 +459,7 @@ async fn observe_member(
     };
     let key = fref.to_string();
     ctx.watches.ensure(&key, &member.id, &member.version, &member.client);
-    if let Some(last) = ctx.backoff.waiting(&member) {
+    if let Some(last) = ctx.backoff.waiting(&key, &member) {
         report.failure = Some(last);
         return (report, None);
     }
@@ -480,7 +482,10 @@ async fn observe_member(
         let mut held = apply::observe(&member.client, fref, name, &by_name).await?;
         let observed_ns = held.get(&member::namespace_key(ns));
         if take_claim && observed_ns.is_some_and(|n| !n["metadata"]["deletionTimestamp"].is_null()) {
-            return Err(Failure::new("NamespaceTerminating", format!("namespace {ns} is being deleted; waiting for it to go")));
+            return Err(Failure::new(
+                "NamespaceTerminating",
+                format!("namespace {ns} is being deleted; waiting for it to go"),
+            ));
         }
         if take_claim {
             let w = Writer { cluster: name, metrics: &ctx.metrics, client: &member.client };
@@ -493,7 +498,7 @@ async fn observe_member(
         Ok(held) => (report, Some(Reached { member, held })),
         Err(f) => {
             warn!(cluster = %name, reason = %f.reason, "{}", f.message);
-            ctx.backoff.record(&member, Some(&f), ctx.settings.retry_after, ctx.settings.member_backoff_max);
+            ctx.backoff.record(&key, &member, Some(&f), ctx.settings.retry_after, ctx.settings.member_backoff_max);
             report.failure = Some(f);
             (report, None)
         }
@@ -512,7 +517,8 @@ async fn cleanup_member(ctx: &Context, fed: &MeshFederation, name: String, secre
             Ok(()) => info!(cluster = %name, "member cleaned up"),
             Err(f) => report.failure = Some(f),
         }
-        ctx.backoff.record(&member, report.failure.as_ref(), ctx.settings.retry_after, ctx.settings.member_backoff_max);
+        let (base, max) = (ctx.settings.retry_after, ctx.settings.member_backoff_max);
+        ctx.backoff.record(&fref.to_string(), &member, report.failure.as_ref(), base, max);
     }
     if report.failure.is_some() {
         let previous = fed.status.as_ref().and_then(|s| s.clusters.iter().find(|c| c.name == name));
@@ -578,4 +584,3 @@ async fn publish(ctx: &Context, fed: &MeshFederation, said: plan::Announcement) 
         warn!(error = %e, "cannot publish an Event");
     }
 }
-

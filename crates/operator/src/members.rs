@@ -84,12 +84,13 @@ impl ClientPool {
     }
 }
 
-/// Backoff for members that fail: after `n` failures in a row a member is not contacted again for
+/// Backoff for members that fail, per federation (a failure such as a claim held by another federation is one
+/// federation's own): after `n` failures in a row a member is not contacted again for
 /// `base * 2^(n-1)`, at most `max`, and keeps reporting its last failure meanwhile. A success, or a change of its
 /// kubeconfig Secret, ends it. Reconciles that other members trigger meanwhile do not wait on it.
 #[derive(Default)]
 pub struct Backoff {
-    failing: Mutex<HashMap<String, Failing>>,
+    failing: Mutex<HashMap<(String, String), Failing>>,
 }
 
 struct Failing {
@@ -100,27 +101,29 @@ struct Failing {
 }
 
 impl Backoff {
-    /// The failure to report instead of contacting `member` (built from Secret `version`), while it waits.
-    pub fn waiting(&self, member: &Member) -> Option<Failure> {
+    /// The failure to report to `federation` instead of contacting `member` (built from Secret `version`), while
+    /// it waits.
+    pub fn waiting(&self, federation: &str, member: &Member) -> Option<Failure> {
         let failing = self.failing.lock().expect("backoff lock");
-        let f = failing.get(&member.id)?;
+        let f = failing.get(&(federation.to_string(), member.id.clone()))?;
         (f.version == member.version && Instant::now() < f.retry_at).then(|| f.last.clone())
     }
 
-    /// Records how contacting `member` went.
-    pub fn record(&self, member: &Member, outcome: Option<&Failure>, base: Duration, max: Duration) {
+    /// Records how contacting `member` for `federation` went.
+    pub fn record(&self, federation: &str, member: &Member, outcome: Option<&Failure>, base: Duration, max: Duration) {
         let mut failing = self.failing.lock().expect("backoff lock");
+        let key = (federation.to_string(), member.id.clone());
         let Some(failure) = outcome else {
-            failing.remove(&member.id);
+            failing.remove(&key);
             return;
         };
-        let failures = match failing.get(&member.id) {
+        let failures = match failing.get(&key) {
             Some(f) if f.version == member.version => f.failures + 1,
             _ => 1,
         };
         let retry_at = Instant::now() + delay(failures, base, max);
         let entry = Failing { version: member.version.clone(), failures, retry_at, last: failure.clone() };
-        failing.insert(member.id.clone(), entry);
+        failing.insert(key, entry);
     }
 }
 
@@ -150,17 +153,18 @@ mod tests {
         let (base, max) = (Duration::from_millis(500), Duration::from_secs(60));
         let down = Failure::new("Unreachable", "connection refused");
         let east = member("uid/1");
-        assert_eq!(backoff.waiting(&east), None, "a member that never failed is tried");
-        backoff.record(&east, Some(&down), base, max);
-        assert_eq!(backoff.waiting(&east), Some(down.clone()), "it reports its last failure while it waits");
-        assert_eq!(backoff.waiting(&member("uid/2")), None, "a changed kubeconfig Secret is tried at once");
+        assert_eq!(backoff.waiting("ns/prod", &east), None, "a member that never failed is tried");
+        backoff.record("ns/prod", &east, Some(&down), base, max);
+        assert_eq!(backoff.waiting("ns/prod", &east), Some(down.clone()), "it reports its last failure while it waits");
+        assert_eq!(backoff.waiting("ns/staging", &east), None, "to the federation that saw it fail only");
+        assert_eq!(backoff.waiting("ns/prod", &member("uid/2")), None, "a changed kubeconfig Secret is tried at once");
         tokio::time::sleep(base).await;
-        assert_eq!(backoff.waiting(&east), None, "tried again once the wait is over");
-        backoff.record(&east, Some(&down), base, max);
+        assert_eq!(backoff.waiting("ns/prod", &east), None, "tried again once the wait is over");
+        backoff.record("ns/prod", &east, Some(&down), base, max);
         tokio::time::sleep(base).await;
-        assert!(backoff.waiting(&east).is_some(), "the second failure in a row waits twice as long");
-        backoff.record(&east, None, base, max);
-        assert_eq!(backoff.waiting(&east), None, "a success ends the backoff");
+        assert!(backoff.waiting("ns/prod", &east).is_some(), "the second failure in a row waits twice as long");
+        backoff.record("ns/prod", &east, None, base, max);
+        assert_eq!(backoff.waiting("ns/prod", &east), None, "a success ends the backoff");
     }
 
     #[test]

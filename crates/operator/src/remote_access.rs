@@ -73,7 +73,11 @@ async fn token_for(
         .filter_map(|r| apply::typed::<Secret>(&r.held, &key))
         .filter_map(|s| remote::token_in_remote_secret(&s, &target.name))
         .collect();
-    let sa_key = ObjectKey { kind: member::SERVICE_ACCOUNT, namespace: Some(ns.clone()), name: remote::READER_SERVICE_ACCOUNT.into() };
+    let sa_key = ObjectKey {
+        kind: member::SERVICE_ACCOUNT,
+        namespace: Some(ns.clone()),
+        name: remote::READER_SERVICE_ACCOUNT.into(),
+    };
     let uid = apply::typed::<ServiceAccount>(held, &sa_key).and_then(|sa| sa.metadata.uid);
     let reader = ReaderIdentity { namespace: ns, uid: uid.as_deref() };
     if let Some((token, expires_at)) = remote::choose_token(&kept, &reader, ttl, now) {
@@ -98,5 +102,9 @@ async fn token_for(
         Err(_) => return Err(refused(format!("no answer within {timeout:?}"))),
     };
     info!(cluster = %target.name, expires = %status.expiration_timestamp.0, "requested a reader token");
-    Ok(Token { target: remote_target, token: ReaderToken::new(status.token), expires_at: status.expiration_timestamp.0 })
+    Ok(Token {
+        target: remote_target,
+        token: ReaderToken::new(status.token),
+        expires_at: status.expiration_timestamp.0,
+    })
 }

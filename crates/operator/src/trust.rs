@@ -3,10 +3,7 @@
 
 use jiff::Timestamp;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
-use kube::{
-    Api, Client, Resource, ResourceExt,
-    api::PostParams,
-};
+use kube::{Api, Client, Resource, ResourceExt, api::PostParams};
 use meshfed_api::{ClusterSpec, MeshFederation, MeshFederationSpec};
 use meshfed_core::{
     pki::{self, IntermediateProfile, Root},
@@ -43,7 +40,8 @@ pub async fn root(hub: &Client, fed: &MeshFederation, durations: &Durations, now
             .map_err(|e| Failure::new(e.reason(), e.to_string()))
     };
     let name = trust::root_secret_name(&fref.name);
-    let vanished = || Failure::new("RootSecretMissing", format!("Secret {name} vanished while meshfed wrote it; retrying"));
+    let vanished =
+        || Failure::new("RootSecretMissing", format!("Secret {name} vanished while meshfed wrote it; retrying"));
     let request = fed.annotations().get(ROTATE_ROOT_ANNOTATION).cloned();
     if let Some(mut s) = read(&secrets, &name).await? {
         if request.is_none() || s.annotations().get(ROTATE_ROOT_ANNOTATION) == request.as_ref() {

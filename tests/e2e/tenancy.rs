@@ -1,0 +1,223 @@
+//! Federations that cannot hurt each other, against real local clusters: a member's Istio namespace belongs to one
+//! federation (its claim, in the member), a second federation naming it is refused there and writes nothing, racing
+//! federations leave one claim, deletion never hangs on a member that holds nothing, a member gone for good can be
+//! released, and a moved Istio namespace leaves nothing behind.
+
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DynamicObject, ListParams, Patch, PatchParams},
+};
+use meshfed_api::MeshFederation;
+use meshfed_core::member::OWNED_KINDS;
+use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready, put_kubeconfig};
+use meshfed_testenv::Options;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A federation named `name` over `clusters` (`name:network`), in Istio namespace `istio`.
+fn federation(name: &str, istio: &str, clusters: &[&str]) -> String {
+    let members: String = clusters
+        .iter()
+        .map(|c| {
+            let (cluster, network) = c.split_once(':').unwrap();
+            format!(
+                "  - {{name: {cluster}, network: {network}, kubeconfigSecretRef: {{name: {cluster}-kubeconfig}}}}\n"
+            )
+        })
+        .collect();
+    format!(
+        "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  meshID: {name}\n  istio: {{namespace: {istio}}}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n{members}"
+    )
+}
+
+/// Every object meshfed owns in a member (any federation) and that is not being deleted (a namespace stays
+/// terminating without kube-controller-manager), with its resourceVersion.
+async fn owned_versions(member: &Client) -> anyhow::Result<BTreeMap<String, String>> {
+    let lp = ListParams::default().labels("app.kubernetes.io/managed-by=meshfed");
+    let mut out = BTreeMap::new();
+    for kind in OWNED_KINDS {
+        let ar = meshfed_operator::apply::api_resource(kind);
+        for o in Api::<DynamicObject>::all_with(member.clone(), &ar).list(&lp).await?.items {
+            if o.metadata.deletion_timestamp.is_some() {
+                continue;
+            }
+            let key = format!("{} {}/{}", kind.kind, o.namespace().unwrap_or_default(), o.name_any());
+            out.insert(key, o.resource_version().unwrap_or_default());
+        }
+    }
+    Ok(out)
+}
+
+fn member_reason(fed: &MeshFederation, cluster: &str) -> Option<String> {
+    let c = fed.status.as_ref()?.clusters.iter().find(|c| c.name == cluster)?;
+    Some(condition(&c.conditions, "Ready")?.reason.clone())
+}
+
+/// Samples `prod` every 100 ms until stopped; counts the samples where it was not `Ready=True`.
+fn watch_ready(f: &Fixture) -> (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let (stop, samples, not_ready) =
+        (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (api, s, n, done) = (f.federations(), Arc::clone(&samples), Arc::clone(&not_ready), Arc::clone(&stop));
+    tokio::spawn(async move {
+        while !done.load(Ordering::Relaxed) {
+            let Ok(fed) = api.get("prod").await else { continue };
+            s.fetch_add(1, Ordering::Relaxed);
+            if !is_ready(&fed) {
+                n.fetch_add(1, Ordering::Relaxed);
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    (stop, samples, not_ready)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_federation_is_refused_on_a_claimed_member_and_writes_nothing_there() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
+    f.apply(&example("multi-primary-multi-network")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let west = f.member("west").await?;
+    let before = owned_versions(&west).await?;
+    let (stop, samples, not_ready) = watch_ready(&f);
+
+    // staging names west (prod's) and north (free).
+    f.apply(&federation("staging", "istio-system", &["west:n1", "north:n2"])).await?;
+    let claimed = |fed: &MeshFederation| member_reason(fed, "west").as_deref() == Some("ClusterClaimed");
+    let staging = f.wait_for("staging", WAIT, claimed).await?;
+    let west_status = staging.status.as_ref().unwrap().clusters.iter().find(|c| c.name == "west").unwrap();
+    let message = &condition(&west_status.conditions, "Ready").unwrap().message;
+    assert!(message.contains("mesh-system/prod"), "the refusal names the owner: {message}");
+    assert_eq!(fed_condition(&staging, "Ready").unwrap().status, "False");
+    assert_eq!(member_reason(&staging, "north").as_deref(), Some("Converged"), "the free member converges");
+    assert_eq!(owned_versions(&west).await?, before, "staging wrote nothing in west");
+
+    // Edited, still nothing there; the reconcile of the edit is proven by its observedGeneration.
+    let edit = serde_json::json!({"spec": {"clusters": [
+        {"name": "west", "network": "n1", "kubeconfigSecretRef": {"name": "west-kubeconfig"}},
+        {"name": "north", "network": "n3", "kubeconfigSecretRef": {"name": "north-kubeconfig"}},
+    ]}});
+    let edited = f.federations().patch("staging", &PatchParams::default(), &Patch::Merge(&edit)).await?;
+    let generation = edited.metadata.generation;
+    f.wait_for("staging", WAIT, |fed| {
+        fed.status.as_ref().is_some_and(|s| s.observed_generation == generation) && claimed(fed)
+    })
+    .await?;
+    assert_eq!(owned_versions(&west).await?, before, "the edit wrote nothing in west");
+
+    // Deleted: north is cleaned, west (which holds nothing of staging) does not hold the deletion up.
+    f.delete("staging").await?;
+    f.wait_gone("staging", Duration::from_secs(20)).await?;
+    assert_eq!(owned_versions(&west).await?, before, "staging's deletion touched nothing of prod's");
+    let north = owned_versions(&f.member("north").await?).await?;
+    assert!(north.is_empty(), "north keeps nothing of staging: {north:?}");
+
+    stop.store(true, Ordering::Relaxed);
+    let samples = samples.load(Ordering::Relaxed);
+    assert!(samples > 10, "prod was sampled ({samples} samples)");
+    assert_eq!(not_ready.load(Ordering::Relaxed), 0, "prod stayed Ready=True at every one of {samples} samples");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_federations_racing_for_one_member_leave_exactly_one_claim() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east"], Options::default()).await?;
+    let (a, b) = (federation("alpha", "istio-system", &["east:n1"]), federation("beta", "istio-system", &["east:n1"]));
+    futures::try_join!(f.apply(&a), f.apply(&b))?;
+    let settled = |fed: &MeshFederation| {
+        matches!(member_reason(fed, "east").as_deref(), Some("Converged") | Some("ClusterClaimed"))
+    };
+    let (alpha, beta) = futures::try_join!(f.wait_for("alpha", WAIT, settled), f.wait_for("beta", WAIT, settled))?;
+    let reasons = [member_reason(&alpha, "east").unwrap(), member_reason(&beta, "east").unwrap()];
+    let said = |fed: &MeshFederation| serde_json::to_string(&fed.status.as_ref().unwrap().clusters).unwrap();
+    assert_eq!(
+        reasons.iter().filter(|r| *r == "Converged").count(),
+        1,
+        "{reasons:?}: {} {}",
+        said(&alpha),
+        said(&beta)
+    );
+    let east = f.member("east").await?;
+    let claims = Api::<ConfigMap>::namespaced(east.clone(), "kube-system")
+        .list(&ListParams::default().labels("app.kubernetes.io/managed-by=meshfed"))
+        .await?
+        .items;
+    assert_eq!(claims.len(), 1, "one claim: {:?}", claims.iter().map(|c| c.name_any()).collect::<Vec<_>>());
+    let winner = if reasons[0] == "Converged" { "alpha" } else { "beta" };
+    assert_eq!(claims[0].labels()["meshfed.io/federation"], winner);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deletion_never_hangs_on_members_that_hold_nothing_and_a_dead_member_can_be_released() -> anyhow::Result<()> {
+    let mut f = Fixture::start(&["east", "west"], Options::default()).await?;
+    // A refused kubeconfig (it runs a command) and a Secret that never existed.
+    let exec = "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters: [{name: k, cluster: {server: 'https://127.0.0.1:1'}}]\ncontexts: [{name: c, context: {cluster: k, user: u}}]\nusers: [{name: u, user: {exec: {command: /bin/true, apiVersion: client.authentication.k8s.io/v1}}}]\n";
+    put_kubeconfig(&f.hub, "refused", exec).await?;
+    f.apply(&federation("broken", "istio-system", &["refused:n1", "missing:n2"])).await?;
+    let reported =
+        |fed: &MeshFederation| member_reason(fed, "missing").is_some() && member_reason(fed, "refused").is_some();
+    let broken = f.wait_for("broken", WAIT, reported).await?;
+    assert_eq!(member_reason(&broken, "refused").as_deref(), Some("KubeconfigRefused"));
+    assert_eq!(member_reason(&broken, "missing").as_deref(), Some("KubeconfigSecretMissing"));
+    let asked = Instant::now();
+    f.delete("broken").await?;
+    f.wait_gone("broken", Duration::from_secs(10)).await?;
+    println!("a federation of members that hold nothing deleted in {:?}", asked.elapsed());
+
+    // A member that holds prod's objects and is gone for good holds the deletion until it is released.
+    f.apply(&example("multi-primary-multi-network")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    f.env.cluster_mut("west").stop();
+    f.delete("prod").await?;
+    let pending = |fed: &MeshFederation| {
+        fed_condition(fed, "Ready").is_some_and(|c| c.reason == "CleanupPending" && c.message.contains("west"))
+    };
+    f.wait_for("prod", WAIT, pending).await?;
+    let release = serde_json::json!({"metadata": {"annotations": {"meshfed.io/release-clusters": "west"}}});
+    f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&release)).await?;
+    f.wait_gone("prod", Duration::from_secs(20)).await?;
+    f.wait_for_event("prod", |e| {
+        e.reason.as_deref() == Some("ClusterReleased")
+            && e.note.as_deref().is_some_and(|n| n.contains("west") && n.contains("meshfed.io/cluster=west"))
+    })
+    .await?;
+    assert!(owned_versions(&f.member("east").await?).await?.is_empty(), "east was cleaned up");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_moved_istio_namespace_leaves_nothing_in_the_old_one() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options { controller_manager: true }).await?;
+    f.apply(&example("multi-primary-multi-network")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let moved = serde_json::json!({"spec": {"istio": {"namespace": "istio-mesh"}}});
+    let generation =
+        f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&moved)).await?.metadata.generation;
+    f.wait_for("prod", WAIT, |fed| is_ready(fed) && fed.status.as_ref().unwrap().observed_generation == generation)
+        .await?;
+    for m in ["east", "west"] {
+        let member = f.member(m).await?;
+        let owned = owned_versions(&member).await?;
+        assert!(owned.keys().all(|k| !k.contains("istio-system")), "{m} keeps something in istio-system: {owned:?}");
+        assert!(owned.contains_key("Secret istio-mesh/cacerts"), "{m}: {owned:?}");
+        assert!(owned.contains_key("ConfigMap kube-system/meshfed-claim.istio-mesh"), "{m}: {owned:?}");
+        let old = Api::<Namespace>::all(member.clone()).get_opt("istio-system").await?;
+        assert!(
+            old.is_none_or(|n| n.metadata.deletion_timestamp.is_some()),
+            "{m}: the old namespace meshfed made goes"
+        );
+        let secrets = Api::<Secret>::namespaced(member, "istio-mesh").list(&ListParams::default()).await?.items;
+        assert!(secrets.iter().any(|s| s.name_any().starts_with("istio-remote-secret-")), "{m}: remote secrets moved");
+    }
+    Ok(())
+}
