@@ -122,3 +122,22 @@ fn the_readme_shows_the_health_check_as_it_is_tested() {
         HEALTH.lines().map(|l| if l.is_empty() { "\n".into() } else { format!("    {l}\n") }).collect();
     assert!(readme.contains(&indented), "README.md must carry deploy/argocd/health.lua, indented by four spaces");
 }
+
+/// The plan and API crates stay pure by construction: Cargo does not compile a runtime, an HTTP stack or kube's
+/// controller runtime into them (each crate names its own kube features; the workspace entry names none).
+#[test]
+fn the_plan_and_api_crates_compile_no_tokio_hyper_or_kube_runtime() -> Result<()> {
+    for krate in ["meshfed-core", "meshfed-api"] {
+        let out = Command::new(env!("CARGO"))
+            .args(["tree", "--offline", "-e", "normal", "--prefix", "none", "-p", krate])
+            .current_dir(repo())
+            .output()?;
+        anyhow::ensure!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+        let tree = String::from_utf8(out.stdout)?;
+        anyhow::ensure!(tree.contains("k8s-openapi"), "{krate}: an actual dependency tree:\n{tree}");
+        for banned in ["tokio ", "hyper ", "kube-runtime "] {
+            anyhow::ensure!(!tree.lines().any(|l| l.starts_with(banned)), "{krate} compiles {banned}:\n{tree}");
+        }
+    }
+    Ok(())
+}

@@ -227,7 +227,7 @@ async fn a_hub_credential_that_cannot_create_tokens_is_named_with_the_permission
     let role: ClusterRole = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "hub-without-tokens"},
         "rules": [
-            {"apiGroups": [""], "resources": ["namespaces", "secrets", "serviceaccounts"], "verbs": ["*"]},
+            {"apiGroups": [""], "resources": ["namespaces", "secrets", "serviceaccounts", "configmaps"], "verbs": ["*"]},
             {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles", "clusterrolebindings"], "verbs": ["*"]},
         ],
     }))?;

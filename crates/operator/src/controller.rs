@@ -263,6 +263,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
         ctx.settings.clock.now(),
     );
     let key = fref.to_string();
+    ctx.metrics.members_failed(reports.iter().flat_map(|r| r.failure.iter().chain(&r.remote_access)));
     ctx.metrics.observe_status(&key, &status);
     let in_use =
         status.clusters.iter().filter_map(|c| Some(member_id(&fref.namespace, c.kubeconfig_secret_ref.as_ref()?)));
@@ -414,6 +415,7 @@ async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
         fed.spec.clusters.iter().map(|c| (c.name.clone(), c.kubeconfig_secret_ref.clone())).collect();
     members.extend(plan::leaving_members(&fed.spec, fed.status.as_ref()));
     let reports = join_all(members.into_iter().map(|(name, secret)| cleanup_member(ctx, fed, name, secret))).await;
+    ctx.metrics.members_failed(reports.iter().flat_map(|r| &r.failure));
     let pending: Vec<_> = reports.iter().filter(|r| r.failure.is_some()).cloned().collect();
     if pending.is_empty() {
         for said in released_announcements(fed, &reports) {

@@ -25,6 +25,12 @@ pub struct FailureLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The reason of the member's failure, as in its conditions.
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteLabels {
     pub cluster: String,
     pub kind: String,
@@ -58,6 +64,7 @@ pub struct Metrics {
     pub failures: Family<FailureLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub member_writes: Family<WriteLabels, Counter>,
+    pub member_failures: Family<ReasonLabels, Counter>,
     pub status_writes: Counter,
     pub member_reachable: Family<MemberLabels, Gauge>,
     pub member_latency: HistogramFamily<MemberLabels>,
@@ -83,6 +90,7 @@ impl Default for Metrics {
         let reconcile_duration = Histogram::new([0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0]);
         let member_writes = Family::<WriteLabels, Counter>::default();
         let status_writes = Counter::default();
+        let member_failures = Family::<ReasonLabels, Counter>::default();
         let member_reachable = Family::<MemberLabels, Gauge>::default();
         let member_latency: HistogramFamily<MemberLabels> = Family::new_with_constructor(latency_histogram);
         let root_expiry = Family::<FederationLabels, Gauge>::default();
@@ -98,6 +106,11 @@ impl Default for Metrics {
             member_writes.clone(),
         );
         registry.register("status_writes", "Status patches of MeshFederations in the hub", status_writes.clone());
+        registry.register(
+            "member_failures",
+            "Members that failed in a reconcile (unreachable, refused, a write failed, claimed, ...), by reason",
+            member_failures.clone(),
+        );
         registry.register(
             "member_reachable",
             "1 when the member answered at the last reconcile, else 0",
@@ -134,6 +147,7 @@ impl Default for Metrics {
             failures,
             reconcile_duration,
             member_writes,
+            member_failures,
             status_writes,
             member_reachable,
             member_latency,
@@ -183,6 +197,13 @@ impl Metrics {
             set_or_remove(&self.token_expiry, &labels, c.reader_token_expires_at.as_deref());
         }
         self.keep_clusters(federation, status.clusters.iter().map(|c| c.name.clone()).collect());
+    }
+
+    /// Counts the failures of one reconcile's members, by reason.
+    pub fn members_failed<'a>(&self, failures: impl IntoIterator<Item = &'a meshfed_core::plan::Failure>) {
+        for f in failures {
+            self.member_failures.get_or_create(&ReasonLabels { reason: f.reason.clone() }).inc();
+        }
     }
 
     /// Removes every series of a federation that is gone.
