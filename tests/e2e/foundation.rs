@@ -244,7 +244,7 @@ async fn a_stopped_member_is_reported_alone_and_catches_up_and_holds_deletion() 
     for m in ["east", "west"] {
         assert!(deleted(&istio_namespace(&f.member(m).await?).await), "{m} not cleaned up");
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    f.reconciled_since(f.metrics.reconciles.get()).await?;
     assert!(
         f.federations().get_opt("prod").await?.is_some(),
         "the finalizer was released with a member not cleaned up"

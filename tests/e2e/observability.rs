@@ -93,7 +93,18 @@ async fn the_documented_metrics_are_served_and_follow_the_members_and_logs_name_
     let fed = f.wait_for("prod", WAIT, is_ready).await?;
     let status = fed.status.unwrap();
     assert_eq!(http_get(port, "/readyz").await?.0, 200, "the controller runs");
+    // A second federation whose only member's kubeconfig Secret does not exist: a member failure, by reason.
+    let lost = "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {name: lost, namespace: mesh-system}\nspec:\n  meshID: lost\n  istio: {namespace: istio-lost}\n  trust: {root: {generate: {}}}\n  clusters:\n  - {name: nowhere, network: n1, kubeconfigSecretRef: {name: nowhere-kubeconfig}}\n";
+    f.apply(lost).await?;
+    let missing = |fed: &meshfed_api::MeshFederation| {
+        fed.status.as_ref().is_some_and(|s| {
+            s.clusters.iter().any(|c| c.last_error.as_deref().is_some_and(|e| e.contains("does not exist")))
+        })
+    };
+    f.wait_for("lost", WAIT, missing).await?;
     let m = Scrape::from(port).await?;
+    let failed = m.value("meshfed_member_failures_total", &[r#"reason="KubeconfigSecretMissing""#]);
+    assert!(failed.is_some_and(|n| n >= 1.0), "a missing kubeconfig Secret is counted by its reason:\n{}", m.0);
 
     // The README and the endpoint agree: every documented series is served, and every served one is documented
     // (a counter `x` is served as `x_total`).
@@ -138,7 +149,8 @@ async fn the_documented_metrics_are_served_and_follow_the_members_and_logs_name_
     for l in &lines {
         let in_reconcile = l["spans"].as_array().is_some_and(|s| s.iter().any(|s| s["name"] == "reconcile"));
         if in_reconcile {
-            assert_eq!(l["span"]["federation"], "mesh-system/prod", "{l}");
+            let federation = l["span"]["federation"].as_str();
+            assert!(matches!(federation, Some("mesh-system/prod" | "mesh-system/lost")), "{l}");
         }
     }
     for l in applying {

@@ -182,8 +182,7 @@ async fn tokens_are_replaced_before_they_expire_and_the_old_one_still_works_unti
 
     // Two thirds of the lifetime on, less than a third remains but nothing expired: no renewal yet at 6 minutes.
     f.clock.advance(Duration::from_secs(6 * 60));
-    f.poke("prod").await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    f.poke_and_wait("prod").await?;
     assert_eq!(held(f.member("east").await?).await.1.expose(), old_token.expose(), "renewed too early");
     assert_eq!(f.metrics.member_writes_total(), writes, "a resync with nothing to renew wrote");
 

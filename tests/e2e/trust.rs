@@ -140,7 +140,7 @@ async fn a_generated_root_gives_every_member_an_intermediate_that_istio_accepts(
         .await?;
     let trust = fed_condition(&fed, "TrustReady").unwrap();
     assert!(trust.message.contains("restore the Secret"), "{}", trust.message);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    f.poke_and_wait("prod").await?;
     assert!(hub_secret(&f, "prod-root-ca").await.is_none(), "a new root was minted");
     assert_eq!(cacerts(&east).await.unwrap().data, before.data, "a member's intermediate changed without a root");
     Ok(())
@@ -279,8 +279,7 @@ async fn a_root_rotation_never_leaves_a_member_distrusting_a_peer_and_holds_for_
         assert!(std::time::Instant::now() < deadline, "the new root did not reach the reachable members");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    f.poke("prod").await?;
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    f.poke_and_wait("prod").await?;
     let fed = f.federations().get("prod").await?;
     let phase = fed.status.as_ref().unwrap().trust.as_ref().unwrap().rotation_phase.clone().unwrap_or_default();
     assert!(phase.starts_with("DistributingRoot") && phase.contains("held"), "{phase}");
@@ -350,8 +349,7 @@ async fn a_generated_root_is_rotated_on_request_and_every_member_ends_on_the_new
         assert_istio_intermediate(dir.path(), &s, &name, &new_root);
     }
     // The same request is not a new one: nothing rotates again.
-    f.poke("prod").await?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    f.poke_and_wait("prod").await?;
     assert_eq!(
         meshfed_core::pki::fingerprints(&hub_secret(&f, "prod-root-ca").await.unwrap().data.unwrap()["tls.crt"].0),
         [new]

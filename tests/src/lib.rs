@@ -198,6 +198,21 @@ impl Fixture {
         Ok(())
     }
 
+    /// Pokes federation `name`, then waits until a reconcile that started after the poke has ended, so that an
+    /// assertion that nothing changed is about a reconcile that ran (reconciles of one federation never overlap).
+    pub async fn poke_and_wait(&self, name: &str) -> Result<()> {
+        let started = self.metrics.reconciles.get();
+        self.poke(name).await?;
+        self.reconciled_since(started).await
+    }
+
+    /// Waits until a reconcile after the `started`-th has ended (`started`: the reconcile counter read earlier).
+    pub async fn reconciled_since(&self, started: u64) -> Result<()> {
+        let m = &self.metrics;
+        let after = async || m.reconciles_finished.get() > started;
+        until("a reconcile after the change", Duration::from_secs(30), Duration::from_millis(20), after).await
+    }
+
     /// Serves the running controller's metrics, as `meshfed run` does, on a free loopback port; returns the port.
     pub async fn serve_metrics(&self) -> Result<u16> {
         let port = meshfed_testenv::free_port()?;

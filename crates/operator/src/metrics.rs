@@ -61,6 +61,9 @@ fn latency_histogram() -> Histogram {
 pub struct Metrics {
     registry: Arc<Registry>,
     pub reconciles: Counter,
+    /// Reconciles that have ended (not served: the difference to `reconciles` is the one in flight). Tests wait on
+    /// it to know that a reconcile ran after a change before they assert that nothing was written.
+    pub reconciles_finished: Counter,
     pub failures: Family<FailureLabels, Counter>,
     pub reconcile_duration: Histogram,
     pub member_writes: Family<WriteLabels, Counter>,
@@ -144,6 +147,7 @@ impl Default for Metrics {
         Self {
             registry: Arc::new(registry),
             reconciles,
+            reconciles_finished: Counter::default(),
             failures,
             reconcile_duration,
             member_writes,
@@ -242,7 +246,11 @@ impl Metrics {
     /// Times a reconcile; the duration is recorded when the guard drops.
     pub fn time_reconcile(&self) -> ReconcileTimer {
         self.reconciles.inc();
-        ReconcileTimer { start: Instant::now(), histogram: self.reconcile_duration.clone() }
+        ReconcileTimer {
+            start: Instant::now(),
+            histogram: self.reconcile_duration.clone(),
+            finished: self.reconciles_finished.clone(),
+        }
     }
 
     /// Serves `/metrics`, `/healthz` and `/readyz` on `addr` until the future is dropped.
@@ -284,10 +292,12 @@ fn set_or_remove<L: Clone + std::hash::Hash + Eq>(family: &Family<L, Gauge>, lab
 pub struct ReconcileTimer {
     start: Instant,
     histogram: Histogram,
+    finished: Counter,
 }
 
 impl Drop for ReconcileTimer {
     fn drop(&mut self) {
         self.histogram.observe(self.start.elapsed().as_secs_f64());
+        self.finished.inc();
     }
 }
