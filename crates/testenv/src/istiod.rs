@@ -54,7 +54,8 @@ impl Istiod {
     /// `topology.istio.io/network` label of `istio_namespace`; other clusters come from the remote secrets there.
     /// Injection and analysis are off; no mesh config file is given, so it reads the `istio` ConfigMap if any.
     pub async fn start(cluster: &Cluster, cluster_id: &str, istio_namespace: &str) -> Result<Self> {
-        let bin = istio_binaries()?;
+        // The first use builds istiod for minutes: off the runtime's threads, which the tests' controller shares.
+        let bin = tokio::task::spawn_blocking(istio_binaries).await??;
         let dir = tempfile::Builder::new().prefix("istiod-").tempdir_in(&cluster.dir)?;
         let kubeconfig = dir.path().join("kubeconfig");
         fs::write(&kubeconfig, cluster.kubeconfig())?;
