@@ -8,6 +8,9 @@
 //!
 //! Every process is killed when the [`Env`] is dropped, including on panic, and is also told by the kernel to die
 //! with the process that started it, so no test leaves a stray API server behind.
+//!
+//! [`Istiod`] runs a real istiod (`pilot-discovery`, built by `hack/istio-binaries.sh` the same way) against a
+//! cluster, for the conformance suite that checks what meshfed writes against Istio's own reading of it.
 
 use std::{
     fs,
@@ -31,6 +34,9 @@ use rcgen::{
     SanType,
 };
 use serde::Deserialize;
+
+mod istiod;
+pub use istiod::{ISTIO_VERSION, Istiod, istio_binaries};
 
 /// The Kubernetes version the binaries are built at (`hack/k8s-binaries.sh` builds this one by default).
 pub const K8S_VERSION: &str = "v1.34.2";
