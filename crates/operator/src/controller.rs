@@ -312,7 +312,7 @@ fn plan_cacerts(
     previous: Option<&TrustStatus>,
     reached: &BTreeMap<String, Reached>,
     now: Timestamp,
-) -> (TrustStatus, BTreeMap<String, Result<(CacertsData, CertSummary), Failure>>) {
+) -> (TrustStatus, PlannedCacerts) {
     let key = member::cacerts_key(&spec.istio.namespace);
     let observed: BTreeMap<String, Option<Secret>> =
         reached.iter().map(|(name, r)| (name.clone(), apply::typed::<Secret>(&r.held, &key))).collect();
@@ -346,6 +346,9 @@ fn plan_cacerts(
 
 type CacertsData = BTreeMap<String, ByteString>;
 
+/// Per member, the `cacerts` data it should hold and its intermediate, or why it has none.
+type PlannedCacerts = BTreeMap<String, Result<(CacertsData, CertSummary), Failure>>;
+
 /// Applies every reached member's plan: without remote secrets when `tokens` is `None` (the first wave), else the
 /// complete plan followed by the prune. Returns each member's outcome.
 async fn apply_wave(
@@ -353,7 +356,7 @@ async fn apply_wave(
     fref: &FederationRef,
     spec: &MeshFederationSpec,
     reached: &mut BTreeMap<String, Reached>,
-    cacerts: &BTreeMap<String, Result<(CacertsData, CertSummary), Failure>>,
+    cacerts: &PlannedCacerts,
     tokens: Option<&BTreeMap<String, Result<remote_access::Token, Failure>>>,
 ) -> Vec<(String, Result<(), Failure>)> {
     let placement = remote::remote_secret_placement(spec);
