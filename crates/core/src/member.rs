@@ -379,6 +379,7 @@ pub fn labelled_for(object: &Value, fref: &FederationRef, cluster: &str) -> bool
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::plan::{LABEL_CLUSTER, MANAGED_BY};
 
     fn spec() -> MeshFederationSpec {
         serde_yaml::from_str(
@@ -393,6 +394,41 @@ mod tests {
 
     fn keys(plan: &MemberPlan) -> Vec<String> {
         plan.objects.iter().map(|d| d.key.to_string()).collect()
+    }
+
+    #[test]
+    fn a_created_namespace_is_labelled_with_network_and_ownership_and_marked_created() {
+        let s = spec();
+        let ns = istio_namespace(&fed(), &s, &s.clusters[1], None);
+        let labels = ns.metadata.labels.as_ref().unwrap();
+        assert_eq!(ns.metadata.name.as_deref(), Some("istio-system"));
+        assert_eq!(labels[NETWORK_LABEL], "n2");
+        assert_eq!(labels[MANAGED_BY], "meshfed");
+        assert_eq!((labels[LABEL_FEDERATION].as_str(), labels[LABEL_CLUSTER].as_str()), ("prod", "west"));
+        assert!(created_by_meshfed(&ns));
+        // Once it exists, the plan keeps the mark, so that the next apply does not drop it.
+        assert!(created_by_meshfed(&istio_namespace(&fed(), &s, &s.clusters[1], Some(&ns))));
+    }
+
+    #[test]
+    fn a_namespace_that_existed_before_is_not_marked_created() {
+        let s = spec();
+        let theirs = Namespace {
+            metadata: ObjectMeta { name: Some("istio-system".into()), ..Default::default() },
+            ..Default::default()
+        };
+        assert!(!created_by_meshfed(&istio_namespace(&fed(), &s, &s.clusters[0], Some(&theirs))));
+    }
+
+    #[test]
+    fn ownership_needs_every_label_of_this_federation_and_cluster() {
+        let s = spec();
+        let ns = istio_namespace(&fed(), &s, &s.clusters[0], None);
+        let ns = serde_json::to_value(ns).unwrap();
+        assert!(labelled_for(&ns, &fed(), "east"));
+        assert!(!labelled_for(&ns, &fed(), "west"));
+        let other = FederationRef { namespace: "other".into(), name: "prod".into() };
+        assert!(!labelled_for(&ns, &other, "east"));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use jiff::Timestamp;
-use k8s_openapi::{api::core::v1::Namespace, apimachinery::pkg::apis::meta::v1::ObjectMeta};
+use k8s_openapi::api::core::v1::Namespace;
 use meshfed_api::{ClusterStatus, MeshFederationSpec, MeshFederationStatus, SecretKeyRef, TrustStatus};
 
 use crate::{
@@ -65,12 +65,6 @@ impl FederationRef {
 /// Whether meshfed created this namespace (and so may delete it on cleanup).
 pub fn created_by_meshfed(ns: &Namespace) -> bool {
     ns.metadata.annotations.as_ref().is_some_and(|a| a.get(ANNOTATION_CREATED).is_some_and(|v| v == "true"))
-}
-
-/// Whether an object's labels say meshfed wrote it for this federation and cluster.
-pub fn owned_by(meta: &ObjectMeta, fed: &FederationRef, cluster: &str) -> bool {
-    let labels = meta.labels.clone().unwrap_or_default();
-    fed.owned_labels(cluster).iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// The members that left the spec but that the status still lists (not cleaned up yet), with their kubeconfig
@@ -503,10 +497,6 @@ mod tests {
         .unwrap()
     }
 
-    fn fed() -> FederationRef {
-        FederationRef { namespace: "mesh-system".into(), name: "prod".into() }
-    }
-
     fn summary() -> CertSummary {
         CertSummary { fingerprint: "sha256:ab".into(), not_after: "2027-01-01T00:00:00Z".parse().unwrap() }
     }
@@ -537,40 +527,6 @@ mod tests {
     ) -> (&'a str, &'a str) {
         let c = conds.iter().find(|c| c.type_ == t).unwrap_or_else(|| panic!("no {t} condition"));
         (c.status.as_str(), c.reason.as_str())
-    }
-
-    #[test]
-    fn a_created_namespace_is_labelled_with_network_and_ownership_and_marked_created() {
-        let s = spec();
-        let ns = crate::member::istio_namespace(&fed(), &s, &s.clusters[1], None);
-        let labels = ns.metadata.labels.as_ref().unwrap();
-        assert_eq!(ns.metadata.name.as_deref(), Some("istio-system"));
-        assert_eq!(labels[NETWORK_LABEL], "n2");
-        assert_eq!(labels[MANAGED_BY], "meshfed");
-        assert_eq!((labels[LABEL_FEDERATION].as_str(), labels[LABEL_CLUSTER].as_str()), ("prod", "west"));
-        assert!(created_by_meshfed(&ns));
-        // Once it exists, the plan keeps the mark, so that the next apply does not drop it.
-        assert!(created_by_meshfed(&crate::member::istio_namespace(&fed(), &s, &s.clusters[1], Some(&ns))));
-    }
-
-    #[test]
-    fn a_namespace_that_existed_before_is_not_marked_created() {
-        let s = spec();
-        let theirs = Namespace {
-            metadata: ObjectMeta { name: Some("istio-system".into()), ..Default::default() },
-            ..Default::default()
-        };
-        assert!(!created_by_meshfed(&crate::member::istio_namespace(&fed(), &s, &s.clusters[0], Some(&theirs))));
-    }
-
-    #[test]
-    fn ownership_needs_every_label_of_this_federation_and_cluster() {
-        let s = spec();
-        let ns = crate::member::istio_namespace(&fed(), &s, &s.clusters[0], None);
-        assert!(owned_by(&ns.metadata, &fed(), "east"));
-        assert!(!owned_by(&ns.metadata, &fed(), "west"));
-        let other = FederationRef { namespace: "other".into(), name: "prod".into() };
-        assert!(!owned_by(&ns.metadata, &other, "east"));
     }
 
     #[test]

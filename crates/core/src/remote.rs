@@ -619,7 +619,9 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::owned_by;
+    fn owned_by(meta: &ObjectMeta, fed: &FederationRef, cluster: &str) -> bool {
+        crate::member::labelled_for(&serde_json::json!({"metadata": meta}), fed, cluster)
+    }
     use base64::engine::general_purpose::URL_SAFE_NO_PAD;
     use jiff::SignedDuration;
     use std::collections::BTreeSet;

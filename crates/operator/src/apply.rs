@@ -208,7 +208,7 @@ async fn delete(w: &Writer<'_>, key: &ObjectKey) -> Result<(), Failure> {
 }
 
 /// A failed write to a member's API, as a per-member failure.
-pub fn write_failure(what: &str, e: kube::Error) -> Failure {
+fn write_failure(what: &str, e: kube::Error) -> Failure {
     Failure::new("WriteFailed", format!("{what}: {e}"))
 }
 

@@ -208,7 +208,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             let staying =
                 spec.clusters.iter().map(|c| observe_member(ctx, &fref, spec, &c.name, &c.kubeconfig_secret_ref, true));
             let (root, staying, leaving) = futures::join!(
-                trust::root(&ctx.hub, fed, &valid.durations, now),
+                trust::root(&ctx.hub, &fref, fed, &valid.durations, now),
                 join_all(staying),
                 join_all(leaving.into_iter().map(|(name, secret)| cleanup_member(ctx, fed, name, secret))),
             );
@@ -231,8 +231,13 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
                 r.intermediate = cacerts.get(&r.name).map(|c| c.as_ref().map(|(_, s)| s.clone()).map_err(Clone::clone));
             }
             let first = apply_wave(ctx, &fref, spec, &mut reached, &cacerts, None).await;
+            let (base, max) = (ctx.settings.retry_after, ctx.settings.member_backoff_max);
             for name in record_failures(&mut reports, first) {
-                reached.remove(&name);
+                // No token step and no second wave for it: its failure goes into the backoff now.
+                let (r, gone) = (reports.iter().find(|r| r.name == name), reached.remove(&name));
+                if let (Some(r), Some(gone)) = (r, gone) {
+                    ctx.backoff.record(&fref.to_string(), &gone.member, r.failure.as_ref(), base, max);
+                }
             }
             let (ttl, timeout) = (valid.durations.token_ttl, ctx.settings.member_timeout);
             let tokens = remote_access::tokens(&ctx.metrics, spec, &reached, ttl, now, timeout).await;
@@ -245,7 +250,6 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
                     None => {}
                 }
                 if let Some(m) = reached.get(&r.name) {
-                    let (base, max) = (ctx.settings.retry_after, ctx.settings.member_backoff_max);
                     ctx.backoff.record(&fref.to_string(), &m.member, r.failure.as_ref(), base, max);
                 }
             }

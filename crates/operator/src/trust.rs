@@ -16,10 +16,14 @@ use tracing::info;
 
 /// The federation's root CA: the one the user brings, or the generated one, created once. A generated root whose
 /// Secret disappeared while the status shows members were given intermediates from it is never replaced silently.
-pub async fn root(hub: &Client, fed: &MeshFederation, durations: &Durations, now: Timestamp) -> Result<Root, Failure> {
-    let ns = fed.namespace().unwrap_or_default();
-    let fref = FederationRef { namespace: ns.clone(), name: fed.name_any() };
-    let secrets: Api<Secret> = Api::namespaced(hub.clone(), &ns);
+pub async fn root(
+    hub: &Client,
+    fref: &FederationRef,
+    fed: &MeshFederation,
+    durations: &Durations,
+    now: Timestamp,
+) -> Result<Root, Failure> {
+    let secrets: Api<Secret> = Api::namespaced(hub.clone(), &fref.namespace);
     let load = |name: &str, s: Secret| {
         pki::load_root_secret(&s.data.unwrap_or_default(), now)
             .map_err(|e| Failure::new(e.reason(), format!("root CA Secret {name}: {e}")))
@@ -68,7 +72,7 @@ pub async fn root(hub: &Client, fed: &MeshFederation, durations: &Durations, now
             ),
         ));
     }
-    let mut secret = trust::root_secret(&fref, &new_root()?, request);
+    let mut secret = trust::root_secret(fref, &new_root()?, request);
     secret.metadata.owner_references = fed.controller_owner_ref(&()).map(|o| vec![o]);
     // Create, not apply: of two replicas racing, one creates and the other reads the winner's root.
     let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };

@@ -3,8 +3,8 @@
 
 use std::{
     fs,
-    path::{Path, PathBuf},
-    process::{Command, Stdio},
+    path::PathBuf,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -22,17 +22,7 @@ const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// The directory holding `pilot-discovery`, building it on first use (`hack/istio-binaries.sh`, under a lock).
 pub fn istio_binaries() -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hack/istio-binaries.sh");
-    let out = Command::new("bash")
-        .arg(&script)
-        .env("MESHFED_ISTIO_VERSION", ISTIO_VERSION)
-        .stderr(Stdio::inherit())
-        .output()
-        .with_context(|| format!("running {}", script.display()))?;
-    if !out.status.success() {
-        bail!("{} failed ({}): see its output above", script.display(), out.status);
-    }
-    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+    crate::build_with("istio-binaries.sh", "MESHFED_ISTIO_VERSION", ISTIO_VERSION)
 }
 
 /// A running istiod for one cluster, on free loopback ports, in a working directory of its own. It is killed when

@@ -339,10 +339,16 @@ pub fn istio_crds() -> Result<String> {
 
 /// The directory of the Kubernetes binaries, building them on first use (`hack/k8s-binaries.sh`, under a lock).
 pub fn binaries() -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hack/k8s-binaries.sh");
+    build_with("k8s-binaries.sh", "MESHFED_K8S_VERSION", K8S_VERSION)
+}
+
+/// Runs `hack/<script>` with `version` in `env` (it builds once per version, under a lock, and prints the
+/// directory of what it built); returns that directory.
+pub(crate) fn build_with(script: &str, env: &str, version: &str) -> Result<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../hack").join(script);
     let out = Command::new("bash")
         .arg(&script)
-        .env("MESHFED_K8S_VERSION", K8S_VERSION)
+        .env(env, version)
         .stderr(Stdio::inherit())
         .output()
         .with_context(|| format!("running {}", script.display()))?;
