@@ -5,6 +5,8 @@
 
 use kube::config::Kubeconfig;
 
+use crate::conditions::Reason;
+
 /// Why a kubeconfig was refused; the message names the field so that a person can fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KubeconfigError {
@@ -24,10 +26,10 @@ pub enum KubeconfigError {
 
 impl KubeconfigError {
     /// The stable reason for conditions and metrics.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::Malformed(_) | Self::NoServer => "KubeconfigInvalid",
-            Self::Refused { .. } | Self::CaFile { .. } => "KubeconfigRefused",
+            Self::Malformed(_) | Self::NoServer => Reason::KubeconfigInvalid,
+            Self::Refused { .. } | Self::CaFile { .. } => Reason::KubeconfigRefused,
         }
     }
 }

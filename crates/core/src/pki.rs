@@ -19,6 +19,8 @@ use std::{collections::BTreeMap, fmt, time::Duration};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::ByteString;
 use meshfed_api::KeyAlgorithm;
+
+use crate::conditions::Reason;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
     SerialNumber,
@@ -95,19 +97,19 @@ pub enum PkiError {
 
 impl PkiError {
     /// The stable reason for conditions (`TrustReady`), Events and metrics.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::RootSecretIncomplete => "RootSecretIncomplete",
-            Self::RootMalformed(_) => "RootMalformed",
-            Self::RootNotCa(_) => "RootNotCA",
-            Self::RootPathLenTooShort => "RootPathLenTooShort",
-            Self::RootUnsupportedKey(_) => "RootUnsupportedKey",
-            Self::RootKeyMismatch => "RootKeyMismatch",
-            Self::RootExpired { .. } => "RootExpired",
-            Self::RootNotYetValid { .. } => "RootNotYetValid",
-            Self::CertificateMalformed(_) => "CertificateMalformed",
-            Self::InvalidValidity(_) => "InvalidValidity",
-            Self::Crypto(_) => "CryptoFailed",
+            Self::RootSecretIncomplete => Reason::RootSecretIncomplete,
+            Self::RootMalformed(_) => Reason::RootMalformed,
+            Self::RootNotCa(_) => Reason::RootNotCA,
+            Self::RootPathLenTooShort => Reason::RootPathLenTooShort,
+            Self::RootUnsupportedKey(_) => Reason::RootUnsupportedKey,
+            Self::RootKeyMismatch => Reason::RootKeyMismatch,
+            Self::RootExpired { .. } => Reason::RootExpired,
+            Self::RootNotYetValid { .. } => Reason::RootNotYetValid,
+            Self::CertificateMalformed(_) => Reason::CertificateMalformed,
+            Self::InvalidValidity(_) => Reason::InvalidValidity,
+            Self::Crypto(_) => Reason::CryptoFailed,
         }
     }
 }
@@ -391,17 +393,17 @@ pub enum ReissueReason {
 
 impl ReissueReason {
     /// The stable reason for conditions, Events and metrics.
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> Reason {
         match self {
-            Self::Missing => "CacertsMissing",
-            Self::Incomplete { .. } => "CacertsIncomplete",
-            Self::Malformed { .. } => "CacertsMalformed",
-            Self::KeyMismatch => "IntermediateKeyMismatch",
-            Self::NotChainedToRoot => "NotChainedToRoot",
-            Self::ChainMismatch { .. } => "CacertsChainMismatch",
-            Self::Expired { .. } => "IntermediateExpired",
-            Self::ExpiringSoon { .. } => "IntermediateExpiring",
-            Self::ParametersChanged { .. } => "IntermediateParametersChanged",
+            Self::Missing => Reason::CacertsMissing,
+            Self::Incomplete { .. } => Reason::CacertsIncomplete,
+            Self::Malformed { .. } => Reason::CacertsMalformed,
+            Self::KeyMismatch => Reason::IntermediateKeyMismatch,
+            Self::NotChainedToRoot => Reason::NotChainedToRoot,
+            Self::ChainMismatch { .. } => Reason::CacertsChainMismatch,
+            Self::Expired { .. } => Reason::IntermediateExpired,
+            Self::ExpiringSoon { .. } => Reason::IntermediateExpiring,
+            Self::ParametersChanged { .. } => Reason::IntermediateParametersChanged,
         }
     }
 }
@@ -881,7 +883,7 @@ mod tests {
     fn reason(v: CacertsVerdict) -> &'static str {
         match v {
             CacertsVerdict::Keep(_) => "Keep",
-            CacertsVerdict::Reissue(r) => r.reason(),
+            CacertsVerdict::Reissue(r) => r.reason().as_str(),
         }
     }
 
@@ -1380,7 +1382,11 @@ mod tests {
         let CacertsVerdict::Reissue(r) = inspect_cacerts(Some(&wrong_root), &root, &EAST, HOUR, now()) else {
             panic!()
         };
-        assert_eq!((r.reason(), r.to_string().starts_with("root-cert.pem")), ("CacertsChainMismatch", true), "{r}");
+        assert_eq!(
+            (r.reason(), r.to_string().starts_with("root-cert.pem")),
+            (Reason::CacertsChainMismatch, true),
+            "{r}"
+        );
 
         let mut bundle_of_roots = b.secret_data();
         bundle_of_roots
@@ -1397,7 +1403,7 @@ mod tests {
             let CacertsVerdict::Reissue(r) = inspect_cacerts(Some(&data), &root, &EAST, HOUR, now()) else { panic!() };
             assert_eq!(
                 (r.reason(), r.to_string().starts_with("cert-chain.pem")),
-                ("CacertsChainMismatch", true),
+                (Reason::CacertsChainMismatch, true),
                 "{r}"
             );
         }

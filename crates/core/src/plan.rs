@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use meshfed_api::{ClusterStatus, MeshFederationSpec, MeshFederationStatus, SecretKeyRef, TrustStatus};
 
 use crate::{
-    conditions::{Cond, first_failure, stamp},
+    conditions::{Cond, ConditionType, Reason, first_failure, stamp},
     pki::CertSummary,
     validate::{Problem, Validated},
 };
@@ -94,7 +94,7 @@ pub fn released(fref: &FederationRef, cluster: &str, kubeconfig: &SecretKeyRef) 
     );
     Announcement {
         warning: true,
-        reason: "ClusterReleased".into(),
+        reason: Reason::ClusterReleased.to_string(),
         note,
         cluster: Some(cluster.into()),
         kubeconfig: Some(kubeconfig.clone()),
@@ -154,28 +154,32 @@ pub fn announcements(previous: Option<&MeshFederationStatus>, new: &MeshFederati
         let before = previous.clusters.iter().find(|p| p.name == c.name);
         if before.is_none() {
             let note = format!("cluster {} joined the federation", c.name);
-            out.push(Announcement::new(false, "ClusterAdded", note).about(c));
+            out.push(Announcement::new(false, Reason::ClusterAdded.as_str(), note).about(c));
         }
         if let Some(fingerprint) = &c.intermediate_fingerprint
             && before.and_then(|b| b.intermediate_fingerprint.as_ref()) != Some(fingerprint)
         {
             let note = format!("cluster {}: a new intermediate CA is in place (its cacerts)", c.name);
-            out.push(Announcement::new(false, "IntermediateIssued", note).about(c));
+            out.push(Announcement::new(false, Reason::IntermediateIssued.as_str(), note).about(c));
         }
     }
     for gone in previous.clusters.iter().filter(|p| !new.clusters.iter().any(|c| c.name == p.name)) {
         let note = format!("cluster {} was cleaned up and left the federation", gone.name);
-        out.push(Announcement::new(false, "ClusterRemoved", note).about(gone));
+        out.push(Announcement::new(false, Reason::ClusterRemoved.as_str(), note).about(gone));
     }
     let (was, now) = (previous.trust.as_ref(), new.trust.as_ref());
     let phase = |t: Option<&TrustStatus>| t.and_then(|t| t.rotation_phase.clone());
     match (phase(was), phase(now)) {
         (before, Some(phase)) if before.as_ref() != Some(&phase) => {
-            out.push(Announcement::new(false, "RootRotation", format!("root rotation: phase {phase}")));
+            out.push(Announcement::new(false, Reason::RootRotation.as_str(), format!("root rotation: phase {phase}")));
         }
         (Some(_), None) => {
             let root = now.and_then(|t| t.root_fingerprint.as_deref()).unwrap_or("?");
-            out.push(Announcement::new(false, "RootRotated", format!("root rotation done: the root is now {root}")));
+            out.push(Announcement::new(
+                false,
+                Reason::RootRotated.as_str(),
+                format!("root rotation done: the root is now {root}"),
+            ));
         }
         _ => {}
     }
@@ -196,13 +200,13 @@ pub fn holds(observed: &serde_json::Value, desired: &serde_json::Value) -> bool 
 /// Why something about a member is not as desired.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
-    pub reason: String,
+    pub reason: Reason,
     pub message: String,
 }
 
 impl Failure {
-    pub fn new(reason: &str, message: impl Into<String>) -> Self {
-        Self { reason: reason.into(), message: message.into() }
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self { reason, message: message.into() }
     }
 }
 
@@ -275,15 +279,15 @@ pub fn federation_status(
     let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
     let validated = match validation {
         Err(problems) => {
-            let reason = problems.first().map_or("Invalid", |p| p.reason);
+            let reason = problems.first().map_or(Reason::Valid, |p| p.reason);
             let message = problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ");
             let conds = vec![
                 Cond::failed(
-                    "Ready",
+                    ConditionType::Ready,
                     reason,
                     "the spec is invalid; nothing is written to any member until it is fixed",
                 ),
-                Cond::failed("Valid", reason, message),
+                Cond::failed(ConditionType::Valid, reason, message),
             ];
             return MeshFederationStatus {
                 observed_generation: generation,
@@ -299,32 +303,41 @@ pub fn federation_status(
 
     let unreachable: Vec<_> = members.iter().filter(|m| m.version.is_none()).collect();
     let reachable = match unreachable.as_slice() {
-        [] => Cond::ok("ClustersReachable", "AllReachable", format!("all {} members answered", members.len())),
+        [] => Cond::ok(
+            ConditionType::ClustersReachable,
+            Reason::AllReachable,
+            format!("all {} members answered", members.len()),
+        ),
         [first, ..] => Cond::failed(
-            "ClustersReachable",
-            &first.failure.as_ref().map_or("Unreachable".into(), |f| f.reason.clone()),
+            ConditionType::ClustersReachable,
+            first.failure.as_ref().map_or(Reason::Unreachable, |f| f.reason),
             unreachable.iter().map(|m| format!("{}: {}", m.name, failure_message(m))).collect::<Vec<_>>().join("; "),
         ),
     };
     let failed: Vec<_> = members.iter().filter(|m| m.version.is_some() && m.failure.is_some()).collect();
     let leaving: Vec<_> =
         members.iter().filter(|m| m.leaving && m.failure.is_some()).map(|m| m.name.as_str()).collect();
-    let mut conds = vec![Cond::ok("Valid", "Valid", format!("topology {}", validated.topology)), reachable];
+    let mut conds =
+        vec![Cond::ok(ConditionType::Valid, Reason::Valid, format!("topology {}", validated.topology)), reachable];
     if let [first, ..] = failed.as_slice() {
         conds.push(Cond::failed(
-            "MembersConverged",
-            &first.failure.as_ref().map_or(String::new(), |f| f.reason.clone()),
+            ConditionType::MembersConverged,
+            first.failure.as_ref().map_or(Reason::WriteFailed, |f| f.reason),
             failed.iter().map(|m| format!("{}: {}", m.name, failure_message(m))).collect::<Vec<_>>().join("; "),
         ));
     } else {
-        conds.push(Cond::ok("MembersConverged", "Converged", "every reachable member holds what the spec asks"));
+        conds.push(Cond::ok(
+            ConditionType::MembersConverged,
+            Reason::Converged,
+            "every reachable member holds what the spec asks",
+        ));
     }
     let no_trust: Vec<_> = members.iter().filter(|m| !m.leaving && m.trust_failure().is_some()).collect();
     conds.push(match (root, no_trust.as_slice()) {
-        (Some(Err(f)), _) => Cond::failed("TrustReady", &f.reason, f.message.clone()),
+        (Some(Err(f)), _) => Cond::failed(ConditionType::TrustReady, f.reason, f.message.clone()),
         (_, [first, ..]) => Cond::failed(
-            "TrustReady",
-            &first.trust_failure().map_or(String::new(), |f| f.reason.clone()),
+            ConditionType::TrustReady,
+            first.trust_failure().map_or(Reason::RootUnknown, |f| f.reason),
             no_trust
                 .iter()
                 .filter_map(|m| Some(format!("{}: {}", m.name, m.trust_failure()?.message)))
@@ -332,28 +345,28 @@ pub fn federation_status(
                 .join("; "),
         ),
         (Some(Ok(TrustStatus { rotation_phase: Some(phase), .. })), []) => {
-            Cond::failed("TrustReady", "RootRotationInProgress", phase.clone())
+            Cond::failed(ConditionType::TrustReady, Reason::RootRotationInProgress, phase.clone())
         }
         (Some(Ok(r)), []) => Cond::ok(
-            "TrustReady",
-            "IntermediatesValid",
+            ConditionType::TrustReady,
+            Reason::IntermediatesValid,
             format!(
                 "every reachable member holds an intermediate CA of root {}",
                 r.root_fingerprint.as_deref().unwrap_or_default()
             ),
         ),
-        (None, []) => Cond::failed("TrustReady", "RootUnknown", "the root CA was not read"),
+        (None, []) => Cond::failed(ConditionType::TrustReady, Reason::RootUnknown, "the root CA was not read"),
     });
     let no_access: Vec<_> = members.iter().filter(|m| !m.leaving && m.remote_access.is_some()).collect();
     conds.push(match no_access.as_slice() {
         [] => Cond::ok(
-            "RemoteAccessReady",
-            "RemoteSecretsInPlace",
+            ConditionType::RemoteAccessReady,
+            Reason::RemoteSecretsInPlace,
             "every Primary holds a valid remote secret for every other member",
         ),
         [first, ..] => Cond::failed(
-            "RemoteAccessReady",
-            &first.remote_access.as_ref().map_or(String::new(), |f| f.reason.clone()),
+            ConditionType::RemoteAccessReady,
+            first.remote_access.as_ref().map_or(Reason::TokenRequestFailed, |f| f.reason),
             no_access
                 .iter()
                 .filter_map(|m| Some(format!("{}: {}", m.name, m.remote_access.as_ref()?.message)))
@@ -362,13 +375,15 @@ pub fn federation_status(
         ),
     });
     let ready = match (first_failure(&conds), leaving.as_slice()) {
-        (Some(f), _) => Cond::failed("Ready", &f.reason, f.message.clone()),
+        (Some(f), _) => Cond::failed(ConditionType::Ready, f.reason, f.message.clone()),
         (None, [_, ..]) => Cond::failed(
-            "Ready",
-            "CleanupPending",
+            ConditionType::Ready,
+            Reason::CleanupPending,
             format!("waiting to clean up members that left the spec: {}", leaving.join(", ")),
         ),
-        (None, []) => Cond::ok("Ready", "Converged", format!("all {} members converged", spec.clusters.len())),
+        (None, []) => {
+            Cond::ok(ConditionType::Ready, Reason::Converged, format!("all {} members converged", spec.clusters.len()))
+        }
     };
     conds.insert(0, ready);
 
@@ -402,8 +417,8 @@ pub fn deletion_status(
     let mut status = previous.cloned().unwrap_or_default();
     let message = pending.iter().map(|m| format!("{}: {}", m.name, failure_message(m))).collect::<Vec<_>>().join("; ");
     let conds = vec![Cond::failed(
-        "Ready",
-        "CleanupPending",
+        ConditionType::Ready,
+        Reason::CleanupPending,
         format!("the federation is being deleted; members not cleaned up yet: {message}"),
     )];
     let ready = stamp(&status.conditions, conds, generation, now).remove(0);
@@ -427,31 +442,43 @@ fn member_status(
     now: Timestamp,
 ) -> ClusterStatus {
     let reachable = match (&m.version, &m.failure) {
-        (Some(v), _) => Cond::ok("Reachable", "Reachable", format!("Kubernetes {v}")),
-        (None, Some(f)) => Cond::failed("Reachable", &f.reason, f.message.clone()),
-        (None, None) => Cond::failed("Reachable", "Unreachable", ""),
+        (Some(v), _) => Cond::ok(ConditionType::Reachable, Reason::Reachable, format!("Kubernetes {v}")),
+        (None, Some(f)) => Cond::failed(ConditionType::Reachable, f.reason, f.message.clone()),
+        (None, None) => Cond::failed(ConditionType::Reachable, Reason::Unreachable, ""),
     };
     let access = match (&m.version, &m.remote_access) {
-        (_, Some(f)) => Cond::failed("RemoteAccessReady", &f.reason, f.message.clone()),
-        (None, None) => Cond::failed("RemoteAccessReady", "Unreachable", "the member did not answer"),
-        (Some(_), None) => {
-            Cond::ok("RemoteAccessReady", "RemoteSecretsInPlace", "its reader and remote secrets are in place")
+        (_, Some(f)) => Cond::failed(ConditionType::RemoteAccessReady, f.reason, f.message.clone()),
+        (None, None) => {
+            Cond::failed(ConditionType::RemoteAccessReady, Reason::Unreachable, "the member did not answer")
         }
+        (Some(_), None) => Cond::ok(
+            ConditionType::RemoteAccessReady,
+            Reason::RemoteSecretsInPlace,
+            "its reader and remote secrets are in place",
+        ),
     };
     let ready = match (&m.failure, m.leaving) {
-        (Some(f), true) => Cond::failed("Ready", "CleanupPending", format!("cleanup waits: {}", f.message)),
-        (Some(f), false) => Cond::failed("Ready", &f.reason, f.message.clone()),
-        (None, _) if !access.ok && !m.leaving => Cond::failed("Ready", &access.reason, access.message.clone()),
-        (None, _) => Cond::ok("Ready", "Converged", "holds what the spec asks"),
+        (Some(f), true) => {
+            Cond::failed(ConditionType::Ready, Reason::CleanupPending, format!("cleanup waits: {}", f.message))
+        }
+        (Some(f), false) => Cond::failed(ConditionType::Ready, f.reason, f.message.clone()),
+        (None, _) if !access.ok && !m.leaving => {
+            Cond::failed(ConditionType::Ready, access.reason, access.message.clone())
+        }
+        (None, _) => Cond::ok(ConditionType::Ready, Reason::Converged, "holds what the spec asks"),
     };
     let trust = match (&m.version, &m.intermediate) {
-        (_, Some(Err(f))) => Cond::failed("TrustReady", &f.reason, f.message.clone()),
-        (_, Some(Ok(i))) => Cond::ok("TrustReady", "IntermediateValid", format!("intermediate {}", i.fingerprint)),
-        (None, None) => Cond::failed("TrustReady", "Unreachable", "the member did not answer"),
-        (Some(_), None) => Cond::failed("TrustReady", "RootUnavailable", "no root CA to issue an intermediate from"),
+        (_, Some(Err(f))) => Cond::failed(ConditionType::TrustReady, f.reason, f.message.clone()),
+        (_, Some(Ok(i))) => {
+            Cond::ok(ConditionType::TrustReady, Reason::IntermediateValid, format!("intermediate {}", i.fingerprint))
+        }
+        (None, None) => Cond::failed(ConditionType::TrustReady, Reason::Unreachable, "the member did not answer"),
+        (Some(_), None) => {
+            Cond::failed(ConditionType::TrustReady, Reason::RootUnavailable, "no root CA to issue an intermediate from")
+        }
     };
     let ready = match (&ready.ok, &trust.ok) {
-        (true, false) if !m.leaving => Cond::failed("Ready", &trust.reason, trust.message.clone()),
+        (true, false) if !m.leaving => Cond::failed(ConditionType::Ready, trust.reason, trust.message.clone()),
         _ => ready,
     };
     let mut conds = vec![reachable, ready];
@@ -544,7 +571,7 @@ mod tests {
             "2026-11-22T11:00:00Z".parse().unwrap(),
         );
         assert!(!status_changed(Some(&first), &later));
-        let down = [members[0].clone(), report("west", None, Some(Failure::new("Unreachable", "refused")))];
+        let down = [members[0].clone(), report("west", None, Some(Failure::new(Reason::Unreachable, "refused")))];
         let changed = federation_status(Some(&first), Some(1), &s, &validate(&s), Some(&root()), &down, now());
         assert!(status_changed(Some(&first), &changed));
     }
@@ -560,7 +587,7 @@ mod tests {
         assert_eq!(joined.iter().filter(|a| a.reason == "ClusterAdded").count(), 2, "{joined:?}");
         assert!(announcements(Some(&first), &first).is_empty(), "nothing changed, nothing said");
 
-        let down = [up[0].clone(), report("west", None, Some(Failure::new("Unreachable", "refused")))];
+        let down = [up[0].clone(), report("west", None, Some(Failure::new(Reason::Unreachable, "refused")))];
         let second = federation_status(Some(&first), Some(1), &s, &validate(&s), Some(&root()), &down, now());
         let said = announcements(Some(&first), &second);
         assert!(said.iter().all(|a| a.warning), "{said:?}");
@@ -568,7 +595,7 @@ mod tests {
         assert_eq!(types, ["Ready", "ClustersReachable"]);
 
         // Still down, for another reason: said again, with the new reason.
-        let refused = [up[0].clone(), report("west", None, Some(Failure::new("Timeout", "no answer")))];
+        let refused = [up[0].clone(), report("west", None, Some(Failure::new(Reason::Timeout, "no answer")))];
         let third = federation_status(Some(&second), Some(1), &s, &validate(&s), Some(&root()), &refused, now());
         assert_eq!(reasons(announcements(Some(&second), &third)), ["Timeout", "Timeout"]);
 
@@ -638,7 +665,7 @@ mod tests {
         let s = spec();
         let up = [report("east", Some("v1.34.2"), None), report("west", Some("v1.34.2"), None)];
         let before = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &up, now());
-        let down = [up[0].clone(), report("west", None, Some(Failure::new("Unreachable", "connection refused")))];
+        let down = [up[0].clone(), report("west", None, Some(Failure::new(Reason::Unreachable, "connection refused")))];
         let later: Timestamp = "2026-11-22T10:01:00Z".parse().unwrap();
         let st = federation_status(Some(&before), Some(1), &s, &validate(&s), Some(&root()), &down, later);
         assert_eq!(condition(&st.conditions, "Ready"), ("False", "Unreachable"));
@@ -670,7 +697,7 @@ mod tests {
     fn a_root_that_cannot_be_had_fails_trust_and_readiness_naming_why() {
         let s = spec();
         let members = [report("east", Some("v"), None), report("west", Some("v"), None)];
-        let missing = Err(Failure::new("RootMissing", "restore the Secret"));
+        let missing = Err(Failure::new(Reason::RootMissing, "restore the Secret"));
         let st = federation_status(None, Some(1), &s, &validate(&s), Some(&missing), &members, now());
         assert_eq!(condition(&st.conditions, "TrustReady"), ("False", "RootMissing"));
         assert_eq!(condition(&st.conditions, "Ready"), ("False", "RootMissing"));
@@ -685,7 +712,7 @@ mod tests {
     #[test]
     fn a_leaving_member_stays_in_status_until_it_is_cleaned_up() {
         let s = spec();
-        let mut gone = report("old", None, Some(Failure::new("Unreachable", "timed out")));
+        let mut gone = report("old", None, Some(Failure::new(Reason::Unreachable, "timed out")));
         gone.leaving = true;
         let members = [report("east", Some("v"), None), report("west", Some("v"), None), gone.clone()];
         let st = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &members, now());

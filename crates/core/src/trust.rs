@@ -9,6 +9,7 @@ use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::me
 use meshfed_api::{MeshFederationSpec, TrustStatus};
 
 use crate::{
+    conditions::Reason,
     pki::{self, CaMaterial, CacertsBundle, CacertsVerdict, CertSummary, IntermediateProfile, Root},
     plan::{FIELD_MANAGER, Failure, FederationRef, LABEL_FEDERATION, MANAGED_BY},
     rotation::{self, Action, MemberRoots},
@@ -124,7 +125,7 @@ fn member_cacerts(
 ) -> Result<CacertsPlan, Failure> {
     let current = || {
         data.and_then(|d| d.get(pki::CA_CERT))
-            .ok_or_else(|| Failure::new("CacertsUnreadable", "cacerts has no ca-cert.pem"))
+            .ok_or_else(|| Failure::new(Reason::CacertsUnreadable, "cacerts has no ca-cert.pem"))
             .and_then(|c| pki::summarize(&c.0).map_err(|e| Failure::new(e.reason(), e.to_string())))
     };
     let old_roots = || -> String {

@@ -6,12 +6,12 @@ use std::{collections::BTreeMap, fmt, time::Duration};
 use ipnet::IpNet;
 use meshfed_api::{ClusterRole, ExposeMode, MeshFederationSpec};
 
-use crate::topology::Topology;
+use crate::{conditions::Reason, topology::Topology};
 
 /// One broken rule: a stable reason and a message that says what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
-    pub reason: &'static str,
+    pub reason: Reason,
     pub message: String,
 }
 
@@ -49,7 +49,7 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
     for c in &spec.clusters {
         if seen.insert(c.name.as_str(), c).is_some() {
             problem(
-                "DuplicateClusterName",
+                Reason::DuplicateClusterName,
                 format!(
                     "cluster name {:?} is used more than once; names are Istio cluster IDs and must be unique",
                     c.name
@@ -61,7 +61,7 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
     for c in &spec.clusters {
         if let Some(other) = kubeconfigs.insert(&c.kubeconfig_secret_ref, c.name.as_str()) {
             problem(
-                "DuplicateKubeconfig",
+                Reason::DuplicateKubeconfig,
                 format!(
                     "clusters {other:?} and {:?} use the same kubeconfig (Secret {} key {}); each member needs its own",
                     c.name, c.kubeconfig_secret_ref.name, c.kubeconfig_secret_ref.key
@@ -71,16 +71,16 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
     }
     for c in spec.clusters.iter().filter(|c| c.role == ClusterRole::Remote) {
         let Some(cp) = c.control_plane.as_deref() else {
-            problem("MissingControlPlane", format!("cluster {:?} is a Remote but names no controlPlane", c.name));
+            problem(Reason::MissingControlPlane, format!("cluster {:?} is a Remote but names no controlPlane", c.name));
             continue;
         };
         match seen.get(cp) {
             None => problem(
-                "UnknownControlPlane",
+                Reason::UnknownControlPlane,
                 format!("cluster {:?} names controlPlane {cp:?}, which is not a cluster of this federation", c.name),
             ),
             Some(p) if p.role != ClusterRole::Primary => problem(
-                "ControlPlaneNotPrimary",
+                Reason::ControlPlaneNotPrimary,
                 format!(
                     "cluster {:?} names controlPlane {cp:?}, which is a Remote; a controlPlane must be a Primary",
                     c.name
@@ -94,7 +94,7 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
         Ok(d) if !d.is_zero() => Some(d),
         _ => {
             problem(
-                "InvalidDuration",
+                Reason::InvalidDuration,
                 format!("{field} {value:?} is not a positive duration; write it like 24h, 90m or 8760h"),
             );
             None
@@ -109,7 +109,7 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
         && r >= v
     {
         problem(
-            "InvalidDuration",
+            Reason::InvalidDuration,
             format!(
                 "trust.intermediate.renewBefore ({}) must be shorter than trust.intermediate.validity ({})",
                 spec.trust.intermediate.renew_before, spec.trust.intermediate.validity
@@ -120,7 +120,7 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
         && t < MIN_TOKEN_TTL
     {
         problem(
-            "InvalidDuration",
+            Reason::InvalidDuration,
             format!(
                 "remoteAccess.tokenTTL ({}) must be at least 10m, the shortest token the TokenRequest API issues",
                 spec.remote_access.token_ttl
@@ -132,7 +132,7 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
     if topology.multi_network {
         for c in spec.clusters.iter().filter(|c| c.east_west_gateway.expose == ExposeMode::ClusterIP) {
             problem(
-                "ExposeModeUnsupported",
+                Reason::ExposeModeUnsupported,
                 format!(
                     "cluster {:?} exposes its east-west gateway as ClusterIP, which other networks cannot reach; use LoadBalancer, NodePort or HostNetwork",
                     c.name
@@ -158,7 +158,7 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
 
 /// Clusters on one network route pods to each other directly, so their declared pod and service ranges must not
 /// overlap.
-fn cidr_problems(spec: &MeshFederationSpec, problem: &mut impl FnMut(&'static str, String)) {
+fn cidr_problems(spec: &MeshFederationSpec, problem: &mut impl FnMut(Reason, String)) {
     let mut ranges: Vec<(&str, &str, IpNet)> = Vec::new();
     for c in &spec.clusters {
         for (field, cidr) in
@@ -167,7 +167,7 @@ fn cidr_problems(spec: &MeshFederationSpec, problem: &mut impl FnMut(&'static st
             match cidr.parse::<IpNet>() {
                 Ok(net) => ranges.push((c.name.as_str(), c.network.as_str(), net)),
                 Err(_) => problem(
-                    "InvalidCIDR",
+                    Reason::InvalidCIDR,
                     format!("cluster {:?} {field} entry {cidr:?} is not a CIDR such as 10.10.0.0/16", c.name),
                 ),
             }
@@ -177,7 +177,7 @@ fn cidr_problems(spec: &MeshFederationSpec, problem: &mut impl FnMut(&'static st
         for (b, net_b, rb) in &ranges[i + 1..] {
             if a != b && net_a == net_b && (ra.contains(&rb.network()) || rb.contains(&ra.network())) {
                 problem(
-                    "OverlappingCIDRs",
+                    Reason::OverlappingCIDRs,
                     format!(
                         "clusters {a:?} ({ra}) and {b:?} ({rb}) are both on network {net_a:?} and their ranges overlap; clusters on one network need disjoint pod and service ranges"
                     ),
@@ -202,7 +202,7 @@ mod tests {
         spec_with(clusters, "")
     }
 
-    fn reasons(spec: &MeshFederationSpec) -> Vec<&'static str> {
+    fn reasons(spec: &MeshFederationSpec) -> Vec<Reason> {
         validate(spec).err().unwrap_or_default().into_iter().map(|p| p.reason).collect()
     }
 

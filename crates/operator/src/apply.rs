@@ -3,6 +3,7 @@
 //! the member does not already hold the plan, so a steady state writes nothing) and prune (what is labelled for this
 //! federation and cluster that the plan does not want; cleanup is the prune of an empty plan).
 
+use meshfed_core::conditions::Reason;
 use std::collections::BTreeMap;
 
 use futures::future::try_join_all;
@@ -136,7 +137,7 @@ pub async fn claim(
         ClaimHolder::Other { federation, hub: their_hub } => {
             let whose = if their_hub == hub { String::new() } else { format!(" in another hub ({their_hub})") };
             Err(Failure::new(
-                "ClusterClaimed",
+                Reason::ClusterClaimed,
                 format!(
                     "the Istio namespace {} of this cluster belongs to federation {federation}{whose}; meshfed writes nothing here until that federation lets it go (its {key})",
                     spec.istio.namespace
@@ -157,7 +158,7 @@ pub async fn apply_plan(
     for desired in &plan.objects {
         let write = member::write_for(fref, held.get(&desired.key), desired).map_err(|Foreign { owner }| {
             Failure::new(
-                "OwnedByAnotherFederation",
+                Reason::OwnedByAnotherFederation,
                 format!("{} belongs to federation {owner}; meshfed leaves it alone", desired.key),
             )
         })?;
@@ -209,12 +210,12 @@ async fn delete(w: &Writer<'_>, key: &ObjectKey) -> Result<(), Failure> {
 
 /// A failed write to a member's API, as a per-member failure.
 fn write_failure(what: &str, e: kube::Error) -> Failure {
-    Failure::new("WriteFailed", format!("{what}: {e}"))
+    Failure::new(Reason::WriteFailed, format!("{what}: {e}"))
 }
 
 /// A failed read from a member's API, as a per-member failure.
 pub fn read_failure(what: &str, e: kube::Error) -> Failure {
-    Failure::new("ReadFailed", format!("{what}: {e}"))
+    Failure::new(Reason::ReadFailed, format!("{what}: {e}"))
 }
 
 /// A held object as its typed form, if the member holds it.

@@ -3,6 +3,7 @@
 //! The plan lives in `meshfed-core`; this module only reads, writes and waits. Every member is handled concurrently
 //! with its own deadline, so one slow or dead member never delays the others.
 
+use meshfed_core::conditions::Reason;
 use std::{
     collections::BTreeMap,
     sync::{
@@ -292,7 +293,7 @@ fn refuse_duplicates(reports: &mut [MemberReport], reached: Vec<Option<Reached>>
         match seen.get(&identity) {
             Some(first) => {
                 r.failure = Some(Failure::new(
-                    "DuplicateCluster",
+                    Reason::DuplicateCluster,
                     format!(
                         "this is the same cluster as {first} (kube-system namespace UID {identity}); remove one of the two"
                     ),
@@ -444,7 +445,7 @@ async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
 async fn within<T>(timeout: Duration, work: impl Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
     tokio::time::timeout(timeout, work)
         .await
-        .unwrap_or_else(|_| Err(Failure::new("Timeout", format!("the member did not answer within {timeout:?}"))))
+        .unwrap_or_else(|_| Err(Failure::new(Reason::Timeout, format!("the member did not answer within {timeout:?}"))))
 }
 
 /// Reaches member `name` through its kubeconfig `secret` within the member deadline: its version and identity,
@@ -478,7 +479,7 @@ async fn observe_member(
             .client
             .apiserver_version()
             .await
-            .map_err(|e| Failure::new("Unreachable", format!("{}: {e}", member.server)))?;
+            .map_err(|e| Failure::new(Reason::Unreachable, format!("{}: {e}", member.server)))?;
         ctx.metrics.member_answered(&key, name, asked.elapsed());
         report.version = Some(version.git_version);
         let identity = Api::<Namespace>::all(member.client.clone())
@@ -492,7 +493,7 @@ async fn observe_member(
         let observed_ns = held.get(&member::namespace_key(ns));
         if take_claim && observed_ns.is_some_and(|n| !n["metadata"]["deletionTimestamp"].is_null()) {
             return Err(Failure::new(
-                "NamespaceTerminating",
+                Reason::NamespaceTerminating,
                 format!("namespace {ns} is being deleted; waiting for it to go"),
             ));
         }

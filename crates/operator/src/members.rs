@@ -3,6 +3,7 @@
 //! A kubeconfig is checked before any client is built from it (no `exec`, auth providers or file paths), and the
 //! client is cached by the Secret's uid and resourceVersion, so it is rebuilt only when the Secret changes.
 
+use meshfed_core::conditions::Reason;
 use std::{
     collections::HashMap,
     sync::Mutex,
@@ -54,8 +55,10 @@ impl ClientPool {
         let s = Api::<Secret>::namespaced(hub.clone(), namespace)
             .get_opt(&secret.name)
             .await
-            .map_err(|e| Failure::new("KubeconfigSecretUnreadable", format!("cannot read {where_} in the hub: {e}")))?
-            .ok_or_else(|| Failure::new("KubeconfigSecretMissing", format!("{where_} does not exist")))?;
+            .map_err(|e| {
+                Failure::new(Reason::KubeconfigSecretUnreadable, format!("cannot read {where_} in the hub: {e}"))
+            })?
+            .ok_or_else(|| Failure::new(Reason::KubeconfigSecretMissing, format!("{where_} does not exist")))?;
         let version = format!("{}/{}", s.uid().unwrap_or_default(), s.resource_version().unwrap_or_default());
         let key = (namespace.to_string(), secret.name.clone(), secret.key.clone());
         if let Some((v, member)) = self.cache.lock().expect("pool lock").get(&key)
@@ -63,20 +66,18 @@ impl ClientPool {
         {
             return Ok(member.clone());
         }
-        let bytes = s
-            .data
-            .as_ref()
-            .and_then(|d| d.get(&secret.key))
-            .ok_or_else(|| Failure::new("KubeconfigKeyMissing", format!("{where_}: the Secret has no such key")))?;
+        let bytes = s.data.as_ref().and_then(|d| d.get(&secret.key)).ok_or_else(|| {
+            Failure::new(Reason::KubeconfigKeyMissing, format!("{where_}: the Secret has no such key"))
+        })?;
         let yaml = std::str::from_utf8(&bytes.0)
-            .map_err(|_| Failure::new("KubeconfigInvalid", format!("{where_}: not UTF-8 text")))?;
+            .map_err(|_| Failure::new(Reason::KubeconfigInvalid, format!("{where_}: not UTF-8 text")))?;
         let (kc, server) = kubeconfig::check(yaml).map_err(|e| Failure::new(e.reason(), format!("{where_}: {e}")))?;
         let mut config = Config::from_custom_kubeconfig(kc.clone(), &KubeConfigOptions::default())
             .await
-            .map_err(|e| Failure::new("KubeconfigInvalid", format!("{where_}: {e}")))?;
+            .map_err(|e| Failure::new(Reason::KubeconfigInvalid, format!("{where_}: {e}")))?;
         config.connect_timeout = Some(connect_timeout);
         let client =
-            Client::try_from(config).map_err(|e| Failure::new("KubeconfigInvalid", format!("{where_}: {e}")))?;
+            Client::try_from(config).map_err(|e| Failure::new(Reason::KubeconfigInvalid, format!("{where_}: {e}")))?;
         let member =
             Member { id: member_id(namespace, secret), version: version.clone(), client, server, kubeconfig: kc };
         self.cache.lock().expect("pool lock").insert(key, (version, member.clone()));
@@ -151,7 +152,7 @@ mod tests {
     async fn a_failing_member_waits_until_its_time_a_success_or_a_new_secret() {
         let backoff = Backoff::default();
         let (base, max) = (Duration::from_millis(500), Duration::from_secs(60));
-        let down = Failure::new("Unreachable", "connection refused");
+        let down = Failure::new(Reason::Unreachable, "connection refused");
         let east = member("uid/1");
         assert_eq!(backoff.waiting("ns/prod", &east), None, "a member that never failed is tried");
         backoff.record("ns/prod", &east, Some(&down), base, max);

@@ -206,7 +206,7 @@ impl Metrics {
     /// Counts the failures of one reconcile's members, by reason.
     pub fn members_failed<'a>(&self, failures: impl IntoIterator<Item = &'a meshfed_core::plan::Failure>) {
         for f in failures {
-            self.member_failures.get_or_create(&ReasonLabels { reason: f.reason.clone() }).inc();
+            self.member_failures.get_or_create(&ReasonLabels { reason: f.reason.to_string() }).inc();
         }
     }
 

@@ -2,6 +2,7 @@
 //! some Primary reads, shared by its holders: the freshest one they keep that may stay, or a new one from the
 //! member's TokenRequest API. The remote secrets themselves are planned and written on the member path.
 
+use meshfed_core::conditions::Reason;
 use std::{collections::BTreeMap, time::Duration};
 
 use futures::future::join_all;
@@ -65,8 +66,9 @@ async fn token_for(
     timeout: Duration,
 ) -> Result<Token, Failure> {
     let ns = &spec.istio.namespace;
-    let remote_target = RemoteTarget::from_kubeconfig(target, &member.kubeconfig)
-        .ok_or_else(|| Failure::new("KubeconfigInvalid", "the kubeconfig names no server for its current context"))?;
+    let remote_target = RemoteTarget::from_kubeconfig(target, &member.kubeconfig).ok_or_else(|| {
+        Failure::new(Reason::KubeconfigInvalid, "the kubeconfig names no server for its current context")
+    })?;
     let key = member::remote_secret_key(ns, &target.name);
     let kept: Vec<ReaderToken> = reached
         .values()
@@ -89,7 +91,7 @@ async fn token_for(
     let request = sas.create_token_request(remote::READER_SERVICE_ACCOUNT, &params, &body);
     let refused = |detail: String| {
         Failure::new(
-            "TokenRequestFailed",
+            Reason::TokenRequestFailed,
             format!(
                 "cannot create a token for ServiceAccount {ns}/{}: {detail}; the hub's credential for this cluster needs `create` on serviceaccounts/token",
                 remote::READER_SERVICE_ACCOUNT

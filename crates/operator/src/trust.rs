@@ -5,6 +5,7 @@ use jiff::Timestamp;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{Api, Client, Resource, ResourceExt, api::PostParams};
 use meshfed_api::{ClusterSpec, MeshFederation, MeshFederationSpec};
+use meshfed_core::conditions::Reason;
 use meshfed_core::{
     pki::{self, IntermediateProfile, Root},
     plan::{FIELD_MANAGER, Failure, FederationRef},
@@ -31,12 +32,12 @@ pub async fn root(
     let trust = &fed.spec.trust;
     if let Some(byo) = &trust.root.secret_ref {
         let s = read(&secrets, &byo.name).await?.ok_or_else(|| {
-            Failure::new("RootSecretMissing", format!("trust.root.secretRef: Secret {} does not exist", byo.name))
+            Failure::new(Reason::RootSecretMissing, format!("trust.root.secretRef: Secret {} does not exist", byo.name))
         })?;
         return load(&byo.name, s);
     }
     let (Some(generate), Some(validity)) = (&trust.root.generate, durations.root_validity) else {
-        return Err(Failure::new("RootSourceMissing", "set trust.root.generate or trust.root.secretRef"));
+        return Err(Failure::new(Reason::RootSourceMissing, "set trust.root.generate or trust.root.secretRef"));
     };
     let new_root = || {
         // Key generation is CPU work (seconds for RSA 4096): keep it off the async workers.
@@ -45,7 +46,7 @@ pub async fn root(
     };
     let name = trust::root_secret_name(&fref.name);
     let vanished =
-        || Failure::new("RootSecretMissing", format!("Secret {name} vanished while meshfed wrote it; retrying"));
+        || Failure::new(Reason::RootSecretMissing, format!("Secret {name} vanished while meshfed wrote it; retrying"));
     let request = fed.annotations().get(ROTATE_ROOT_ANNOTATION).cloned();
     if let Some(mut s) = read(&secrets, &name).await? {
         if request.is_none() || s.annotations().get(ROTATE_ROOT_ANNOTATION) == request.as_ref() {
@@ -59,14 +60,16 @@ pub async fn root(
         let replaced = match secrets.replace(&name, &PostParams::default(), &s).await {
             Ok(replaced) => replaced,
             Err(kube::Error::Api(e)) if e.code == 409 => read(&secrets, &name).await?.ok_or_else(vanished)?,
-            Err(e) => return Err(Failure::new("RootSecretUnwritable", format!("cannot replace Secret {name}: {e}"))),
+            Err(e) => {
+                return Err(Failure::new(Reason::RootSecretUnwritable, format!("cannot replace Secret {name}: {e}")));
+            }
         };
         info!(secret = %name, "generated a new root CA on request; rotating to it");
         return load(&name, replaced);
     }
     if let Some(fp) = fed.status.as_ref().and_then(|s| s.trust.as_ref()?.root_fingerprint.clone()) {
         return Err(Failure::new(
-            "RootMissing",
+            Reason::RootMissing,
             format!(
                 "the generated root CA Secret {name} is gone while members hold intermediates from root {fp}; meshfed will not mint a new root behind your back: restore the Secret from a backup, or delete and recreate the federation to start over with a new root"
             ),
@@ -82,7 +85,9 @@ pub async fn root(
             load(&name, created)
         }
         Err(kube::Error::Api(s)) if s.code == 409 => load(&name, read(&secrets, &name).await?.ok_or_else(vanished)?),
-        Err(e) => Err(Failure::new("RootSecretUnwritable", format!("cannot create Secret {name} in the hub: {e}"))),
+        Err(e) => {
+            Err(Failure::new(Reason::RootSecretUnwritable, format!("cannot create Secret {name} in the hub: {e}")))
+        }
     }
 }
 
@@ -90,7 +95,7 @@ async fn read(secrets: &Api<Secret>, name: &str) -> Result<Option<Secret>, Failu
     secrets
         .get_opt(name)
         .await
-        .map_err(|e| Failure::new("RootSecretUnreadable", format!("cannot read Secret {name} in the hub: {e}")))
+        .map_err(|e| Failure::new(Reason::RootSecretUnreadable, format!("cannot read Secret {name} in the hub: {e}")))
 }
 
 /// A new intermediate for `cluster` from `root`, as `cacerts` data whose `root-cert.pem` also trusts `other_roots`.
