@@ -388,9 +388,13 @@ pub struct ClusterStatus {
     /// The last error meshfed met with this cluster, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
-    /// The east-west gateway's address as other members dial it.
+    /// The east-west gateway's address (IPs or host names, comma-separated) as other members dial it, where the
+    /// topology needs a gateway and its address is known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway_address: Option<String>,
+    /// The port other networks dial at `gatewayAddress`: 15443, or the node port of a NodePort gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway_port: Option<i32>,
     /// SHA-256 fingerprint of the cluster's intermediate CA certificate.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intermediate_fingerprint: Option<String>,
@@ -404,7 +408,8 @@ pub struct ClusterStatus {
     /// be cleaned up.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubeconfig_secret_ref: Option<SecretKeyRef>,
-    /// The cluster's conditions: `Reachable`, `Converged`, and the per-area conditions of later features.
+    /// The cluster's conditions: `Reachable`, `Ready`, `TrustReady`, `RemoteAccessReady`, `GatewaysReady`,
+    /// `ControlPlaneReady`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,

@@ -66,6 +66,10 @@ names! {
         IntermediatesValid,
         IntermediateValid,
         RemoteSecretsInPlace,
+        GatewaysAddressed,
+        NoGatewayNeeded,
+        ControlPlanesReady,
+        IstioReady,
         // Valid=False
         DuplicateClusterName,
         DuplicateKubeconfig,
@@ -124,6 +128,16 @@ names! {
         IntermediateParametersChanged,
         // Remote access
         TokenRequestFailed,
+        // Gateways
+        AwaitingLoadBalancer,
+        AwaitingGatewayService,
+        NoNodeAddresses,
+        NoSchedulableNodes,
+        IstioCRDsMissing,
+        // Control planes
+        SailOperatorMissing,
+        AwaitingPrimaryGateway,
+        IstioNotReady,
         // Events only
         ClusterAdded,
         ClusterRemoved,

@@ -6,6 +6,8 @@
 //! (`generate_root`, `issue_intermediate`); every decision about when to call them is pure.
 
 pub mod conditions;
+pub mod control_plane;
+pub mod gateway;
 pub mod kubeconfig;
 pub mod member;
 pub mod pki;

@@ -17,10 +17,13 @@ use serde::Serialize;
 use serde_json::{Value, json};
 
 use crate::{
+    conditions::Reason,
+    control_plane,
+    gateway::{self, GatewayAddress},
     pki,
     plan::{
-        ANNOTATION_CREATED, FederationRef, LABEL_CLUSTER, LABEL_FEDERATION, LABEL_FEDERATION_NAMESPACE, NETWORK_LABEL,
-        created_by_meshfed, holds,
+        ANNOTATION_CREATED, Failure, FederationRef, LABEL_CLUSTER, LABEL_FEDERATION, LABEL_FEDERATION_NAMESPACE,
+        NETWORK_LABEL, created_by_meshfed, holds,
     },
     remote,
 };
@@ -61,11 +64,36 @@ pub const CLUSTER_ROLE: OwnedKind =
 pub const CLUSTER_ROLE_BINDING: OwnedKind =
     cluster_scoped(kind("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings"));
 pub const SECRET: OwnedKind = kind("", "v1", "Secret", "secrets");
+pub const ROLE: OwnedKind = kind("rbac.authorization.k8s.io", "v1", "Role", "roles");
+pub const ROLE_BINDING: OwnedKind = kind("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings");
+pub const SERVICE: OwnedKind = kind("", "v1", "Service", "services");
+pub const DEPLOYMENT: OwnedKind = kind("apps", "v1", "Deployment", "deployments");
+pub const POD_DISRUPTION_BUDGET: OwnedKind = kind("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets");
+/// The Sail operator's Istio control plane (a CRD).
+pub const ISTIO: OwnedKind = cluster_scoped(kind("sailoperator.io", "v1", "Istio", "istios"));
+/// Istio's Gateway and VirtualService (CRDs, installed with Istio).
+pub const GATEWAY: OwnedKind = kind("networking.istio.io", "v1", "Gateway", "gateways");
+pub const VIRTUAL_SERVICE: OwnedKind = kind("networking.istio.io", "v1", "VirtualService", "virtualservices");
 
 /// Every kind meshfed writes in a member, in the order it applies them; prune and cleanup go in reverse, so the
-/// claim (a ConfigMap) is taken first and given back last, and a namespace goes after what it holds.
-pub const OWNED_KINDS: &[OwnedKind] =
-    &[CONFIG_MAP, NAMESPACE, SERVICE_ACCOUNT, CLUSTER_ROLE, CLUSTER_ROLE_BINDING, SECRET];
+/// claim (a ConfigMap) is taken first and given back last, a namespace goes after what it holds, and the Istio
+/// configuration goes before the control plane that serves it.
+pub const OWNED_KINDS: &[OwnedKind] = &[
+    CONFIG_MAP,
+    NAMESPACE,
+    SERVICE_ACCOUNT,
+    CLUSTER_ROLE,
+    CLUSTER_ROLE_BINDING,
+    ROLE,
+    ROLE_BINDING,
+    SECRET,
+    SERVICE,
+    DEPLOYMENT,
+    POD_DISRUPTION_BUDGET,
+    ISTIO,
+    GATEWAY,
+    VIRTUAL_SERVICE,
+];
 
 /// Identifies one object in a member.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -93,6 +121,9 @@ pub struct Desired {
     /// marker in `cacerts`, one more cluster in a remote secret) makes meshfed recreate the object, since an apply
     /// leaves fields it does not own in place.
     pub exact_data: bool,
+    /// Fields (JSON pointers) that cannot change in place: when the member's object differs there, meshfed deletes
+    /// and recreates it (the Sail `Istio`'s immutable `spec.namespace`, a Service's type).
+    pub recreate_on: &'static [&'static str],
 }
 
 impl Desired {
@@ -106,7 +137,21 @@ impl Desired {
         let key = ObjectKey { kind, namespace: meta.namespace.clone(), name: meta.name.clone().unwrap_or_default() };
         // Typed Kubernetes objects always serialize (and carry their apiVersion and kind).
         let body = serde_json::to_value(obj).expect("a Kubernetes object serializes");
-        Self { key, body, exact_data: false }
+        Self { key, body, exact_data: false, recreate_on: &[] }
+    }
+
+    /// The desired form of an object of a kind without Rust types (a CRD), as JSON with at least its metadata.
+    fn dynamic(kind: OwnedKind, mut body: Value) -> Self {
+        body["apiVersion"] = kind.api_version().into();
+        body["kind"] = kind.kind.into();
+        let meta = &body["metadata"];
+        let name = meta["name"].as_str().unwrap_or_default().to_string();
+        let key = ObjectKey { kind, namespace: meta["namespace"].as_str().map(Into::into), name };
+        Self { key, body, exact_data: false, recreate_on: &[] }
+    }
+
+    fn recreate_on(self, recreate_on: &'static [&'static str]) -> Self {
+        Self { recreate_on, ..self }
     }
 
     fn exact(self) -> Self {
@@ -121,6 +166,11 @@ impl Desired {
 pub struct MemberPlan {
     pub objects: Vec<Desired>,
     pub keep: BTreeSet<ObjectKey>,
+    /// The member's east-west gateway: where other members dial it, or why it cannot be dialled yet; `None` where
+    /// the topology needs no gateway.
+    pub gateway: Option<Result<GatewayAddress, Failure>>,
+    /// Why the member's control plane is not ready, if it is not.
+    pub control_plane: Option<Failure>,
 }
 
 /// The Secret key of a remote secret held in `namespace` for `target`.
@@ -131,6 +181,11 @@ pub fn remote_secret_key(namespace: &str, target: &str) -> ObjectKey {
 /// The key of a member's `cacerts` in `namespace`.
 pub fn cacerts_key(namespace: &str) -> ObjectKey {
     ObjectKey { kind: SECRET, namespace: Some(namespace.into()), name: pki::CACERTS_SECRET.into() }
+}
+
+/// The key of a member's Sail `Istio`.
+pub fn istio_key() -> ObjectKey {
+    ObjectKey { kind: ISTIO, namespace: None, name: control_plane::ISTIO_NAME.into() }
 }
 
 /// The key of the Istio namespace `namespace`.
@@ -214,10 +269,18 @@ pub struct MemberFacts<'a> {
     /// The remote secrets this member should hold, by target; targets of the topology missing here keep what the
     /// member holds for them (their token could not be had this time).
     pub remote_secrets: BTreeMap<String, Secret>,
+    /// The gateway of every cluster that needs one, as its member shows it (`gateway::gateway_address`): its
+    /// address, or why it has none yet. A Remote's control plane and every Primary's `meshNetworks` are built from it.
+    pub gateways: BTreeMap<String, Result<GatewayAddress, Failure>>,
+    /// Kinds of [`OWNED_KINDS`] that the member's API does not serve (their CRDs are not installed).
+    pub unserved: BTreeSet<OwnedKind>,
+    /// The member's `Istio` as it is now, with the status the Sail operator writes.
+    pub istio: Option<&'a Value>,
 }
 
 /// The complete plan of `cluster` (which the spec lists) in `hub`: the claim, the Istio namespace labelled with the
-/// network, the reader identity, `cacerts`, and the remote secrets of a Primary.
+/// network, the reader identity, `cacerts`, the remote secrets of a Primary, the east-west gateway and its Istio
+/// configuration where the topology needs them, and the Sail `Istio` control plane.
 pub fn member_plan(
     fref: &FederationRef,
     hub: &str,
@@ -244,7 +307,60 @@ pub fn member_plan(
             None => _ = plan.keep.insert(remote_secret_key(ns, target)),
         }
     }
+    let known: BTreeMap<String, GatewayAddress> =
+        facts.gateways.iter().filter_map(|(c, g)| Some((c.clone(), g.as_ref().ok()?.clone()))).collect();
+    if gateway::needs_gateway(spec, cluster) {
+        let gw = gateway::gateway_objects(fref, spec, cluster);
+        plan.objects.push(Desired::of(&gw.service_account));
+        plan.objects.push(Desired::of(&gw.role));
+        plan.objects.push(Desired::of(&gw.role_binding));
+        plan.objects.push(Desired::of(&gw.service).recreate_on(&["/spec/type"]));
+        plan.objects.push(Desired::of(&gw.deployment));
+        plan.objects.push(Desired::of(&gw.disruption_budget));
+        let mut state = facts.gateways.get(&cluster.name).cloned().unwrap_or_else(|| {
+            Err(Failure::new(Reason::AwaitingGatewayService, "the gateway Service is not there yet"))
+        });
+        for (kind, body) in gateway::istio_gateway_configs(fref, spec, cluster) {
+            let kind = if kind == GATEWAY.kind { GATEWAY } else { VIRTUAL_SERVICE };
+            if facts.unserved.contains(&kind) {
+                state = Err(Failure::new(
+                    Reason::IstioCRDsMissing,
+                    format!(
+                        "the cluster does not serve {} {}; the Sail operator installs Istio's CRDs with Istio",
+                        kind.api_version(),
+                        kind.kind
+                    ),
+                ));
+            } else {
+                plan.objects.push(Desired::dynamic(kind, body));
+            }
+        }
+        plan.gateway = Some(state);
+    }
+    plan.control_plane = if facts.unserved.contains(&ISTIO) {
+        Some(Failure::new(
+            Reason::SailOperatorMissing,
+            "the cluster does not serve sailoperator.io/v1 Istio: install the Sail operator there",
+        ))
+    } else {
+        match control_plane::istio(fref, spec, cluster, &known) {
+            Ok(body) => {
+                plan.objects.push(Desired::dynamic(ISTIO, body).recreate_on(&["/spec/namespace"]));
+                control_plane::istio_ready(facts.istio).err()
+            }
+            Err(waiting) => {
+                plan.keep.insert(istio_key());
+                Some(waiting)
+            }
+        }
+    };
+    plan.objects.sort_by_key(|d| kind_order(&d.key.kind));
     plan
+}
+
+/// A kind's place in [`OWNED_KINDS`]: the order of apply, and the reverse order of prune.
+fn kind_order(kind: &OwnedKind) -> usize {
+    OWNED_KINDS.iter().position(|k| k == kind).unwrap_or(usize::MAX)
 }
 
 /// The Istio namespace of a member, labelled with its network. `observed` is the namespace as it is now, if it
@@ -257,12 +373,18 @@ pub fn istio_namespace(
 ) -> Namespace {
     let mut labels = fed.owned_labels(&cluster.name);
     labels.insert(NETWORK_LABEL.into(), cluster.network.clone());
-    let created = observed.is_none_or(created_by_meshfed);
+    let mut annotations = BTreeMap::new();
+    if observed.is_none_or(created_by_meshfed) {
+        annotations.insert(ANNOTATION_CREATED.into(), "true".into());
+    }
+    if let Some(primary) = &cluster.control_plane {
+        annotations.insert(control_plane::CONTROL_PLANE_CLUSTERS_ANNOTATION.into(), primary.clone());
+    }
     Namespace {
         metadata: ObjectMeta {
             name: Some(spec.istio.namespace.clone()),
             labels: Some(labels),
-            annotations: created.then(|| BTreeMap::from([(ANNOTATION_CREATED.into(), "true".into())])),
+            annotations: (!annotations.is_empty()).then_some(annotations),
             ..Default::default()
         },
         ..Default::default()
@@ -321,13 +443,18 @@ pub fn write_for(fref: &FederationRef, observed: Option<&Value>, desired: &Desir
         return Err(Foreign { owner: format!("{namespace}/{name}") });
     }
     let keys = |v: &Value| v.get("data").and_then(Value::as_object).map(|d| d.keys().cloned().collect::<Vec<_>>());
-    Ok(if desired.exact_data && keys(o).unwrap_or_default() != keys(&desired.body).unwrap_or_default() {
-        Write::Recreate
-    } else if holds(o, &desired.body) {
-        Write::Nothing
-    } else {
-        Write::Apply
-    })
+    let immutable_changed = desired.recreate_on.iter().any(|p| o.pointer(p) != desired.body.pointer(p));
+    Ok(
+        if immutable_changed
+            || desired.exact_data && keys(o).unwrap_or_default() != keys(&desired.body).unwrap_or_default()
+        {
+            Write::Recreate
+        } else if holds(o, &desired.body) {
+            Write::Nothing
+        } else {
+            Write::Apply
+        },
+    )
 }
 
 /// What prune does to an object meshfed labelled for this federation and cluster that the plan does not want.
@@ -348,13 +475,12 @@ pub fn to_prune<'a>(
     owned: impl IntoIterator<Item = (&'a ObjectKey, &'a Value)>,
 ) -> Vec<Prune> {
     let wanted: BTreeSet<&ObjectKey> = plan.objects.iter().map(|d| &d.key).chain(&plan.keep).collect();
-    let order = |k: &ObjectKey| OWNED_KINDS.iter().position(|o| *o == k.kind).unwrap_or(usize::MAX);
     let mut stale: Vec<(&ObjectKey, &Value)> = owned
         .into_iter()
         .filter(|(k, v)| !wanted.contains(k) && labelled_for(v, fref, cluster))
         .filter(|(_, v)| v["metadata"]["deletionTimestamp"].is_null())
         .collect();
-    stale.sort_by_key(|(k, _)| std::cmp::Reverse(order(k)));
+    stale.sort_by_key(|(k, _)| std::cmp::Reverse(kind_order(&k.kind)));
     stale
         .into_iter()
         .map(|(k, v)| {
@@ -444,8 +570,18 @@ mod tests {
                 "ConfigMap kube-system/meshfed-claim.istio-system",
                 "Namespace istio-system",
                 "ServiceAccount istio-system/meshfed-reader",
+                "ServiceAccount istio-system/istio-eastwestgateway-service-account",
                 "ClusterRole meshfed-reader.mesh-system.prod",
                 "ClusterRoleBinding meshfed-reader.mesh-system.prod",
+                "Role istio-system/istio-eastwestgateway-sds",
+                "RoleBinding istio-system/istio-eastwestgateway-sds",
+                "Service istio-system/istio-eastwestgateway",
+                "Deployment istio-system/istio-eastwestgateway",
+                "PodDisruptionBudget istio-system/istio-eastwestgateway",
+                "Istio default",
+                "Gateway istio-system/cross-network-gateway",
+                "Gateway istio-system/istiod-gateway",
+                "VirtualService istio-system/istiod-vs",
             ]
         );
         for d in &plan.objects {
@@ -464,7 +600,8 @@ mod tests {
         assert!(plan.keep.contains(&remote_secret_key("istio-system", "rem")));
         // A Remote holds no remote secrets, so it keeps none either.
         let remote = member_plan(&fed(), "hub", &s, &s.clusters[2], MemberFacts::default());
-        assert_eq!(remote.keep, BTreeSet::from([cacerts_key("istio-system")]));
+        // A Remote whose Primary's gateway has no address yet keeps its control plane as it is.
+        assert_eq!(remote.keep, BTreeSet::from([cacerts_key("istio-system"), istio_key()]));
     }
 
     fn owned(key: &ObjectKey, cluster: &str, extra: Value) -> (ObjectKey, Value) {

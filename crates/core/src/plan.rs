@@ -9,6 +9,7 @@ use meshfed_api::{ClusterStatus, MeshFederationSpec, MeshFederationStatus, Secre
 
 use crate::{
     conditions::{Cond, ConditionType, Reason, first_failure, stamp},
+    gateway::GatewayAddress,
     pki::CertSummary,
     validate::{Problem, Validated},
 };
@@ -231,6 +232,10 @@ pub struct MemberReport {
     pub token_expires_at: Option<Timestamp>,
     /// The member's intermediate CA as it is now, or why it could not be put in place.
     pub intermediate: Option<Result<CertSummary, Failure>>,
+    /// The member's east-west gateway, where it needs one: where other members dial it, or why they cannot yet.
+    pub gateway: Option<Result<GatewayAddress, Failure>>,
+    /// Whether the member's control plane is ready, or why not; `None` when the member was not planned.
+    pub control_plane: Option<Result<(), Failure>>,
 }
 
 impl MemberReport {
@@ -247,6 +252,8 @@ impl MemberReport {
             remote_access: None,
             token_expires_at: None,
             intermediate: None,
+            gateway: None,
+            control_plane: None,
         }
     }
 
@@ -255,12 +262,24 @@ impl MemberReport {
         self.intermediate.as_ref()?.as_ref().err()
     }
 
-    /// Reached, written, with its intermediate CA and its remote access in place.
+    /// Why its gateway cannot be dialled, if it cannot.
+    fn gateway_failure(&self) -> Option<&Failure> {
+        self.gateway.as_ref()?.as_ref().err()
+    }
+
+    /// Why its control plane is not ready, if it is not.
+    fn control_plane_failure(&self) -> Option<&Failure> {
+        self.control_plane.as_ref()?.as_ref().err()
+    }
+
+    /// Reached, written, with its intermediate CA, its remote access, its gateway and its control plane in place.
     fn converged(&self) -> bool {
         self.version.is_some()
             && self.failure.is_none()
             && self.remote_access.is_none()
             && self.trust_failure().is_none()
+            && self.gateway_failure().is_none()
+            && self.control_plane_failure().is_none()
     }
 }
 
@@ -374,6 +393,22 @@ pub fn federation_status(
                 .join("; "),
         ),
     });
+    conds.push(area(
+        members,
+        ConditionType::GatewaysReady,
+        MemberReport::gateway_failure,
+        Cond::ok(
+            ConditionType::GatewaysReady,
+            Reason::GatewaysAddressed,
+            "every gateway the topology needs has an address",
+        ),
+    ));
+    conds.push(area(
+        members,
+        ConditionType::ControlPlaneReady,
+        MemberReport::control_plane_failure,
+        Cond::ok(ConditionType::ControlPlaneReady, Reason::ControlPlanesReady, "every member's Istio is ready"),
+    ));
     let ready = match (first_failure(&conds), leaving.as_slice()) {
         (Some(f), _) => Cond::failed(ConditionType::Ready, f.reason, f.message.clone()),
         (None, [_, ..]) => Cond::failed(
@@ -431,6 +466,26 @@ pub fn deletion_status(
     status
 }
 
+/// A federation condition over one area of the members: `ok` unless a member that stays fails in it (`failure`);
+/// then the first such member's reason, and each one's message.
+fn area(
+    members: &[MemberReport],
+    type_: ConditionType,
+    failure: fn(&MemberReport) -> Option<&Failure>,
+    ok: Cond,
+) -> Cond {
+    let failing: Vec<(&str, &Failure)> =
+        members.iter().filter(|m| !m.leaving).filter_map(|m| Some((m.name.as_str(), failure(m)?))).collect();
+    match failing.as_slice() {
+        [] => ok,
+        [(_, first), ..] => Cond::failed(
+            type_,
+            first.reason,
+            failing.iter().map(|(name, f)| format!("{name}: {}", f.message)).collect::<Vec<_>>().join("; "),
+        ),
+    }
+}
+
 fn failure_message(m: &MemberReport) -> &str {
     m.failure.as_ref().map_or("", |f| f.message.as_str())
 }
@@ -457,16 +512,6 @@ fn member_status(
             "its reader and remote secrets are in place",
         ),
     };
-    let ready = match (&m.failure, m.leaving) {
-        (Some(f), true) => {
-            Cond::failed(ConditionType::Ready, Reason::CleanupPending, format!("cleanup waits: {}", f.message))
-        }
-        (Some(f), false) => Cond::failed(ConditionType::Ready, f.reason, f.message.clone()),
-        (None, _) if !access.ok && !m.leaving => {
-            Cond::failed(ConditionType::Ready, access.reason, access.message.clone())
-        }
-        (None, _) => Cond::ok(ConditionType::Ready, Reason::Converged, "holds what the spec asks"),
-    };
     let trust = match (&m.version, &m.intermediate) {
         (_, Some(Err(f))) => Cond::failed(ConditionType::TrustReady, f.reason, f.message.clone()),
         (_, Some(Ok(i))) => {
@@ -477,14 +522,35 @@ fn member_status(
             Cond::failed(ConditionType::TrustReady, Reason::RootUnavailable, "no root CA to issue an intermediate from")
         }
     };
-    let ready = match (&ready.ok, &trust.ok) {
-        (true, false) if !m.leaving => Cond::failed(ConditionType::Ready, trust.reason, trust.message.clone()),
-        _ => ready,
+    let gateway = match (&m.gateway, &m.control_plane) {
+        (Some(Ok(a)), _) => {
+            Cond::ok(ConditionType::GatewaysReady, Reason::GatewaysAddressed, format!("dialled at {a}"))
+        }
+        (Some(Err(f)), _) => Cond::failed(ConditionType::GatewaysReady, f.reason, f.message.clone()),
+        (None, Some(_)) => {
+            Cond::ok(ConditionType::GatewaysReady, Reason::NoGatewayNeeded, "the topology needs no gateway here")
+        }
+        (None, None) => Cond::failed(ConditionType::GatewaysReady, Reason::Unreachable, "the member did not answer"),
+    };
+    let control = match &m.control_plane {
+        Some(Ok(())) => {
+            Cond::ok(ConditionType::ControlPlaneReady, Reason::IstioReady, "the Sail operator reports Istio ready")
+        }
+        Some(Err(f)) => Cond::failed(ConditionType::ControlPlaneReady, f.reason, f.message.clone()),
+        None => Cond::failed(ConditionType::ControlPlaneReady, Reason::Unreachable, "the member did not answer"),
+    };
+    let areas = [trust, access, gateway, control];
+    let ready = match (&m.failure, m.leaving, first_failure(&areas)) {
+        (Some(f), true, _) => {
+            Cond::failed(ConditionType::Ready, Reason::CleanupPending, format!("cleanup waits: {}", f.message))
+        }
+        (Some(f), false, _) => Cond::failed(ConditionType::Ready, f.reason, f.message.clone()),
+        (None, false, Some(area)) => Cond::failed(ConditionType::Ready, area.reason, area.message.clone()),
+        (None, _, _) => Cond::ok(ConditionType::Ready, Reason::Converged, "holds what the spec asks"),
     };
     let mut conds = vec![reachable, ready];
     if !m.leaving {
-        conds.push(trust);
-        conds.push(access);
+        conds.extend(areas);
     }
     let prev_conditions = previous.map(|p| p.conditions.as_slice()).unwrap_or_default();
     let reached = m.version.is_some();
@@ -502,6 +568,16 @@ fn member_status(
         intermediate_not_after: match &m.intermediate {
             Some(Ok(i)) => Some(i.not_after_rfc3339()),
             _ => previous.and_then(|p| p.intermediate_not_after.clone()),
+        },
+        gateway_address: match &m.gateway {
+            Some(Ok(a)) => Some(a.addresses.join(",")),
+            Some(Err(_)) => None,
+            None => previous.and_then(|p| p.gateway_address.clone()),
+        },
+        gateway_port: match &m.gateway {
+            Some(Ok(a)) => Some(a.port),
+            Some(Err(_)) => None,
+            None => previous.and_then(|p| p.gateway_port),
         },
         reader_token_expires_at: m
             .token_expires_at

@@ -129,12 +129,22 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
     }
 
     let topology = Topology::of(spec);
-    if topology.multi_network {
-        for c in spec.clusters.iter().filter(|c| c.east_west_gateway.expose == ExposeMode::ClusterIP) {
+    for c in spec.clusters.iter().filter(|c| c.east_west_gateway.address.is_none()) {
+        let expose = c.east_west_gateway.expose;
+        if topology.multi_network && expose == ExposeMode::ClusterIP {
             problem(
                 Reason::ExposeModeUnsupported,
                 format!(
-                    "cluster {:?} exposes its east-west gateway as ClusterIP, which other networks cannot reach; use LoadBalancer, NodePort or HostNetwork",
+                    "cluster {:?} exposes its east-west gateway as ClusterIP, which other networks cannot reach; use LoadBalancer, NodePort or HostNetwork, or give the address of a proxy in front of it",
+                    c.name
+                ),
+            );
+        }
+        if expose == ExposeMode::NodePort && crate::gateway::serves_remotes(spec, c) {
+            problem(
+                Reason::ExposeModeUnsupported,
+                format!(
+                    "cluster {:?} serves Remotes, which reach its istiod at ports 15012 and 15017 of its gateway address; a NodePort gateway answers on node ports only: use LoadBalancer or HostNetwork, or give the address of a proxy that forwards those ports",
                     c.name
                 ),
             );
@@ -279,6 +289,22 @@ mod tests {
         );
         assert_eq!(reasons(&spec(&format!("{EAST}\n{west}"))), ["ExposeModeUnsupported"]);
         assert!(validate(&spec(&format!("{EAST}\n{}", west.replace("n2", "n1")))).is_ok());
+        let proxied = west.replace(r#""expose": "ClusterIP""#, r#""expose": "ClusterIP", "address": "proxy.example""#);
+        assert!(validate(&spec(&format!("{EAST}\n{proxied}"))).is_ok());
+    }
+
+    #[test]
+    fn a_primary_that_serves_remotes_cannot_be_exposed_on_node_ports() {
+        let east = EAST
+            .replace(r#""kubeconfigSecretRef""#, r#""eastWestGateway": {"expose": "NodePort"}, "kubeconfigSecretRef""#);
+        let remote = r#"- {"name": "r", "network": "n1", "role": "Remote", "controlPlane": "east", "kubeconfigSecretRef": {"name": "r"}}"#;
+        let problems = validate(&spec(&format!("{east}\n{remote}"))).unwrap_err();
+        assert_eq!(problems[0].reason, Reason::ExposeModeUnsupported);
+        assert!(problems[0].message.contains("15012"), "{}", problems[0].message);
+        // Without Remotes, or behind a proxy that forwards 15012 and 15017, NodePort is fine.
+        assert!(validate(&spec(&east)).is_ok());
+        let proxied = east.replace(r#""expose": "NodePort""#, r#""expose": "NodePort", "address": "proxy.example""#);
+        assert!(validate(&spec(&format!("{proxied}\n{remote}"))).is_ok());
     }
 
     #[test]

@@ -4,10 +4,10 @@
 //! federation and cluster that the plan does not want; cleanup is the prune of an empty plan).
 
 use meshfed_core::conditions::Reason;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::future::try_join_all;
-use k8s_openapi::api::core::v1::ConfigMap;
+use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams},
@@ -32,10 +32,14 @@ pub struct Writer<'a> {
 /// by name whatever their labels (the Istio namespace and `cacerts`, which may predate meshfed, and the claim).
 pub type Holdings = BTreeMap<ObjectKey, Value>;
 
-/// A member that answered this reconcile: its client and what it holds of the federation.
+/// A member that answered this reconcile: its client, what it holds of the federation, the kinds of the table its
+/// API does not serve (CRDs not installed), and the nodes its gateway may run on (read where the gateway's address
+/// is a node's).
 pub struct Reached {
     pub member: Member,
     pub held: Holdings,
+    pub unserved: BTreeSet<OwnedKind>,
+    pub nodes: Vec<Node>,
 }
 
 /// The API resource of an owned kind.
@@ -74,22 +78,22 @@ fn key_of(kind: &OwnedKind, obj: &DynamicObject) -> ObjectKey {
 }
 
 /// Reads what the member holds of `fref` for `cluster`: every owned kind listed by label, and `by_name` read whatever
-/// their labels.
+/// their labels; and which kinds the member does not serve (a CRD that is not installed lists as not found).
 pub async fn observe(
     client: &Client,
     fref: &FederationRef,
     cluster: &str,
     by_name: &[ObjectKey],
-) -> Result<Holdings, Failure> {
+) -> Result<(Holdings, BTreeSet<OwnedKind>), Failure> {
     let lp = ListParams::default().labels(&fref.selector(cluster));
     let lists = OWNED_KINDS.iter().map(|kind| {
         let lp = &lp;
         async move {
-            let found = Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind))
-                .list(lp)
-                .await
-                .map_err(|e| read_failure(&format!("listing {}s", kind.kind), e))?;
-            Ok::<_, Failure>(found.items.into_iter().map(|o| (key_of(kind, &o), as_json(kind, &o))).collect::<Vec<_>>())
+            match Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind)).list(lp).await {
+                Ok(found) => Ok(Ok(found.items.into_iter().map(|o| (key_of(kind, &o), as_json(kind, &o))).collect())),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(Err(*kind)),
+                Err(e) => Err(read_failure(&format!("listing {}s", kind.kind), e)),
+            }
         }
     });
     let reads = by_name.iter().map(|key| async move {
@@ -98,7 +102,19 @@ pub async fn observe(
         Ok::<_, Failure>(found.map(|o| (key.clone(), as_json(&key.kind, &o))))
     });
     let (lists, reads) = futures::try_join!(try_join_all(lists), try_join_all(reads))?;
-    Ok(lists.into_iter().flatten().chain(reads.into_iter().flatten()).collect())
+    let (lists, unserved): (Vec<Result<Vec<_>, _>>, Vec<_>) = lists.into_iter().partition(Result::is_ok);
+    let held = lists.into_iter().flatten().flatten().chain(reads.into_iter().flatten()).collect();
+    Ok((held, unserved.into_iter().filter_map(Result::err).collect()))
+}
+
+/// The member's schedulable nodes that match `selector` (all nodes without one).
+pub async fn nodes(client: &Client, selector: Option<&BTreeMap<String, String>>) -> Result<Vec<Node>, Failure> {
+    let labels = selector.into_iter().flatten().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let found = Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels(&labels))
+        .await
+        .map_err(|e| read_failure("listing the nodes the gateway may run on", e))?;
+    Ok(found.items)
 }
 
 /// Takes the claim on the member's Istio namespace for `cluster` of `fref`, unless it is taken: creates it (of two

@@ -17,7 +17,7 @@ use futures::{StreamExt, future::join_all};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::{
     ByteString,
-    api::core::v1::{Namespace, ObjectReference, Secret},
+    api::core::v1::{Namespace, ObjectReference, Secret, Service},
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -30,9 +30,10 @@ use kube::{
         watcher,
     },
 };
-use meshfed_api::{MeshFederation, MeshFederationSpec, SecretKeyRef, TrustStatus};
+use meshfed_api::{ExposeMode, MeshFederation, MeshFederationSpec, SecretKeyRef, TrustStatus};
 use meshfed_core::{
-    member::{self, MemberFacts, MemberPlan},
+    gateway::{self, GatewayAddress},
+    member::{self, MemberFacts, MemberPlan, ObjectKey},
     pki::{self, CertSummary, Root},
     plan::{self, FIELD_MANAGER, Failure, FederationRef, MemberReport, RELEASE_ANNOTATION},
     remote,
@@ -231,7 +232,8 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             for r in &mut reports {
                 r.intermediate = cacerts.get(&r.name).map(|c| c.as_ref().map(|(_, s)| s.clone()).map_err(Clone::clone));
             }
-            let first = apply_wave(ctx, &fref, spec, &mut reached, &cacerts, None).await;
+            let gateways = gateway_states(spec, &reached);
+            let first = apply_wave(ctx, &fref, spec, &mut reached, &cacerts, &gateways, None).await;
             let (base, max) = (ctx.settings.retry_after, ctx.settings.member_backoff_max);
             for name in record_failures(&mut reports, first) {
                 // No token step and no second wave for it: its failure goes into the backoff now.
@@ -242,7 +244,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             }
             let (ttl, timeout) = (valid.durations.token_ttl, ctx.settings.member_timeout);
             let tokens = remote_access::tokens(&ctx.metrics, spec, &reached, ttl, now, timeout).await;
-            let second = apply_wave(ctx, &fref, spec, &mut reached, &cacerts, Some(&tokens)).await;
+            let second = apply_wave(ctx, &fref, spec, &mut reached, &cacerts, &gateways, Some(&tokens)).await;
             record_failures(&mut reports, second);
             for r in &mut reports {
                 match tokens.get(&r.name) {
@@ -308,6 +310,28 @@ fn refuse_duplicates(reports: &mut [MemberReport], reached: Vec<Option<Reached>>
     out
 }
 
+/// The gateway of every reached member that needs one: where other members dial it, from the gateway Service and
+/// the nodes it observed, or why it cannot be dialled yet.
+fn gateway_states(
+    spec: &MeshFederationSpec,
+    reached: &BTreeMap<String, Reached>,
+) -> BTreeMap<String, Result<GatewayAddress, Failure>> {
+    let key = ObjectKey {
+        kind: member::SERVICE,
+        namespace: Some(spec.istio.namespace.clone()),
+        name: gateway::GATEWAY_NAME.into(),
+    };
+    spec.clusters
+        .iter()
+        .filter(|c| gateway::needs_gateway(spec, c))
+        .filter_map(|c| {
+            let r = reached.get(&c.name)?;
+            let service = apply::typed::<Service>(&r.held, &key);
+            Some((c.name.clone(), gateway::gateway_address(c, service.as_ref(), &r.nodes)))
+        })
+        .collect()
+}
+
 /// Each member's `cacerts` data and intermediate (or why it has none), as the trust plan asks: kept, with new trusted
 /// roots, or issued afresh; and the trust status.
 fn plan_cacerts(
@@ -362,8 +386,9 @@ async fn apply_wave(
     spec: &MeshFederationSpec,
     reached: &mut BTreeMap<String, Reached>,
     cacerts: &PlannedCacerts,
+    gateways: &BTreeMap<String, Result<GatewayAddress, Failure>>,
     tokens: Option<&BTreeMap<String, Result<remote_access::Token, Failure>>>,
-) -> Vec<(String, Result<(), Failure>)> {
+) -> Vec<WaveResult> {
     let placement = remote::remote_secret_placement(spec);
     let work = reached.iter_mut().map(|(name, r)| {
         let cluster = spec.clusters.iter().find(|c| c.name == *name).expect("a member of the spec");
@@ -380,6 +405,9 @@ async fn apply_wave(
             namespace: namespace.as_ref(),
             cacerts: cacerts.get(name).and_then(|c| c.as_ref().ok()).map(|(data, _)| data.clone()),
             remote_secrets,
+            gateways: gateways.clone(),
+            unserved: r.unserved.clone(),
+            istio: r.held.get(&member::istio_key()),
         };
         let plan = member::member_plan(fref, &ctx.hub_id, spec, cluster, facts);
         async move {
@@ -391,17 +419,34 @@ async fn apply_wave(
                 }
                 Ok(())
             };
-            (name.clone(), within(ctx.settings.member_timeout, work).await)
+            let result = within(ctx.settings.member_timeout, work).await;
+            WaveResult {
+                name: name.clone(),
+                result,
+                gateway: plan.gateway.clone(),
+                control_plane: plan.control_plane.clone(),
+            }
         }
     });
     join_all(work).await
 }
 
-/// Puts each failure into its member's report; returns the members that failed.
-fn record_failures(reports: &mut [MemberReport], results: Vec<(String, Result<(), Failure>)>) -> Vec<String> {
+/// What one wave did with one member, and the state of its gateway and control plane that its plan saw.
+struct WaveResult {
+    name: String,
+    result: Result<(), Failure>,
+    gateway: Option<Result<GatewayAddress, Failure>>,
+    control_plane: Option<Failure>,
+}
+
+/// Puts each wave's outcome into its member's report; returns the members that failed.
+fn record_failures(reports: &mut [MemberReport], results: Vec<WaveResult>) -> Vec<String> {
     let mut failed = Vec::new();
-    for (name, result) in results {
-        if let (Err(f), Some(r)) = (result, reports.iter_mut().find(|r| r.name == name)) {
+    for WaveResult { name, result, gateway, control_plane } in results {
+        let Some(r) = reports.iter_mut().find(|r| r.name == name) else { continue };
+        r.gateway = gateway;
+        r.control_plane = Some(control_plane.map_or(Ok(()), Err));
+        if let Err(f) = result {
             warn!(cluster = %name, reason = %f.reason, "{}", f.message);
             r.failure = Some(f);
             failed.push(name);
@@ -489,7 +534,7 @@ async fn observe_member(
         report.identity = identity.metadata.uid;
         let ns = &spec.istio.namespace;
         let by_name = [member::claim_key(ns), member::namespace_key(ns), member::cacerts_key(ns)];
-        let mut held = apply::observe(&member.client, fref, name, &by_name).await?;
+        let (mut held, unserved) = apply::observe(&member.client, fref, name, &by_name).await?;
         let observed_ns = held.get(&member::namespace_key(ns));
         if take_claim && observed_ns.is_some_and(|n| !n["metadata"]["deletionTimestamp"].is_null()) {
             return Err(Failure::new(
@@ -501,11 +546,19 @@ async fn observe_member(
             let w = Writer { cluster: name, metrics: &ctx.metrics, client: &member.client };
             apply::claim(&w, fref, &ctx.hub_id, spec, &mut held).await?;
         }
-        Ok(held)
+        // A gateway exposed on its nodes is dialled at their addresses.
+        let cluster = spec.clusters.iter().find(|c| c.name == name);
+        let gw = cluster.filter(|c| take_claim && gateway::needs_gateway(spec, c)).map(|c| &c.east_west_gateway);
+        let nodes = match gw {
+            Some(gw) if gw.address.is_none() && matches!(gw.expose, ExposeMode::NodePort | ExposeMode::HostNetwork) => {
+                apply::nodes(&member.client, gw.node_selector.as_ref()).await?
+            }
+            _ => Vec::new(),
+        };
+        Ok((held, unserved, nodes))
     };
-    let held = within(timeout, run).await;
-    match held {
-        Ok(held) => (report, Some(Reached { member, held })),
+    match within(timeout, run).await {
+        Ok((held, unserved, nodes)) => (report, Some(Reached { member, held, unserved, nodes })),
         Err(f) => {
             warn!(cluster = %name, reason = %f.reason, "{}", f.message);
             ctx.backoff.record(&key, &member, Some(&f), ctx.settings.retry_after, ctx.settings.member_backoff_max);
@@ -521,7 +574,7 @@ async fn observe_member(
 async fn cleanup_member(ctx: &Context, fed: &MeshFederation, name: String, secret: SecretKeyRef) -> MemberReport {
     let fref = federation_ref(fed);
     let (mut report, reached) = observe_member(ctx, &fref, &fed.spec, &name, &secret, false).await;
-    if let Some(Reached { member, held }) = reached {
+    if let Some(Reached { member, held, .. }) = reached {
         let w = Writer { cluster: &name, metrics: &ctx.metrics, client: &member.client };
         match within(ctx.settings.member_timeout, apply::prune(&w, &fref, &MemberPlan::default(), &held)).await {
             Ok(()) => info!(cluster = %name, "member cleaned up"),

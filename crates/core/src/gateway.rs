@@ -1,0 +1,347 @@
+//! East-west gateways: where a cluster needs one, the objects that make it (ISTIO-FACTS.md sections 5 and 6), how it
+//! is exposed, and the address other members dial, read from what the member shows (section 10).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::{
+    api::{
+        apps::v1::Deployment,
+        core::v1::{Node, Service, ServiceAccount},
+        policy::v1::PodDisruptionBudget,
+        rbac::v1::{Role, RoleBinding},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+};
+use meshfed_api::{ClusterRole, ClusterSpec, ExposeMode, MeshFederationSpec};
+use serde_json::{Value, json};
+
+use crate::{
+    conditions::Reason,
+    plan::{Failure, FederationRef, NETWORK_LABEL},
+    topology::Topology,
+};
+
+/// The name of the gateway's Deployment, Service, PodDisruptionBudget and the `app` label.
+pub const GATEWAY_NAME: &str = "istio-eastwestgateway";
+/// The gateway's ServiceAccount.
+pub const GATEWAY_SERVICE_ACCOUNT: &str = "istio-eastwestgateway-service-account";
+/// The gateway's Role and RoleBinding (it reads its certificates' Secrets).
+pub const GATEWAY_SDS: &str = "istio-eastwestgateway-sds";
+/// The port other networks' sidecars dial (mTLS with SNI, `AUTO_PASSTHROUGH`).
+pub const CROSS_NETWORK_PORT: i32 = 15443;
+/// On a NodePort gateway Service: which nodes' addresses istiod uses (a JSON label selector).
+pub const NODE_SELECTOR_ANNOTATION: &str = "traffic.istio.io/nodeSelector";
+/// The Istio Gateway that exposes the cluster's services to other networks.
+pub const CROSS_NETWORK_GATEWAY: &str = "cross-network-gateway";
+/// The Istio Gateway and VirtualService that expose istiod to Remotes.
+pub const ISTIOD_GATEWAY: &str = "istiod-gateway";
+pub const ISTIOD_VIRTUAL_SERVICE: &str = "istiod-vs";
+
+/// Whether `cluster` serves Remotes: some Remote names it as its control plane.
+pub fn serves_remotes(spec: &MeshFederationSpec, cluster: &ClusterSpec) -> bool {
+    cluster.role == ClusterRole::Primary
+        && spec.clusters.iter().any(|c| c.control_plane.as_deref() == Some(cluster.name.as_str()))
+}
+
+/// Whether `cluster` runs an east-west gateway: every cluster of a multi-network federation (other networks reach its
+/// pods through it), and a Primary that serves Remotes (they reach its istiod through it).
+pub fn needs_gateway(spec: &MeshFederationSpec, cluster: &ClusterSpec) -> bool {
+    Topology::of(spec).multi_network || serves_remotes(spec, cluster)
+}
+
+/// Whether istiod learns the gateway's address from the gateway Service itself (its load balancer status, or the
+/// node selector annotation of a NodePort), or only from `meshNetworks`: a fixed address or a host-network gateway.
+fn discovered_from_service(cluster: &ClusterSpec) -> bool {
+    let gw = &cluster.east_west_gateway;
+    gw.address.is_none() && matches!(gw.expose, ExposeMode::LoadBalancer | ExposeMode::NodePort)
+}
+
+/// The labels of the gateway's pods and of the selector of its Service, Deployment and PodDisruptionBudget.
+fn selector() -> BTreeMap<String, String> {
+    BTreeMap::from([("app".into(), GATEWAY_NAME.into()), ("istio".into(), "eastwestgateway".into())])
+}
+
+fn meta(fref: &FederationRef, spec: &MeshFederationSpec, cluster: &ClusterSpec, name: &str) -> ObjectMeta {
+    let mut labels = fref.owned_labels(&cluster.name);
+    labels.extend(selector());
+    labels.insert(NETWORK_LABEL.into(), cluster.network.clone());
+    ObjectMeta {
+        name: Some(name.into()),
+        namespace: Some(spec.istio.namespace.clone()),
+        labels: Some(labels),
+        ..Default::default()
+    }
+}
+
+/// A typed object from its JSON form, written here and known to fit the type.
+fn from<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("a well-formed object")
+}
+
+/// The built-in objects of `cluster`'s east-west gateway, in the Istio namespace, when it needs one.
+pub struct GatewayObjects {
+    pub service_account: ServiceAccount,
+    pub role: Role,
+    pub role_binding: RoleBinding,
+    pub service: Service,
+    pub deployment: Deployment,
+    pub disruption_budget: PodDisruptionBudget,
+}
+
+/// The gateway's objects, exposed as `cluster.eastWestGateway` says.
+pub fn gateway_objects(fref: &FederationRef, spec: &MeshFederationSpec, cluster: &ClusterSpec) -> GatewayObjects {
+    let gw = &cluster.east_west_gateway;
+    let meta = |name: &str| meta(fref, spec, cluster, name);
+    let mut service_meta = meta(GATEWAY_NAME);
+    if !discovered_from_service(cluster) {
+        // istiod would take a labelled Service for the network's gateway; this one's address comes from meshNetworks.
+        service_meta.labels.as_mut().map(|l| l.remove(NETWORK_LABEL));
+    }
+    if gw.expose == ExposeMode::NodePort && gw.address.is_none() {
+        let nodes = serde_json::to_string(&gw.node_selector.clone().unwrap_or_default()).expect("labels serialize");
+        service_meta.annotations = Some(BTreeMap::from([(NODE_SELECTOR_ANNOTATION.into(), nodes)]));
+    }
+    let service_type = match gw.expose {
+        ExposeMode::LoadBalancer => "LoadBalancer",
+        ExposeMode::NodePort => "NodePort",
+        ExposeMode::HostNetwork | ExposeMode::ClusterIP => "ClusterIP",
+    };
+    let ports = [("status-port", 15021), ("tls", CROSS_NETWORK_PORT), ("tls-istiod", 15012), ("tls-webhook", 15017)];
+    let service_ports: Vec<Value> = ports
+        .iter()
+        .map(|(name, port)| json!({"name": name, "port": port, "targetPort": port, "protocol": "TCP"}))
+        .collect();
+    let mut pod_labels = selector();
+    pod_labels.insert(NETWORK_LABEL.into(), cluster.network.clone());
+    pod_labels.insert("sidecar.istio.io/inject".into(), "true".into());
+    let host_network = gw.expose == ExposeMode::HostNetwork;
+    let container_ports: Vec<Value> = ports
+        .iter()
+        .chain(&[("http-envoy-prom", 15090)])
+        .map(|(name, port)| json!({"name": name, "containerPort": port, "protocol": "TCP"}))
+        .collect();
+    let mut pod_spec = json!({
+        "serviceAccountName": GATEWAY_SERVICE_ACCOUNT,
+        "containers": [{
+            "name": "istio-proxy",
+            "image": "auto",
+            "env": [
+                {"name": "ISTIO_META_REQUESTED_NETWORK_VIEW", "value": cluster.network},
+                {"name": "ISTIO_META_UNPRIVILEGED_POD", "value": "true"},
+            ],
+            "ports": container_ports,
+        }],
+    });
+    if host_network {
+        // Without ClusterFirstWithHostNet the pod resolves names with the node's DNS and cannot reach istiod.
+        pod_spec["hostNetwork"] = true.into();
+        pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet".into();
+        pod_spec["nodeSelector"] = json!(gw.node_selector.clone().unwrap_or_default());
+    }
+    GatewayObjects {
+        service_account: ServiceAccount { metadata: meta(GATEWAY_SERVICE_ACCOUNT), ..Default::default() },
+        role: from(json!({
+            "metadata": meta(GATEWAY_SDS),
+            "rules": [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "watch", "list"]}],
+        })),
+        role_binding: from(json!({
+            "metadata": meta(GATEWAY_SDS),
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": GATEWAY_SDS},
+            "subjects": [{"kind": "ServiceAccount", "name": GATEWAY_SERVICE_ACCOUNT, "namespace": spec.istio.namespace}],
+        })),
+        service: from(json!({
+            "metadata": service_meta,
+            "spec": {"type": service_type, "selector": selector(), "ports": service_ports},
+        })),
+        deployment: from(json!({
+            "metadata": meta(GATEWAY_NAME),
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": selector()},
+                "template": {
+                    "metadata": {
+                        "labels": pod_labels,
+                        "annotations": {"inject.istio.io/templates": "gateway", "sidecar.istio.io/inject": "true"},
+                    },
+                    "spec": pod_spec,
+                },
+            },
+        })),
+        disruption_budget: from(json!({
+            "metadata": meta(GATEWAY_NAME),
+            "spec": {"minAvailable": 1, "selector": {"matchLabels": selector()}},
+        })),
+    }
+}
+
+/// An Istio `networking.istio.io/v1` Gateway or VirtualService of the gateway (section 6), as JSON.
+pub fn istio_gateway_configs(
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    cluster: &ClusterSpec,
+) -> Vec<(&'static str, Value)> {
+    let ns = &spec.istio.namespace;
+    let meta = |name: &str| serde_json::to_value(meta(fref, spec, cluster, name)).expect("metadata serializes");
+    let selector = json!({"istio": "eastwestgateway"});
+    let mut out = Vec::new();
+    if Topology::of(spec).multi_network {
+        out.push((
+            "Gateway",
+            json!({
+                "metadata": meta(CROSS_NETWORK_GATEWAY),
+                "spec": {
+                    "selector": selector,
+                    "servers": [{
+                        "port": {"number": CROSS_NETWORK_PORT, "name": "tls", "protocol": "TLS"},
+                        "tls": {"mode": "AUTO_PASSTHROUGH"},
+                        "hosts": ["*.local"],
+                    }],
+                },
+            }),
+        ));
+    }
+    if serves_remotes(spec, cluster) {
+        let server = |number: i32, name: &str| json!({"port": {"number": number, "name": name, "protocol": "tls"}, "tls": {"mode": "PASSTHROUGH"}, "hosts": ["*"]});
+        out.push(("Gateway", json!({
+            "metadata": meta(ISTIOD_GATEWAY),
+            "spec": {"selector": selector, "servers": [server(15012, "tls-istiod"), server(15017, "tls-istiodwebhook")]},
+        })));
+        let istiod = format!("istiod.{ns}.svc.cluster.local");
+        let route = |port: i32, to: i32| json!({"match": [{"port": port, "sniHosts": ["*"]}], "route": [{"destination": {"host": istiod, "port": {"number": to}}}]});
+        out.push((
+            "VirtualService",
+            json!({
+                "metadata": meta(ISTIOD_VIRTUAL_SERVICE),
+                "spec": {"hosts": ["*"], "gateways": [ISTIOD_GATEWAY], "tls": [route(15012, 15012), route(15017, 443)]},
+            }),
+        ));
+    }
+    out
+}
+
+/// Where other members dial a cluster's gateway.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GatewayAddress {
+    /// The addresses (IPs or host names) of the gateway, first the one a Remote's `remotePilotAddress` takes.
+    pub addresses: Vec<String>,
+    /// The port other networks' sidecars dial (15443, or the node port of a NodePort gateway).
+    pub port: i32,
+}
+
+impl std::fmt::Display for GatewayAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.addresses.join(","), self.port)
+    }
+}
+
+/// The address of `cluster`'s gateway as its member shows it: from a fixed `address`, the gateway Service's load
+/// balancer, its cluster IP, or the addresses of the nodes it may run on; or why there is none yet. `service` is the
+/// gateway Service as the member holds it; `nodes` the member's nodes that match the gateway's node selector (read
+/// only for NodePort and HostNetwork).
+pub fn gateway_address(
+    cluster: &ClusterSpec,
+    service: Option<&Service>,
+    nodes: &[Node],
+) -> Result<GatewayAddress, Failure> {
+    let gw = &cluster.east_west_gateway;
+    let port_of = |service: &Service| {
+        service.spec.as_ref()?.ports.as_ref()?.iter().find(|p| p.port == CROSS_NETWORK_PORT)?.node_port
+    };
+    let fixed = |addresses: Vec<String>, port| Ok(GatewayAddress { addresses, port });
+    if let Some(address) = &gw.address {
+        // A front proxy forwards the gateway's own ports; with NodePort it forwards to the node ports.
+        let port = match gw.expose {
+            ExposeMode::NodePort => service.and_then(port_of),
+            _ => Some(CROSS_NETWORK_PORT),
+        };
+        return match port {
+            Some(port) => fixed(vec![address.clone()], port),
+            None => Err(Failure::new(Reason::AwaitingGatewayService, "the gateway Service has no node port yet")),
+        };
+    }
+    let node_addresses = |types: &[&str]| -> Vec<String> {
+        let mut out: Vec<String> = nodes
+            .iter()
+            .filter(|n| !n.spec.as_ref().and_then(|s| s.unschedulable).unwrap_or(false))
+            .filter_map(|n| {
+                let addresses = n.status.as_ref()?.addresses.as_ref()?;
+                types.iter().find_map(|t| addresses.iter().find(|a| a.type_ == *t).map(|a| a.address.clone()))
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    };
+    let selector = || {
+        gw.node_selector.as_ref().map_or("any node".into(), |s| {
+            format!("nodes labelled {}", s.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(","))
+        })
+    };
+    match gw.expose {
+        ExposeMode::LoadBalancer => {
+            let ingress = service.and_then(|s| s.status.as_ref()?.load_balancer.as_ref()?.ingress.clone());
+            let addresses: Vec<String> =
+                ingress.unwrap_or_default().into_iter().filter_map(|i| i.ip.or(i.hostname)).collect();
+            if addresses.is_empty() {
+                return Err(Failure::new(
+                    Reason::AwaitingLoadBalancer,
+                    format!(
+                        "Service {GATEWAY_NAME} has no load balancer address yet; a cluster without a load balancer can expose the gateway as NodePort or HostNetwork, or give a fixed address"
+                    ),
+                ));
+            }
+            fixed(addresses, CROSS_NETWORK_PORT)
+        }
+        ExposeMode::ClusterIP => match service.and_then(|s| s.spec.as_ref()?.cluster_ip.clone()) {
+            Some(ip) if ip != "None" => fixed(vec![ip], CROSS_NETWORK_PORT),
+            _ => Err(Failure::new(Reason::AwaitingGatewayService, "the gateway Service has no cluster IP yet")),
+        },
+        ExposeMode::NodePort => {
+            // istiod takes only nodes' ExternalIP addresses for a NodePort gateway.
+            let addresses = node_addresses(&["ExternalIP"]);
+            let Some(port) = service.and_then(port_of) else {
+                return Err(Failure::new(Reason::AwaitingGatewayService, "the gateway Service has no node port yet"));
+            };
+            if addresses.is_empty() {
+                return Err(Failure::new(
+                    Reason::NoNodeAddresses,
+                    format!(
+                        "no schedulable node among {} has an ExternalIP address, which istiod needs for a NodePort gateway",
+                        selector()
+                    ),
+                ));
+            }
+            fixed(addresses, port)
+        }
+        ExposeMode::HostNetwork => {
+            let addresses = node_addresses(&["ExternalIP", "InternalIP"]);
+            if addresses.is_empty() {
+                return Err(Failure::new(
+                    Reason::NoSchedulableNodes,
+                    format!("no schedulable node among {} has an address for the host-network gateway", selector()),
+                ));
+            }
+            fixed(addresses, CROSS_NETWORK_PORT)
+        }
+    }
+}
+
+/// The `meshNetworks` every Primary's istiod needs for the networks whose gateway it cannot find by itself (a fixed
+/// address or a host-network gateway): per such network, its clusters' registries and gateway addresses. `None`
+/// when istiod finds every gateway on its own (ISTIO-FACTS.md section 10).
+pub fn mesh_networks(spec: &MeshFederationSpec, gateways: &BTreeMap<String, GatewayAddress>) -> Option<Value> {
+    if !Topology::of(spec).multi_network {
+        return None;
+    }
+    let mut networks = serde_json::Map::new();
+    for c in spec.clusters.iter().filter(|c| !discovered_from_service(c)) {
+        let Some(gw) = gateways.get(&c.name) else { continue };
+        let endpoints: Vec<Value> =
+            spec.clusters.iter().filter(|o| o.network == c.network).map(|o| json!({"fromRegistry": o.name})).collect();
+        let entry =
+            networks.entry(c.network.clone()).or_insert_with(|| json!({"endpoints": endpoints, "gateways": []}));
+        let list = entry["gateways"].as_array_mut().expect("gateways is a list");
+        list.extend(gw.addresses.iter().map(|a| json!({"address": a, "port": gw.port})));
+    }
+    (!networks.is_empty()).then(|| Value::Object(networks))
+}
