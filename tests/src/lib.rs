@@ -8,6 +8,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
+use futures::future::try_join_all;
 use k8s_openapi::{
     ByteString,
     api::core::v1::{Namespace, Secret},
@@ -23,7 +24,7 @@ use meshfed_operator::{
     controller::{self, Clock, Settings},
     metrics::Metrics,
 };
-use meshfed_testenv::{Env, Options};
+use meshfed_testenv::{Env, Options, Stage};
 use serde::Deserialize;
 use tokio::task::JoinHandle;
 
@@ -43,6 +44,8 @@ pub struct Fixture {
     /// The running controller's clock, to advance.
     pub clock: Clock,
     operator: Option<JoinHandle<()>>,
+    /// The cloud and the Sail operator, played in every member.
+    _stages: Vec<Stage>,
 }
 
 impl Fixture {
@@ -76,15 +79,18 @@ impl Fixture {
     pub async fn clusters(members: &[&str], options: Options) -> Result<Self> {
         let names: Vec<&str> = std::iter::once(HUB).chain(members.iter().copied()).collect();
         let env = Env::start(&names, options).await?;
+        try_join_all(members.iter().map(|m| env.cluster(m).install_mesh_crds())).await?;
         let hub_cluster = env.cluster(HUB);
         hub_cluster.install_crds(&meshfed_api::crd_yaml()).await?;
         let hub = hub_cluster.client().await?;
         let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
         Api::<Namespace>::all(hub.clone()).create(&PostParams::default(), &ns).await?;
-        for m in members {
+        let mut stages = Vec::new();
+        for (i, m) in members.iter().enumerate() {
             put_kubeconfig(&hub, m, env.cluster(m).kubeconfig()).await?;
+            stages.push(env.cluster(m).play_cloud_and_sail(&load_balancer_ip(i)).await?);
         }
-        Ok(Self { env, hub, metrics: Metrics::default(), clock: Clock::default(), operator: None })
+        Ok(Self { env, hub, metrics: Metrics::default(), clock: Clock::default(), operator: None, _stages: stages })
     }
 
     /// The federations of [`NAMESPACE`].
@@ -290,6 +296,11 @@ impl Drop for Fixture {
             op.abort();
         }
     }
+}
+
+/// The load balancer address the played cloud gives the `i`th member's LoadBalancer Services.
+pub fn load_balancer_ip(i: usize) -> String {
+    format!("203.0.113.{}", 10 + i)
 }
 
 /// Writes (or replaces) the kubeconfig Secret `<member>-kubeconfig` in the hub.

@@ -60,6 +60,7 @@ names! {
     pub enum Reason {
         // True
         Converged,
+        ObjectsInPlace,
         Valid,
         AllReachable,
         Reachable,

@@ -347,7 +347,7 @@ pub fn federation_status(
     } else {
         conds.push(Cond::ok(
             ConditionType::MembersConverged,
-            Reason::Converged,
+            Reason::ObjectsInPlace,
             "every reachable member holds what the spec asks",
         ));
     }

@@ -36,7 +36,9 @@ use rcgen::{
 use serde::Deserialize;
 
 mod istiod;
+mod stage;
 pub use istiod::{ISTIO_VERSION, Istiod, istio_binaries};
+pub use stage::{SAIL_COMMIT, SAIL_VERSION, Stage, add_node, sail_crds};
 
 /// The Kubernetes version the binaries are built at (`hack/k8s-binaries.sh` builds this one by default).
 pub const K8S_VERSION: &str = "v1.34.2";

@@ -1,0 +1,183 @@
+//! What a real member cluster has around meshfed's objects and a bare API server lacks, played for tests and the
+//! demo: the Istio and Sail operator CRDs, a cloud that gives LoadBalancer Services an address, nodes with
+//! addresses, and a Sail operator that reports every `Istio` resource ready. Only status and nodes are played: every
+//! object meshfed writes is validated by the real API server against the real CRD schemas.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::OnceLock,
+};
+
+use anyhow::{Context, Result};
+use futures::{StreamExt, stream::select};
+use k8s_openapi::api::core::v1::{Node, Service};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::json;
+use tokio::task::JoinHandle;
+
+use crate::{Cluster, istio_crds};
+
+/// The Sail operator release whose CRDs are installed (`github.com/istio-ecosystem/sail-operator`).
+pub const SAIL_VERSION: &str = "1.30.3";
+/// Its commit, as the Go module proxy names it where it serves the module.
+pub const SAIL_COMMIT: &str = "4241170416706137c6263939099a4f4aaefc76d1";
+
+/// The Sail operator's CRDs as one YAML stream, from the first place that has them: the directory named by
+/// `MESHFED_SAIL_CRDS`; the Sail Go module at [`SAIL_COMMIT`] through the Go module proxy (`chart/crds`); the
+/// project's sibling `../shared/sail-operator-<version>/crds`.
+pub fn sail_crds() -> Result<String> {
+    static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let dir = DIR.get_or_init(|| sail_crds_dir().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)?;
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let mut out = String::new();
+    for f in files {
+        out.push_str("---\n");
+        out.push_str(&std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?);
+    }
+    Ok(out)
+}
+
+fn sail_crds_dir() -> Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("MESHFED_SAIL_CRDS") {
+        return Ok(dir.into());
+    }
+    let module = format!("github.com/istio-ecosystem/sail-operator@{SAIL_COMMIT}");
+    let out = std::process::Command::new("go")
+        .args(["mod", "download", "-json", &module])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .context("running `go mod download` (is Go installed?)")?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    if let Some(dir) = info["Dir"].as_str() {
+        return Ok(Path::new(dir).join("chart/crds"));
+    }
+    let shared =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../../shared/sail-operator-{SAIL_VERSION}/crds"));
+    shared.canonicalize().with_context(|| {
+        format!(
+            "the Sail operator CRDs: {module} is not served by the Go module proxy ({}), and {} does not exist; set MESHFED_SAIL_CRDS to a directory holding them",
+            info["Error"].as_str().unwrap_or("no answer"),
+            shared.display()
+        )
+    })
+}
+
+/// The API resource of the Sail operator's `Istio`.
+fn istio_resource() -> ApiResource {
+    ApiResource {
+        group: "sailoperator.io".into(),
+        version: "v1".into(),
+        api_version: "sailoperator.io/v1".into(),
+        kind: "Istio".into(),
+        plural: "istios".into(),
+    }
+}
+
+/// A running play of the cloud and the Sail operator in one cluster; it stops when dropped.
+pub struct Stage(JoinHandle<()>);
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Cluster {
+    /// Installs the real Istio and Sail operator CRDs.
+    pub async fn install_mesh_crds(&self) -> Result<()> {
+        self.install_crds(&istio_crds()?).await?;
+        self.install_crds(&sail_crds()?).await
+    }
+
+    /// Plays the cloud and the Sail operator in this cluster until the returned [`Stage`] is dropped: every
+    /// LoadBalancer Service gets `load_balancer_ip` in its status, and every `Istio` resource a `Ready` condition for
+    /// its current generation. The Sail CRDs must be installed.
+    pub async fn play_cloud_and_sail(&self, load_balancer_ip: &str) -> Result<Stage> {
+        let client = self.client().await?;
+        let istios = Api::<DynamicObject>::all_with(client.clone(), &istio_resource());
+        let services = Api::<Service>::all(client.clone());
+        let ip = load_balancer_ip.to_string();
+        let task = tokio::spawn(async move {
+            let istio_events = watcher(istios.clone(), watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+                .map(|o| o.map(Played::Istio));
+            let service_events = watcher(services, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+                .map(|o| o.map(Played::Service));
+            let mut events = select(istio_events, service_events).boxed();
+            while let Some(event) = events.next().await {
+                let Ok(event) = event else { continue };
+                if let Err(e) = play(&client, &istios, event, &ip).await {
+                    tracing::debug!("stage: {e:#}");
+                }
+            }
+        });
+        Ok(Stage(task))
+    }
+}
+
+enum Played {
+    Istio(DynamicObject),
+    Service(Service),
+}
+
+async fn play(client: &Client, istios: &Api<DynamicObject>, event: Played, ip: &str) -> Result<()> {
+    let status = |body| Patch::Merge(body);
+    match event {
+        Played::Istio(istio) => {
+            let generation = istio.metadata.generation;
+            if istio.data["status"]["observedGeneration"].as_i64() == generation {
+                return Ok(());
+            }
+            let body = json!({"status": {
+                "observedGeneration": generation,
+                "state": "Healthy",
+                "conditions": [
+                    {"type": "Reconciled", "status": "True", "reason": "Reconciled", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                    {"type": "Ready", "status": "True", "reason": "Healthy", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+                ],
+            }});
+            istios.patch_status(&istio.name_any(), &PatchParams::default(), &status(body)).await?;
+        }
+        Played::Service(svc) => {
+            let lb = svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer");
+            let has = svc
+                .status
+                .as_ref()
+                .and_then(|s| s.load_balancer.as_ref()?.ingress.as_ref())
+                .is_some_and(|i| !i.is_empty());
+            if !lb || has {
+                return Ok(());
+            }
+            let api: Api<Service> = Api::namespaced(client.clone(), &svc.namespace().unwrap_or_default());
+            let body = json!({"status": {"loadBalancer": {"ingress": [{"ip": ip}]}}});
+            api.patch_status(&svc.name_any(), &PatchParams::default(), &status(body)).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Adds a node named `name` with `labels` and `addresses` (`(type, address)`, e.g. `("ExternalIP", "203.0.113.7")`),
+/// as a kubelet would register it.
+pub async fn add_node(client: &Client, name: &str, labels: &[(&str, &str)], addresses: &[(&str, &str)]) -> Result<()> {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let labels: serde_json::Map<String, serde_json::Value> =
+        labels.iter().map(|(k, v)| (k.to_string(), json!(v))).collect();
+    let node: Node = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?;
+    nodes.create(&PostParams::default(), &node).await?;
+    let addresses: Vec<_> = addresses.iter().map(|(t, a)| json!({"type": t, "address": a})).collect();
+    nodes
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(json!({"status": {"addresses": addresses}})))
+        .await?;
+    Ok(())
+}
