@@ -137,7 +137,7 @@ impl Desired {
         let key = ObjectKey { kind, namespace: meta.namespace.clone(), name: meta.name.clone().unwrap_or_default() };
         // Typed Kubernetes objects always serialize (and carry their apiVersion and kind).
         let body = serde_json::to_value(obj).expect("a Kubernetes object serializes");
-        Self { key, body, exact_data: false, recreate_on: &[] }
+        Self { key, body: stamped(body), exact_data: false, recreate_on: &[] }
     }
 
     /// The desired form of an object of a kind without Rust types (a CRD), as JSON with at least its metadata.
@@ -147,7 +147,7 @@ impl Desired {
         let meta = &body["metadata"];
         let name = meta["name"].as_str().unwrap_or_default().to_string();
         let key = ObjectKey { kind, namespace: meta["namespace"].as_str().map(Into::into), name };
-        Self { key, body, exact_data: false, recreate_on: &[] }
+        Self { key, body: stamped(body), exact_data: false, recreate_on: &[] }
     }
 
     fn recreate_on(self, recreate_on: &'static [&'static str]) -> Self {
@@ -157,6 +157,31 @@ impl Desired {
     fn exact(self) -> Self {
         Self { exact_data: true, ..self }
     }
+}
+
+/// On every object meshfed applies: a digest of what it applied (all but `data`). An apply leaves the fields it no
+/// longer sets in place only if meshfed skips it, and a member's object cannot show which fields are gone from the
+/// plan; so a plan that drops a field (a Remote's `remotePilotAddress`, a gateway's `meshNetworks`) changes this
+/// digest, and the object is applied, which removes them.
+pub const ANNOTATION_APPLIED: &str = "meshfed.io/applied";
+
+/// `body` with its [`ANNOTATION_APPLIED`] digest (the same again for a body that has it).
+fn stamped(mut body: Value) -> Value {
+    let mut what = body.clone();
+    if let Some(o) = what.as_object_mut() {
+        o.remove("data");
+        o.remove("stringData");
+    }
+    if let Some(a) = what["metadata"]["annotations"].as_object_mut() {
+        a.remove(ANNOTATION_APPLIED);
+    }
+    let digest = pki::fingerprint_der(what.to_string().as_bytes());
+    let annotations = &mut body["metadata"]["annotations"];
+    if !annotations.is_object() {
+        *annotations = json!({});
+    }
+    annotations[ANNOTATION_APPLIED] = digest.into();
+    body
 }
 
 /// The complete list of objects one member should hold for a federation, in apply order, and the objects it may
@@ -212,7 +237,7 @@ pub fn claim_key(namespace: &str) -> ObjectKey {
 /// (create, not apply: of two racing writers one wins) before it writes anything else there.
 pub fn claim(fref: &FederationRef, hub: &str, spec: &MeshFederationSpec, cluster: &str) -> ConfigMap {
     let key = claim_key(&spec.istio.namespace);
-    ConfigMap {
+    let claim = ConfigMap {
         metadata: ObjectMeta {
             name: Some(key.name),
             namespace: key.namespace,
@@ -226,7 +251,9 @@ pub fn claim(fref: &FederationRef, hub: &str, spec: &MeshFederationSpec, cluster
             ("istioNamespace".into(), spec.istio.namespace.clone()),
         ])),
         ..Default::default()
-    }
+    };
+    // Created as the plan would apply it, so that the plan finds nothing to change.
+    serde_json::from_value(Desired::of(&claim).body).expect("a ConfigMap")
 }
 
 /// Who holds a claim, as read from it.

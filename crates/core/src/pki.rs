@@ -668,8 +668,8 @@ fn summary_of(der: &[u8], cert: &X509Certificate<'_>) -> CertSummary {
     CertSummary { fingerprint: fingerprint_der(der), not_after: asn1_timestamp(cert.validity().not_after) }
 }
 
-/// `sha256:<hex>` of a DER certificate.
-fn fingerprint_der(der: &[u8]) -> String {
+/// `sha256:<hex>` of some bytes (a DER certificate's are its fingerprint).
+pub fn fingerprint_der(der: &[u8]) -> String {
     Sha256::digest(der).iter().fold(String::from("sha256:"), |mut s, b| {
         use std::fmt::Write;
         let _ = write!(s, "{b:02x}");

@@ -35,11 +35,8 @@ async fn main() -> Result<()> {
     println!("starting a hub and members east, west (real kube-apiserver + etcd on 127.0.0.1)...");
     let started = Instant::now();
     let fixture = Fixture::start(&["east", "west"], Options { controller_manager: true }).await?;
-    for member in ["east", "west"] {
-        fixture.env.cluster(member).install_istio_crds().await?;
-    }
     println!(
-        "clusters up with the Istio CRDs in {:.1?}; applying deploy/examples/{}.yaml",
+        "clusters up with the Istio and Sail operator CRDs in {:.1?} (the cloud and the Sail operator are played); applying deploy/examples/{}.yaml",
         started.elapsed(),
         args.example
     );
@@ -76,17 +73,26 @@ fn print_status(fed: &MeshFederation) {
     for c in &status.conditions {
         println!("  {:<18} {:<6} {:<24} {}", c.type_, c.status, c.reason, c.message);
     }
-    println!("\n{:<8} {:<10} {:<8} {:<10} {:<10} READY", "CLUSTER", "NETWORK", "ROLE", "REACHABLE", "VERSION");
+    println!(
+        "\n{:<8} {:<10} {:<8} {:<10} {:<10} {:<20} {:<14} READY",
+        "CLUSTER", "NETWORK", "ROLE", "REACHABLE", "VERSION", "GATEWAY", "CONTROL PLANE"
+    );
     for c in &status.clusters {
         let spec = fed.spec.clusters.iter().find(|s| s.name == c.name);
+        let reason = |type_| condition(&c.conditions, type_).map(|r| r.reason.as_str()).unwrap_or("-");
+        let gateway = match (&c.gateway_address, c.gateway_port) {
+            (Some(a), Some(p)) => format!("{a}:{p}"),
+            _ => reason("GatewaysReady").to_string(),
+        };
         let ready = condition(&c.conditions, "Ready").map(|r| r.status.as_str()).unwrap_or("-");
         println!(
-            "{:<8} {:<10} {:<8} {:<10} {:<10} {ready}",
+            "{:<8} {:<10} {:<8} {:<10} {:<10} {gateway:<20} {:<14} {ready}",
             c.name,
             spec.map(|s| s.network.as_str()).unwrap_or("-"),
             spec.map(|s| format!("{:?}", s.role)).unwrap_or_default(),
             c.reachable,
             c.kubernetes_version.as_deref().unwrap_or("-"),
+            reason("ControlPlaneReady"),
         );
     }
 }

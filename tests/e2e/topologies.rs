@@ -1,0 +1,273 @@
+//! The four topologies end to end, against real local clusters with the real Istio and Sail operator CRDs (so the
+//! API servers validate every Gateway, VirtualService and `Istio` meshfed writes against their schemas and CEL
+//! rules), the cloud and the Sail operator played: each example converges with exactly the objects its topology
+//! needs, a switch between them prunes what is no longer needed, and every exposure mode gives the address istiod
+//! needs.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Namespace, Service},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, DynamicObject, ListParams},
+};
+use meshfed_core::member::{ISTIO, OWNED_KINDS};
+use meshfed_e2e::{Fixture, condition, example, fed_condition, is_ready, load_balancer_ip};
+use meshfed_operator::apply::api_resource;
+use meshfed_testenv::{Options, add_node};
+use serde_json::{Value, json};
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// Every object meshfed holds in a member for federation `prod`, as `Kind namespace/name`.
+async fn held(member: &Client, cluster: &str) -> anyhow::Result<BTreeSet<String>> {
+    let lp = ListParams::default().labels(&format!("meshfed.io/federation=prod,meshfed.io/cluster={cluster}"));
+    let mut out = BTreeSet::new();
+    for kind in OWNED_KINDS {
+        let found = match Api::<DynamicObject>::all_with(member.clone(), &api_resource(kind)).list(&lp).await {
+            Err(kube::Error::Api(e)) if e.code == 404 => continue, // a CRD that is not installed
+            found => found?,
+        };
+        for o in found.items {
+            out.insert(format!("{} {}/{}", kind.kind, o.namespace().unwrap_or_default(), o.name_any()));
+        }
+    }
+    Ok(out)
+}
+
+/// The objects of a member in any topology, plus `extra`.
+fn expected(extra: &[&[&str]]) -> BTreeSet<String> {
+    let base = [
+        "ConfigMap kube-system/meshfed-claim.istio-system",
+        "Namespace /istio-system",
+        "ServiceAccount istio-system/meshfed-reader",
+        "ClusterRole /meshfed-reader.mesh-system.prod",
+        "ClusterRoleBinding /meshfed-reader.mesh-system.prod",
+        "Secret istio-system/cacerts",
+        "Istio /default",
+    ];
+    base.iter().chain(extra.iter().flat_map(|e| e.iter())).map(|s| s.to_string()).collect()
+}
+
+const GATEWAY: &[&str] = &[
+    "ServiceAccount istio-system/istio-eastwestgateway-service-account",
+    "Role istio-system/istio-eastwestgateway-sds",
+    "RoleBinding istio-system/istio-eastwestgateway-sds",
+    "Service istio-system/istio-eastwestgateway",
+    "Deployment istio-system/istio-eastwestgateway",
+    "PodDisruptionBudget istio-system/istio-eastwestgateway",
+];
+const CROSS_NETWORK: &[&str] = &["Gateway istio-system/cross-network-gateway"];
+const EXPOSE_ISTIOD: &[&str] = &["Gateway istio-system/istiod-gateway", "VirtualService istio-system/istiod-vs"];
+
+async fn istio(member: &Client) -> anyhow::Result<Value> {
+    let istio = Api::<DynamicObject>::all_with(member.clone(), &api_resource(&ISTIO)).get("default").await?;
+    Ok(istio.data)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_topology_converges_with_what_it_needs_and_switching_prunes_the_rest() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let (east, west) = (f.member("east").await?, f.member("west").await?);
+    let east_lb = load_balancer_ip(0);
+    let remote_secret = |target: &str| format!("Secret istio-system/istio-remote-secret-{target}");
+    let (to_west, to_east) = (remote_secret("west"), remote_secret("east"));
+
+    // Multi-primary on one network: no gateway anywhere.
+    f.apply(&example("multi-primary")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    assert_eq!(fed.status.as_ref().unwrap().topology.as_deref(), Some("MultiPrimary/SingleNetwork"));
+    assert_eq!(held(&east, "east").await?, expected(&[&[&to_west]]));
+    assert_eq!(held(&west, "west").await?, expected(&[&[&to_east]]));
+    for c in &fed.status.as_ref().unwrap().clusters {
+        assert_eq!(condition(&c.conditions, "GatewaysReady").unwrap().reason, "NoGatewayNeeded");
+        assert_eq!(condition(&c.conditions, "ControlPlaneReady").unwrap().reason, "IstioReady");
+    }
+    let values = &istio(&east).await?["spec"]["values"];
+    assert_eq!(values["global"]["meshID"], "prod");
+    assert_eq!(values["global"]["multiCluster"]["clusterName"], "east");
+    assert_eq!(values["global"]["network"], "network1");
+    assert_eq!(istio(&east).await?["spec"]["version"], "v1.28.0");
+
+    // West becomes a Remote of east: east exposes istiod through its gateway, west's control plane points at it,
+    // and west's remote secret for east (a Remote holds none) is pruned.
+    f.apply(&example("primary-remote")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    assert_eq!(fed.status.as_ref().unwrap().topology.as_deref(), Some("PrimaryRemote/SingleNetwork"));
+    assert_eq!(held(&east, "east").await?, expected(&[&[&to_west], GATEWAY, EXPOSE_ISTIOD]));
+    assert_eq!(held(&west, "west").await?, expected(&[]));
+    let east_status = fed.status.as_ref().unwrap().clusters.iter().find(|c| c.name == "east").unwrap();
+    assert_eq!(
+        (east_status.gateway_address.as_deref(), east_status.gateway_port),
+        (Some(east_lb.as_str()), Some(15443))
+    );
+    assert_eq!(istio(&east).await?["spec"]["values"]["global"]["externalIstiod"], true);
+    let remote = istio(&west).await?;
+    assert_eq!(remote["spec"]["profile"], "remote");
+    assert_eq!(remote["spec"]["values"]["global"]["remotePilotAddress"], east_lb.as_str());
+    assert_eq!(remote["spec"]["values"]["istiodRemote"]["injectionPath"], "/inject/cluster/west/net/network1");
+    let ns = Api::<Namespace>::all(west.clone()).get("istio-system").await?;
+    assert_eq!(ns.annotations().get("topology.istio.io/controlPlaneClusters").map(String::as_str), Some("east"));
+
+    // West moves to another network: both clusters get a gateway and expose their services across networks.
+    f.apply(&example("primary-remote-multi-network")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    assert_eq!(fed.status.as_ref().unwrap().topology.as_deref(), Some("PrimaryRemote/MultiNetwork"));
+    assert_eq!(held(&east, "east").await?, expected(&[&[&to_west], GATEWAY, CROSS_NETWORK, EXPOSE_ISTIOD]));
+    assert_eq!(held(&west, "west").await?, expected(&[GATEWAY, CROSS_NETWORK]));
+    let injection = &istio(&west).await?["spec"]["values"]["istiodRemote"]["injectionPath"];
+    assert_eq!(injection, "/inject/cluster/west/net/network2");
+
+    // West becomes a Primary again: istiod is no longer exposed, and nothing of the Remote is left.
+    f.apply(&example("multi-primary-multi-network")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    assert_eq!(fed.status.as_ref().unwrap().topology.as_deref(), Some("MultiPrimary/MultiNetwork"));
+    assert_eq!(held(&east, "east").await?, expected(&[&[&to_west], GATEWAY, CROSS_NETWORK]));
+    assert_eq!(held(&west, "west").await?, expected(&[&[&to_east], GATEWAY, CROSS_NETWORK]));
+    let spec = &istio(&west).await?["spec"];
+    assert!(spec["profile"].is_null() && spec["values"]["global"]["remotePilotAddress"].is_null(), "{spec}");
+    assert!(istio(&east).await?["spec"]["values"]["global"]["externalIstiod"].is_null());
+    let ns = Api::<Namespace>::all(west.clone()).get("istio-system").await?;
+    assert!(!ns.annotations().contains_key("topology.istio.io/controlPlaneClusters"));
+
+    // A deleted gateway Deployment (a kind like any other in the table) is put back by its watch.
+    let deployments: Api<Deployment> = Api::namespaced(east.clone(), "istio-system");
+    let before = deployments.get("istio-eastwestgateway").await?.uid();
+    deployments.delete("istio-eastwestgateway", &DeleteParams::default()).await?;
+    meshfed_e2e::until("the gateway Deployment is back", WAIT, Duration::from_millis(100), async || {
+        deployments.get_opt("istio-eastwestgateway").await.ok().flatten().is_some_and(|d| d.uid() != before)
+    })
+    .await?;
+
+    // And back to one network: every gateway object is pruned.
+    f.apply(&example("multi-primary")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    assert_eq!(held(&east, "east").await?, expected(&[&[&to_west]]));
+    assert_eq!(held(&west, "west").await?, expected(&[&[&to_east]]));
+    Ok(())
+}
+
+/// The multi-network example with west's gateway exposed as `expose` (YAML flow mapping).
+fn exposed(expose: &str) -> String {
+    example("multi-primary-multi-network").replace(
+        "kubeconfigSecretRef: {name: west-kubeconfig}",
+        &format!("kubeconfigSecretRef: {{name: west-kubeconfig}}\n    eastWestGateway: {expose}"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_exposure_mode_gives_the_address_istiod_needs() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let (east, west) = (f.member("east").await?, f.member("west").await?);
+    add_node(&west, "w1", &[("gateway", "yes")], &[("InternalIP", "10.0.0.7"), ("ExternalIP", "198.51.100.7")]).await?;
+    add_node(&west, "w2", &[], &[("InternalIP", "10.0.0.8"), ("ExternalIP", "198.51.100.8")]).await?;
+    let services: Api<Service> = Api::namespaced(west.clone(), "istio-system");
+    let west_status = |fed: &meshfed_api::MeshFederation| {
+        fed.status.as_ref().and_then(|s| s.clusters.iter().find(|c| c.name == "west").cloned()).unwrap_or_default()
+    };
+    let mesh_networks = async || -> anyhow::Result<Value> {
+        Ok(istio(&east).await?["spec"]["values"]["global"]["meshNetworks"].clone())
+    };
+
+    // NodePort: istiod reads the nodes itself, through the Service's node selector annotation.
+    f.apply(&exposed("{expose: NodePort, nodeSelector: {gateway: 'yes'}}")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    let svc = services.get("istio-eastwestgateway").await?;
+    let node_port =
+        svc.spec.as_ref().unwrap().ports.as_ref().unwrap().iter().find(|p| p.port == 15443).unwrap().node_port;
+    assert_eq!(svc.spec.as_ref().unwrap().type_.as_deref(), Some("NodePort"));
+    assert_eq!(
+        svc.annotations().get("traffic.istio.io/nodeSelector").map(String::as_str),
+        Some(r#"{"gateway":"yes"}"#)
+    );
+    assert_eq!(svc.labels().get("topology.istio.io/network").map(String::as_str), Some("network2"));
+    let w = west_status(&fed);
+    assert_eq!((w.gateway_address.as_deref(), w.gateway_port), (Some("198.51.100.7"), node_port));
+    assert!(mesh_networks().await?.is_null());
+
+    // HostNetwork on nodes that do not exist: said, not guessed.
+    f.apply(&exposed("{expose: HostNetwork, nodeSelector: {gateway: 'nowhere'}}")).await?;
+    let fed = f
+        .wait_for("prod", WAIT, |fed| {
+            fed_condition(fed, "GatewaysReady").is_some_and(|c| c.status == "False" && c.reason == "NoSchedulableNodes")
+        })
+        .await?;
+    assert!(fed_condition(&fed, "GatewaysReady").unwrap().message.contains("gateway=nowhere"));
+
+    // HostNetwork on the selected nodes: the pods bind the nodes' ports, and every Primary learns the address
+    // from meshNetworks (the Service cannot carry it).
+    f.apply(&exposed("{expose: HostNetwork, nodeSelector: {gateway: 'yes'}}")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    let w = west_status(&fed);
+    assert_eq!((w.gateway_address.as_deref(), w.gateway_port), (Some("198.51.100.7"), Some(15443)));
+    let pod = Api::<Deployment>::namespaced(west.clone(), "istio-system")
+        .get("istio-eastwestgateway")
+        .await?
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap();
+    assert_eq!((pod.host_network, pod.dns_policy.as_deref()), (Some(true), Some("ClusterFirstWithHostNet")));
+    assert_eq!(pod.node_selector.unwrap().get("gateway").map(String::as_str), Some("yes"));
+    let svc = services.get("istio-eastwestgateway").await?;
+    assert_eq!(svc.spec.as_ref().unwrap().type_.as_deref(), Some("ClusterIP"));
+    assert!(!svc.labels().contains_key("topology.istio.io/network"), "istiod must not take it for the gateway");
+    assert_eq!(
+        mesh_networks().await?,
+        json!({"network2": {"endpoints": [{"fromRegistry": "west"}], "gateways": [{"address": "198.51.100.7", "port": 15443}]}})
+    );
+
+    // A fixed address (a proxy in front of a load balancer) overrides discovery.
+    f.apply(&exposed("{expose: LoadBalancer, address: gw.west.example}")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    let w = west_status(&fed);
+    assert_eq!((w.gateway_address.as_deref(), w.gateway_port), (Some("gw.west.example"), Some(15443)));
+    let networks = mesh_networks().await?;
+    assert_eq!(networks["network2"]["gateways"], json!([{"address": "gw.west.example", "port": 15443}]));
+
+    // Back to a discovered load balancer: meshNetworks is gone again, and the Service carries the network.
+    f.apply(&example("multi-primary-multi-network")).await?;
+    let fed = f
+        .wait_for("prod", WAIT, |fed| {
+            is_ready(fed) && west_status(fed).gateway_address.as_deref() == Some(&*load_balancer_ip(1))
+        })
+        .await?;
+    assert!(is_ready(&fed));
+    assert!(mesh_networks().await?.is_null());
+    let svc = services.get("istio-eastwestgateway").await?;
+    assert_eq!(svc.labels().get("topology.istio.io/network").map(String::as_str), Some("network2"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_without_the_sail_operator_is_told_so_and_the_rest_converges() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(f.member("west").await?);
+    crds.delete("istios.sailoperator.io", &DeleteParams::default()).await?;
+    meshfed_e2e::until("the Istio CRD is gone", WAIT, Duration::from_millis(100), async || {
+        crds.get_opt("istios.sailoperator.io").await.ok().flatten().is_none()
+    })
+    .await?;
+    f.apply(&example("multi-primary-multi-network")).await?;
+    let fed = f
+        .wait_for("prod", WAIT, |fed| {
+            let c = fed.status.as_ref().and_then(|s| s.clusters.iter().find(|c| c.name == "east").cloned());
+            c.is_some_and(|c| condition(&c.conditions, "Ready").is_some_and(|r| r.status == "True"))
+                && fed_condition(fed, "ControlPlaneReady").is_some_and(|c| c.reason == "SailOperatorMissing")
+        })
+        .await?;
+    let cp = fed_condition(&fed, "ControlPlaneReady").unwrap();
+    assert!(cp.message.starts_with("west: ") && cp.message.contains("install the Sail operator"), "{}", cp.message);
+    // Everything else of west is in place, and the member is not failing: it waits for the operator.
+    assert_eq!(fed_condition(&fed, "MembersConverged").unwrap().status, "True");
+    let west = f.member("west").await?;
+    let mut without_istio = expected(&[&["Secret istio-system/istio-remote-secret-east"], GATEWAY, CROSS_NETWORK]);
+    without_istio.remove("Istio /default");
+    assert_eq!(held(&west, "west").await?, without_istio);
+    Ok(())
+}
