@@ -225,10 +225,11 @@ async fn a_hub_credential_that_cannot_create_tokens_is_named_with_the_permission
     let create = PostParams::default();
     let role: ClusterRole = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "hub-without-tokens"},
-        "rules": [
-            {"apiGroups": [""], "resources": ["namespaces", "secrets", "serviceaccounts", "configmaps"], "verbs": ["*"]},
-            {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["clusterroles", "clusterrolebindings"], "verbs": ["*"]},
-        ],
+        "rules": meshfed_core::member::OWNED_KINDS
+            .iter()
+            .map(|k| serde_json::json!({"apiGroups": [k.group], "resources": [k.plural], "verbs": ["*"]}))
+            .chain([serde_json::json!({"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list"]})])
+            .collect::<Vec<_>>(),
     }))?;
     Api::<ClusterRole>::all(west.clone()).create(&create, &role).await?;
     let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({

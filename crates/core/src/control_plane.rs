@@ -109,3 +109,57 @@ pub fn istio_ready(observed: Option<&Value>) -> Result<(), Failure> {
         _ => Err(Failure::new(Reason::IstioNotReady, "the Sail operator has not reported on this generation yet")),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> MeshFederationSpec {
+        serde_yaml::from_str(
+            "meshID: m\nistio: {values: {global: {meshID: theirs, logging: {level: debug}}, pilot: {replicaCount: 2}}}\ntrust: {root: {generate: {}}}\nclusters:\n- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: r, network: n2, role: Remote, controlPlane: east, kubeconfigSecretRef: {name: r}}\n",
+        )
+        .unwrap()
+    }
+
+    fn fed() -> FederationRef {
+        FederationRef { namespace: "ns".into(), name: "f".into() }
+    }
+
+    #[test]
+    fn a_primary_that_serves_remotes_runs_an_external_istiod_with_the_users_values_underneath() {
+        let s = spec();
+        let istio = istio(&fed(), &s, &s.clusters[0], &BTreeMap::new()).unwrap();
+        let values = &istio["spec"]["values"];
+        assert_eq!(values["global"]["meshID"], "m", "meshfed's value wins");
+        assert_eq!(values["global"]["logging"]["level"], "debug", "the user's other values stay");
+        assert_eq!(values["pilot"]["replicaCount"], 2);
+        assert_eq!(values["global"]["externalIstiod"], true);
+        assert_eq!(values["global"]["multiCluster"]["clusterName"], "east");
+        assert!(istio["spec"]["profile"].is_null() && istio["spec"]["version"].is_null());
+    }
+
+    #[test]
+    fn a_remote_waits_for_its_primarys_gateway_then_points_at_it() {
+        let s = spec();
+        let waiting = istio(&fed(), &s, &s.clusters[1], &BTreeMap::new()).unwrap_err();
+        assert_eq!(waiting.reason, Reason::AwaitingPrimaryGateway);
+        let at = GatewayAddress { addresses: vec!["203.0.113.9".into(), "203.0.113.10".into()], port: 15443 };
+        let istio = istio(&fed(), &s, &s.clusters[1], &BTreeMap::from([("east".into(), at)])).unwrap();
+        assert_eq!(istio["spec"]["profile"], "remote");
+        assert_eq!(istio["spec"]["values"]["global"]["remotePilotAddress"], "203.0.113.9");
+        assert_eq!(istio["spec"]["values"]["istiodRemote"]["injectionPath"], "/inject/cluster/r/net/n2");
+        assert!(istio["spec"]["values"]["global"]["externalIstiod"].is_null());
+    }
+
+    #[test]
+    fn ready_means_the_sail_operator_said_so_for_this_generation() {
+        let observed = |generation: i64, status: &str| json!({"metadata": {"generation": 2}, "status": {"observedGeneration": generation, "conditions": [{"type": "Ready", "status": status, "reason": "IstiodNotReady", "message": "istiod has 0 ready pods"}]}});
+        assert_eq!(istio_ready(Some(&observed(2, "True"))), Ok(()));
+        let stale = istio_ready(Some(&observed(1, "True"))).unwrap_err();
+        assert!(stale.message.contains("not reported on this generation"), "{}", stale.message);
+        let not_ready = istio_ready(Some(&observed(2, "False"))).unwrap_err();
+        assert_eq!(not_ready.reason, Reason::IstioNotReady);
+        assert!(not_ready.message.contains("IstiodNotReady") && not_ready.message.contains("0 ready pods"));
+        assert!(istio_ready(None).is_err());
+    }
+}

@@ -343,5 +343,120 @@ pub fn mesh_networks(spec: &MeshFederationSpec, gateways: &BTreeMap<String, Gate
         let list = entry["gateways"].as_array_mut().expect("gateways is a list");
         list.extend(gw.addresses.iter().map(|a| json!({"address": a, "port": gw.port})));
     }
-    (!networks.is_empty()).then(|| Value::Object(networks))
+    (!networks.is_empty()).then_some(Value::Object(networks))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(clusters: &str) -> MeshFederationSpec {
+        serde_yaml::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{clusters}")).unwrap()
+    }
+
+    fn service(v: Value) -> Service {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn node(labels: Value, addresses: Value) -> Node {
+        serde_json::from_value(json!({"metadata": {"name": "n", "labels": labels}, "status": {"addresses": addresses}}))
+            .unwrap()
+    }
+
+    const EAST: &str = "- {name: east, network: n1, kubeconfigSecretRef: {name: east}}";
+
+    fn with_gateway(gw: &str) -> ClusterSpec {
+        spec(&format!("- {{name: west, network: n2, kubeconfigSecretRef: {{name: w}}, eastWestGateway: {gw}}}"))
+            .clusters[0]
+            .clone()
+    }
+
+    #[test]
+    fn which_clusters_need_a_gateway_follows_the_topology() {
+        let remote = "- {name: r, network: n1, role: Remote, controlPlane: east, kubeconfigSecretRef: {name: r}}";
+        let west = "- {name: west, network: n1, kubeconfigSecretRef: {name: w}}";
+        let flat = spec(&format!("{EAST}\n{west}"));
+        assert!(flat.clusters.iter().all(|c| !needs_gateway(&flat, c)), "one network, no Remotes: none");
+        let served = spec(&format!("{EAST}\n{west}\n{remote}"));
+        let needs: Vec<bool> = served.clusters.iter().map(|c| needs_gateway(&served, c)).collect();
+        assert_eq!(needs, [true, false, false], "only the Primary that serves a Remote");
+        let split = spec(&format!("{EAST}\n{}", west.replace("n1", "n2")));
+        assert!(split.clusters.iter().all(|c| needs_gateway(&split, c)), "several networks: every cluster");
+    }
+
+    #[test]
+    fn each_exposure_mode_finds_its_address_where_istiod_does() {
+        let lb = with_gateway("{expose: LoadBalancer}");
+        let waiting = gateway_address(&lb, Some(&service(json!({}))), &[]).unwrap_err();
+        assert_eq!(waiting.reason, Reason::AwaitingLoadBalancer);
+        let ready = service(json!({"status": {"loadBalancer": {"ingress": [{"hostname": "lb.example"}]}}}));
+        assert_eq!(
+            gateway_address(&lb, Some(&ready), &[]),
+            Ok(GatewayAddress { addresses: vec!["lb.example".into()], port: 15443 })
+        );
+
+        let np = with_gateway("{expose: NodePort, nodeSelector: {gw: 'yes'}}");
+        let svc = service(
+            json!({"spec": {"ports": [{"port": 15021, "nodePort": 30021}, {"port": 15443, "nodePort": 31443}]}}),
+        );
+        let internal_only = node(json!({"gw": "yes"}), json!([{"type": "InternalIP", "address": "10.0.0.1"}]));
+        let err = gateway_address(&np, Some(&svc), std::slice::from_ref(&internal_only)).unwrap_err();
+        assert_eq!(err.reason, Reason::NoNodeAddresses, "istiod takes only ExternalIP for NodePort");
+        assert!(err.message.contains("gw=yes"), "{}", err.message);
+        let external = node(json!({"gw": "yes"}), json!([{"type": "ExternalIP", "address": "198.51.100.1"}]));
+        assert_eq!(
+            gateway_address(&np, Some(&svc), &[external, internal_only.clone()]),
+            Ok(GatewayAddress { addresses: vec!["198.51.100.1".into()], port: 31443 })
+        );
+
+        let host = with_gateway("{expose: HostNetwork, nodeSelector: {gw: 'yes'}}");
+        assert_eq!(gateway_address(&host, None, &[]).unwrap_err().reason, Reason::NoSchedulableNodes);
+        assert_eq!(
+            gateway_address(&host, None, &[internal_only]),
+            Ok(GatewayAddress { addresses: vec!["10.0.0.1".into()], port: 15443 })
+        );
+
+        let fixed = with_gateway("{expose: LoadBalancer, address: proxy.example}");
+        assert_eq!(
+            gateway_address(&fixed, None, &[]),
+            Ok(GatewayAddress { addresses: vec!["proxy.example".into()], port: 15443 })
+        );
+        let cluster_ip = with_gateway("{expose: ClusterIP}");
+        let svc = service(json!({"spec": {"clusterIP": "10.96.0.9"}}));
+        assert_eq!(gateway_address(&cluster_ip, Some(&svc), &[]).unwrap().addresses, ["10.96.0.9"]);
+    }
+
+    #[test]
+    fn the_service_carries_the_network_only_where_istiod_reads_the_address_from_it() {
+        let fed = FederationRef { namespace: "ns".into(), name: "f".into() };
+        let s = spec(EAST);
+        let network = |gw: &str| {
+            let svc = gateway_objects(&fed, &s, &with_gateway(gw)).service;
+            let labelled = svc.metadata.labels.unwrap().contains_key(NETWORK_LABEL);
+            (svc.spec.unwrap().type_.unwrap(), labelled, svc.metadata.annotations.is_some())
+        };
+        assert_eq!(network("{expose: LoadBalancer}"), ("LoadBalancer".into(), true, false));
+        assert_eq!(network("{expose: NodePort}"), ("NodePort".into(), true, true));
+        assert_eq!(network("{expose: HostNetwork, nodeSelector: {a: b}}"), ("ClusterIP".into(), false, false));
+        assert_eq!(network("{expose: LoadBalancer, address: p.example}"), ("LoadBalancer".into(), false, false));
+    }
+
+    #[test]
+    fn mesh_networks_carry_only_the_gateways_istiod_cannot_find() {
+        let s = spec(
+            "- {name: a, network: n1, kubeconfigSecretRef: {name: a}}\n- {name: b, network: n2, kubeconfigSecretRef: {name: b}, eastWestGateway: {expose: HostNetwork, nodeSelector: {x: y}}}\n- {name: c, network: n2, kubeconfigSecretRef: {name: c}, eastWestGateway: {address: c.example}}",
+        );
+        let at = |a: &str| GatewayAddress { addresses: vec![a.into()], port: 15443 };
+        let gateways =
+            BTreeMap::from([("a".into(), at("1.1.1.1")), ("b".into(), at("2.2.2.2")), ("c".into(), at("c.example"))]);
+        assert_eq!(
+            mesh_networks(&s, &gateways),
+            Some(json!({"n2": {
+                "endpoints": [{"fromRegistry": "b"}, {"fromRegistry": "c"}],
+                "gateways": [{"address": "2.2.2.2", "port": 15443}, {"address": "c.example", "port": 15443}],
+            }}))
+        );
+        // A gateway whose address is not known yet is left out until it is.
+        assert_eq!(mesh_networks(&s, &BTreeMap::from([("a".into(), at("1.1.1.1"))])), None);
+    }
 }

@@ -631,6 +631,36 @@ mod tests {
         assert_eq!(remote.keep, BTreeSet::from([cacerts_key("istio-system"), istio_key()]));
     }
 
+    #[test]
+    fn a_plan_that_drops_a_field_is_applied_again_so_the_member_loses_it() {
+        let s = spec();
+        let east = GatewayAddress { addresses: vec!["203.0.113.1".into()], port: 15443 };
+        let facts =
+            || MemberFacts { gateways: BTreeMap::from([("east".into(), Ok(east.clone()))]), ..Default::default() };
+        let istio_of = |p: MemberPlan| p.objects.into_iter().find(|d| d.key == istio_key()).unwrap();
+        let as_remote = istio_of(member_plan(&fed(), "hub", &s, &s.clusters[2], facts()));
+        let mut primary = s.clone();
+        primary.clusters[2].role = meshfed_api::ClusterRole::Primary;
+        primary.clusters[2].control_plane = None;
+        let as_primary = istio_of(member_plan(&fed(), "hub", &primary, &primary.clusters[2], facts()));
+        // What the member holds (as a Remote) is a superset of the new body but for the digest: applied again.
+        assert!(holds(&as_remote.body["spec"], &as_primary.body["spec"]));
+        assert_eq!(write_for(&fed(), Some(&as_remote.body), &as_primary), Ok(Write::Apply));
+        assert_eq!(write_for(&fed(), Some(&as_primary.body), &as_primary), Ok(Write::Nothing));
+    }
+
+    #[test]
+    fn a_changed_istio_namespace_replaces_the_istio_resource() {
+        let s = spec();
+        let istio = |s: &MeshFederationSpec| {
+            let p = member_plan(&fed(), "hub", s, &s.clusters[0], MemberFacts::default());
+            p.objects.into_iter().find(|d| d.key == istio_key()).unwrap()
+        };
+        let mut moved = s.clone();
+        moved.istio.namespace = "mesh".into();
+        assert_eq!(write_for(&fed(), Some(&istio(&s).body), &istio(&moved)), Ok(Write::Recreate));
+    }
+
     fn owned(key: &ObjectKey, cluster: &str, extra: Value) -> (ObjectKey, Value) {
         let mut v = json!({"metadata": {"name": key.name, "labels": fed().owned_labels(cluster)}});
         if let (Some(m), Some(e)) = (v["metadata"].as_object_mut(), extra.as_object()) {

@@ -584,7 +584,6 @@ fn member_status(
             .map(|t| t.to_string())
             .or_else(|| previous.and_then(|p| p.reader_token_expires_at.clone())),
         conditions: stamp(prev_conditions, conds, generation, now),
-        ..previous.cloned().unwrap_or_default()
     }
 }
 

@@ -109,11 +109,11 @@ impl Cluster {
             let istio_events = watcher(istios.clone(), watcher::Config::default())
                 .default_backoff()
                 .applied_objects()
-                .map(|o| o.map(Played::Istio));
+                .map(|o| o.map(|i| Played::Istio(Box::new(i))));
             let service_events = watcher(services, watcher::Config::default())
                 .default_backoff()
                 .applied_objects()
-                .map(|o| o.map(Played::Service));
+                .map(|o| o.map(|s| Played::Service(Box::new(s))));
             let mut events = select(istio_events, service_events).boxed();
             while let Some(event) = events.next().await {
                 let Ok(event) = event else { continue };
@@ -127,8 +127,8 @@ impl Cluster {
 }
 
 enum Played {
-    Istio(DynamicObject),
-    Service(Service),
+    Istio(Box<DynamicObject>),
+    Service(Box<Service>),
 }
 
 async fn play(client: &Client, istios: &Api<DynamicObject>, event: Played, ip: &str) -> Result<()> {
