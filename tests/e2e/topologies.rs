@@ -271,3 +271,37 @@ async fn a_member_without_the_sail_operator_is_told_so_and_the_rest_converges() 
     assert_eq!(held(&west, "west").await?, without_istio);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn clusters_on_one_network_whose_ranges_overlap_are_refused_naming_both() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let node = |name: &str, cidr: &str| -> anyhow::Result<k8s_openapi::api::core::v1::Node> {
+        Ok(serde_json::from_value(json!({"metadata": {"name": name}, "spec": {"podCIDRs": [cidr]}}))?)
+    };
+    let create = kube::api::PostParams::default();
+    let (east, west) = (f.member("east").await?, f.member("west").await?);
+    Api::all(east.clone()).create(&create, &node("e1", "10.244.0.0/24")?).await?;
+    let west_nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(west.clone());
+    west_nodes.create(&create, &node("w1", "10.244.0.0/24")?).await?;
+
+    f.apply(&example("multi-primary")).await?;
+    let fed = f
+        .wait_for("prod", WAIT, |fed| fed_condition(fed, "Valid").is_some_and(|c| c.reason == "OverlappingCIDRs"))
+        .await?;
+    let valid = fed_condition(&fed, "Valid").unwrap();
+    assert!(
+        valid.message.contains(r#"clusters "east" (10.244.0.0/24) and "west" (10.244.0.0/24)"#),
+        "{}",
+        valid.message
+    );
+    // Nothing but the claims was written to either member.
+    let claim = "ConfigMap kube-system/meshfed-claim.istio-system".to_string();
+    assert_eq!(held(&east, "east").await?, BTreeSet::from([claim.clone()]));
+    assert_eq!(held(&west, "west").await?, BTreeSet::from([claim]));
+
+    // West's pods move to their own range: the federation converges without an edit.
+    west_nodes.delete("w1", &DeleteParams::default()).await?;
+    west_nodes.create(&create, &node("w1", "10.245.0.0/24")?).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    Ok(())
+}

@@ -183,18 +183,42 @@ fn cidr_problems(spec: &MeshFederationSpec, problem: &mut impl FnMut(Reason, Str
             }
         }
     }
+    overlaps(&ranges, "", problem);
+}
+
+/// Reports every two ranges of different clusters on one network that overlap; `whence` says where the ranges
+/// were read.
+fn overlaps(ranges: &[(&str, &str, IpNet)], whence: &str, problem: &mut impl FnMut(Reason, String)) {
     for (i, (a, net_a, ra)) in ranges.iter().enumerate() {
         for (b, net_b, rb) in &ranges[i + 1..] {
             if a != b && net_a == net_b && (ra.contains(&rb.network()) || rb.contains(&ra.network())) {
                 problem(
                     Reason::OverlappingCIDRs,
                     format!(
-                        "clusters {a:?} ({ra}) and {b:?} ({rb}) are both on network {net_a:?} and their ranges overlap; clusters on one network need disjoint pod and service ranges"
+                        "clusters {a:?} ({ra}) and {b:?} ({rb}) are both on network {net_a:?} and their ranges overlap{whence}; clusters on one network need disjoint pod and service ranges"
                     ),
                 );
             }
         }
     }
+}
+
+/// The preflight of clusters on one network against what their API servers show (node `podCIDRs`, `ServiceCIDR`s;
+/// `observed`, by cluster), beside what the spec declares: every overlap between two clusters, named.
+pub fn observed_overlaps(spec: &MeshFederationSpec, observed: &BTreeMap<String, Vec<String>>) -> Vec<Problem> {
+    let mut ranges: Vec<(&str, &str, IpNet)> = Vec::new();
+    for c in &spec.clusters {
+        let declared = c.pod_cidrs.iter().chain(&c.service_cidrs);
+        let seen = observed.get(&c.name).into_iter().flatten();
+        let mut nets: Vec<IpNet> = declared.chain(seen).filter_map(|r| r.parse().ok()).collect();
+        nets.sort();
+        nets.dedup();
+        ranges.extend(nets.into_iter().map(|n| (c.name.as_str(), c.network.as_str(), n)));
+    }
+    let mut problems = Vec::new();
+    let whence = " (as their API servers show them: node podCIDRs and ServiceCIDRs)";
+    overlaps(&ranges, whence, &mut |reason, message| problems.push(Problem { reason, message }));
+    problems
 }
 
 #[cfg(test)]
@@ -305,6 +329,30 @@ mod tests {
         assert!(validate(&spec(&east)).is_ok());
         let proxied = east.replace(r#""expose": "NodePort""#, r#""expose": "NodePort", "address": "proxy.example""#);
         assert!(validate(&spec(&format!("{proxied}\n{remote}"))).is_ok());
+    }
+
+    #[test]
+    fn ranges_the_members_show_are_checked_with_the_declared_ones() {
+        let west = WEST.replace("n2", "n1");
+        let s = spec(&format!("{EAST}\n{west}"));
+        let seen = |e: &[&str], w: &[&str]| {
+            BTreeMap::from([
+                ("east".to_string(), e.iter().map(|r| r.to_string()).collect()),
+                ("west".to_string(), w.iter().map(|r| r.to_string()).collect()),
+            ])
+        };
+        assert!(observed_overlaps(&s, &seen(&["10.244.0.0/24", "10.96.0.0/16"], &["10.245.0.0/24"])).is_empty());
+        let clash = observed_overlaps(&s, &seen(&["10.244.0.0/16"], &["10.244.3.0/24", "not a range"]));
+        assert_eq!(clash.len(), 1);
+        assert_eq!(clash[0].reason, Reason::OverlappingCIDRs);
+        assert!(
+            clash[0].message.contains(r#""east" (10.244.0.0/16) and "west" (10.244.3.0/24)"#),
+            "{}",
+            clash[0].message
+        );
+        // On two networks the same ranges are fine: the gateways route between them.
+        let split = spec(&format!("{EAST}\n{WEST}"));
+        assert!(observed_overlaps(&split, &seen(&["10.244.0.0/16"], &["10.244.3.0/24"])).is_empty());
     }
 
     #[test]

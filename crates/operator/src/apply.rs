@@ -7,7 +7,10 @@ use meshfed_core::conditions::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::future::try_join_all;
-use k8s_openapi::api::core::v1::{ConfigMap, Node};
+use k8s_openapi::api::{
+    core::v1::{ConfigMap, Node},
+    networking::v1::ServiceCIDR,
+};
 use kube::{
     Api, Client,
     api::{ApiResource, DynamicObject, ListParams, Patch, PatchParams, PostParams},
@@ -40,6 +43,8 @@ pub struct Reached {
     pub held: Holdings,
     pub unserved: BTreeSet<OwnedKind>,
     pub nodes: Vec<Node>,
+    /// The pod and service ranges its API shows (read where another cluster shares its network).
+    pub ranges: Vec<String>,
 }
 
 /// The API resource of an owned kind.
@@ -105,6 +110,19 @@ pub async fn observe(
     let (lists, unserved): (Vec<Result<Vec<_>, _>>, Vec<_>) = lists.into_iter().partition(Result::is_ok);
     let held = lists.into_iter().flatten().flatten().chain(reads.into_iter().flatten()).collect();
     Ok((held, unserved.into_iter().filter_map(Result::err).collect()))
+}
+
+/// The pod and service ranges the member's API shows: its nodes' `podCIDRs` and its `ServiceCIDR`s. A list the
+/// credential may not read, or an API that does not serve it, shows nothing.
+pub async fn ranges(client: &Client) -> Vec<String> {
+    let lp = ListParams::default();
+    let (nodes, services) = (Api::<Node>::all(client.clone()), Api::<ServiceCIDR>::all(client.clone()));
+    let (nodes, services) = futures::join!(nodes.list(&lp), services.list(&lp));
+    let pods =
+        nodes.into_iter().flat_map(|l| l.items).flat_map(|n| n.spec.and_then(|s| s.pod_cidrs).unwrap_or_default());
+    let services =
+        services.into_iter().flat_map(|l| l.items).flat_map(|c| c.spec.and_then(|s| s.cidrs).unwrap_or_default());
+    pods.chain(services).collect()
 }
 
 /// The member's schedulable nodes that match `selector` (all nodes without one).

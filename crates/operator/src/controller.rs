@@ -197,8 +197,9 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
     let fref = federation_ref(fed);
     let spec = &fed.spec;
     let previous = fed.status.as_ref();
-    let validation = validate(spec);
+    let mut validation = validate(spec);
     let mut root_status = None;
+    let mut overlapping = None;
     let reports = match &validation {
         Err(problems) => {
             info!(problems = problems.len(), "federation is invalid; nothing is written to members");
@@ -216,6 +217,13 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             );
             let (mut reports, reached): (Vec<MemberReport>, Vec<Option<Reached>>) = staying.into_iter().unzip();
             let mut reached = refuse_duplicates(&mut reports, reached);
+            let ranges = reached.iter().map(|(name, r)| (name.clone(), r.ranges.clone())).collect();
+            let overlaps = meshfed_core::validate::observed_overlaps(spec, &ranges);
+            if !overlaps.is_empty() {
+                info!("the ranges of members on one network overlap; nothing more is written to members");
+                overlapping = Some(overlaps);
+                reached.clear();
+            }
             let cacerts = match &root {
                 Ok(root) => {
                     let previous = previous.and_then(|p| p.trust.as_ref());
@@ -260,6 +268,11 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             reports
         }
     };
+    // Refused on what the members show: tried again, since the members, not the spec, may change.
+    let refused_by_members = overlapping.is_some();
+    if let Some(overlaps) = overlapping {
+        validation = Err(overlaps);
+    }
     let status = plan::federation_status(
         previous,
         fed.meta().generation,
@@ -278,6 +291,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
     report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
     let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
     Ok(match (&validation, ready) {
+        (Err(_), _) if refused_by_members => Action::requeue(ctx.settings.retry_after),
         // An invalid spec waits for its next edit: retrying cannot fix it.
         (Err(_), _) => Action::await_change(),
         (Ok(_), true) => Action::requeue(ctx.settings.resync_after),
@@ -555,10 +569,14 @@ async fn observe_member(
             }
             _ => Vec::new(),
         };
-        Ok((held, unserved, nodes))
+        // Clusters that share a network route pods directly: their ranges must not overlap.
+        let shares_network =
+            cluster.is_some_and(|c| spec.clusters.iter().any(|o| o.name != c.name && o.network == c.network));
+        let ranges = if take_claim && shares_network { apply::ranges(&member.client).await } else { Vec::new() };
+        Ok((held, unserved, nodes, ranges))
     };
     match within(timeout, run).await {
-        Ok((held, unserved, nodes)) => (report, Some(Reached { member, held, unserved, nodes })),
+        Ok((held, unserved, nodes, ranges)) => (report, Some(Reached { member, held, unserved, nodes, ranges })),
         Err(f) => {
             warn!(cluster = %name, reason = %f.reason, "{}", f.message);
             ctx.backoff.record(&key, &member, Some(&f), ctx.settings.retry_after, ctx.settings.member_backoff_max);
