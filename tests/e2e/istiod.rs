@@ -34,9 +34,6 @@ struct Mesh {
 impl Mesh {
     async fn start(east_network: &str, west_network: &str) -> anyhow::Result<Self> {
         let f = Fixture::start(&["east", "west"], Options::default()).await?;
-        for member in ["east", "west"] {
-            f.env.cluster(member).install_istio_crds().await?;
-        }
         f.apply(&format!(
             "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: {NAMESPACE}}}\nspec:\n  meshID: prod\n  istio: {{namespace: {ISTIO_NAMESPACE}}}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n  - {{name: east, network: {east_network}, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: west, network: {west_network}, kubeconfigSecretRef: {{name: west-kubeconfig}}}}\n"
         ))
@@ -191,4 +188,54 @@ async fn on_two_networks_each_primary_istiod_discovers_the_other_members_service
 #[tokio::test(flavor = "multi_thread")]
 async fn on_one_network_each_primary_istiod_discovers_the_other_members_services() -> anyhow::Result<()> {
     each_primary_discovers_the_other("network1", "network1").await
+}
+
+/// The gateways `istiod` reports for `network` on `/debug/networkz`, as `address:port`.
+async fn gateways(istiod: &Istiod, network: &str) -> anyhow::Result<Vec<String>> {
+    let all = istiod.debug("/debug/networkz").await?;
+    let mut found: Vec<String> = all
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|g| g["Network"] == network)
+        .map(|g| format!("{}:{}", g["Addr"].as_str().unwrap_or_default(), g["Port"]))
+        .collect();
+    found.sort();
+    Ok(found)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn istiod_finds_every_networks_gateway_in_each_exposure_mode() -> anyhow::Result<()> {
+    let mesh = Mesh::start("network1", "network2").await?;
+    let west = mesh.f.member("west").await?;
+    meshfed_testenv::add_node(&west, "w1", &[("gateway", "yes")], &[("ExternalIP", "198.51.100.7")]).await?;
+    let yaml = |gw: &str| {
+        format!(
+            "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: {NAMESPACE}}}\nspec:\n  meshID: prod\n  istio: {{namespace: {ISTIO_NAMESPACE}}}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n  - {{name: east, network: network1, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: west, network: network2, kubeconfigSecretRef: {{name: west-kubeconfig}}, eastWestGateway: {gw}}}\n"
+        )
+    };
+    // Each mode in turn: meshfed converges, then east's istiod must report west's gateway where meshfed says it is
+    // (status.clusters[].gatewayAddress and gatewayPort), and nowhere else.
+    for gw in [
+        "{expose: LoadBalancer}",
+        "{expose: NodePort, nodeSelector: {gateway: 'yes'}}",
+        "{expose: HostNetwork, nodeSelector: {gateway: 'yes'}}",
+        "{expose: LoadBalancer, address: 192.0.2.50}",
+    ] {
+        mesh.f.apply(&yaml(gw)).await?;
+        let fed = mesh.f.wait_for("prod", WAIT, is_ready).await?;
+        let status = fed.status.unwrap();
+        let west_status = status.clusters.iter().find(|c| c.name == "west").unwrap();
+        let expected =
+            format!("{}:{}", west_status.gateway_address.as_deref().unwrap(), west_status.gateway_port.unwrap());
+        let seen = async || gateways(&mesh.east, "network2").await.is_ok_and(|g| g == [expected.clone()]);
+        until(&format!("east's istiod to report west's gateway at {expected} ({gw})"), DISCOVERY_BOUND, POLL, seen)
+            .await
+            .map_err(|e| {
+                let all = futures::executor::block_on(mesh.east.debug("/debug/networkz")).unwrap_or_default();
+                anyhow::anyhow!("{e}; networkz: {all}; log:\n{}", mesh.east.log_tail())
+            })?;
+        println!("{gw}: east's istiod dials network2 at {expected}");
+    }
+    Ok(())
 }

@@ -252,6 +252,8 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             }
             let (ttl, timeout) = (valid.durations.token_ttl, ctx.settings.member_timeout);
             let tokens = remote_access::tokens(&ctx.metrics, spec, &reached, ttl, now, timeout).await;
+            // The first wave may have made or replaced a gateway Service: its address as it is now.
+            let gateways = gateway_states(spec, &reached);
             let second = apply_wave(ctx, &fref, spec, &mut reached, &cacerts, &gateways, Some(&tokens)).await;
             record_failures(&mut reports, second);
             for r in &mut reports {

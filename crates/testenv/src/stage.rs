@@ -135,6 +135,7 @@ async fn play(client: &Client, istios: &Api<DynamicObject>, event: Played, ip: &
     let status = |body| Patch::Merge(body);
     match event {
         Played::Istio(istio) => {
+            render_mesh_networks(client, &istio).await?;
             let generation = istio.metadata.generation;
             if istio.data["status"]["observedGeneration"].as_i64() == generation {
                 return Ok(());
@@ -164,6 +165,26 @@ async fn play(client: &Client, istios: &Api<DynamicObject>, event: Played, ip: &
             api.patch_status(&svc.name_any(), &PatchParams::default(), &status(body)).await?;
         }
     }
+    Ok(())
+}
+
+/// Renders the `Istio`'s `values.global.meshNetworks` into the mesh networks istiod reads (ConfigMap `istio`, key
+/// `meshNetworks`, in the Istio namespace), as the Sail operator's charts do.
+async fn render_mesh_networks(client: &Client, istio: &DynamicObject) -> Result<()> {
+    let spec = &istio.data["spec"];
+    let namespace = spec["namespace"].as_str().unwrap_or("istio-system");
+    let networks = match &spec["values"]["global"]["meshNetworks"] {
+        serde_json::Value::Null => json!({}),
+        n => n.clone(),
+    };
+    let cm = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": "istio", "namespace": namespace},
+        "data": {"meshNetworks": json!({"networks": networks}).to_string()},
+    });
+    let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), namespace);
+    api.patch("istio", &PatchParams::apply("sail-operator-play").force(), &Patch::Apply(&cm)).await?;
     Ok(())
 }
 
