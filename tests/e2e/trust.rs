@@ -210,6 +210,43 @@ async fn states(f: &Fixture, names: &[&str]) -> Vec<(String, Secret)> {
     out
 }
 
+/// A workload certificate (24 h, P-256, SPIFFE URI) that `member`'s istiod would sign with its `cacerts`, with the
+/// intermediate that signed it.
+fn workload_leaf(dir: &Path, member: &str, cacerts: &Secret) -> (String, Vec<u8>, Vec<u8>) {
+    let d = dir.join(format!("leaf-{member}"));
+    std::fs::create_dir_all(&d).unwrap();
+    write_bundle(&d, cacerts);
+    let args = format!(
+        "req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout leaf.key -subj /O=cluster.local -addext subjectAltName=URI:spiffe://cluster.local/ns/sample/sa/{member} -out leaf.csr"
+    );
+    let (ok, out) = openssl(&d, &args);
+    assert!(ok, "{out}");
+    let (ok, out) = openssl(
+        &d,
+        "x509 -req -in leaf.csr -CA ca-cert.pem -CAkey ca-key.pem -days 1 -copy_extensions copy -out leaf.pem",
+    );
+    assert!(ok, "{out}");
+    (
+        member.to_string(),
+        std::fs::read(d.join("leaf.pem")).unwrap(),
+        cacerts.data.as_ref().unwrap()["ca-cert.pem"].0.clone(),
+    )
+}
+
+/// Every member's `root-cert.pem` verifies every workload leaf (leaf, then its intermediate, then a root it trusts).
+fn assert_everyone_trusts_every_leaf(states: &[(String, Secret)], leaves: &[(String, Vec<u8>, Vec<u8>)]) {
+    for (signer, leaf, intermediate) in leaves {
+        assert!(meshfed_core::pki::issued_by(leaf, intermediate), "{signer}'s leaf is not from its intermediate");
+        for (verifier, v) in states {
+            let roots = meshfed_core::pki::certificates(&v.data.as_ref().unwrap()["root-cert.pem"].0);
+            assert!(
+                roots.iter().any(|(_, pem)| meshfed_core::pki::issued_by(intermediate, pem.as_bytes())),
+                "{verifier} no longer trusts the chain of a live workload certificate of {signer}"
+            );
+        }
+    }
+}
+
 /// Every member trusts the issuer of every member's intermediate: the invariant of a rotation without an outage.
 fn assert_everyone_trusts_every_signer(states: &[(String, Secret)]) {
     for (signer, s) in states {
@@ -262,6 +299,9 @@ async fn a_root_rotation_never_leaves_a_member_distrusting_a_peer_and_holds_for_
     f.apply(&yaml("root-a")).await?;
     f.wait_for("prod", WAIT, is_ready).await?;
     let members = ["east", "west", "north"];
+    // Workloads in every member hold certificates from the intermediates of root A, valid for a day.
+    let leaves: Vec<_> = states(&f, &members).await.iter().map(|(m, s)| workload_leaf(d, m, s)).collect();
+    let leaves_expire = f.clock.now() + jiff::SignedDuration::from_hours(24);
 
     // North is down when the root changes: east and west get both roots, and the rotation holds there.
     f.env.cluster_mut("north").stop();
@@ -290,15 +330,33 @@ async fn a_root_rotation_never_leaves_a_member_distrusting_a_peer_and_holds_for_
         );
     }
 
-    // North is back: the rotation runs to the end, every member trusting every signer at every step seen.
+    // North is back: the rotation runs to the end, every member trusting every signer and every live workload
+    // certificate at every step seen. Once every member signs with root B, the rotation waits for the workload
+    // certificates of root A to expire: the test moves the controller's clock past them.
     f.env.cluster_mut("north").start().await?;
     let deadline = std::time::Instant::now() + WAIT;
+    let mut waited = false;
     loop {
         let now = states(&f, &members).await;
         assert_everyone_trusts_every_signer(&now);
+        if f.clock.now() < leaves_expire {
+            assert_everyone_trusts_every_leaf(&now, &leaves);
+        }
         let fed = f.federations().get("prod").await?;
+        let phase = fed.status.as_ref().and_then(|s| s.trust.as_ref()?.rotation_phase.clone()).unwrap_or_default();
+        if phase.starts_with("AwaitingWorkloadCertificates") && !waited {
+            assert!(phase.contains("stays trusted until"), "{phase}");
+            assert!(fed.status.as_ref().unwrap().trust.as_ref().unwrap().intermediates_reissued_at.is_some());
+            // It holds there: a reconcile later, every member still trusts root A.
+            f.poke_and_wait("prod").await?;
+            assert_everyone_trusts_every_leaf(&states(&f, &members).await, &leaves);
+            f.clock.advance(Duration::from_secs(24 * 3600 + 6 * 60));
+            f.poke("prod").await?;
+            waited = true;
+        }
         if is_ready(&fed) {
             let trust = fed.status.as_ref().unwrap().trust.clone().unwrap();
+            assert!(waited, "the old root was dropped without waiting for the workload certificates");
             assert_eq!((trust.root_fingerprint.as_deref(), trust.rotation_phase), (Some(fingerprint_b.as_str()), None));
             for (name, s) in &now {
                 let data = s.data.as_ref().unwrap();
@@ -327,10 +385,17 @@ async fn a_generated_root_is_rotated_on_request_and_every_member_ends_on_the_new
     let patch = serde_json::json!({"metadata": {"annotations": {"meshfed.io/rotate-root": "2026-11-22"}}});
     f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&patch)).await?;
     let deadline = std::time::Instant::now() + WAIT;
+    let mut waited = false;
     let fed = loop {
         assert_everyone_trusts_every_signer(&states(&f, &["east", "west"]).await);
         let fed = f.federations().get("prod").await?;
         let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
+        if !waited && trust.rotation_phase.as_deref().is_some_and(|p| p.starts_with("AwaitingWorkloadCertificates")) {
+            waited = true;
+            // Workload certificates (24 h by default) from the old intermediates expire: the clock moves past them.
+            f.clock.advance(Duration::from_secs(24 * 3600 + 6 * 60));
+            f.poke("prod").await?;
+        }
         if is_ready(&fed) && trust.root_fingerprint.as_ref() != Some(&old) {
             break fed;
         }

@@ -102,6 +102,17 @@ pub struct TrustSpec {
     /// The intermediate CA that meshfed issues to every member from the root.
     #[serde(default)]
     pub intermediate: IntermediateSpec,
+
+    /// The longest lifetime of the workload certificates istiod issues (Istio's `DEFAULT_WORKLOAD_CERT_TTL`, 24h
+    /// unless you changed it), as a duration such as `24h` (the default). During a root rotation meshfed drops the
+    /// old root only this long (plus five minutes) after every member got its intermediate from the new root, so
+    /// that no workload still presents a certificate that chains to the old root.
+    #[serde(default = "default_workload_certificate_ttl", rename = "workloadCertificateTTL")]
+    pub workload_certificate_ttl: String,
+}
+
+fn default_workload_certificate_ttl() -> String {
+    "24h".into()
 }
 
 /// The root CA's source: exactly one of `generate` and `secretRef`.
@@ -366,9 +377,14 @@ pub struct TrustStatus {
     /// When the root certificate expires (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_not_after: Option<String>,
-    /// The phase of a root rotation in progress, if any.
+    /// The phase of a root rotation in progress, if any, and what it waits for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation_phase: Option<String>,
+    /// During a root rotation: when every member was first seen holding an intermediate from the new root (RFC
+    /// 3339). The old root is dropped `trust.workloadCertificateTTL` (plus five minutes) later; kept here so that a
+    /// restarted operator resumes the wait.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intermediates_reissued_at: Option<String>,
 }
 
 /// What meshfed knows of one member.

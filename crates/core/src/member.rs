@@ -208,6 +208,12 @@ pub fn cacerts_key(namespace: &str) -> ObjectKey {
     ObjectKey { kind: SECRET, namespace: Some(namespace.into()), name: pki::CACERTS_SECRET.into() }
 }
 
+/// The ConfigMap in which istiod publishes the roots workloads trust (`root-cert.pem`), in the Istio namespace;
+/// read, never written.
+pub fn published_roots_key(namespace: &str) -> ObjectKey {
+    ObjectKey { kind: CONFIG_MAP, namespace: Some(namespace.into()), name: "istio-ca-root-cert".into() }
+}
+
 /// The key of a member's Sail `Istio`.
 pub fn istio_key() -> ObjectKey {
     ObjectKey { kind: ISTIO, namespace: None, name: control_plane::ISTIO_NAME.into() }

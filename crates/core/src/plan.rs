@@ -608,6 +608,7 @@ mod tests {
             root_fingerprint: Some("sha256:ab".into()),
             root_not_after: Some("2027-01-01T00:00:00Z".into()),
             rotation_phase: None,
+            intermediates_reissued_at: None,
         })
     }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 use meshfed_api::{MeshFederationSpec, TrustStatus};
 
@@ -53,22 +53,35 @@ pub enum CacertsPlan {
 }
 
 /// The trust plan of a federation: per member of the spec that answered, its `cacerts` plan (or why it has none),
-/// and the trust status.
+/// the trust status, and when to look again because a rotation waits for time to pass.
 #[derive(Debug, Clone)]
 pub struct TrustPlan {
     pub cacerts: BTreeMap<String, Result<CacertsPlan, Failure>>,
     pub status: TrustStatus,
+    pub wake_at: Option<Timestamp>,
 }
 
-/// Plans every member's `cacerts` against `root`. `observed` has, for every member of the spec that answered, its
-/// `cacerts` data (`None`: it has none). When the status says members were last brought to another root, this is
-/// the next step of a rotation; otherwise renewals and repairs as [`pki::inspect_cacerts`] decides.
+/// What a member shows of its trust: its `cacerts` data (`None`: it has none), and the roots its control plane
+/// publishes to workloads (istiod's `istio-ca-root-cert`; `None`: no control plane publishes any there).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Observed<'a> {
+    pub cacerts: Option<&'a BTreeMap<String, ByteString>>,
+    pub published: Option<&'a str>,
+}
+
+/// How long after the last member got its intermediate from a new root the old root stays trusted, beyond the
+/// longest workload certificate lifetime: for clocks that disagree and certificates signed just before the switch.
+pub const WORKLOAD_MARGIN: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Plans every member's `cacerts` against `root`. `observed` has what every member of the spec that answered shows.
+/// When the status says members were last brought to another root, this is the next step of a rotation; otherwise
+/// renewals and repairs as [`pki::inspect_cacerts`] decides.
 pub fn plan_trust(
     spec: &MeshFederationSpec,
     root: &Root,
     durations: &Durations,
     previous: Option<&TrustStatus>,
-    observed: &BTreeMap<String, Option<&BTreeMap<String, ByteString>>>,
+    observed: &BTreeMap<String, Observed<'_>>,
     now: Timestamp,
 ) -> TrustPlan {
     let new = root.summary();
@@ -76,31 +89,47 @@ pub fn plan_trust(
     let states: Vec<Option<MemberRoots>> = spec
         .clusters
         .iter()
-        .map(|c| observed.get(&c.name).map(|data| MemberRoots::of(*data, root.cert_pem())))
+        .map(|c| observed.get(&c.name).map(|o| MemberRoots::of(o.cacerts, o.published, root.cert_pem())))
         .collect();
     let all_known = states.iter().all(Option::is_some);
     // A rotation runs while the members were last brought to another root and have not all moved on.
-    let phase = from.as_ref().and_then(|_| rotation::phase(&states));
+    let reissued_at = previous.and_then(|t| t.intermediates_reissued_at.as_ref()?.parse().ok());
+    let wait = durations.workload_certificate_ttl + WORKLOAD_MARGIN;
+    let progress = from.as_ref().map(|_| rotation::progress(&states, reissued_at, wait, now));
+    let phase = progress.and_then(|p| p.phase);
+    // What a member that holds nothing usable trusts: every root its peers trust, so that it reaches them all.
+    let peers_roots = trusted_roots(observed.values().filter_map(|o| o.cacerts), root);
     let mut cacerts = BTreeMap::new();
     for (cluster, state) in spec.clusters.iter().zip(&states) {
-        let Some(data) = observed.get(&cluster.name) else { continue };
+        let Some(o) = observed.get(&cluster.name) else { continue };
         let profile = IntermediateProfile {
             cluster: &cluster.name,
             istio_namespace: &spec.istio.namespace,
             algorithm: spec.trust.intermediate.algorithm,
         };
-        let step = phase.zip(*state).map(|(p, s)| rotation::action(p, s, all_known));
-        cacerts.insert(cluster.name.clone(), member_cacerts(*data, root, &profile, durations, now, step));
+        let step = phase.zip(*state).map(|(p, s)| (rotation::action(p, s, all_known), p));
+        let plan = member_cacerts(o.cacerts, root, &profile, durations, now, step, all_known, &peers_roots);
+        cacerts.insert(cluster.name.clone(), plan);
     }
-    let status = match (&phase, previous) {
+    let status = match (phase, previous) {
         (Some(p), Some(prev)) => {
             let held = if all_known { String::new() } else { "; held until every member answers".into() };
+            let waits = match (p, progress.and_then(|p| p.wake_at)) {
+                (rotation::Phase::DistributingRoot, _) => {
+                    "; waiting for every member's control plane to publish the new root (istio-ca-root-cert)".into()
+                }
+                (_, Some(until)) => format!(
+                    "; the old root stays trusted until {until}, when the workload certificates issued under it have expired"
+                ),
+                _ => String::new(),
+            };
             TrustStatus {
                 rotation_phase: Some(format!(
-                    "{p}: rotating from root {} to {}{held}",
+                    "{p}: rotating from root {} to {}{held}{waits}",
                     from.unwrap_or_default(),
                     new.fingerprint
                 )),
+                intermediates_reissued_at: progress.and_then(|p| p.reissued_at).map(|t| t.to_string()),
                 ..prev.clone()
             }
         }
@@ -108,20 +137,38 @@ pub fn plan_trust(
             root_fingerprint: Some(new.fingerprint.clone()),
             root_not_after: Some(new.not_after_rfc3339()),
             rotation_phase: None,
+            intermediates_reissued_at: None,
         },
     };
-    TrustPlan { cacerts, status }
+    TrustPlan { cacerts, status, wake_at: progress.and_then(|p| p.wake_at) }
+}
+
+/// The roots (PEM, once each) that the members' `cacerts` trust besides `root`.
+fn trusted_roots<'a>(members: impl Iterator<Item = &'a BTreeMap<String, ByteString>>, root: &Root) -> String {
+    let mut seen = vec![root.summary().fingerprint.clone()];
+    let mut out = String::new();
+    for (fp, pem) in members.filter_map(|d| d.get(pki::ROOT_CERT)).flat_map(|b| pki::certificates(&b.0)) {
+        if !seen.contains(&fp) {
+            seen.push(fp);
+            out.push_str(&pem);
+        }
+    }
+    out
 }
 
 /// One member's `cacerts`: outside a rotation (`step` is `None`), kept or reissued as [`pki::inspect_cacerts`]
-/// says; in one, the rotation's step for it.
+/// says; in one, the rotation's step for it (and its phase). A member that holds nothing usable trusts
+/// `peers_roots` besides the root.
+#[allow(clippy::too_many_arguments)]
 fn member_cacerts(
     data: Option<&BTreeMap<String, ByteString>>,
     root: &Root,
     profile: &IntermediateProfile<'_>,
     durations: &Durations,
     now: Timestamp,
-    step: Option<Action>,
+    step: Option<(Action, rotation::Phase)>,
+    all_known: bool,
+    peers_roots: &str,
 ) -> Result<CacertsPlan, Failure> {
     let current = || {
         data.and_then(|d| d.get(pki::CA_CERT))
@@ -129,12 +176,10 @@ fn member_cacerts(
             .and_then(|c| pki::summarize(&c.0).map_err(|e| Failure::new(e.reason(), e.to_string())))
     };
     let old_roots = || -> String {
-        let bundle = data.and_then(|d| d.get(pki::ROOT_CERT)).map(|b| b.0.as_slice()).unwrap_or_default();
-        pki::certificates(bundle)
-            .into_iter()
-            .filter(|(fp, _)| *fp != root.summary().fingerprint)
-            .map(|(_, pem)| pem)
-            .collect()
+        match current() {
+            Ok(_) => trusted_roots(data.into_iter(), root),
+            Err(_) => peers_roots.to_string(),
+        }
     };
     let with_roots = |roots: String, why: &str| -> Result<CacertsPlan, Failure> {
         let mut d = data.cloned().unwrap_or_default();
@@ -149,16 +194,31 @@ fn member_cacerts(
             }
             CacertsVerdict::Reissue(reason) => issue(&reason.to_string(), String::new()),
         },
-        Some(Action::Keep) => {
-            Ok(CacertsPlan::Hold { data: data.cloned().unwrap_or_default(), summary: current()?, why: None })
+        Some((Action::Keep, phase)) => {
+            let summary = current()?;
+            if summary.not_after > now + SignedDuration::try_from(durations.renew_before).unwrap_or(SignedDuration::MAX)
+            {
+                return Ok(CacertsPlan::Hold { data: data.cloned().unwrap_or_default(), summary, why: None });
+            }
+            // Renewed during the rotation too, from the new root, once every member's control plane trusts it.
+            if phase != rotation::Phase::DistributingRoot && all_known {
+                return issue("renewing an expiring intermediate from the new root", old_roots());
+            }
+            Err(Failure::new(
+                Reason::IntermediateExpiring,
+                format!(
+                    "the intermediate expires at {}; it is renewed once every member's control plane trusts the rotation's new root",
+                    summary.not_after
+                ),
+            ))
         }
-        Some(Action::AddNewRoot) if current().is_ok() => {
+        Some((Action::AddNewRoot, _)) if current().is_ok() => {
             with_roots(old_roots() + root.cert_pem(), "adding the new root beside the old one")
         }
-        Some(Action::AddNewRoot | Action::ReissueTrustingBoth) => {
+        Some((Action::AddNewRoot | Action::ReissueTrustingBoth, _)) => {
             issue("issuing an intermediate from the new root", old_roots())
         }
-        Some(Action::DropOldRoots) => with_roots(root.cert_pem().into(), "dropping the old root"),
+        Some((Action::DropOldRoots, _)) => with_roots(root.cert_pem().into(), "dropping the old root"),
     }
 }
 

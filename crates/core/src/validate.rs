@@ -31,6 +31,7 @@ pub struct Durations {
     pub intermediate_validity: Duration,
     pub renew_before: Duration,
     pub token_ttl: Duration,
+    pub workload_certificate_ttl: Duration,
 }
 
 /// A spec that passed every rule, with what validation derived from it.
@@ -105,6 +106,7 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
     let intermediate_validity = duration("trust.intermediate.validity", &spec.trust.intermediate.validity);
     let renew_before = duration("trust.intermediate.renewBefore", &spec.trust.intermediate.renew_before);
     let token_ttl = duration("remoteAccess.tokenTTL", &spec.remote_access.token_ttl);
+    let workload_ttl = duration("trust.workloadCertificateTTL", &spec.trust.workload_certificate_ttl);
     if let (Some(v), Some(r)) = (intermediate_validity, renew_before)
         && r >= v
     {
@@ -152,16 +154,19 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
     }
     cidr_problems(spec, &mut problem);
 
-    match (problems.is_empty(), intermediate_validity, renew_before, token_ttl) {
-        (true, Some(intermediate_validity), Some(renew_before), Some(token_ttl)) => Ok(Validated {
-            topology,
-            durations: Durations {
-                root_validity: root_validity.flatten(),
-                intermediate_validity,
-                renew_before,
-                token_ttl,
-            },
-        }),
+    match (problems.is_empty(), intermediate_validity, renew_before, token_ttl, workload_ttl) {
+        (true, Some(intermediate_validity), Some(renew_before), Some(token_ttl), Some(workload_certificate_ttl)) => {
+            Ok(Validated {
+                topology,
+                durations: Durations {
+                    root_validity: root_validity.flatten(),
+                    intermediate_validity,
+                    renew_before,
+                    token_ttl,
+                    workload_certificate_ttl,
+                },
+            })
+        }
         _ => Err(problems),
     }
 }

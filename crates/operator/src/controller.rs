@@ -17,7 +17,7 @@ use futures::{StreamExt, future::join_all};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::{
     ByteString,
-    api::core::v1::{Namespace, ObjectReference, Secret, Service},
+    api::core::v1::{ConfigMap, Namespace, ObjectReference, Secret, Service},
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
@@ -200,6 +200,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
     let mut validation = validate(spec);
     let mut root_status = None;
     let mut overlapping = None;
+    let mut wake_at = None;
     let reports = match &validation {
         Err(problems) => {
             info!(problems = problems.len(), "federation is invalid; nothing is written to members");
@@ -224,11 +225,26 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
                 overlapping = Some(overlaps);
                 reached.clear();
             }
+            let root = match root {
+                Ok(Some(root)) => Ok(root),
+                // No root yet: made now, unless members hold intermediates of one that is gone.
+                Ok(None) => {
+                    let key = member::cacerts_key(&spec.istio.namespace);
+                    let held_by: Vec<String> = reached
+                        .iter()
+                        .filter(|(name, r)| r.held.get(&key).is_some_and(|s| member::labelled_for(s, &fref, name)))
+                        .map(|(name, _)| name.clone())
+                        .collect();
+                    trust::mint(&ctx.hub, &fref, fed, &valid.durations, now, &held_by).await
+                }
+                Err(f) => Err(f),
+            };
             let cacerts = match &root {
                 Ok(root) => {
                     let previous = previous.and_then(|p| p.trust.as_ref());
-                    let (status, cacerts) = plan_cacerts(spec, root, &valid.durations, previous, &reached, now);
+                    let (status, cacerts, wake) = plan_cacerts(spec, root, &valid.durations, previous, &reached, now);
                     root_status = Some(Ok(status));
+                    wake_at = wake;
                     cacerts
                 }
                 Err(f) => {
@@ -297,6 +313,11 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
         // An invalid spec waits for its next edit: retrying cannot fix it.
         (Err(_), _) => Action::await_change(),
         (Ok(_), true) => Action::requeue(ctx.settings.resync_after),
+        // A rotation that waits for workload certificates to expire is looked at when they have.
+        (Ok(_), false) if let Some(at) = wake_at => {
+            let left = at.duration_since(ctx.settings.clock.now()).unsigned_abs();
+            Action::requeue(left.clamp(ctx.settings.retry_after, ctx.settings.resync_after))
+        }
         (Ok(_), false) => Action::requeue(ctx.settings.retry_after),
     })
 }
@@ -349,7 +370,7 @@ fn gateway_states(
 }
 
 /// Each member's `cacerts` data and intermediate (or why it has none), as the trust plan asks: kept, with new trusted
-/// roots, or issued afresh; and the trust status.
+/// roots, or issued afresh; the trust status; and when a rotation that waits for time wants to be looked at again.
 fn plan_cacerts(
     spec: &MeshFederationSpec,
     root: &Root,
@@ -357,11 +378,22 @@ fn plan_cacerts(
     previous: Option<&TrustStatus>,
     reached: &BTreeMap<String, Reached>,
     now: Timestamp,
-) -> (TrustStatus, PlannedCacerts) {
-    let key = member::cacerts_key(&spec.istio.namespace);
-    let observed: BTreeMap<String, Option<Secret>> =
-        reached.iter().map(|(name, r)| (name.clone(), apply::typed::<Secret>(&r.held, &key))).collect();
-    let data = observed.iter().map(|(n, s)| (n.clone(), s.as_ref().and_then(|s| s.data.as_ref()))).collect();
+) -> (TrustStatus, PlannedCacerts, Option<Timestamp>) {
+    let (key, published) =
+        (member::cacerts_key(&spec.istio.namespace), member::published_roots_key(&spec.istio.namespace));
+    let observed: BTreeMap<String, (Option<Secret>, Option<ConfigMap>)> = reached
+        .iter()
+        .map(|(name, r)| (name.clone(), (apply::typed(&r.held, &key), apply::typed(&r.held, &published))))
+        .collect();
+    let data = observed
+        .iter()
+        .map(|(n, (s, cm))| {
+            let cacerts = s.as_ref().and_then(|s| s.data.as_ref());
+            let published =
+                cm.as_ref().map(|cm| cm.data.as_ref().and_then(|d| d.get(pki::ROOT_CERT)).map_or("", |p| p.as_str()));
+            (n.clone(), meshfed_core::trust::Observed { cacerts, published })
+        })
+        .collect();
     let planned = meshfed_core::trust::plan_trust(spec, root, durations, previous, &data, now);
     let cacerts = planned
         .cacerts
@@ -386,7 +418,7 @@ fn plan_cacerts(
             (name, held)
         })
         .collect();
-    (planned.status, cacerts)
+    (planned.status, cacerts, planned.wake_at)
 }
 
 type CacertsData = BTreeMap<String, ByteString>;
@@ -549,7 +581,12 @@ async fn observe_member(
             .map_err(|e| apply::read_failure("reading namespace kube-system (the cluster's identity)", e))?;
         report.identity = identity.metadata.uid;
         let ns = &spec.istio.namespace;
-        let by_name = [member::claim_key(ns), member::namespace_key(ns), member::cacerts_key(ns)];
+        let by_name = [
+            member::claim_key(ns),
+            member::namespace_key(ns),
+            member::cacerts_key(ns),
+            member::published_roots_key(ns),
+        ];
         let (mut held, unserved) = apply::observe(&member.client, fref, name, &by_name).await?;
         let observed_ns = held.get(&member::namespace_key(ns));
         if take_claim && observed_ns.is_some_and(|n| !n["metadata"]["deletionTimestamp"].is_null()) {

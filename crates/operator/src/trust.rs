@@ -15,15 +15,17 @@ use meshfed_core::{
 use std::collections::BTreeMap;
 use tracing::info;
 
-/// The federation's root CA: the one the user brings, or the generated one, created once. A generated root whose
-/// Secret disappeared while the status shows members were given intermediates from it is never replaced silently.
+/// The federation's root CA: the one the user brings, or the generated one, created once; `Ok(None)` when a root
+/// is to be generated and none exists yet ([`mint`] makes it, once the members were looked at). A generated root
+/// whose Secret disappeared while the status shows members were given intermediates from it is never replaced
+/// silently.
 pub async fn root(
     hub: &Client,
     fref: &FederationRef,
     fed: &MeshFederation,
     durations: &Durations,
     now: Timestamp,
-) -> Result<Root, Failure> {
+) -> Result<Option<Root>, Failure> {
     let secrets: Api<Secret> = Api::namespaced(hub.clone(), &fref.namespace);
     let load = |name: &str, s: Secret| {
         pki::load_root_secret(&s.data.unwrap_or_default(), now)
@@ -34,7 +36,7 @@ pub async fn root(
         let s = read(&secrets, &byo.name).await?.ok_or_else(|| {
             Failure::new(Reason::RootSecretMissing, format!("trust.root.secretRef: Secret {} does not exist", byo.name))
         })?;
-        return load(&byo.name, s);
+        return load(&byo.name, s).map(Some);
     }
     let (Some(generate), Some(validity)) = (&trust.root.generate, durations.root_validity) else {
         return Err(Failure::new(Reason::RootSourceMissing, "set trust.root.generate or trust.root.secretRef"));
@@ -50,7 +52,7 @@ pub async fn root(
     let request = fed.annotations().get(ROTATE_ROOT_ANNOTATION).cloned();
     if let Some(mut s) = read(&secrets, &name).await? {
         if request.is_none() || s.annotations().get(ROTATE_ROOT_ANNOTATION) == request.as_ref() {
-            return load(&name, s);
+            return load(&name, s).map(Some);
         }
         // A rotation was asked for: a new root replaces the old one here (members keep trusting the old one until
         // the rotation is through). `replace` carries the resourceVersion read, so of two racing replicas one wins;
@@ -65,7 +67,7 @@ pub async fn root(
             }
         };
         info!(secret = %name, "generated a new root CA on request; rotating to it");
-        return load(&name, replaced);
+        return load(&name, replaced).map(Some);
     }
     if let Some(fp) = fed.status.as_ref().and_then(|s| s.trust.as_ref()?.root_fingerprint.clone()) {
         return Err(Failure::new(
@@ -75,16 +77,53 @@ pub async fn root(
             ),
         ));
     }
-    let mut secret = trust::root_secret(fref, &new_root()?, request);
+    Ok(None)
+}
+
+/// Generates the federation's root and stores it in the hub, unless a member already holds an intermediate that
+/// meshfed issued for this federation (`held_by`, non-empty): then the root they chain to is gone from the hub, and
+/// a new one would silently replace it in every member.
+pub async fn mint(
+    hub: &Client,
+    fref: &FederationRef,
+    fed: &MeshFederation,
+    durations: &Durations,
+    now: Timestamp,
+    held_by: &[String],
+) -> Result<Root, Failure> {
+    let name = trust::root_secret_name(&fref.name);
+    if !held_by.is_empty() {
+        return Err(Failure::new(
+            Reason::RootMissing,
+            format!(
+                "there is no root CA Secret {name}, but members ({}) hold intermediates meshfed issued for this federation; meshfed will not mint a new root behind your back: restore the Secret from a backup, or delete and recreate the federation to start over with a new root",
+                held_by.join(", ")
+            ),
+        ));
+    }
+    let (Some(generate), Some(validity)) = (&fed.spec.trust.root.generate, durations.root_validity) else {
+        return Err(Failure::new(Reason::RootSourceMissing, "set trust.root.generate or trust.root.secretRef"));
+    };
+    let secrets: Api<Secret> = Api::namespaced(hub.clone(), &fref.namespace);
+    let load = |s: Secret| {
+        pki::load_root_secret(&s.data.unwrap_or_default(), now)
+            .map_err(|e| Failure::new(e.reason(), format!("root CA Secret {name}: {e}")))
+    };
+    let vanished =
+        || Failure::new(Reason::RootSecretMissing, format!("Secret {name} vanished while meshfed wrote it; retrying"));
+    let material = tokio::task::block_in_place(|| pki::generate_root(generate.algorithm, validity, now))
+        .map_err(|e| Failure::new(e.reason(), e.to_string()))?;
+    let request = fed.annotations().get(ROTATE_ROOT_ANNOTATION).cloned();
+    let mut secret = trust::root_secret(fref, &material, request);
     secret.metadata.owner_references = fed.controller_owner_ref(&()).map(|o| vec![o]);
     // Create, not apply: of two replicas racing, one creates and the other reads the winner's root.
     let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
     match secrets.create(&params, &secret).await {
         Ok(created) => {
             info!(secret = %name, "generated the root CA");
-            load(&name, created)
+            load(created)
         }
-        Err(kube::Error::Api(s)) if s.code == 409 => load(&name, read(&secrets, &name).await?.ok_or_else(vanished)?),
+        Err(kube::Error::Api(s)) if s.code == 409 => load(read(&secrets, &name).await?.ok_or_else(vanished)?),
         Err(e) => {
             Err(Failure::new(Reason::RootSecretUnwritable, format!("cannot create Secret {name} in the hub: {e}")))
         }

@@ -1,6 +1,7 @@
 //! What a real member cluster has around meshfed's objects and a bare API server lacks, played for tests and the
 //! demo: the Istio and Sail operator CRDs, a cloud that gives LoadBalancer Services an address, nodes with
-//! addresses, and a Sail operator that reports every `Istio` resource ready. Only status and nodes are played: every
+//! addresses, a Sail operator that reports every `Istio` resource ready, and istiod publishing the roots of its
+//! `cacerts` to workloads (ConfigMap `istio-ca-root-cert`). Only status and nodes are played: every
 //! object meshfed writes is validated by the real API server against the real CRD schemas.
 
 use std::{
@@ -10,7 +11,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use futures::{StreamExt, stream::select};
-use k8s_openapi::api::core::v1::{Node, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
 use kube::{
     Api, Client, ResourceExt,
     api::{ApiResource, DynamicObject, Patch, PatchParams, PostParams},
@@ -114,7 +115,12 @@ impl Cluster {
                 .default_backoff()
                 .applied_objects()
                 .map(|o| o.map(|s| Played::Service(Box::new(s))));
-            let mut events = select(istio_events, service_events).boxed();
+            let cacerts = Api::<Secret>::all(client.clone());
+            let cacerts_events = watcher(cacerts, watcher::Config::default().fields("metadata.name=cacerts"))
+                .default_backoff()
+                .applied_objects()
+                .map(|o| o.map(|s| Played::Cacerts(Box::new(s))));
+            let mut events = select(select(istio_events, service_events), cacerts_events).boxed();
             while let Some(event) = events.next().await {
                 let Ok(event) = event else { continue };
                 if let Err(e) = play(&client, &istios, event, &ip).await {
@@ -129,6 +135,7 @@ impl Cluster {
 enum Played {
     Istio(Box<DynamicObject>),
     Service(Box<Service>),
+    Cacerts(Box<Secret>),
 }
 
 async fn play(client: &Client, istios: &Api<DynamicObject>, event: Played, ip: &str) -> Result<()> {
@@ -149,6 +156,19 @@ async fn play(client: &Client, istios: &Api<DynamicObject>, event: Played, ip: &
                 ],
             }});
             istios.patch_status(&istio.name_any(), &PatchParams::default(), &status(body)).await?;
+        }
+        Played::Cacerts(secret) => {
+            // istiod publishes the roots of its CA bundle to workloads, as it reloads them.
+            let Some(roots) = secret.data.as_ref().and_then(|d| d.get("root-cert.pem")) else { return Ok(()) };
+            let namespace = secret.namespace().unwrap_or_default();
+            let cm = json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": "istio-ca-root-cert", "namespace": namespace},
+                "data": {"root-cert.pem": String::from_utf8_lossy(&roots.0)},
+            });
+            let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+            api.patch("istio-ca-root-cert", &PatchParams::apply("istiod-play").force(), &Patch::Apply(&cm)).await?;
         }
         Played::Service(svc) => {
             let lb = svc.spec.as_ref().and_then(|s| s.type_.as_deref()) == Some("LoadBalancer");
@@ -183,7 +203,7 @@ async fn render_mesh_networks(client: &Client, istio: &DynamicObject) -> Result<
         "metadata": {"name": "istio", "namespace": namespace},
         "data": {"meshNetworks": json!({"networks": networks}).to_string()},
     });
-    let api: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), namespace);
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     api.patch("istio", &PatchParams::apply("sail-operator-play").force(), &Patch::Apply(&cm)).await?;
     Ok(())
 }
