@@ -5,7 +5,7 @@ use std::{path::Path, process::Command, time::Duration};
 
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
-    Api, Client,
+    Api, Client, ResourceExt,
     api::{Patch, PatchParams},
 };
 use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready};
@@ -134,6 +134,7 @@ async fn a_generated_root_gives_every_member_an_intermediate_that_istio_accepts(
     // The generated root's Secret is lost: reported, never replaced, and the members keep their intermediates.
     let before = cacerts(&east).await.unwrap();
     Api::<Secret>::namespaced(f.hub.clone(), NAMESPACE).delete("prod-root-ca", &Default::default()).await?;
+    f.poke("prod").await?;
     f.poke("prod").await?;
     let fed = f
         .wait_for("prod", WAIT, |fed| fed_condition(fed, "TrustReady").is_some_and(|c| c.reason == "RootMissing"))
@@ -419,5 +420,33 @@ async fn a_generated_root_is_rotated_on_request_and_every_member_ends_on_the_new
         meshfed_core::pki::fingerprints(&hub_secret(&f, "prod-root-ca").await.unwrap().data.unwrap()["tls.crt"].0),
         [new]
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hub_that_lost_the_root_and_the_status_never_mints_a_new_root_behind_the_members() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    f.apply(&example("multi-primary-multi-network")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let before: Vec<String> =
+        states(&f, &["east", "west"]).await.iter().map(|(_, s)| s.resource_version().unwrap()).collect();
+
+    // The hub is restored from Git without the root Secret and without the status (a backup without them).
+    Api::<Secret>::namespaced(f.hub.clone(), NAMESPACE).delete("prod-root-ca", &Default::default()).await?;
+    f.poke("prod").await?;
+    let root_missing =
+        |fed: &meshfed_api::MeshFederation| fed_condition(fed, "TrustReady").is_some_and(|c| c.reason == "RootMissing");
+    f.wait_for("prod", WAIT, root_missing).await?;
+    let cleared = serde_json::json!({"status": null});
+    f.federations().patch_status("prod", &PatchParams::default(), &Patch::Merge(&cleared)).await?;
+    f.poke_and_wait("prod").await?;
+
+    let fed = f.wait_for("prod", WAIT, root_missing).await?;
+    let message = &fed_condition(&fed, "TrustReady").unwrap().message;
+    assert!(message.contains("members (east, west) hold intermediates"), "{message}");
+    assert!(hub_secret(&f, "prod-root-ca").await.is_none(), "a new root was minted");
+    let after: Vec<String> =
+        states(&f, &["east", "west"]).await.iter().map(|(_, s)| s.resource_version().unwrap()).collect();
+    assert_eq!(before, after, "a member's cacerts changed");
     Ok(())
 }

@@ -227,3 +227,115 @@ pub fn issued(mut bundle: CacertsBundle, other_roots: &str) -> BTreeMap<String, 
     bundle.root_cert_pem = format!("{other_roots}{}", bundle.root_cert_pem);
     bundle.secret_data()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use meshfed_api::KeyAlgorithm;
+
+    use super::*;
+    use crate::validate::validate;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn spec() -> MeshFederationSpec {
+        serde_yaml::from_str(
+            "meshID: m\ntrust: {root: {generate: {}}}\nclusters:\n- {name: a, network: n1, kubeconfigSecretRef: {name: a}}\n- {name: b, network: n2, kubeconfigSecretRef: {name: b}}\n- {name: c, network: n3, kubeconfigSecretRef: {name: c}}\n",
+        )
+        .unwrap()
+    }
+
+    fn now() -> Timestamp {
+        "2026-11-24T00:00:00Z".parse().unwrap()
+    }
+
+    fn root() -> Root {
+        let material = pki::generate_root(KeyAlgorithm::ECDSAP256, 100 * 24 * HOUR, now()).unwrap();
+        pki::load_root_secret(&material.secret_data(), now()).unwrap()
+    }
+
+    /// `cluster`'s `cacerts` from `root`, valid `validity`, trusting `other_roots` too.
+    fn cacerts(root: &Root, cluster: &str, validity: Duration, other_roots: &str) -> BTreeMap<String, ByteString> {
+        let profile =
+            IntermediateProfile { cluster, istio_namespace: "istio-system", algorithm: KeyAlgorithm::ECDSAP256 };
+        issued(pki::issue_intermediate(root, &profile, validity, now()).unwrap(), other_roots)
+    }
+
+    fn rotating_from(old: &Root) -> TrustStatus {
+        TrustStatus { root_fingerprint: Some(old.summary().fingerprint.clone()), ..Default::default() }
+    }
+
+    fn roots_of(plan: &CacertsPlan) -> Vec<String> {
+        match plan {
+            CacertsPlan::Hold { data, .. } => pki::fingerprints(&data[pki::ROOT_CERT].0),
+            CacertsPlan::Issue { other_roots, .. } => pki::fingerprints(other_roots.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn a_member_that_joins_mid_rotation_trusts_every_root_its_peers_trust() {
+        let (s, old, new) = (spec(), root(), root());
+        let durations = validate(&s).unwrap().durations;
+        let (a, b) = (cacerts(&old, "a", 1000 * HOUR, ""), cacerts(&old, "b", 1000 * HOUR, ""));
+        let observed = BTreeMap::from([
+            ("a".to_string(), Observed { cacerts: Some(&a), published: None }),
+            ("b".to_string(), Observed { cacerts: Some(&b), published: None }),
+            ("c".to_string(), Observed::default()),
+        ]);
+        let plan = plan_trust(&s, &new, &durations, Some(&rotating_from(&old)), &observed, now());
+        let joiner = plan.cacerts["c"].as_ref().unwrap();
+        assert!(matches!(joiner, CacertsPlan::Issue { .. }), "{joiner:?}");
+        // Its peers still sign with the old root: it must trust it, beside the new one it is issued from.
+        assert_eq!(roots_of(joiner), [old.summary().fingerprint.clone()]);
+    }
+
+    #[test]
+    fn the_new_root_is_used_only_once_every_control_plane_publishes_it() {
+        let (s, old, new) = (spec(), root(), root());
+        let durations = validate(&s).unwrap().durations;
+        let both = format!("{}{}", old.cert_pem(), new.cert_pem());
+        let data: Vec<_> = ["a", "b", "c"].map(|c| cacerts(&old, c, 1000 * HOUR, new.cert_pem())).into();
+        fn observe<'a>(
+            data: &'a [BTreeMap<String, ByteString>],
+            published: [&'a str; 3],
+        ) -> BTreeMap<String, Observed<'a>> {
+            ["a", "b", "c"]
+                .iter()
+                .zip(data)
+                .zip(published)
+                .map(|((c, d), p)| (c.to_string(), Observed { cacerts: Some(d), published: Some(p) }))
+                .collect()
+        }
+        let previous = rotating_from(&old);
+        let observed = observe(&data, [&both, &both, old.cert_pem()]);
+        let stale = plan_trust(&s, &new, &durations, Some(&previous), &observed, now());
+        assert!(stale.status.rotation_phase.as_deref().unwrap().contains("istio-ca-root-cert"));
+        assert!(stale.cacerts.values().all(|p| matches!(p, Ok(CacertsPlan::Hold { .. }))), "nobody is reissued yet");
+        let observed = observe(&data, [&both, &both, &both]);
+        let published = plan_trust(&s, &new, &durations, Some(&previous), &observed, now());
+        assert!(published.cacerts.values().all(|p| matches!(p, Ok(CacertsPlan::Issue { .. }))));
+    }
+
+    #[test]
+    fn an_intermediate_keeps_being_renewed_during_a_rotation() {
+        let (s, old, new) = (spec(), root(), root());
+        let durations = validate(&s).unwrap().durations;
+        // Every member signs with the new root and waits for workload certificates; a's intermediate expires soon.
+        let a = cacerts(&new, "a", 10 * HOUR, old.cert_pem());
+        let others: Vec<_> = ["b", "c"].map(|c| cacerts(&new, c, 1000 * HOUR, old.cert_pem())).into();
+        let observed = BTreeMap::from([
+            ("a".to_string(), Observed { cacerts: Some(&a), published: None }),
+            ("b".to_string(), Observed { cacerts: Some(&others[0]), published: None }),
+            ("c".to_string(), Observed { cacerts: Some(&others[1]), published: None }),
+        ]);
+        let previous = TrustStatus { intermediates_reissued_at: Some(now().to_string()), ..rotating_from(&old) };
+        let plan = plan_trust(&s, &new, &durations, Some(&previous), &observed, now());
+        assert!(plan.status.rotation_phase.as_deref().unwrap().starts_with("AwaitingWorkloadCertificates"));
+        assert_eq!(plan.wake_at, Some(now() + SignedDuration::from_hours(24) + SignedDuration::from_mins(5)));
+        let renewed = plan.cacerts["a"].as_ref().unwrap();
+        assert!(matches!(renewed, CacertsPlan::Issue { .. }), "{renewed:?}");
+        assert_eq!(roots_of(renewed), [old.summary().fingerprint.clone()], "still trusting the old root");
+        assert!(matches!(plan.cacerts["b"], Ok(CacertsPlan::Hold { .. })));
+    }
+}
