@@ -173,12 +173,12 @@ async fn invalid_federations_get_a_precise_reason_and_write_nothing() -> anyhow:
 async fn an_exec_kubeconfig_is_refused_unrun_and_only_its_member_waits() -> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west"], Options::default()).await?;
     let marker = f.env.dir().join("exec-ran");
-    let mut kc: serde_yaml::Value = serde_yaml::from_str(f.env.cluster("west").kubeconfig())?;
-    kc["users"][0]["user"] = serde_yaml::from_str(&format!(
+    let mut kc: serde_json::Value = serde_saphyr::from_str(f.env.cluster("west").kubeconfig())?;
+    kc["users"][0]["user"] = serde_saphyr::from_str(&format!(
         "exec: {{apiVersion: client.authentication.k8s.io/v1, command: sh, args: [-c, 'touch {}'], interactiveMode: Never}}",
         marker.display()
     ))?;
-    put_kubeconfig(&f.hub, "west", &serde_yaml::to_string(&kc)?).await?;
+    put_kubeconfig(&f.hub, "west", &serde_saphyr::to_string(&kc)?).await?;
 
     f.apply(&example("multi-primary-multi-network")).await?;
     let fed = f

@@ -244,9 +244,9 @@ async fn a_hub_credential_that_cannot_create_tokens_is_named_with_the_permission
         ..Default::default()
     };
     let token = sas.create_token_request("hub", &create, &req).await?.status.unwrap().token;
-    let mut kc: serde_yaml::Value = serde_yaml::from_str(f.env.cluster("west").kubeconfig())?;
-    kc["users"][0]["user"] = serde_yaml::from_str(&format!("token: {token}"))?;
-    meshfed_e2e::put_kubeconfig(&f.hub, "west", &serde_yaml::to_string(&kc)?).await?;
+    let mut kc: serde_json::Value = serde_saphyr::from_str(f.env.cluster("west").kubeconfig())?;
+    kc["users"][0]["user"] = serde_saphyr::from_str(&format!("token: {token}"))?;
+    meshfed_e2e::put_kubeconfig(&f.hub, "west", &serde_saphyr::to_string(&kc)?).await?;
 
     f.apply(&federation(&[&primary("east", "n1"), &primary("west", "n2")], "1h")).await?;
     let fed = f

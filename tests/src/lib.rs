@@ -24,7 +24,6 @@ use meshfed_operator::{
     metrics::Metrics,
 };
 use meshfed_testenv::{Env, Options};
-use serde::Deserialize;
 use tokio::task::JoinHandle;
 
 /// The hub namespace the examples in `deploy/` live in.
@@ -112,14 +111,14 @@ impl Fixture {
             .status
             .context("a token")?
             .token;
-        let mut kubeconfig: serde_yaml::Value = serde_yaml::from_str(self.env.cluster(HUB).kubeconfig())?;
-        kubeconfig["users"][0]["user"] = serde_yaml::from_str(&format!("token: {token}"))?;
-        meshfed_testenv::client_from_kubeconfig(&serde_yaml::to_string(&kubeconfig)?).await
+        let mut kubeconfig: serde_json::Value = serde_saphyr::from_str(self.env.cluster(HUB).kubeconfig())?;
+        kubeconfig["users"][0]["user"] = serde_saphyr::from_str(&format!("token: {token}"))?;
+        meshfed_testenv::client_from_kubeconfig(&serde_saphyr::to_string(&kubeconfig)?).await
     }
 
     /// Creates or updates a federation from YAML, as `kubectl apply --server-side` would.
     pub async fn apply(&self, yaml: &str) -> Result<MeshFederation> {
-        let fed: MeshFederation = serde_yaml::from_str(yaml)?;
+        let fed: MeshFederation = serde_saphyr::from_str(yaml)?;
         Ok(self.federations().patch(&fed.name_any(), &PatchParams::apply("e2e").force(), &Patch::Apply(&fed)).await?)
     }
 
@@ -145,7 +144,7 @@ impl Fixture {
             if Instant::now() > deadline {
                 bail!(
                     "federation {name} not as expected after {timeout:?}; status:\n{}",
-                    serde_yaml::to_string(&fed.status)?
+                    serde_saphyr::to_string(&fed.status)?
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -159,7 +158,7 @@ impl Fixture {
             if Instant::now() > deadline {
                 bail!(
                     "federation {name} still there after {timeout:?}; status:\n{}",
-                    serde_yaml::to_string(&fed.status)?
+                    serde_saphyr::to_string(&fed.status)?
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -322,12 +321,11 @@ pub async fn apply_manifests(client: &Client, yaml: &str, keep: impl Fn(&str) ->
     let pp =
         PatchParams { field_validation: Some(kube::api::ValidationDirective::Strict), ..PatchParams::apply("e2e") };
     let mut applied = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let value = serde_yaml::Value::deserialize(doc)?;
+    for value in serde_saphyr::from_multiple::<serde_json::Value>(yaml)? {
         if value.is_null() {
             continue; // a document of comments only
         }
-        let obj: kube::api::DynamicObject = serde_yaml::from_value(value)?;
+        let obj: kube::api::DynamicObject = serde_json::from_value(value)?;
         let types = obj.types.as_ref().context("every manifest has apiVersion and kind")?;
         if !keep(&types.kind) {
             continue;

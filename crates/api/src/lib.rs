@@ -419,7 +419,9 @@ fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schem
 
 /// The CRD as YAML, exactly as committed in `crds/`.
 pub fn crd_yaml() -> String {
-    serde_yaml::to_string(&MeshFederation::crd()).expect("the CRD serializes")
+    // Long lines stay one plain line (not folded), multi-line descriptions literal blocks: as committed.
+    let options = serde_saphyr::ser_options! { folded_wrap_chars: usize::MAX };
+    serde_saphyr::to_string_with_options(&MeshFederation::crd(), options).expect("the CRD serializes")
 }
 
 #[cfg(test)]
@@ -442,7 +444,7 @@ mod tests {
 
     #[test]
     fn a_minimal_manifest_gets_the_documented_defaults() {
-        let spec: MeshFederationSpec = serde_yaml::from_str(
+        let spec: MeshFederationSpec = serde_saphyr::from_str(
             "meshID: prod\ntrust: {root: {generate: {}}}\nclusters:\n- {name: east, network: n1, kubeconfigSecretRef: {name: east}}\n",
         )
         .unwrap();

@@ -15,3 +15,4 @@ pub mod rotation;
 pub mod topology;
 pub mod trust;
 pub mod validate;
+pub mod yaml;

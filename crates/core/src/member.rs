@@ -382,7 +382,7 @@ mod tests {
     use crate::plan::{LABEL_CLUSTER, MANAGED_BY};
 
     fn spec() -> MeshFederationSpec {
-        serde_yaml::from_str(
+        serde_saphyr::from_str(
             "meshID: m\ntrust: {root: {generate: {}}}\nclusters:\n- {name: east, network: n1, kubeconfigSecretRef: {name: east}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: west}}\n- {name: rem, network: n2, role: Remote, controlPlane: east, kubeconfigSecretRef: {name: rem}}\n",
         )
         .unwrap()
@@ -549,7 +549,8 @@ mod tests {
     }
 
     fn spec_of(clusters: &str) -> MeshFederationSpec {
-        serde_yaml::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{clusters}")).unwrap()
+        serde_saphyr::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{clusters}"))
+            .unwrap()
     }
 
     fn secret_for(holder: &ClusterSpec, target: &str, spec: &MeshFederationSpec) -> Secret {

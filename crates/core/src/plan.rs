@@ -491,7 +491,7 @@ mod tests {
     use crate::validate::validate;
 
     fn spec() -> MeshFederationSpec {
-        serde_yaml::from_str(
+        serde_saphyr::from_str(
             "meshID: m\ntrust: {root: {generate: {}}}\nclusters:\n- {name: east, network: n1, kubeconfigSecretRef: {name: east}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: west}}\n",
         )
         .unwrap()

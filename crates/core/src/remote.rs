@@ -303,7 +303,7 @@ pub fn remote_secret(
         users: vec![NamedUser { name: name.clone(), user: UserEntry { token: Some(token.clone()) } }],
     };
     // Strings and maps of strings always serialize; the message names no content.
-    let yaml = serde_yaml::to_string(&doc).expect("a kubeconfig of strings serializes");
+    let yaml = serde_saphyr::to_string(&doc).expect("a kubeconfig of strings serializes");
     let mut labels = fed.owned_labels(&holder.name);
     labels.insert(MULTI_CLUSTER_LABEL.into(), "true".into());
     Secret {
@@ -320,11 +320,12 @@ pub fn remote_secret(
 }
 
 /// The reader token in a remote secret for `target`: the inline token of the user of the current context of the
-/// kubeconfig under the data key `target`. `None` when the secret has no such key, the kubeconfig does not parse,
-/// or its current context has no inline token.
+/// kubeconfig under the data key `target`. `None` when the secret has no such key, the kubeconfig does not parse
+/// (within the size cap and parser budget of [`crate::yaml`]), or its current context has no inline token.
 pub fn token_in_remote_secret(secret: &Secret, target: &str) -> Option<ReaderToken> {
     let bytes = &secret.data.as_ref()?.get(target)?.0;
-    let doc: KubeconfigDoc = serde_yaml::from_slice(bytes).ok()?;
+    // Member-held: read within the bounds of `crate::yaml`, so that a crafted secret costs little.
+    let doc: KubeconfigDoc = crate::yaml::from_slice(bytes).ok()?;
     let context = doc.contexts.iter().find(|c| c.name == doc.current_context)?;
     let user = doc.users.into_iter().find(|u| u.name == context.context.user)?;
     user.user.token.filter(|t| !t.0.is_empty())
@@ -643,7 +644,7 @@ mod tests {
                 )
             })
             .collect();
-        serde_yaml::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{items}")).unwrap()
+        serde_saphyr::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{items}")).unwrap()
     }
 
     fn placement(clusters: &[&str]) -> Vec<(String, Vec<String>)> {
@@ -694,8 +695,8 @@ mod tests {
         }
     }
 
-    fn kubeconfig_of(secret: &Secret, key: &str) -> serde_yaml::Value {
-        serde_yaml::from_slice(&secret.data.as_ref().unwrap()[key].0).unwrap()
+    fn kubeconfig_of(secret: &Secret, key: &str) -> serde_json::Value {
+        serde_saphyr::from_slice(&secret.data.as_ref().unwrap()[key].0).unwrap()
     }
 
     // Reader identity
@@ -853,12 +854,12 @@ mod tests {
 
         let kc = kubeconfig_of(&secret, "west");
         assert_eq!(kc["current-context"], "west");
-        assert_eq!(kc["clusters"].as_sequence().unwrap().len(), 1);
+        assert_eq!(kc["clusters"].as_array().unwrap().len(), 1);
         assert_eq!(kc["clusters"][0]["cluster"]["server"], "https://west.example:6443");
         assert_eq!(kc["clusters"][0]["cluster"]["certificate-authority-data"], "Q0EgUEVN");
         assert_eq!(kc["contexts"][0]["context"]["cluster"], "west");
         assert_eq!(kc["users"][0]["user"]["token"].as_str(), Some(t.expose()));
-        assert_eq!(kc["users"][0]["user"].as_mapping().unwrap().len(), 1, "an inline token and nothing else");
+        assert_eq!(kc["users"][0]["user"].as_object().unwrap().len(), 1, "an inline token and nothing else");
         // What istiod refuses, meshfed's own kubeconfig check refuses too: the secret passes it.
         let yaml = std::str::from_utf8(&secret.data.as_ref().unwrap()["west"].0).unwrap();
         let (_, server) = crate::kubeconfig::check(yaml).unwrap();

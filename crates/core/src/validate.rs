@@ -194,8 +194,10 @@ mod tests {
 
     /// A spec from its clusters (one flow-style YAML list item per line) and extra top-level YAML.
     fn spec_with(clusters: &str, extra: &str) -> MeshFederationSpec {
-        serde_yaml::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\n{extra}\nclusters:\n{clusters}"))
-            .unwrap()
+        serde_saphyr::from_str(&format!(
+            "meshID: m\ntrust: {{root: {{generate: {{}}}}}}\n{extra}\nclusters:\n{clusters}"
+        ))
+        .unwrap()
     }
 
     fn spec(clusters: &str) -> MeshFederationSpec {
