@@ -127,6 +127,23 @@ pub struct Announcement {
     pub kubeconfig: Option<SecretKeyRef>,
 }
 
+/// The longest Event note the API accepts, in bytes (`events.k8s.io/v1` refuses longer ones, and the Event is lost).
+pub const EVENT_NOTE_MAX_BYTES: usize = 1024;
+
+/// `note` as an Event can carry it: unchanged when it fits in [`EVENT_NOTE_MAX_BYTES`], else cut at a character
+/// boundary and marked, so that a message naming many members (each unreachable one adds a line) is still told.
+pub fn event_note(note: String) -> String {
+    const MORE: &str = " [truncated]";
+    if note.len() <= EVENT_NOTE_MAX_BYTES {
+        return note;
+    }
+    let mut end = EVENT_NOTE_MAX_BYTES - MORE.len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MORE}", &note[..end])
+}
+
 impl Announcement {
     fn new(warning: bool, reason: &str, note: String) -> Self {
         Self { warning, reason: reason.into(), note, cluster: None, kubeconfig: None }
@@ -697,5 +714,31 @@ mod tests {
         let st = federation_status(Some(&st), Some(1), &s, &validate(&s), Some(&root()), &members, now());
         assert_eq!(st.clusters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["east", "west"]);
         assert_eq!(condition(&st.conditions, "Ready"), ("True", "Converged"));
+    }
+
+    #[test]
+    fn event_notes_fit_the_apis_limit_cut_at_a_character_boundary() {
+        // Eight unreachable members with ordinary messages make a condition's note longer than an Event may be.
+        let s = spec();
+        let members: Vec<MemberReport> = (0..8)
+            .map(|i| {
+                let why = format!("https://member-{i}.example:6443: error trying to connect: tcp connect error: Connection refused (os error 111), after 10s: the member did not answer");
+                report(&format!("member-{i}"), None, Some(Failure::new("Unreachable", why)))
+            })
+            .collect();
+        let st = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &members, now());
+        let said = announcements(None, &st);
+        let long = said.iter().find(|a| a.reason == "Unreachable").expect("an Event about the unreachable members");
+        assert!(long.note.len() > EVENT_NOTE_MAX_BYTES, "{}", long.note.len());
+        let note = event_note(long.note.clone());
+        assert!(note.len() <= EVENT_NOTE_MAX_BYTES && note.ends_with(" [truncated]"), "{}", note.len());
+        assert!(long.note.starts_with(note.trim_end_matches(" [truncated]")));
+
+        for filler in ["é", "€", "𝄞"] {
+            let note = event_note(filler.repeat(EVENT_NOTE_MAX_BYTES));
+            assert!(note.len() <= EVENT_NOTE_MAX_BYTES && note.ends_with(" [truncated]"), "{filler}: {}", note.len());
+        }
+        let exact = "x".repeat(EVENT_NOTE_MAX_BYTES);
+        assert_eq!(event_note(exact.clone()), exact, "a note that fits is not touched");
     }
 }

@@ -584,7 +584,7 @@ async fn publish(ctx: &Context, fed: &MeshFederation, said: plan::Announcement) 
     let event = KubeEvent {
         type_: if said.warning { EventType::Warning } else { EventType::Normal },
         reason: said.reason,
-        note: Some(said.note),
+        note: Some(plan::event_note(said.note)),
         action: "Reconcile".into(),
         secondary,
     };
