@@ -17,7 +17,8 @@ use crate::{
 pub const FIELD_MANAGER: &str = "meshfed";
 /// Marks everything meshfed writes in a member.
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-/// The name of the federation that owns an object in a member.
+/// The name of the federation that owns an object in a member (shortened and hashed when over 63 characters:
+/// [`FederationRef::name_label`]).
 pub const LABEL_FEDERATION: &str = "meshfed.io/federation";
 /// The hub namespace of the federation that owns an object in a member.
 pub const LABEL_FEDERATION_NAMESPACE: &str = "meshfed.io/federation-namespace";
@@ -45,12 +46,44 @@ impl std::fmt::Display for FederationRef {
     }
 }
 
+/// The longest label value Kubernetes accepts, in characters.
+pub const MAX_LABEL_VALUE: usize = 63;
+
+/// `value` as a label value: itself when it fits in [`MAX_LABEL_VALUE`] characters, else its first 46 characters,
+/// a dash and 16 hex digits of the SHA-256 of the whole value. A federation's name may be 253 characters long
+/// while a label value may hold 63, so [`LABEL_FEDERATION`] carries this form: every name works, the short ones
+/// (nearly all) stay readable as they are, and two long names differ in their hash.
+pub fn label_value(value: &str) -> String {
+    use sha2::{Digest, Sha256};
+    if value.len() <= MAX_LABEL_VALUE {
+        return value.into();
+    }
+    let hash: String = Sha256::digest(value.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let mut keep = MAX_LABEL_VALUE - hash.len() - 1;
+    while !value.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    // A label value must end with an alphanumeric character; the hash does.
+    format!("{}-{hash}", value[..keep].trim_end_matches(['.', '-', '_']))
+}
+
 impl FederationRef {
+    /// The value of [`LABEL_FEDERATION`] on what meshfed writes for this federation: its name, or for a name
+    /// over 63 characters the shortened form of [`label_value`]. Compare labels with this, never with `name`.
+    pub fn name_label(&self) -> String {
+        label_value(&self.name)
+    }
+
+    /// Whether an object's [`LABEL_FEDERATION_NAMESPACE`] and [`LABEL_FEDERATION`] values name this federation.
+    pub fn is_labelled(&self, namespace_label: &str, name_label: &str) -> bool {
+        namespace_label == self.namespace && name_label == self.name_label()
+    }
+
     /// The labels that every object meshfed writes for `cluster` carries.
     pub fn owned_labels(&self, cluster: &str) -> BTreeMap<String, String> {
         BTreeMap::from([
             (MANAGED_BY.into(), FIELD_MANAGER.into()),
-            (LABEL_FEDERATION.into(), self.name.clone()),
+            (LABEL_FEDERATION.into(), self.name_label()),
             (LABEL_FEDERATION_NAMESPACE.into(), self.namespace.clone()),
             (LABEL_CLUSTER.into(), cluster.into()),
         ])
