@@ -245,7 +245,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             record_failures(&mut reports, second);
             for r in &mut reports {
                 match tokens.get(&r.name) {
-                    Some(Ok(t)) => r.token_expires_at = Some(t.expires_at),
+                    Some(Ok(t)) => (r.token_expires_at, r.token_refresh_at) = (Some(t.expires_at), Some(t.refresh_at)),
                     Some(Err(f)) => r.remote_access = Some(f.clone()),
                     None => {}
                 }
@@ -277,7 +277,10 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
     Ok(match (&validation, ready) {
         // An invalid spec waits for its next edit: retrying cannot fix it.
         (Err(_), _) => Action::await_change(),
-        (Ok(_), true) => Action::requeue(ctx.settings.resync_after),
+        (Ok(v), true) => {
+            let now = ctx.settings.clock.now();
+            Action::requeue(plan::next_deadline(&reports, v.durations.renew_before, now, ctx.settings.resync_after))
+        }
         (Ok(_), false) => Action::requeue(ctx.settings.retry_after),
     })
 }
@@ -474,11 +477,8 @@ async fn observe_member(
     }
     let run = async {
         let asked = std::time::Instant::now();
-        let version = member
-            .client
-            .apiserver_version()
-            .await
-            .map_err(|e| Failure::new("Unreachable", format!("{}: {e}", member.server)))?;
+        let version =
+            member.probe().await.map_err(|e| Failure::new("Unreachable", format!("{}: {e}", member.server)))?;
         ctx.metrics.member_answered(&key, name, asked.elapsed());
         report.version = Some(version.git_version);
         let identity = Api::<Namespace>::all(member.client.clone())
