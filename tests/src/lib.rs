@@ -101,12 +101,17 @@ impl Fixture {
             .await?;
         let rbac = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"];
         apply_manifests(&self.hub, &manifests(), |kind| rbac.contains(&kind)).await?;
+        self.credentials_of("meshfed").await
+    }
+
+    /// A hub client that authenticates as ServiceAccount `service_account` of [`OPERATOR_NAMESPACE`].
+    pub async fn credentials_of(&self, service_account: &str) -> Result<Client> {
         let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
             Api::namespaced(self.hub.clone(), OPERATOR_NAMESPACE);
         let request: k8s_openapi::api::authentication::v1::TokenRequest =
             serde_json::from_value(serde_json::json!({"spec": {"expirationSeconds": 7200}}))?;
         let token = sas
-            .create_token_request("meshfed", &PostParams::default(), &request)
+            .create_token_request(service_account, &PostParams::default(), &request)
             .await?
             .status
             .context("a token")?
