@@ -275,9 +275,7 @@ fn laughs(size: usize) -> String {
     );
     for i in 1..10 {
         let p = i - 1;
-        doc.push_str(&format!(
-            "l{i}: &l{i} [*l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}]\n"
-        ));
+        doc.push_str(&format!("l{i}: &l{i} [*l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}]\n"));
     }
     doc.push('#');
     doc.push_str(&"x".repeat(size.saturating_sub(doc.len() + 1)));

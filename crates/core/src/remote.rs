@@ -302,8 +302,10 @@ pub fn remote_secret(
         preferences: BTreeMap::new(),
         users: vec![NamedUser { name: name.clone(), user: UserEntry { token: Some(token.clone()) } }],
     };
-    // Strings and maps of strings always serialize; the message names no content.
-    let yaml = serde_saphyr::to_string(&doc).expect("a kubeconfig of strings serializes");
+    // Strings and maps of strings always serialize; the message names no content. Long strings (the token, the CA
+    // data) stay plain one-line scalars, as kubectl writes them, rather than folded blocks.
+    let options = serde_saphyr::ser_options! { folded_wrap_chars: usize::MAX };
+    let yaml = serde_saphyr::to_string_with_options(&doc, options).expect("a kubeconfig of strings serializes");
     let mut labels = fed.owned_labels(&holder.name);
     labels.insert(MULTI_CLUSTER_LABEL.into(), "true".into());
     Secret {
@@ -920,6 +922,7 @@ mod tests {
         assert_eq!(kc["users"][0]["user"].as_object().unwrap().len(), 1, "an inline token and nothing else");
         // What istiod refuses, meshfed's own kubeconfig check refuses too: the secret passes it.
         let yaml = std::str::from_utf8(&secret.data.as_ref().unwrap()["west"].0).unwrap();
+        assert!(yaml.contains(&format!("token: {}\n", t.expose())), "the token is one plain line: {}", yaml.len());
         let (_, server) = crate::kubeconfig::check(yaml).unwrap();
         assert_eq!(server, "https://west.example:6443");
         assert_eq!(token_in_remote_secret(&secret, "west"), Some(t));
