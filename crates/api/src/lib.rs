@@ -150,7 +150,7 @@ pub struct IntermediateSpec {
     pub validity: String,
 
     /// How long before its expiry an intermediate is reissued, as a duration such as `720h` (30 days, the
-    /// default). Must be shorter than `validity`.
+    /// default). Must be shorter than `validity` and at least `10m`.
     #[serde(default = "default_renew_before")]
     pub renew_before: String,
 }
@@ -190,7 +190,7 @@ pub enum KeyAlgorithm {
 #[serde(rename_all = "camelCase")]
 pub struct RemoteAccessSpec {
     /// Lifetime of the reader tokens that meshfed puts into remote secrets, as a duration such as `24h` (the
-    /// default). meshfed requests a new token when a third of the lifetime remains.
+    /// default; at least `10m`). meshfed requests a new token when a third of the lifetime remains.
     #[serde(default = "default_token_ttl", rename = "tokenTTL")]
     pub token_ttl: String,
 }
