@@ -23,7 +23,8 @@ pub const LEASE_NAME: &str = "meshfed-leader";
 /// When the leader renews and when it must stop writing, for a Lease of a given duration: it renews at half the
 /// duration since its last renewal (the manager's `grace` ahead of expiry, in whole seconds), and stops writing a
 /// tenth of the duration before the Lease can expire, so that the renewal has the rest of the time to land and be
-/// seen. Pure: the times come in as arguments.
+/// seen, and a write in flight when the controller is dropped (its reconcile tasks are aborted at their next await)
+/// lands before another replica may start. Pure: the times come in as arguments.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fence {
     /// The Lease duration, whole seconds (as the Lease stores it), at least 3.
