@@ -3,11 +3,12 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{
     Api, Client,
-    api::{ListParams, PostParams},
+    api::{DynamicObject, ListParams, PostParams},
 };
+use meshfed_core::{member, plan::FederationRef};
 use meshfed_e2e::{Fixture, condition, example, fed_condition, is_ready, put_kubeconfig};
 use meshfed_testenv::Options;
 
@@ -106,6 +107,45 @@ async fn a_federation_labels_every_member_and_deletion_cleans_them() -> anyhow::
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_federation_with_a_200_character_name_converges_repairs_drift_and_is_deleted() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    // Label values hold 63 characters; this name is labelled in its shortened form (`plan::label_value`).
+    let name = format!("{}prod", "federation-with-a-long-name.".repeat(7));
+    assert_eq!(name.len(), 200);
+    let fref = FederationRef { namespace: meshfed_e2e::NAMESPACE.into(), name: name.clone() };
+    f.apply(&example("multi-primary-multi-network").replacen("  name: prod\n", &format!("  name: {name}\n"), 1))
+        .await?;
+    f.wait_for(&name, WAIT, is_ready).await?;
+    let east = f.member("east").await?;
+    let cacerts = Api::<Secret>::namespaced(east.clone(), "istio-system");
+    let held = cacerts.get("cacerts").await?;
+    assert_eq!(held.metadata.labels.unwrap()["meshfed.io/federation"], fref.name_label());
+
+    // A watch event maps the shortened label back to the federation: a deleted cacerts is back long before the
+    // resync (5 minutes).
+    cacerts.delete("cacerts", &Default::default()).await?;
+    meshfed_e2e::until("cacerts is put back", Duration::from_secs(20), Duration::from_millis(100), async || {
+        cacerts.get_opt("cacerts").await.ok().flatten().is_some_and(|s| s.metadata.deletion_timestamp.is_none())
+    })
+    .await?;
+
+    f.delete(&name).await?;
+    f.wait_gone(&name, WAIT).await?;
+    for m in ["east", "west"] {
+        let client = f.member(m).await?;
+        for kind in member::OWNED_KINDS {
+            let ar = meshfed_operator::apply::api_resource(kind);
+            let lp = ListParams::default().labels(&fref.selector(m));
+            let left = Api::<DynamicObject>::all_with(client.clone(), &ar).list(&lp).await?.items;
+            // Without kube-controller-manager a namespace stays Terminating: being deleted is cleaned up.
+            let left: Vec<_> = left.iter().filter(|o| o.metadata.deletion_timestamp.is_none()).collect();
+            assert!(left.is_empty(), "{m}: {} left: {:?}", kind.kind, left.iter().map(|o| &o.metadata.name));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn invalid_federations_get_a_precise_reason_and_write_nothing() -> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west"], Options::default()).await?;
     let base = example("multi-primary-multi-network");
@@ -173,12 +213,12 @@ async fn invalid_federations_get_a_precise_reason_and_write_nothing() -> anyhow:
 async fn an_exec_kubeconfig_is_refused_unrun_and_only_its_member_waits() -> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west"], Options::default()).await?;
     let marker = f.env.dir().join("exec-ran");
-    let mut kc: serde_yaml::Value = serde_yaml::from_str(f.env.cluster("west").kubeconfig())?;
-    kc["users"][0]["user"] = serde_yaml::from_str(&format!(
+    let mut kc: serde_json::Value = serde_saphyr::from_str(f.env.cluster("west").kubeconfig())?;
+    kc["users"][0]["user"] = serde_saphyr::from_str(&format!(
         "exec: {{apiVersion: client.authentication.k8s.io/v1, command: sh, args: [-c, 'touch {}'], interactiveMode: Never}}",
         marker.display()
     ))?;
-    put_kubeconfig(&f.hub, "west", &serde_yaml::to_string(&kc)?).await?;
+    put_kubeconfig(&f.hub, "west", &serde_saphyr::to_string(&kc)?).await?;
 
     f.apply(&example("multi-primary-multi-network")).await?;
     let fed = f

@@ -43,7 +43,7 @@ async fn the_plain_manifests_install_into_a_real_hub() -> Result<()> {
     let env = Env::start(&["hub"], Options::default()).await?;
     let hub = env.cluster("hub").client().await?;
     let ns = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "meshfed-system"}});
-    apply_manifests(&hub, &serde_yaml::to_string(&ns)?, |_| true).await?;
+    apply_manifests(&hub, &serde_saphyr::to_string(&ns)?, |_| true).await?;
     let applied = apply_manifests(&hub, &manifests(), |_| true).await?;
     for want in [
         "CustomResourceDefinition/meshfederations.meshfed.io",

@@ -245,9 +245,9 @@ async fn a_hub_credential_that_cannot_create_tokens_is_named_with_the_permission
         ..Default::default()
     };
     let token = sas.create_token_request("hub", &create, &req).await?.status.unwrap().token;
-    let mut kc: serde_yaml::Value = serde_yaml::from_str(f.env.cluster("west").kubeconfig())?;
-    kc["users"][0]["user"] = serde_yaml::from_str(&format!("token: {token}"))?;
-    meshfed_e2e::put_kubeconfig(&f.hub, "west", &serde_yaml::to_string(&kc)?).await?;
+    let mut kc: serde_json::Value = serde_saphyr::from_str(f.env.cluster("west").kubeconfig())?;
+    kc["users"][0]["user"] = serde_saphyr::from_str(&format!("token: {token}"))?;
+    meshfed_e2e::put_kubeconfig(&f.hub, "west", &serde_saphyr::to_string(&kc)?).await?;
 
     f.apply(&federation(&[&primary("east", "n1"), &primary("west", "n2")], "1h")).await?;
     let fed = f
@@ -265,5 +265,67 @@ async fn a_hub_credential_that_cannot_create_tokens_is_named_with_the_permission
     // What could be done was done: west holds its secret for east; east holds none for west.
     assert_eq!(names(&remote_secrets(&west).await), set(&["istio-remote-secret-east"]));
     assert!(remote_secrets(&f.member("east").await?).await.is_empty());
+    Ok(())
+}
+
+/// A remote secret's kubeconfig with a billion-laughs tree (10^9 strings once expanded) and a token-like string,
+/// padded with a comment to `size` bytes.
+fn laughs(size: usize) -> String {
+    let mut doc = String::from(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\ncontexts:\n- {name: c, context: {cluster: k, user: u}}\nclusters:\n- {name: k, cluster: {server: 'https://127.0.0.1:1'}}\nusers:\n- {name: u, user: {token: s3cr3t-token}}\nl0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol, lol]\n",
+    );
+    for i in 1..10 {
+        let p = i - 1;
+        doc.push_str(&format!("l{i}: &l{i} [*l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}]\n"));
+    }
+    doc.push('#');
+    doc.push_str(&"x".repeat(size.saturating_sub(doc.len() + 1)));
+    doc.push('\n');
+    doc
+}
+
+/// The peak resident memory of this process (the operator runs in it), in bytes, from `/proc/self/status`.
+fn peak_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").parse::<u64>().ok());
+    kib.unwrap_or(0) * 1024
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_crafted_remote_secret_costs_the_operator_little_and_is_put_right() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    f.apply(&federation(&[&primary("east", "n1"), &primary("west", "n2")], "24h")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let secrets = Api::<Secret>::namespaced(f.member("east").await?, "istio-system");
+    // The peak so far (clusters started, a federation converged), reset where the kernel allows it.
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+    let before = peak_rss();
+    // Anyone who may edit Secrets in a member's Istio namespace: a 1 MiB one (a Secret's limit), refused unread,
+    // and one just under meshfed's cap, refused by the parser's budget.
+    for (what, size) in [("1 MiB", (1 << 20) - 4096), ("256 KiB", 255 * 1024)] {
+        let doc = laughs(size);
+        let mut crafted = secrets.get("istio-remote-secret-west").await?;
+        crafted.metadata.managed_fields = None;
+        crafted.data = Some([("west".to_string(), k8s_openapi::ByteString(doc.into_bytes()))].into());
+        secrets.replace("istio-remote-secret-west", &PostParams::default(), &crafted).await?;
+        // meshfed puts a working kubeconfig back (the watch sees the edit) and stays ready.
+        wait(|| async {
+            let s = secrets.get("istio-remote-secret-west").await.unwrap();
+            s.data.as_ref().is_some_and(|d| d["west"].0.len() < 64 * 1024)
+                && remote::token_in_remote_secret(&s, "west").is_some()
+        })
+        .await;
+        let s = secrets.get("istio-remote-secret-west").await?;
+        assert_works_and_only_reads(&kubeconfig_of(&s, "west"), what).await;
+        let fed = f.wait_for("prod", WAIT, is_ready).await?;
+        let status = serde_json::to_string(&fed.status)?;
+        assert!(!status.contains("s3cr3t") && !status.contains("lol"), "{what}: {status}");
+    }
+    let grew = peak_rss().saturating_sub(before);
+    println!("peak resident memory grew by {} MiB", grew >> 20);
+    assert!(grew < 128 << 20, "the operator's peak memory grew by {} MiB", grew >> 20);
     Ok(())
 }

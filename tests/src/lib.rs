@@ -25,7 +25,6 @@ use meshfed_operator::{
     metrics::Metrics,
 };
 use meshfed_testenv::{Env, Options, Stage};
-use serde::Deserialize;
 use tokio::task::JoinHandle;
 
 /// The hub namespace the examples in `deploy/` live in.
@@ -108,24 +107,29 @@ impl Fixture {
             .await?;
         let rbac = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"];
         apply_manifests(&self.hub, &manifests(), |kind| rbac.contains(&kind)).await?;
+        self.credentials_of("meshfed").await
+    }
+
+    /// A hub client that authenticates as ServiceAccount `service_account` of [`OPERATOR_NAMESPACE`].
+    pub async fn credentials_of(&self, service_account: &str) -> Result<Client> {
         let sas: Api<k8s_openapi::api::core::v1::ServiceAccount> =
             Api::namespaced(self.hub.clone(), OPERATOR_NAMESPACE);
         let request: k8s_openapi::api::authentication::v1::TokenRequest =
             serde_json::from_value(serde_json::json!({"spec": {"expirationSeconds": 7200}}))?;
         let token = sas
-            .create_token_request("meshfed", &PostParams::default(), &request)
+            .create_token_request(service_account, &PostParams::default(), &request)
             .await?
             .status
             .context("a token")?
             .token;
-        let mut kubeconfig: serde_yaml::Value = serde_yaml::from_str(self.env.cluster(HUB).kubeconfig())?;
-        kubeconfig["users"][0]["user"] = serde_yaml::from_str(&format!("token: {token}"))?;
-        meshfed_testenv::client_from_kubeconfig(&serde_yaml::to_string(&kubeconfig)?).await
+        let mut kubeconfig: serde_json::Value = serde_saphyr::from_str(self.env.cluster(HUB).kubeconfig())?;
+        kubeconfig["users"][0]["user"] = serde_saphyr::from_str(&format!("token: {token}"))?;
+        meshfed_testenv::client_from_kubeconfig(&serde_saphyr::to_string(&kubeconfig)?).await
     }
 
     /// Creates or updates a federation from YAML, as `kubectl apply --server-side` would.
     pub async fn apply(&self, yaml: &str) -> Result<MeshFederation> {
-        let fed: MeshFederation = serde_yaml::from_str(yaml)?;
+        let fed: MeshFederation = serde_saphyr::from_str(yaml)?;
         Ok(self.federations().patch(&fed.name_any(), &PatchParams::apply("e2e").force(), &Patch::Apply(&fed)).await?)
     }
 
@@ -151,7 +155,7 @@ impl Fixture {
             if Instant::now() > deadline {
                 bail!(
                     "federation {name} not as expected after {timeout:?}; status:\n{}",
-                    serde_yaml::to_string(&fed.status)?
+                    serde_saphyr::to_string(&fed.status)?
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -165,7 +169,7 @@ impl Fixture {
             if Instant::now() > deadline {
                 bail!(
                     "federation {name} still there after {timeout:?}; status:\n{}",
-                    serde_yaml::to_string(&fed.status)?
+                    serde_saphyr::to_string(&fed.status)?
                 );
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
@@ -333,12 +337,11 @@ pub async fn apply_manifests(client: &Client, yaml: &str, keep: impl Fn(&str) ->
     let pp =
         PatchParams { field_validation: Some(kube::api::ValidationDirective::Strict), ..PatchParams::apply("e2e") };
     let mut applied = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(yaml) {
-        let value = serde_yaml::Value::deserialize(doc)?;
+    for value in serde_saphyr::from_multiple::<serde_json::Value>(yaml)? {
         if value.is_null() {
             continue; // a document of comments only
         }
-        let obj: kube::api::DynamicObject = serde_yaml::from_value(value)?;
+        let obj: kube::api::DynamicObject = serde_json::from_value(value)?;
         let types = obj.types.as_ref().context("every manifest has apiVersion and kind")?;
         if !keep(&types.kind) {
             continue;

@@ -161,7 +161,7 @@ pub struct IntermediateSpec {
     pub validity: String,
 
     /// How long before its expiry an intermediate is reissued, as a duration such as `720h` (30 days, the
-    /// default). Must be shorter than `validity`.
+    /// default). Must be shorter than `validity` and at least `10m`.
     #[serde(default = "default_renew_before")]
     pub renew_before: String,
 }
@@ -201,7 +201,7 @@ pub enum KeyAlgorithm {
 #[serde(rename_all = "camelCase")]
 pub struct RemoteAccessSpec {
     /// Lifetime of the reader tokens that meshfed puts into remote secrets, as a duration such as `24h` (the
-    /// default). meshfed requests a new token when a third of the lifetime remains.
+    /// default; at least `10m`). meshfed requests a new token when a third of the lifetime remains.
     #[serde(default = "default_token_ttl", rename = "tokenTTL")]
     pub token_ttl: String,
 }
@@ -440,7 +440,9 @@ fn preserve_unknown_object(_: &mut schemars::SchemaGenerator) -> schemars::Schem
 
 /// The CRD as YAML, exactly as committed in `crds/`.
 pub fn crd_yaml() -> String {
-    serde_yaml::to_string(&MeshFederation::crd()).expect("the CRD serializes")
+    // Long lines stay one plain line (not folded), multi-line descriptions literal blocks: as committed.
+    let options = serde_saphyr::ser_options! { folded_wrap_chars: usize::MAX };
+    serde_saphyr::to_string_with_options(&MeshFederation::crd(), options).expect("the CRD serializes")
 }
 
 #[cfg(test)]
@@ -463,7 +465,7 @@ mod tests {
 
     #[test]
     fn a_minimal_manifest_gets_the_documented_defaults() {
-        let spec: MeshFederationSpec = serde_yaml::from_str(
+        let spec: MeshFederationSpec = serde_saphyr::from_str(
             "meshID: prod\ntrust: {root: {generate: {}}}\nclusters:\n- {name: east, network: n1, kubeconfigSecretRef: {name: east}}\n",
         )
         .unwrap();

@@ -115,7 +115,7 @@ mod tests {
     use super::*;
 
     fn spec() -> MeshFederationSpec {
-        serde_yaml::from_str(
+        serde_saphyr::from_str(
             "meshID: m\nistio: {values: {global: {meshID: theirs, logging: {level: debug}}, pilot: {replicaCount: 2}}}\ntrust: {root: {generate: {}}}\nclusters:\n- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: r, network: n2, role: Remote, controlPlane: east, kubeconfigSecretRef: {name: r}}\n",
         )
         .unwrap()

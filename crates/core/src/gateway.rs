@@ -351,7 +351,8 @@ mod tests {
     use super::*;
 
     fn spec(clusters: &str) -> MeshFederationSpec {
-        serde_yaml::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{clusters}")).unwrap()
+        serde_saphyr::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{clusters}"))
+            .unwrap()
     }
 
     fn service(v: Value) -> Service {

@@ -6,12 +6,15 @@
 use kube::config::Kubeconfig;
 
 use crate::conditions::Reason;
+use crate::yaml::{self, YamlError};
 
 /// Why a kubeconfig was refused; the message names the field so that a person can fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KubeconfigError {
-    #[error("the kubeconfig is not valid YAML: {0}")]
-    Malformed(String),
+    #[error("the kubeconfig cannot be read: {0}")]
+    Malformed(#[from] YamlError),
+    #[error("the kubeconfig's documents disagree on kind or apiVersion")]
+    Mismatched,
     #[error(
         "user {user:?} sets `{field}`, which would make the hub {what}; meshfed refuses it: put the credentials inline (token, or client-certificate-data and client-key-data)"
     )]
@@ -28,7 +31,7 @@ impl KubeconfigError {
     /// The stable reason for conditions and metrics.
     pub fn reason(&self) -> Reason {
         match self {
-            Self::Malformed(_) | Self::NoServer => Reason::KubeconfigInvalid,
+            Self::Malformed(_) | Self::Mismatched | Self::NoServer => Reason::KubeconfigInvalid,
             Self::Refused { .. } | Self::CaFile { .. } => Reason::KubeconfigRefused,
         }
     }
@@ -36,13 +39,15 @@ impl KubeconfigError {
 
 /// Parses a kubeconfig and refuses it if any user or cluster in it would run a command or read a file on the hub.
 /// Returns the parsed kubeconfig and the server of its current context.
+///
+/// The document is read as [`crate::yaml`] reads what others hold: at most [`yaml::MAX_DOCUMENT_BYTES`], within the
+/// parser's budget, and an error names a kind and a position, never a snippet (the document holds credentials).
+/// Several documents merge as `kubectl` merges them (kube's `Kubeconfig::from_yaml`).
 pub fn check(yaml: &str) -> Result<(Kubeconfig, String), KubeconfigError> {
-    // The parser's error text can quote the document, which may hold a token: keep only its position.
-    let kc = Kubeconfig::from_yaml(yaml).map_err(|e| {
-        let text = e.to_string();
-        let location = text.find(" at line ").map(|i| text[i + 1..].to_string());
-        KubeconfigError::Malformed(location.unwrap_or_else(|| "unreadable document".into()))
-    })?;
+    let kc = yaml::from_multiple::<Kubeconfig>(yaml)?
+        .into_iter()
+        .try_fold(Kubeconfig::default(), Kubeconfig::merge)
+        .map_err(|_| KubeconfigError::Mismatched)?;
     for named in &kc.auth_infos {
         let Some(a) = &named.auth_info else { continue };
         let refused = |field, what| KubeconfigError::Refused { user: named.name.clone(), field, what };
@@ -121,9 +126,41 @@ mod tests {
 
     #[test]
     fn a_malformed_kubeconfig_does_not_echo_its_content() {
-        let err = check("users: [ {name: u, user: {token: s3cr3t-token}").unwrap_err();
-        assert_eq!(err.reason(), "KubeconfigInvalid");
-        assert!(!err.to_string().contains("s3cr3t"), "{err}");
+        let token = "s3cr3t-token";
+        let user = |u: &str| kubeconfig(u, "    certificate-authority-data: Zm9v\n");
+        for (what, yaml) in [
+            ("unclosed flow", format!("users: [ {{name: u, user: {{token: {token}}}")),
+            (
+                "a token where a list belongs",
+                user("    token: abc\n")
+                    .replace("users:\n- name: u\n  user:\n    token: abc", &format!("users: {token}")),
+            ),
+            ("a token as a map key", user(&format!("    {token}: [\n"))),
+            ("a token in an alias", user(&format!("    token: *{token}\n"))),
+            ("a repeated key", user(&format!("    token: {token}\n    token: {token}\n"))),
+            ("a token in a bad indentation", user(&format!("    token: abc\n  {token}: x\n   y: z\n"))),
+            ("a token in a wrong type", user(&format!("    token: [{token}]\n"))),
+            ("a token under a wrong tag", user(&format!("    token: !!int {token}\n"))),
+        ] {
+            let err = check(&yaml).expect_err(what);
+            assert_eq!(err.reason(), "KubeconfigInvalid", "{what}: {err}");
+            let text = err.to_string();
+            assert!(!text.contains("s3cr3t") && !text.contains("abc"), "{what}: {text}");
+        }
+    }
+
+    #[test]
+    fn an_error_says_where_the_kubeconfig_breaks() {
+        let err = check("apiVersion: v1\nusers: [\n").unwrap_err();
+        assert!(err.to_string().contains("line "), "{err}");
+    }
+
+    #[test]
+    fn a_kubeconfig_over_the_size_cap_is_refused_unread() {
+        let yaml = format!("{}#{}\n", kubeconfig("    token: abc\n", ""), "x".repeat(crate::yaml::MAX_DOCUMENT_BYTES));
+        let err = check(&yaml).unwrap_err();
+        assert!(matches!(err, KubeconfigError::Malformed(YamlError::TooLarge { .. })), "{err}");
+        assert!(err.to_string().contains("more than the 262144 bytes meshfed reads"), "{err}");
     }
 
     #[test]

@@ -17,3 +17,4 @@ pub mod rotation;
 pub mod topology;
 pub mod trust;
 pub mod validate;
+pub mod yaml;

@@ -278,9 +278,9 @@ pub enum ClaimHolder {
 pub fn claim_holder(observed: &ObjectMeta, fref: &FederationRef, hub: &str, cluster: &str) -> ClaimHolder {
     let label = |k: &str| observed.labels.as_ref().and_then(|l| l.get(k)).cloned().unwrap_or_default();
     let their_hub = observed.annotations.as_ref().and_then(|a| a.get(ANNOTATION_HUB)).cloned().unwrap_or_default();
-    let federation = format!("{}/{}", label(LABEL_FEDERATION_NAMESPACE), label(LABEL_FEDERATION));
-    if their_hub != hub || federation != fref.to_string() {
-        return ClaimHolder::Other { federation, hub: their_hub };
+    let (namespace, name) = (label(LABEL_FEDERATION_NAMESPACE), label(LABEL_FEDERATION));
+    if their_hub != hub || !fref.is_labelled(&namespace, &name) {
+        return ClaimHolder::Other { federation: format!("{namespace}/{name}"), hub: their_hub };
     }
     match label(LABEL_CLUSTER) {
         c if c == cluster => ClaimHolder::Us,
@@ -471,7 +471,7 @@ pub fn write_for(fref: &FederationRef, observed: Option<&Value>, desired: &Desir
     let labels = &o["metadata"]["labels"];
     let (name, namespace) = (labels[LABEL_FEDERATION].as_str(), labels[LABEL_FEDERATION_NAMESPACE].as_str());
     if let (Some(name), Some(namespace)) = (name, namespace)
-        && (name != fref.name || namespace != fref.namespace)
+        && !fref.is_labelled(namespace, name)
     {
         return Err(Foreign { owner: format!("{namespace}/{name}") });
     }
@@ -541,7 +541,7 @@ mod tests {
     use crate::plan::{LABEL_CLUSTER, MANAGED_BY};
 
     fn spec() -> MeshFederationSpec {
-        serde_yaml::from_str(
+        serde_saphyr::from_str(
             "meshID: m\ntrust: {root: {generate: {}}}\nclusters:\n- {name: east, network: n1, kubeconfigSecretRef: {name: east}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: west}}\n- {name: rem, network: n2, role: Remote, controlPlane: east, kubeconfigSecretRef: {name: rem}}\n",
         )
         .unwrap()
@@ -748,8 +748,63 @@ mod tests {
         assert!(matches!(claim_holder(&c.metadata, &fed(), "hub-b", "east"), ClaimHolder::Other { .. }));
     }
 
+    /// A valid label value: at most 63 characters of `[A-Za-z0-9_.-]`, beginning and ending with an alphanumeric.
+    fn valid_label_value(v: &str) -> bool {
+        let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+        v.len() <= 63
+            && v.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            && (v.is_empty() || (alnum(v.chars().next()) && alnum(v.chars().last())))
+    }
+
+    #[test]
+    fn a_federation_name_of_any_valid_length_labels_what_it_owns_consistently() {
+        let s = spec();
+        let long =
+            |c: char| FederationRef { namespace: "mesh-system".into(), name: format!("{}{c}", "a.b-".repeat(63)) };
+        let (one, two) = (long('x'), long('y'));
+        assert_eq!(one.name.len(), 253, "the longest name Kubernetes accepts");
+        // Every label of every object planned is a valid label value, and the federation's label tells them apart.
+        for fref in [&one, &two] {
+            let plan = member_plan(fref, "hub", &s, &s.clusters[0], MemberFacts::default());
+            for d in &plan.objects {
+                let labels = d.body["metadata"]["labels"].as_object().unwrap();
+                assert!(labels.values().all(|v| valid_label_value(v.as_str().unwrap())), "{}: {labels:?}", d.key);
+                assert!(labelled_for(&d.body, fref, "east"), "{}", d.key);
+                assert_eq!(write_for(fref, Some(&d.body), d), Ok(Write::Nothing), "{}", d.key);
+            }
+            let c = claim(fref, "hub", &s, "east");
+            assert_eq!(claim_holder(&c.metadata, fref, "hub", "east"), ClaimHolder::Us);
+        }
+        assert_ne!(one.name_label(), two.name_label(), "two long names sharing a prefix differ in their labels");
+        // ...so that one never writes over, prunes or claims what the other owns.
+        let theirs = member_plan(&two, "hub", &s, &s.clusters[0], MemberFacts::default());
+        let sa = &theirs.objects[2];
+        assert!(matches!(write_for(&one, Some(&sa.body), sa), Err(Foreign { .. })));
+        assert!(!labelled_for(&sa.body, &one, "east"));
+        let c = claim(&two, "hub", &s, "east");
+        assert!(matches!(claim_holder(&c.metadata, &one, "hub", "east"), ClaimHolder::Other { .. }));
+        // The cleanup selector is made of the same values.
+        assert!(one.selector("east").contains(&format!("meshfed.io/federation={}", one.name_label())));
+        // A name that fits is its own label: nothing changes for existing federations.
+        assert_eq!(fed().name_label(), "prod");
+        let max = FederationRef { name: "n".repeat(63), ..fed() };
+        assert_eq!(max.name_label(), max.name);
+    }
+
+    #[test]
+    fn the_root_secret_name_fits_for_any_federation_name() {
+        assert_eq!(crate::trust::root_secret_name("prod"), "prod-root-ca");
+        let n245 = "r".repeat(245);
+        assert_eq!(crate::trust::root_secret_name(&n245), format!("{n245}-root-ca"));
+        let (a, b) = (format!("{}a", "r".repeat(252)), format!("{}b", "r".repeat(252)));
+        let (ra, rb) = (crate::trust::root_secret_name(&a), crate::trust::root_secret_name(&b));
+        assert!(ra.len() <= 253 && ra.ends_with("-root-ca"), "{ra}");
+        assert_ne!(ra, rb);
+    }
+
     fn spec_of(clusters: &str) -> MeshFederationSpec {
-        serde_yaml::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{clusters}")).unwrap()
+        serde_saphyr::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{clusters}"))
+            .unwrap()
     }
 
     fn secret_for(holder: &ClusterSpec, target: &str, spec: &MeshFederationSpec) -> Secret {

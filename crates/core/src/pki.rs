@@ -431,6 +431,12 @@ impl fmt::Display for ReissueReason {
     }
 }
 
+/// When an intermediate CA valid until `not_after` falls due for renewal: `renew_before` ahead of its expiry.
+/// `None` when that lies before any representable time (then it is due at once).
+pub fn renewal_at(not_after: Timestamp, renew_before: Duration) -> Option<Timestamp> {
+    SignedDuration::try_from(renew_before).ok().and_then(|d| not_after.checked_sub(d).ok())
+}
+
 /// What to do with a member's `cacerts`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CacertsVerdict {
@@ -506,8 +512,7 @@ fn check_cacerts(
     if now > not_after {
         return Err(ReissueReason::Expired { not_after });
     }
-    let renew_at = SignedDuration::try_from(renew_before).ok().and_then(|d| not_after.checked_sub(d).ok());
-    if renew_at.is_none_or(|at| now >= at) {
+    if renewal_at(not_after, renew_before).is_none_or(|at| now >= at) {
         return Err(ReissueReason::ExpiringSoon { not_after, renew_before });
     }
 

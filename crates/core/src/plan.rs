@@ -1,7 +1,7 @@
 //! The plan: from a federation's spec and what was observed in its members, the objects every member should hold
 //! and the status to report. Pure: the clock comes in as an argument.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, time::Duration};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Namespace;
@@ -18,7 +18,8 @@ use crate::{
 pub const FIELD_MANAGER: &str = "meshfed";
 /// Marks everything meshfed writes in a member.
 pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
-/// The name of the federation that owns an object in a member.
+/// The name of the federation that owns an object in a member (shortened and hashed when over 63 characters:
+/// [`FederationRef::name_label`]).
 pub const LABEL_FEDERATION: &str = "meshfed.io/federation";
 /// The hub namespace of the federation that owns an object in a member.
 pub const LABEL_FEDERATION_NAMESPACE: &str = "meshfed.io/federation-namespace";
@@ -46,12 +47,44 @@ impl std::fmt::Display for FederationRef {
     }
 }
 
+/// The longest label value Kubernetes accepts, in characters.
+pub const MAX_LABEL_VALUE: usize = 63;
+
+/// `value` as a label value: itself when it fits in [`MAX_LABEL_VALUE`] characters, else its first 46 characters,
+/// a dash and 16 hex digits of the SHA-256 of the whole value. A federation's name may be 253 characters long
+/// while a label value may hold 63, so [`LABEL_FEDERATION`] carries this form: every name works, the short ones
+/// (nearly all) stay readable as they are, and two long names differ in their hash.
+pub fn label_value(value: &str) -> String {
+    use sha2::{Digest, Sha256};
+    if value.len() <= MAX_LABEL_VALUE {
+        return value.into();
+    }
+    let hash: String = Sha256::digest(value.as_bytes())[..8].iter().map(|b| format!("{b:02x}")).collect();
+    let mut keep = MAX_LABEL_VALUE - hash.len() - 1;
+    while !value.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    // A label value must end with an alphanumeric character; the hash does.
+    format!("{}-{hash}", value[..keep].trim_end_matches(['.', '-', '_']))
+}
+
 impl FederationRef {
+    /// The value of [`LABEL_FEDERATION`] on what meshfed writes for this federation: its name, or for a name
+    /// over 63 characters the shortened form of [`label_value`]. Compare labels with this, never with `name`.
+    pub fn name_label(&self) -> String {
+        label_value(&self.name)
+    }
+
+    /// Whether an object's [`LABEL_FEDERATION_NAMESPACE`] and [`LABEL_FEDERATION`] values name this federation.
+    pub fn is_labelled(&self, namespace_label: &str, name_label: &str) -> bool {
+        namespace_label == self.namespace && name_label == self.name_label()
+    }
+
     /// The labels that every object meshfed writes for `cluster` carries.
     pub fn owned_labels(&self, cluster: &str) -> BTreeMap<String, String> {
         BTreeMap::from([
             (MANAGED_BY.into(), FIELD_MANAGER.into()),
-            (LABEL_FEDERATION.into(), self.name.clone()),
+            (LABEL_FEDERATION.into(), self.name_label()),
             (LABEL_FEDERATION_NAMESPACE.into(), self.namespace.clone()),
             (LABEL_CLUSTER.into(), cluster.into()),
         ])
@@ -126,6 +159,23 @@ pub struct Announcement {
     /// That cluster's kubeconfig Secret in the federation's namespace: the Event's related object, so that Events
     /// about different clusters are counted apart.
     pub kubeconfig: Option<SecretKeyRef>,
+}
+
+/// The longest Event note the API accepts, in bytes (`events.k8s.io/v1` refuses longer ones, and the Event is lost).
+pub const EVENT_NOTE_MAX_BYTES: usize = 1024;
+
+/// `note` as an Event can carry it: unchanged when it fits in [`EVENT_NOTE_MAX_BYTES`], else cut at a character
+/// boundary and marked, so that a message naming many members (each unreachable one adds a line) is still told.
+pub fn event_note(note: String) -> String {
+    const MORE: &str = " [truncated]";
+    if note.len() <= EVENT_NOTE_MAX_BYTES {
+        return note;
+    }
+    let mut end = EVENT_NOTE_MAX_BYTES - MORE.len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{MORE}", &note[..end])
 }
 
 impl Announcement {
@@ -230,6 +280,8 @@ pub struct MemberReport {
     pub remote_access: Option<Failure>,
     /// When the reader token that peers hold for this member expires.
     pub token_expires_at: Option<Timestamp>,
+    /// When that token falls due for refresh, by the hub's clock ([`crate::remote::TokenTimes::refresh_at`]).
+    pub token_refresh_at: Option<Timestamp>,
     /// The member's intermediate CA as it is now, or why it could not be put in place.
     pub intermediate: Option<Result<CertSummary, Failure>>,
     /// The member's east-west gateway, where it needs one: where other members dial it, or why they cannot yet.
@@ -251,6 +303,7 @@ impl MemberReport {
             released: false,
             remote_access: None,
             token_expires_at: None,
+            token_refresh_at: None,
             intermediate: None,
             gateway: None,
             control_plane: None,
@@ -442,6 +495,24 @@ pub fn federation_status(
     }
 }
 
+/// The shortest wait before the next reconcile, so that a deadline already due does not spin.
+pub const MIN_REQUEUE: Duration = Duration::from_secs(1);
+
+/// How long a converged federation waits for its next reconcile: until the earliest of the next reader token
+/// refresh, the next intermediate renewal (`renew_before` ahead of an intermediate's expiry) and the `resync`,
+/// and at least [`MIN_REQUEUE`]. Without this a short `tokenTTL` or `renewBefore` would fall due between two
+/// resyncs and expire first.
+pub fn next_deadline(members: &[MemberReport], renew_before: Duration, now: Timestamp, resync: Duration) -> Duration {
+    let renewals = members
+        .iter()
+        .filter_map(|m| m.intermediate.as_ref()?.as_ref().ok())
+        .map(|i| crate::pki::renewal_at(i.not_after, renew_before).unwrap_or(now));
+    let refreshes = members.iter().filter_map(|m| m.token_refresh_at);
+    let earliest = renewals.chain(refreshes).min();
+    let until = |at: Timestamp| Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO);
+    earliest.map_or(resync, |at| until(at).min(resync)).max(MIN_REQUEUE)
+}
+
 /// The status while the federation is being deleted: which members are not cleaned up yet, and why.
 pub fn deletion_status(
     previous: Option<&MeshFederationStatus>,
@@ -593,7 +664,7 @@ mod tests {
     use crate::validate::validate;
 
     fn spec() -> MeshFederationSpec {
-        serde_yaml::from_str(
+        serde_saphyr::from_str(
             "meshID: m\ntrust: {root: {generate: {}}}\nclusters:\n- {name: east, network: n1, kubeconfigSecretRef: {name: east}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: west}}\n",
         )
         .unwrap()
@@ -800,5 +871,87 @@ mod tests {
         let st = federation_status(Some(&st), Some(1), &s, &validate(&s), Some(&root()), &members, now());
         assert_eq!(st.clusters.iter().map(|c| c.name.as_str()).collect::<Vec<_>>(), ["east", "west"]);
         assert_eq!(condition(&st.conditions, "Ready"), ("True", "Converged"));
+    }
+
+    #[test]
+    fn event_notes_fit_the_apis_limit_cut_at_a_character_boundary() {
+        // Eight unreachable members with ordinary messages make a condition's note longer than an Event may be.
+        let s = spec();
+        let members: Vec<MemberReport> = (0..8)
+            .map(|i| {
+                let why = format!("https://member-{i}.example:6443: error trying to connect: tcp connect error: Connection refused (os error 111), after 10s: the member did not answer");
+                report(&format!("member-{i}"), None, Some(Failure::new(Reason::Unreachable, why)))
+            })
+            .collect();
+        let st = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &members, now());
+        let said = announcements(None, &st);
+        let long = said.iter().find(|a| a.reason == "Unreachable").expect("an Event about the unreachable members");
+        assert!(long.note.len() > EVENT_NOTE_MAX_BYTES, "{}", long.note.len());
+        let note = event_note(long.note.clone());
+        assert!(note.len() <= EVENT_NOTE_MAX_BYTES && note.ends_with(" [truncated]"), "{}", note.len());
+        assert!(long.note.starts_with(note.trim_end_matches(" [truncated]")));
+
+        for filler in ["é", "€", "𝄞"] {
+            let note = event_note(filler.repeat(EVENT_NOTE_MAX_BYTES));
+            assert!(note.len() <= EVENT_NOTE_MAX_BYTES && note.ends_with(" [truncated]"), "{filler}: {}", note.len());
+        }
+        let exact = "x".repeat(EVENT_NOTE_MAX_BYTES);
+        assert_eq!(event_note(exact.clone()), exact, "a note that fits is not touched");
+    }
+
+    #[test]
+    fn a_converged_federation_is_looked_at_again_at_its_earliest_deadline() {
+        let resync = Duration::from_secs(300);
+        let day = Duration::from_secs(24 * 3600);
+        let mut east = report("east", Some("v"), None);
+        let west = report("west", Some("v"), None);
+        // Nothing due before the resync: the resync.
+        assert_eq!(next_deadline(&[east.clone(), west.clone()], day, now(), resync), resync);
+        // A token due in 2 minutes.
+        east.token_refresh_at = Some(now() + jiff::SignedDuration::from_mins(2));
+        assert_eq!(next_deadline(&[east.clone(), west.clone()], day, now(), resync), Duration::from_secs(120));
+        // An intermediate (valid until 2027-01-01) due for renewal in one minute, with renewBefore reaching back
+        // to a minute from now.
+        let not_after: Timestamp = "2027-01-01T00:00:00Z".parse().unwrap();
+        let renew_before =
+            Duration::try_from(not_after.duration_since(now() + jiff::SignedDuration::from_mins(1))).unwrap();
+        assert_eq!(next_deadline(&[east.clone(), west.clone()], renew_before, now(), resync), Duration::from_secs(60));
+        // Already due (a renewal that failed and is retried): soon, never at once.
+        east.token_refresh_at = Some(now() - jiff::SignedDuration::from_mins(1));
+        assert_eq!(next_deadline(&[east, west], day, now(), resync), MIN_REQUEUE);
+        // An unreachable member has no intermediate or token to wait for.
+        assert_eq!(next_deadline(&[report("gone", None, None)], day, now(), resync), resync);
+    }
+
+    #[test]
+    fn an_intermediate_with_a_short_renew_before_never_expires_when_reconciles_follow_the_deadline() {
+        // Intermediates of 30 minutes renewed 10 minutes ahead (the shortest renewBefore `Valid` accepts), over a
+        // day sampled every second: the one in place is never expired, although the resync is an hour (looked at
+        // only at the resync, each would expire 30 minutes after it was issued).
+        let (validity, renew_before) = (Duration::from_secs(1800), Duration::from_secs(600));
+        let resync = Duration::from_secs(3600);
+        let start = now();
+        let end = start + jiff::SignedDuration::from_hours(24);
+        let issue = |at: Timestamp| CertSummary {
+            fingerprint: format!("sha256:{}", at.as_second()),
+            not_after: at + jiff::SignedDuration::try_from(validity).unwrap(),
+        };
+        let (mut at, mut held, mut issued) = (start, issue(start), 1);
+        while at < end {
+            if crate::pki::renewal_at(held.not_after, renew_before).is_none_or(|due| at >= due) {
+                held = issue(at);
+                issued += 1;
+            }
+            let mut r = report("east", Some("v"), None);
+            r.intermediate = Some(Ok(held.clone()));
+            let next = at + jiff::SignedDuration::try_from(next_deadline(&[r], renew_before, at, resync)).unwrap();
+            let mut sample = at;
+            while sample < next {
+                assert!(sample <= held.not_after, "expired at {} and in place at {sample}", held.not_after);
+                sample += jiff::SignedDuration::from_secs(1);
+            }
+            at = next;
+        }
+        assert_eq!(issued, 72, "the first, then one every 20 minutes");
     }
 }

@@ -302,8 +302,10 @@ pub fn remote_secret(
         preferences: BTreeMap::new(),
         users: vec![NamedUser { name: name.clone(), user: UserEntry { token: Some(token.clone()) } }],
     };
-    // Strings and maps of strings always serialize; the message names no content.
-    let yaml = serde_yaml::to_string(&doc).expect("a kubeconfig of strings serializes");
+    // Strings and maps of strings always serialize; the message names no content. Long strings (the token, the CA
+    // data) stay plain one-line scalars, as kubectl writes them, rather than folded blocks.
+    let options = serde_saphyr::ser_options! { folded_wrap_chars: usize::MAX };
+    let yaml = serde_saphyr::to_string_with_options(&doc, options).expect("a kubeconfig of strings serializes");
     let mut labels = fed.owned_labels(&holder.name);
     labels.insert(MULTI_CLUSTER_LABEL.into(), "true".into());
     Secret {
@@ -320,11 +322,12 @@ pub fn remote_secret(
 }
 
 /// The reader token in a remote secret for `target`: the inline token of the user of the current context of the
-/// kubeconfig under the data key `target`. `None` when the secret has no such key, the kubeconfig does not parse,
-/// or its current context has no inline token.
+/// kubeconfig under the data key `target`. `None` when the secret has no such key, the kubeconfig does not parse
+/// (within the size cap and parser budget of [`crate::yaml`]), or its current context has no inline token.
 pub fn token_in_remote_secret(secret: &Secret, target: &str) -> Option<ReaderToken> {
     let bytes = &secret.data.as_ref()?.get(target)?.0;
-    let doc: KubeconfigDoc = serde_yaml::from_slice(bytes).ok()?;
+    // Member-held: read within the bounds of `crate::yaml`, so that a crafted secret costs little.
+    let doc: KubeconfigDoc = crate::yaml::from_slice(bytes).ok()?;
     let context = doc.contexts.iter().find(|c| c.name == doc.current_context)?;
     let user = doc.users.into_iter().find(|u| u.name == context.context.user)?;
     user.user.token.filter(|t| !t.0.is_empty())
@@ -522,6 +525,24 @@ pub fn token_needs_refresh(
     lifetime <= 0 || remaining <= 0 || remaining * 3 < lifetime || lifetime > asked
 }
 
+/// When [`token_needs_refresh`] first says yes for a token issued at `issued_at` and expiring at `expires_at` (of
+/// the lifetime asked for): once less than a third of its lifetime remains, plus a second so that a reconcile
+/// scheduled for then finds it due.
+pub fn token_refresh_at(issued_at: Timestamp, expires_at: Timestamp) -> Timestamp {
+    let lifetime = expires_at.duration_since(issued_at);
+    shift(shift(expires_at, -(lifetime / 3)), jiff::SignedDuration::from_secs(1))
+}
+
+/// How far a member's clock is ahead of the hub's (negative: behind), from the `Date` header of one of its API
+/// server's responses (RFC 9110, whole seconds) and the hub's clock when the request was `sent` and its response
+/// `received`. The header's second is truncated, so half a second is added; the round trip's midpoint stands for
+/// the instant the member stamped. `None` when the header does not parse.
+pub fn member_clock_offset(date: &str, sent: Timestamp, received: Timestamp) -> Option<jiff::SignedDuration> {
+    let stamped = jiff::fmt::rfc2822::parse(date.trim()).ok()?.timestamp();
+    let midpoint = shift(sent, received.duration_since(sent) / 2);
+    Some(stamped.duration_since(midpoint) + jiff::SignedDuration::from_millis(500))
+}
+
 /// The ServiceAccount a reader token must authenticate as: [`READER_SERVICE_ACCOUNT`] in `namespace` (the target's
 /// Istio namespace), and when known, the UID it has now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -562,22 +583,55 @@ impl RefreshReason {
     }
 }
 
+/// When a token that may stay expires, and when it falls due for refresh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenTimes {
+    /// Its `exp` claim (what status reports, never the token).
+    pub expires_at: Timestamp,
+    /// By the hub's clock, when [`token_needs_refresh`] will say yes: the next reconcile is due then at the latest.
+    pub refresh_at: Timestamp,
+}
+
+/// A token's times by the hub's clock: its `iat` and `exp` claims were stamped by the member's clock, which runs
+/// `member_clock` ahead of the hub's (see [`member_clock_offset`]; zero when unknown).
+fn hub_times(claims: &TokenClaims, member_clock: jiff::SignedDuration) -> (Timestamp, Timestamp) {
+    (shift(claims.issued_at, -member_clock), shift(claims.expires_at, -member_clock))
+}
+
+/// `t + by`, saturating at the ends of the representable times.
+fn shift(t: Timestamp, by: jiff::SignedDuration) -> Timestamp {
+    t.saturating_add(by).unwrap_or(t)
+}
+
+/// The [`TokenTimes`] of a token just issued, from its claims; `None` when they do not read.
+pub fn token_times(token: &ReaderToken, member_clock: jiff::SignedDuration) -> Option<TokenTimes> {
+    let claims = token_claims(token).ok()?;
+    let (issued_at, expires_at) = hub_times(&claims, member_clock);
+    Some(TokenTimes { expires_at: claims.expires_at, refresh_at: token_refresh_at(issued_at, expires_at) })
+}
+
 /// Whether an existing token (from [`token_in_remote_secret`]) may stay at `now`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenDecision {
-    /// The token may stay; it expires at `expires_at` (what status reports, never the token).
-    Keep { expires_at: Timestamp },
+    /// The token may stay.
+    Keep(TokenTimes),
     /// Request a new token.
     Refresh(RefreshReason),
 }
 
 /// Decides on one existing token: it stays only when it reads, authenticates as `reader`, and
 /// [`token_needs_refresh`] says no.
+///
+/// `now` is the hub's clock and the token's claims the member's: `member_clock` (how far the member's clock runs
+/// ahead of the hub's, measured by [`member_clock_offset`]) moves the claims onto the hub's clock first. A member
+/// whose clock runs behind thus does not make every fresh token look old (with a 10-minute lifetime and a clock 7
+/// minutes behind, each new token would otherwise be due at once: a loop of TokenRequests and writes).
 pub fn decide_token(
     existing: Option<&ReaderToken>,
     reader: &ReaderIdentity<'_>,
     requested_ttl: Duration,
     now: Timestamp,
+    member_clock: jiff::SignedDuration,
 ) -> TokenDecision {
     let Some(token) = existing else { return TokenDecision::Refresh(RefreshReason::Missing) };
     let Ok(claims) = token_claims(token) else { return TokenDecision::Refresh(RefreshReason::Unreadable) };
@@ -586,14 +640,18 @@ pub fn decide_token(
     if claims.subject.as_deref() != Some(reader.subject().as_str()) || uid_differs {
         return TokenDecision::Refresh(RefreshReason::OtherServiceAccount);
     }
-    if token_needs_refresh(claims.issued_at, claims.expires_at, requested_ttl, now) {
+    let (issued_at, expires_at) = hub_times(&claims, member_clock);
+    if token_needs_refresh(issued_at, expires_at, requested_ttl, now) {
         return TokenDecision::Refresh(RefreshReason::Expiring);
     }
-    TokenDecision::Keep { expires_at: claims.expires_at }
+    TokenDecision::Keep(TokenTimes {
+        expires_at: claims.expires_at,
+        refresh_at: token_refresh_at(issued_at, expires_at),
+    })
 }
 
 /// Of the tokens that holders keep for one target, the one to keep using everywhere: of those that may stay
-/// ([`decide_token`]), the one that expires last, with its expiry. `None`: request a new token. Sharing one token
+/// ([`decide_token`]), the one that expires last, with its times. `None`: request a new token. Sharing one token
 /// per target means one TokenRequest per target and lifetime, and a new Primary gets the current token without
 /// asking for one.
 pub fn choose_token<'a>(
@@ -601,14 +659,15 @@ pub fn choose_token<'a>(
     reader: &ReaderIdentity<'_>,
     requested_ttl: Duration,
     now: Timestamp,
-) -> Option<(&'a ReaderToken, Timestamp)> {
+    member_clock: jiff::SignedDuration,
+) -> Option<(&'a ReaderToken, TokenTimes)> {
     candidates
         .into_iter()
-        .filter_map(|t| match decide_token(Some(t), reader, requested_ttl, now) {
-            TokenDecision::Keep { expires_at } => Some((t, expires_at)),
+        .filter_map(|t| match decide_token(Some(t), reader, requested_ttl, now, member_clock) {
+            TokenDecision::Keep(times) => Some((t, times)),
             TokenDecision::Refresh(_) => None,
         })
-        .max_by_key(|(_, expires_at)| *expires_at)
+        .max_by_key(|(_, times)| times.expires_at)
 }
 
 /// FNV-1a, 64 bits: a hash that stays the same across Rust versions (unlike `DefaultHasher`), for stable names.
@@ -643,7 +702,7 @@ mod tests {
                 )
             })
             .collect();
-        serde_yaml::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{items}")).unwrap()
+        serde_saphyr::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{items}")).unwrap()
     }
 
     fn placement(clusters: &[&str]) -> Vec<(String, Vec<String>)> {
@@ -683,6 +742,8 @@ mod tests {
     }
 
     const READER: ReaderIdentity<'static> = ReaderIdentity { namespace: "istio-system", uid: Some("uid-1") };
+    /// A member whose clock agrees with the hub's.
+    const SAME: SignedDuration = SignedDuration::ZERO;
     const DAY: Duration = Duration::from_secs(24 * 3600);
 
     fn target(name: &str) -> RemoteTarget {
@@ -694,8 +755,8 @@ mod tests {
         }
     }
 
-    fn kubeconfig_of(secret: &Secret, key: &str) -> serde_yaml::Value {
-        serde_yaml::from_slice(&secret.data.as_ref().unwrap()[key].0).unwrap()
+    fn kubeconfig_of(secret: &Secret, key: &str) -> serde_json::Value {
+        serde_saphyr::from_slice(&secret.data.as_ref().unwrap()[key].0).unwrap()
     }
 
     // Reader identity
@@ -853,14 +914,15 @@ mod tests {
 
         let kc = kubeconfig_of(&secret, "west");
         assert_eq!(kc["current-context"], "west");
-        assert_eq!(kc["clusters"].as_sequence().unwrap().len(), 1);
+        assert_eq!(kc["clusters"].as_array().unwrap().len(), 1);
         assert_eq!(kc["clusters"][0]["cluster"]["server"], "https://west.example:6443");
         assert_eq!(kc["clusters"][0]["cluster"]["certificate-authority-data"], "Q0EgUEVN");
         assert_eq!(kc["contexts"][0]["context"]["cluster"], "west");
         assert_eq!(kc["users"][0]["user"]["token"].as_str(), Some(t.expose()));
-        assert_eq!(kc["users"][0]["user"].as_mapping().unwrap().len(), 1, "an inline token and nothing else");
+        assert_eq!(kc["users"][0]["user"].as_object().unwrap().len(), 1, "an inline token and nothing else");
         // What istiod refuses, meshfed's own kubeconfig check refuses too: the secret passes it.
         let yaml = std::str::from_utf8(&secret.data.as_ref().unwrap()["west"].0).unwrap();
+        assert!(yaml.contains(&format!("token: {}\n", t.expose())), "the token is one plain line: {}", yaml.len());
         let (_, server) = crate::kubeconfig::check(yaml).unwrap();
         assert_eq!(server, "https://west.example:6443");
         assert_eq!(token_in_remote_secret(&secret, "west"), Some(t));
@@ -979,16 +1041,19 @@ mod tests {
         let now = ts("2026-11-22T12:00:00Z");
         let good = token("2026-11-22T10:00:00Z", "2026-11-23T10:00:00Z");
         assert_eq!(
-            decide_token(Some(&good), &READER, DAY, now),
-            TokenDecision::Keep { expires_at: ts("2026-11-23T10:00:00Z") }
+            decide_token(Some(&good), &READER, DAY, now, SAME),
+            TokenDecision::Keep(TokenTimes {
+                expires_at: ts("2026-11-23T10:00:00Z"),
+                refresh_at: ts("2026-11-23T02:00:01Z")
+            })
         );
-        assert_eq!(decide_token(None, &READER, DAY, now), TokenDecision::Refresh(RefreshReason::Missing));
+        assert_eq!(decide_token(None, &READER, DAY, now, SAME), TokenDecision::Refresh(RefreshReason::Missing));
         assert_eq!(
-            decide_token(Some(&ReaderToken::new("garbage")), &READER, DAY, now),
+            decide_token(Some(&ReaderToken::new("garbage")), &READER, DAY, now, SAME),
             TokenDecision::Refresh(RefreshReason::Unreadable)
         );
         let old = token("2026-11-21T12:00:00Z", "2026-11-22T12:00:00Z");
-        assert_eq!(decide_token(Some(&old), &READER, DAY, now), TokenDecision::Refresh(RefreshReason::Expiring));
+        assert_eq!(decide_token(Some(&old), &READER, DAY, now, SAME), TokenDecision::Refresh(RefreshReason::Expiring));
     }
 
     #[test]
@@ -1003,13 +1068,13 @@ mod tests {
         );
         for t in [&stale_uid, &other] {
             assert_eq!(
-                decide_token(Some(t), &READER, DAY, now),
+                decide_token(Some(t), &READER, DAY, now, SAME),
                 TokenDecision::Refresh(RefreshReason::OtherServiceAccount)
             );
         }
         // Without an observed UID only the name is checked.
         let unobserved = ReaderIdentity { uid: None, ..READER };
-        assert!(matches!(decide_token(Some(&stale_uid), &unobserved, DAY, now), TokenDecision::Keep { .. }));
+        assert!(matches!(decide_token(Some(&stale_uid), &unobserved, DAY, now, SAME), TokenDecision::Keep { .. }));
     }
 
     #[test]
@@ -1025,8 +1090,125 @@ mod tests {
             .collect();
         let found: Vec<ReaderToken> = held.iter().filter_map(|h| token_in_remote_secret(h, "east")).collect();
         let candidates = found.iter().chain([&expired]);
-        assert_eq!(choose_token(candidates, &READER, DAY, now), Some((&newer, ts("2026-11-23T10:00:00Z"))));
-        assert_eq!(choose_token([&expired], &READER, DAY, now), None);
-        assert_eq!(choose_token([], &READER, DAY, now), None);
+        assert_eq!(
+            choose_token(candidates, &READER, DAY, now, SAME),
+            Some((
+                &newer,
+                TokenTimes { expires_at: ts("2026-11-23T10:00:00Z"), refresh_at: ts("2026-11-23T02:00:01Z") }
+            ))
+        );
+        assert_eq!(choose_token([&expired], &READER, DAY, now, SAME), None);
+        assert_eq!(choose_token([], &READER, DAY, now, SAME), None);
+    }
+
+    // Deadlines and clock skew
+
+    /// A token as a member whose clock reads `issued` stamps it, living `ttl`.
+    fn token_at(issued: Timestamp, ttl: Duration) -> ReaderToken {
+        let exp = issued + SignedDuration::try_from(ttl).unwrap();
+        token_for(&issued.to_string(), &exp.to_string(), SUBJECT, "uid-1")
+    }
+
+    #[test]
+    fn the_refresh_time_is_the_first_instant_the_refresh_rule_says_yes() {
+        let second = SignedDuration::from_secs(1);
+        for (issued, expires) in [
+            (ts("2026-11-22T00:00:00Z"), ts("2026-11-23T00:00:00Z")),
+            (ts("2026-11-22T00:00:00Z"), ts("2026-11-22T00:10:00Z")),
+            (ts("2026-11-22T00:00:00Z"), ts("2026-11-22T01:00:00Z")),
+        ] {
+            let at = token_refresh_at(issued, expires);
+            assert!(!token_needs_refresh(issued, expires, DAY, at - second), "{at}");
+            assert!(token_needs_refresh(issued, expires, DAY, at), "{at}");
+        }
+        assert_eq!(
+            token_refresh_at(ts("2026-11-22T00:00:00Z"), ts("2026-11-22T00:10:00Z")),
+            ts("2026-11-22T00:06:41Z")
+        );
+    }
+
+    #[test]
+    fn a_members_clock_is_read_from_its_date_header() {
+        let sent = ts("2026-11-24T08:17:13.000Z");
+        let received = ts("2026-11-24T08:17:13.200Z");
+        // Seven minutes behind: the member stamped 08:10:13 (and some fraction of that second).
+        let offset = member_clock_offset("Tue, 24 Nov 2026 08:10:13 GMT", sent, received).unwrap();
+        assert!((offset + SignedDuration::from_mins(7)).abs() <= SignedDuration::from_secs(1), "{offset:?}");
+        let offset = member_clock_offset("Tue, 24 Nov 2026 08:17:13 GMT", sent, received).unwrap();
+        assert!(offset.abs() <= SignedDuration::from_secs(1), "{offset:?}");
+        assert_eq!(member_clock_offset("yesterday", sent, received), None);
+    }
+
+    /// Reconciles every 5 s for 30 minutes against a member whose clock runs `member_clock` ahead of the hub's
+    /// (negative: behind), with tokens of `ttl`; meshfed corrects by `measured`. Returns how many tokens were
+    /// requested, and fails if meshfed ever keeps a token that the member already considers expired.
+    fn token_requests_over_30_minutes(ttl: Duration, member_clock: SignedDuration, measured: SignedDuration) -> usize {
+        let start = ts("2026-11-24T08:00:00Z");
+        let (mut held, mut requests) = (None, 0);
+        for step in 0..(30 * 60 / 5) {
+            let now = start + SignedDuration::from_secs(5 * step);
+            match decide_token(held.as_ref(), &READER, ttl, now, measured) {
+                TokenDecision::Refresh(_) => {
+                    requests += 1;
+                    held = Some(token_at(now + member_clock, ttl));
+                }
+                TokenDecision::Keep(times) => {
+                    assert!(now + member_clock < times.expires_at, "kept an expired token at {now}");
+                }
+            }
+        }
+        requests
+    }
+
+    #[test]
+    fn a_member_clock_seven_minutes_off_causes_no_loop_of_token_requests() {
+        let ttl = Duration::from_secs(600);
+        let seven = SignedDuration::from_mins(7);
+        // A refresh every 6 min 40 s: five tokens in 30 minutes, whatever the member's clock says once measured.
+        for member_clock in [SignedDuration::ZERO, -seven, seven] {
+            assert_eq!(token_requests_over_30_minutes(ttl, member_clock, member_clock), 5, "{member_clock:?}");
+        }
+        // Read on the hub's clock alone, a member 7 minutes behind makes every fresh 10-minute token look due:
+        // a TokenRequest (and a write to every holder) at every reconcile. This is what the correction prevents.
+        assert_eq!(token_requests_over_30_minutes(ttl, -seven, SignedDuration::ZERO), 360);
+    }
+
+    #[test]
+    fn a_ten_minute_token_never_expires_when_reconciles_follow_the_deadline() {
+        // A converged federation reconciles at `plan::next_deadline`; sampled every second over 30 minutes, the
+        // token the holders keep is never expired. With only the 5-minute resync it would be (due at 6 min 40 s,
+        // looked at again at 10 min: expired).
+        let ttl = Duration::from_secs(600);
+        let resync = Duration::from_secs(300);
+        let start = ts("2026-11-24T08:00:00Z");
+        let end = start + SignedDuration::from_mins(30);
+        let kubeconfig = meshfed_api::SecretKeyRef { name: "west".into(), key: "kubeconfig".into() };
+        let (mut now, mut held, mut requests) = (start, None::<ReaderToken>, 0);
+        while now < end {
+            let times = match decide_token(held.as_ref(), &READER, ttl, now, SAME) {
+                TokenDecision::Keep(times) => times,
+                TokenDecision::Refresh(_) => {
+                    requests += 1;
+                    let t = token_at(now, ttl);
+                    let times = token_times(&t, SAME).unwrap();
+                    held = Some(t);
+                    times
+                }
+            };
+            let mut report = crate::plan::MemberReport::new("west", &kubeconfig, false);
+            report.token_refresh_at = Some(times.refresh_at);
+            let next = now + SignedDuration::try_from(crate::plan::next_deadline(&[report], DAY, now, resync)).unwrap();
+            let mut sample = now;
+            while sample < next {
+                assert!(
+                    sample < times.expires_at,
+                    "the token expired at {} and was in use at {sample}",
+                    times.expires_at
+                );
+                sample += SignedDuration::from_secs(1);
+            }
+            now = next;
+        }
+        assert_eq!(requests, 5);
     }
 }

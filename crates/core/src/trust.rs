@@ -19,9 +19,22 @@ use crate::{
 /// Set on a federation with a generated root to ask for a new root: each new value starts one rotation.
 pub const ROTATE_ROOT_ANNOTATION: &str = "meshfed.io/rotate-root";
 
-/// The hub Secret that holds a generated root: `<federation>-root-ca` in the federation's namespace.
+/// The hub Secret that holds a generated root: `<federation>-root-ca` in the federation's namespace. For a name
+/// too long for that (over 245 characters), the federation's name is cut and followed by 16 hex digits of its
+/// SHA-256, so that the Secret's name stays within 253 characters.
 pub fn root_secret_name(federation: &str) -> String {
-    format!("{federation}-root-ca")
+    const SUFFIX: &str = "-root-ca";
+    const MAX_NAME: usize = 253;
+    if federation.len() + SUFFIX.len() <= MAX_NAME {
+        return format!("{federation}{SUFFIX}");
+    }
+    let short = crate::plan::label_value(federation);
+    let hash = &short[short.len() - 16..];
+    let mut keep = MAX_NAME - SUFFIX.len() - hash.len() - 1;
+    while !federation.is_char_boundary(keep) {
+        keep -= 1;
+    }
+    format!("{}-{hash}{SUFFIX}", federation[..keep].trim_end_matches(['.', '-']))
 }
 
 /// The hub Secret of a generated root (type `kubernetes.io/tls`), annotated with the rotation request it answers.
@@ -32,7 +45,7 @@ pub fn root_secret(fref: &FederationRef, material: &CaMaterial, request: Option<
             namespace: Some(fref.namespace.clone()),
             labels: Some(BTreeMap::from([
                 (MANAGED_BY.into(), FIELD_MANAGER.into()),
-                (LABEL_FEDERATION.into(), fref.name.clone()),
+                (LABEL_FEDERATION.into(), fref.name_label()),
             ])),
             annotations: request.map(|r| BTreeMap::from([(ROTATE_ROOT_ANNOTATION.into(), r)])),
             ..Default::default()
@@ -240,7 +253,7 @@ mod tests {
     const HOUR: Duration = Duration::from_secs(3600);
 
     fn spec() -> MeshFederationSpec {
-        serde_yaml::from_str(
+        serde_saphyr::from_str(
             "meshID: m\ntrust: {root: {generate: {}}}\nclusters:\n- {name: a, network: n1, kubeconfigSecretRef: {name: a}}\n- {name: b, network: n2, kubeconfigSecretRef: {name: b}}\n- {name: c, network: n3, kubeconfigSecretRef: {name: c}}\n",
         )
         .unwrap()

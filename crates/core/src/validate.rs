@@ -21,8 +21,13 @@ impl fmt::Display for Problem {
     }
 }
 
-/// The TokenRequest API refuses lifetimes under ten minutes.
-const MIN_TOKEN_TTL: Duration = Duration::from_secs(600);
+/// The TokenRequest API refuses lifetimes under ten minutes. A token is refreshed with a third of its lifetime
+/// left, so ten minutes also leave 3 min 20 s to retry a member that does not answer (every 60 s at most).
+pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(600);
+
+/// An intermediate is renewed `renewBefore` ahead of its expiry, at a reconcile scheduled for then; ten minutes
+/// leave room for ten retries of a member that does not answer (every 60 s at most) before it expires.
+pub const MIN_RENEW_BEFORE: Duration = Duration::from_secs(600);
 
 /// The parsed durations of a valid spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -115,6 +120,17 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
             format!(
                 "trust.intermediate.renewBefore ({}) must be shorter than trust.intermediate.validity ({})",
                 spec.trust.intermediate.renew_before, spec.trust.intermediate.validity
+            ),
+        );
+    }
+    if let Some(r) = renew_before
+        && r < MIN_RENEW_BEFORE
+    {
+        problem(
+            Reason::InvalidDuration,
+            format!(
+                "trust.intermediate.renewBefore ({}) must be at least 10m: meshfed renews an intermediate that long before it expires and needs the time to retry a member that does not answer",
+                spec.trust.intermediate.renew_before
             ),
         );
     }
@@ -233,8 +249,10 @@ mod tests {
 
     /// A spec from its clusters (one flow-style YAML list item per line) and extra top-level YAML.
     fn spec_with(clusters: &str, extra: &str) -> MeshFederationSpec {
-        serde_yaml::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\n{extra}\nclusters:\n{clusters}"))
-            .unwrap()
+        serde_saphyr::from_str(&format!(
+            "meshID: m\ntrust: {{root: {{generate: {{}}}}}}\n{extra}\nclusters:\n{clusters}"
+        ))
+        .unwrap()
     }
 
     fn spec(clusters: &str) -> MeshFederationSpec {
@@ -292,6 +310,21 @@ mod tests {
         let mut s = spec(EAST);
         s.trust.intermediate.renew_before = "9000h".into();
         assert!(validate(&s).unwrap_err()[0].message.contains("must be shorter"));
+    }
+
+    #[test]
+    fn lifetimes_too_short_to_renew_in_time_are_refused_naming_the_bound() {
+        let mut s = spec(EAST);
+        s.trust.intermediate.renew_before = "5m".into();
+        let problems = validate(&s).unwrap_err();
+        assert_eq!(problems.len(), 1);
+        assert_eq!(problems[0].reason, "InvalidDuration");
+        assert!(problems[0].message.contains("renewBefore (5m) must be at least 10m"), "{}", problems[0]);
+        s.trust.intermediate.renew_before = "10m".into();
+        assert!(validate(&s).is_ok());
+        let problems = validate(&spec_with(EAST, "remoteAccess: {tokenTTL: 9m59s}")).unwrap_err();
+        assert!(problems[0].message.contains("tokenTTL (9m59s) must be at least 10m"), "{}", problems[0]);
+        assert!(validate(&spec_with(EAST, "remoteAccess: {tokenTTL: 10m}")).is_ok());
     }
 
     #[test]

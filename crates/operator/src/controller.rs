@@ -274,7 +274,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             record_failures(&mut reports, second);
             for r in &mut reports {
                 match tokens.get(&r.name) {
-                    Some(Ok(t)) => r.token_expires_at = Some(t.expires_at),
+                    Some(Ok(t)) => (r.token_expires_at, r.token_refresh_at) = (Some(t.expires_at), Some(t.refresh_at)),
                     Some(Err(f)) => r.remote_access = Some(f.clone()),
                     None => {}
                 }
@@ -312,7 +312,10 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
         (Err(_), _) if refused_by_members => Action::requeue(ctx.settings.retry_after),
         // An invalid spec waits for its next edit: retrying cannot fix it.
         (Err(_), _) => Action::await_change(),
-        (Ok(_), true) => Action::requeue(ctx.settings.resync_after),
+        (Ok(v), true) => {
+            let now = ctx.settings.clock.now();
+            Action::requeue(plan::next_deadline(&reports, v.durations.renew_before, now, ctx.settings.resync_after))
+        }
         // A rotation that waits for workload certificates to expire is looked at when they have.
         (Ok(_), false) if let Some(at) = wake_at => {
             let left = at.duration_since(ctx.settings.clock.now()).unsigned_abs();
@@ -568,11 +571,8 @@ async fn observe_member(
     }
     let run = async {
         let asked = std::time::Instant::now();
-        let version = member
-            .client
-            .apiserver_version()
-            .await
-            .map_err(|e| Failure::new(Reason::Unreachable, format!("{}: {e}", member.server)))?;
+        let version =
+            member.probe().await.map_err(|e| Failure::new(Reason::Unreachable, format!("{}: {e}", member.server)))?;
         ctx.metrics.member_answered(&key, name, asked.elapsed());
         report.version = Some(version.git_version);
         let identity = Api::<Namespace>::all(member.client.clone())
@@ -695,7 +695,7 @@ async fn publish(ctx: &Context, fed: &MeshFederation, said: plan::Announcement) 
     let event = KubeEvent {
         type_: if said.warning { EventType::Warning } else { EventType::Normal },
         reason: said.reason,
-        note: Some(said.note),
+        note: Some(plan::event_note(said.note)),
         action: "Reconcile".into(),
         secondary,
     };

@@ -6,9 +6,14 @@
 use meshfed_core::conditions::Reason;
 use std::{
     collections::HashMap,
-    sync::Mutex,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicI64, Ordering},
+    },
     time::{Duration, Instant},
 };
+
+use jiff::{SignedDuration, Timestamp};
 
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
@@ -27,6 +32,41 @@ pub struct Member {
     pub client: Client,
     pub server: String,
     pub kubeconfig: Kubeconfig,
+    /// How far the member's clock runs ahead of the hub's, in milliseconds, as last measured by [`Member::probe`].
+    clock: Arc<AtomicI64>,
+}
+
+/// A member clock offset beyond this is worth a warning: its tokens' times are read with the offset corrected.
+const SKEW_WARNING: SignedDuration = SignedDuration::from_secs(30);
+
+impl Member {
+    /// Asks the member's API server for its version, and measures its clock from the response's `Date` header
+    /// against this machine's clock (the system clock, not the controller's: tests move that one for everyone).
+    pub async fn probe(&self) -> Result<k8s_openapi::apimachinery::pkg::version::Info, kube::Error> {
+        let request =
+            http::Request::get("/version").body(kube::client::Body::empty()).map_err(kube::Error::HttpError)?;
+        let sent = Timestamp::now();
+        let response = self.client.send(request).await?;
+        let received = Timestamp::now();
+        let date = response.headers().get(http::header::DATE).and_then(|d| d.to_str().ok());
+        if let Some(offset) = date.and_then(|d| meshfed_core::remote::member_clock_offset(d, sent, received)) {
+            let before = SignedDuration::from_millis(self.clock.swap(offset.as_millis() as i64, Ordering::Relaxed));
+            if offset.abs() >= SKEW_WARNING && before.abs() < SKEW_WARNING {
+                tracing::warn!(server = %self.server, offset = %format!("{offset:#}"), "the member's clock differs from the hub's; meshfed corrects token times for it");
+            }
+        }
+        if !response.status().is_success() {
+            // The typed call reports the API's error as kube does everywhere else.
+            return self.client.apiserver_version().await;
+        }
+        let body = response.into_body().collect_bytes().await?;
+        serde_json::from_slice(&body).map_err(kube::Error::SerdeError)
+    }
+
+    /// How far the member's clock runs ahead of the hub's, as last measured by [`Member::probe`] (zero before).
+    pub fn clock_offset(&self) -> SignedDuration {
+        SignedDuration::from_millis(self.clock.load(Ordering::Relaxed))
+    }
 }
 
 type Key = (String, String, String);
@@ -78,8 +118,14 @@ impl ClientPool {
         config.connect_timeout = Some(connect_timeout);
         let client =
             Client::try_from(config).map_err(|e| Failure::new(Reason::KubeconfigInvalid, format!("{where_}: {e}")))?;
-        let member =
-            Member { id: member_id(namespace, secret), version: version.clone(), client, server, kubeconfig: kc };
+        let member = Member {
+            id: member_id(namespace, secret),
+            version: version.clone(),
+            client,
+            server,
+            kubeconfig: kc,
+            clock: Arc::default(),
+        };
         self.cache.lock().expect("pool lock").insert(key, (version, member.clone()));
         Ok(member)
     }
@@ -145,6 +191,7 @@ mod tests {
             client: Client::try_from(config).unwrap(),
             server: "https://127.0.0.1:1".into(),
             kubeconfig: Kubeconfig::default(),
+            clock: Arc::default(),
         }
     }
 

@@ -13,7 +13,7 @@ use meshfed_api::{ClusterSpec, MeshFederationSpec};
 use meshfed_core::{
     member::{self, ObjectKey},
     plan::Failure,
-    remote::{self, ReaderIdentity, ReaderToken, RemoteTarget},
+    remote::{self, ReaderIdentity, ReaderToken, RemoteTarget, TokenTimes},
 };
 use tracing::info;
 
@@ -28,6 +28,8 @@ pub struct Token {
     pub target: RemoteTarget,
     pub token: ReaderToken,
     pub expires_at: Timestamp,
+    /// When it falls due for refresh, by the hub's clock.
+    pub refresh_at: Timestamp,
 }
 
 /// The token of every member of `spec` that some holder reads and that answered (`reached`: its client and what it
@@ -82,8 +84,10 @@ async fn token_for(
     };
     let uid = apply::typed::<ServiceAccount>(held, &sa_key).and_then(|sa| sa.metadata.uid);
     let reader = ReaderIdentity { namespace: ns, uid: uid.as_deref() };
-    if let Some((token, expires_at)) = remote::choose_token(&kept, &reader, ttl, now) {
-        return Ok(Token { target: remote_target, token: token.clone(), expires_at });
+    let member_clock = member.clock_offset();
+    if let Some((token, times)) = remote::choose_token(&kept, &reader, ttl, now, member_clock) {
+        let TokenTimes { expires_at, refresh_at } = times;
+        return Ok(Token { target: remote_target, token: token.clone(), expires_at, refresh_at });
     }
     metrics.wrote(&target.name, "TokenRequest", "create");
     let sas: Api<ServiceAccount> = Api::namespaced(member.client.clone(), ns);
@@ -104,9 +108,10 @@ async fn token_for(
         Err(_) => return Err(refused(format!("no answer within {timeout:?}"))),
     };
     info!(cluster = %target.name, expires = %status.expiration_timestamp.0, "requested a reader token");
-    Ok(Token {
-        target: remote_target,
-        token: ReaderToken::new(status.token),
-        expires_at: status.expiration_timestamp.0,
-    })
+    let token = ReaderToken::new(status.token);
+    // Claims that do not read: as if it lived the lifetime asked for from now.
+    let asked = jiff::SignedDuration::try_from(ttl).unwrap_or(jiff::SignedDuration::ZERO);
+    let fallback = || remote::token_refresh_at(now, now.saturating_add(asked).unwrap_or(now));
+    let refresh_at = remote::token_times(&token, member_clock).map_or_else(fallback, |t| t.refresh_at);
+    Ok(Token { target: remote_target, token, expires_at: status.expiration_timestamp.0, refresh_at })
 }

@@ -33,7 +33,6 @@ use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
     SanType,
 };
-use serde::Deserialize;
 
 mod istiod;
 mod stage;
@@ -283,12 +282,11 @@ impl Cluster {
     pub async fn install_crds(&self, yaml: &str) -> Result<()> {
         let crds: Api<CustomResourceDefinition> = Api::all(self.client().await?);
         let mut names = Vec::new();
-        for doc in serde_yaml::Deserializer::from_str(yaml) {
-            let value = serde_yaml::Value::deserialize(doc)?;
+        for value in serde_saphyr::from_multiple::<serde_json::Value>(yaml)? {
             if value.is_null() {
                 continue;
             }
-            let crd: CustomResourceDefinition = serde_yaml::from_value(value)?;
+            let crd: CustomResourceDefinition = serde_json::from_value(value)?;
             let name = crd.name_any();
             crds.patch(&name, &PatchParams::apply("meshfed-testenv").force(), &Patch::Apply(&crd))
                 .await

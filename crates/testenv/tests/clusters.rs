@@ -34,13 +34,13 @@ async fn clusters_are_separate_serve_tokens_and_survive_a_restart() -> anyhow::R
     assert!(!token.status.unwrap().token.is_empty());
 
     // RBAC is on: the fresh service account may not list namespaces.
-    let mut kc: serde_yaml::Value = serde_yaml::from_str(env.cluster("one").kubeconfig())?;
+    let mut kc: serde_json::Value = serde_saphyr::from_str(env.cluster("one").kubeconfig())?;
     let user = &mut kc["users"][0]["user"];
-    *user = serde_yaml::from_str(&format!(
+    *user = serde_saphyr::from_str(&format!(
         "token: {}",
         sas.create_token_request("reader", &PostParams::default(), &req).await?.status.unwrap().token
     ))?;
-    let reader = meshfed_testenv::client_from_kubeconfig(&serde_yaml::to_string(&kc)?).await?;
+    let reader = meshfed_testenv::client_from_kubeconfig(&serde_saphyr::to_string(&kc)?).await?;
     let err = Api::<Namespace>::all(reader).list(&ListParams::default()).await.unwrap_err();
     assert!(matches!(&err, kube::Error::Api(s) if s.code == 403), "{err}");
 
