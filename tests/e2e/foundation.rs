@@ -69,6 +69,8 @@ async fn a_federation_labels_every_member_and_deletion_cleans_them() -> anyhow::
         assert_eq!(fed_condition(&fed, cond).unwrap().status, "True", "{cond}");
     }
     assert!(fed.metadata.finalizers.as_ref().unwrap().contains(&"meshfed.io/cleanup".to_string()));
+    // kstatus reads it as Current: neither Stalled nor Reconciling.
+    assert!(fed_condition(&fed, "Stalled").is_none() && fed_condition(&fed, "Reconciling").is_none());
     // The flip to Ready is announced as an Event on the federation.
     f.wait_for_event("prod", |e| {
         e.reason.as_deref() == Some("Converged")
@@ -178,6 +180,10 @@ async fn invalid_federations_get_a_precise_reason_and_write_nothing() -> anyhow:
         let fed = f.wait_for(name, WAIT, |f| fed_condition(f, "Valid").is_some()).await?;
         let valid = fed_condition(&fed, "Valid").unwrap();
         assert_eq!((valid.status.as_str(), valid.reason.as_str()), ("False", *reason), "{name}: {}", valid.message);
+        // kstatus reads it as Failed in the same reconcile: Stalled, with the reason; not Reconciling.
+        let stalled = fed_condition(&fed, "Stalled").expect("Stalled");
+        assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", *reason));
+        assert!(fed_condition(&fed, "Reconciling").is_none());
         assert!(valid.message.contains(message), "{name}: {:?} lacks {message:?}", valid.message);
         assert_eq!(fed_condition(&fed, "Ready").unwrap().status, "False");
     }

@@ -52,6 +52,48 @@ names! {
         GatewaysReady,
         ControlPlaneReady,
         Reachable,
+        // kstatus: abnormal-true conditions, present only while true.
+        Stalled,
+        Reconciling,
+    }
+}
+
+impl Reason {
+    /// Whether only a person can clear a failure of this reason (an edit of the spec, a Secret, a member's other
+    /// federation, the Sail operator's installation): the federation is `Stalled`, not `Reconciling`.
+    pub fn needs_a_person(self) -> bool {
+        use Reason::*;
+        matches!(
+            self,
+            DuplicateClusterName
+                | DuplicateKubeconfig
+                | MissingControlPlane
+                | UnknownControlPlane
+                | ControlPlaneNotPrimary
+                | InvalidDuration
+                | InvalidCIDR
+                | OverlappingCIDRs
+                | ExposeModeUnsupported
+                | KubeconfigSecretMissing
+                | KubeconfigKeyMissing
+                | KubeconfigInvalid
+                | KubeconfigRefused
+                | ClusterClaimed
+                | DuplicateCluster
+                | OwnedByAnotherFederation
+                | RootSourceMissing
+                | RootSecretMissing
+                | RootSecretIncomplete
+                | RootMissing
+                | RootMalformed
+                | RootNotCA
+                | RootPathLenTooShort
+                | RootUnsupportedKey
+                | RootKeyMismatch
+                | RootExpired
+                | TokenRequestFailed
+                | SailOperatorMissing
+        )
     }
 }
 
@@ -192,6 +234,20 @@ pub fn stamp(previous: &[Condition], desired: Vec<Cond>, generation: Option<i64>
         .collect()
 }
 
+/// The kstatus conditions that go with `ready`, a federation's `Ready` over its other conditions `conds`: `Stalled`
+/// (with the reason) while a failure only a person can clear holds it, `Reconciling` while meshfed works towards the
+/// spec, neither once it is ready. So Flux, kpt and `kubectl wait` tell a federation that will converge from one that
+/// will not.
+pub fn kstatus(ready: &Cond, conds: &[Cond]) -> Option<Cond> {
+    if ready.ok {
+        return None;
+    }
+    Some(match conds.iter().find(|c| !c.ok && c.reason.needs_a_person()) {
+        Some(c) => Cond::ok(ConditionType::Stalled, c.reason, format!("{} is False: {}", c.type_, c.message)),
+        None => Cond::ok(ConditionType::Reconciling, ready.reason, ready.message.clone()),
+    })
+}
+
 /// The first failing condition of `conds`, if any.
 pub fn first_failure(conds: &[Cond]) -> Option<&Cond> {
     conds.iter().find(|c| !c.ok)
@@ -213,6 +269,28 @@ mod tests {
         // A flip stamps the new time.
         let flipped = stamp(&same, vec![Cond::ok(ConditionType::Ready, Reason::Converged, "")], Some(2), t1);
         assert_eq!((flipped[0].status.as_str(), &flipped[0].last_transition_time), ("True", &Time(t1)));
+    }
+}
+
+#[cfg(test)]
+mod kstatus_tests {
+    use super::*;
+
+    #[test]
+    fn a_federation_is_stalled_only_by_what_a_person_must_fix_and_reconciling_otherwise() {
+        let ready = Cond::ok(ConditionType::Ready, Reason::Converged, "");
+        assert_eq!(kstatus(&ready, &[]), None, "neither once Ready");
+        let waiting = Cond::failed(ConditionType::Ready, Reason::Unreachable, "west: refused");
+        let unreachable = Cond::failed(ConditionType::ClustersReachable, Reason::Unreachable, "west: refused");
+        let reconciling = kstatus(&waiting, std::slice::from_ref(&unreachable)).unwrap();
+        assert_eq!(
+            (reconciling.type_, reconciling.ok, reconciling.reason),
+            (ConditionType::Reconciling, true, Reason::Unreachable)
+        );
+        let claimed = Cond::failed(ConditionType::MembersConverged, Reason::ClusterClaimed, "east: taken");
+        let stalled = kstatus(&waiting, &[unreachable, claimed]).unwrap();
+        assert_eq!((stalled.type_, stalled.reason), (ConditionType::Stalled, Reason::ClusterClaimed));
+        assert_eq!(stalled.message, "MembersConverged is False: east: taken");
     }
 }
 

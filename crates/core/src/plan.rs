@@ -8,7 +8,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use meshfed_api::{ClusterStatus, MeshFederationSpec, MeshFederationStatus, SecretKeyRef, TrustStatus};
 
 use crate::{
-    conditions::{Cond, ConditionType, Reason, first_failure, stamp},
+    conditions::{Cond, ConditionType, Reason, first_failure, kstatus, stamp},
     gateway::GatewayAddress,
     pki::CertSummary,
     validate::{Problem, Validated},
@@ -195,7 +195,8 @@ pub fn announcements(previous: Option<&MeshFederationStatus>, new: &MeshFederati
     let empty = MeshFederationStatus::default();
     let previous = previous.unwrap_or(&empty);
     let mut out = Vec::new();
-    for c in &new.conditions {
+    // Stalled and Reconciling say again what Ready says: no Events of their own.
+    for c in new.conditions.iter().filter(|c| c.type_ != "Stalled" && c.type_ != "Reconciling") {
         if !previous.conditions.iter().any(|p| p.type_ == c.type_ && p.status == c.status && p.reason == c.reason) {
             let note = format!("{} is {}: {}", c.type_, c.status, c.message);
             out.push(Announcement::new(c.status != "True", &c.reason, note));
@@ -353,14 +354,14 @@ pub fn federation_status(
         Err(problems) => {
             let reason = problems.first().map_or(Reason::Valid, |p| p.reason);
             let message = problems.iter().map(|p| p.message.as_str()).collect::<Vec<_>>().join("; ");
-            let conds = vec![
-                Cond::failed(
-                    ConditionType::Ready,
-                    reason,
-                    "the spec is invalid; nothing is written to any member until it is fixed",
-                ),
-                Cond::failed(ConditionType::Valid, reason, message),
-            ];
+            let ready = Cond::failed(
+                ConditionType::Ready,
+                reason,
+                "the spec is invalid; nothing is written to any member until it is fixed",
+            );
+            let valid = Cond::failed(ConditionType::Valid, reason, message);
+            let stalled = kstatus(&ready, std::slice::from_ref(&valid));
+            let conds = [ready, valid].into_iter().chain(stalled).collect();
             return MeshFederationStatus {
                 observed_generation: generation,
                 topology: None,
@@ -473,6 +474,7 @@ pub fn federation_status(
             Cond::ok(ConditionType::Ready, Reason::Converged, format!("all {} members converged", spec.clusters.len()))
         }
     };
+    conds.extend(kstatus(&ready, &conds));
     conds.insert(0, ready);
 
     let prev_cluster = |name: &str| previous.and_then(|p| p.clusters.iter().find(|c| c.name == name));
@@ -527,9 +529,16 @@ pub fn deletion_status(
         Reason::CleanupPending,
         format!("the federation is being deleted; members not cleaned up yet: {message}"),
     )];
-    let ready = stamp(&status.conditions, conds, generation, now).remove(0);
-    status.conditions.retain(|c| c.type_ != "Ready");
-    status.conditions.insert(0, ready);
+    let conds = conds.into_iter().chain([Cond::ok(
+        ConditionType::Reconciling,
+        Reason::CleanupPending,
+        "the federation is being deleted: meshfed is cleaning up the members",
+    )]);
+    let mut stamped = stamp(&status.conditions, conds.collect(), generation, now);
+    let kept = ["Ready", "Reconciling", "Stalled"];
+    status.conditions.retain(|c| !kept.contains(&c.type_.as_str()));
+    status.conditions.insert(0, stamped.remove(0));
+    status.conditions.extend(stamped);
     status.clusters = pending
         .iter()
         .map(|m| member_status(status.clusters.iter().find(|c| c.name == m.name), generation, m, now))
