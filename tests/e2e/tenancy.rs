@@ -92,7 +92,11 @@ async fn a_second_federation_is_refused_on_a_claimed_member_and_writes_nothing_t
 
     // staging names west (prod's) and north (free).
     f.apply(&federation("staging", "istio-system", &["west:n1", "north:n2"])).await?;
-    let claimed = |fed: &MeshFederation| member_reason(fed, "west").as_deref() == Some("ClusterClaimed");
+    // North converges once the played cloud gave its gateway an address: a reconcile or two after west's refusal.
+    let claimed = |fed: &MeshFederation| {
+        member_reason(fed, "west").as_deref() == Some("ClusterClaimed")
+            && member_reason(fed, "north").as_deref() == Some("Converged")
+    };
     let staging = f.wait_for("staging", WAIT, claimed).await?;
     let west_status = staging.status.as_ref().unwrap().clusters.iter().find(|c| c.name == "west").unwrap();
     let message = &condition(&west_status.conditions, "Ready").unwrap().message;

@@ -63,6 +63,43 @@ const GATEWAY: &[&str] = &[
 const CROSS_NETWORK: &[&str] = &["Gateway istio-system/cross-network-gateway"];
 const EXPOSE_ISTIOD: &[&str] = &["Gateway istio-system/istiod-gateway", "VirtualService istio-system/istiod-vs"];
 
+/// What `meshfed render` says each member holds for the example `name`, as `Kind namespace/name`.
+fn rendered(name: &str) -> std::collections::BTreeMap<String, BTreeSet<String>> {
+    let fed: meshfed_api::MeshFederation = serde_saphyr::from_str(&example(name)).unwrap();
+    let fref = meshfed_core::plan::FederationRef { namespace: "mesh-system".into(), name: "prod".into() };
+    let members = meshfed_core::render::render(&fref, &fed.spec, None).unwrap();
+    members
+        .into_iter()
+        .map(|(cluster, objects)| {
+            let keys = objects.iter().map(|o| {
+                let m = &o["metadata"];
+                format!(
+                    "{} {}/{}",
+                    o["kind"].as_str().unwrap(),
+                    m["namespace"].as_str().unwrap_or(""),
+                    m["name"].as_str().unwrap()
+                )
+            });
+            (cluster, keys.collect())
+        })
+        .collect()
+}
+
+/// Applies example `name` and waits until it converged; checks that every member holds exactly what `meshfed render`
+/// says for it.
+async fn converge(f: &Fixture, name: &str) -> anyhow::Result<meshfed_api::MeshFederation> {
+    f.apply(&example(name)).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    for (cluster, objects) in rendered(name) {
+        assert_eq!(
+            held(&f.member(&cluster).await?, &cluster).await?,
+            objects,
+            "{name}: {cluster} holds what render says"
+        );
+    }
+    Ok(fed)
+}
+
 async fn istio(member: &Client) -> anyhow::Result<Value> {
     let istio = Api::<DynamicObject>::all_with(member.clone(), &api_resource(&ISTIO)).get("default").await?;
     Ok(istio.data)
@@ -77,8 +114,7 @@ async fn every_topology_converges_with_what_it_needs_and_switching_prunes_the_re
     let (to_west, to_east) = (remote_secret("west"), remote_secret("east"));
 
     // Multi-primary on one network: no gateway anywhere.
-    f.apply(&example("multi-primary")).await?;
-    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    let fed = converge(&f, "multi-primary").await?;
     assert_eq!(fed.status.as_ref().unwrap().topology.as_deref(), Some("MultiPrimary/SingleNetwork"));
     assert_eq!(held(&east, "east").await?, expected(&[&[&to_west]]));
     assert_eq!(held(&west, "west").await?, expected(&[&[&to_east]]));
@@ -94,8 +130,7 @@ async fn every_topology_converges_with_what_it_needs_and_switching_prunes_the_re
 
     // West becomes a Remote of east: east exposes istiod through its gateway, west's control plane points at it,
     // and west's remote secret for east (a Remote holds none) is pruned.
-    f.apply(&example("primary-remote")).await?;
-    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    let fed = converge(&f, "primary-remote").await?;
     assert_eq!(fed.status.as_ref().unwrap().topology.as_deref(), Some("PrimaryRemote/SingleNetwork"));
     assert_eq!(held(&east, "east").await?, expected(&[&[&to_west], GATEWAY, EXPOSE_ISTIOD]));
     assert_eq!(held(&west, "west").await?, expected(&[]));
@@ -113,8 +148,7 @@ async fn every_topology_converges_with_what_it_needs_and_switching_prunes_the_re
     assert_eq!(ns.annotations().get("topology.istio.io/controlPlaneClusters").map(String::as_str), Some("east"));
 
     // West moves to another network: both clusters get a gateway and expose their services across networks.
-    f.apply(&example("primary-remote-multi-network")).await?;
-    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    let fed = converge(&f, "primary-remote-multi-network").await?;
     assert_eq!(fed.status.as_ref().unwrap().topology.as_deref(), Some("PrimaryRemote/MultiNetwork"));
     assert_eq!(held(&east, "east").await?, expected(&[&[&to_west], GATEWAY, CROSS_NETWORK, EXPOSE_ISTIOD]));
     assert_eq!(held(&west, "west").await?, expected(&[GATEWAY, CROSS_NETWORK]));
@@ -122,8 +156,7 @@ async fn every_topology_converges_with_what_it_needs_and_switching_prunes_the_re
     assert_eq!(injection, "/inject/cluster/west/net/network2");
 
     // West becomes a Primary again: istiod is no longer exposed, and nothing of the Remote is left.
-    f.apply(&example("multi-primary-multi-network")).await?;
-    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    let fed = converge(&f, "multi-primary-multi-network").await?;
     assert_eq!(fed.status.as_ref().unwrap().topology.as_deref(), Some("MultiPrimary/MultiNetwork"));
     assert_eq!(held(&east, "east").await?, expected(&[&[&to_west], GATEWAY, CROSS_NETWORK]));
     assert_eq!(held(&west, "west").await?, expected(&[&[&to_east], GATEWAY, CROSS_NETWORK]));
@@ -143,8 +176,7 @@ async fn every_topology_converges_with_what_it_needs_and_switching_prunes_the_re
     .await?;
 
     // And back to one network: every gateway object is pruned.
-    f.apply(&example("multi-primary")).await?;
-    f.wait_for("prod", WAIT, is_ready).await?;
+    converge(&f, "multi-primary").await?;
     assert_eq!(held(&east, "east").await?, expected(&[&[&to_west]]));
     assert_eq!(held(&west, "west").await?, expected(&[&[&to_east]]));
     Ok(())

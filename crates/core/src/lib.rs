@@ -13,6 +13,7 @@ pub mod member;
 pub mod pki;
 pub mod plan;
 pub mod remote;
+pub mod render;
 pub mod rotation;
 pub mod topology;
 pub mod trust;

@@ -6,6 +6,7 @@ pub mod leader;
 pub mod members;
 pub mod metrics;
 pub mod remote_access;
+pub mod table;
 pub mod trust;
 pub mod watches;
 

@@ -5,6 +5,7 @@ use meshfed_operator::{
     controller::{self, Settings},
     leader,
     metrics::Metrics,
+    table,
 };
 use tracing_subscriber::{EnvFilter, fmt};
 
@@ -20,6 +21,25 @@ struct Cli {
 enum Command {
     /// Print the MeshFederation CRD as YAML (`meshfed crd | kubectl apply --server-side -f -`).
     Crd,
+    /// Print, without any cluster, the objects meshfed would hold in each member for a federation (YAML to review
+    /// and diff; Secret data redacted; keys, tokens and gateway addresses as placeholders).
+    Render {
+        /// The MeshFederation manifest.
+        #[arg(short = 'f', long)]
+        file: std::path::PathBuf,
+        /// Only this member cluster.
+        #[arg(long)]
+        cluster: Option<String>,
+    },
+    /// Print the state of the federations in the hub of the current kubeconfig: conditions, and per cluster its
+    /// role, network, reachability, gateway, control plane and expiries.
+    Status {
+        /// Only this federation.
+        name: Option<String>,
+        /// The federations' namespace (default: the kubeconfig's).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+    },
     /// Run the controller against the hub cluster of the current kubeconfig (or the in-cluster config).
     Run {
         /// Log as JSON lines instead of text.
@@ -50,6 +70,19 @@ enum Command {
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", meshfed_api::crd_yaml()),
+        Command::Render { file, cluster } => render(&file, cluster.as_deref())?,
+        Command::Status { name, namespace } => {
+            let hub = kube::Client::try_default().await?;
+            let ns = namespace.unwrap_or_else(|| hub.default_namespace().to_string());
+            let api: kube::Api<meshfed_api::MeshFederation> = kube::Api::namespaced(hub, &ns);
+            let feds = match name {
+                Some(n) => vec![api.get(&n).await?],
+                None => api.list(&Default::default()).await?.items,
+            };
+            for fed in feds {
+                println!("{}", table::status_table(&fed));
+            }
+        }
         Command::Run {
             log_json,
             member_timeout,
@@ -86,4 +119,27 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// `meshfed render`: the federation in `file`, member by member, as YAML documents.
+fn render(file: &std::path::Path, cluster: Option<&str>) -> anyhow::Result<()> {
+    let fed: meshfed_api::MeshFederation = meshfed_core::yaml::from_slice(&std::fs::read(file)?)?;
+    let fref = meshfed_core::plan::FederationRef {
+        namespace: fed.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
+        name: fed.metadata.name.clone().unwrap_or_default(),
+    };
+    match meshfed_core::render::render(&fref, &fed.spec, cluster) {
+        Ok(members) => {
+            for (cluster, objects) in members {
+                for object in objects {
+                    print!("---\n# member cluster: {cluster}\n{}", serde_saphyr::to_string(&object)?);
+                }
+            }
+            Ok(())
+        }
+        Err(problems) => {
+            let why: Vec<String> = problems.iter().map(|p| format!("{}: {}", p.reason, p.message)).collect();
+            anyhow::bail!("the federation is invalid:\n{}", why.join("\n"))
+        }
+    }
 }

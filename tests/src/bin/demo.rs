@@ -63,36 +63,5 @@ async fn main() -> Result<()> {
 }
 
 fn print_status(fed: &MeshFederation) {
-    let status = fed.status.clone().unwrap_or_default();
-    println!(
-        "federation {}/{}: topology {}",
-        NAMESPACE,
-        fed.metadata.name.as_deref().unwrap_or(""),
-        status.topology.unwrap_or_default()
-    );
-    for c in &status.conditions {
-        println!("  {:<18} {:<6} {:<24} {}", c.type_, c.status, c.reason, c.message);
-    }
-    println!(
-        "\n{:<8} {:<10} {:<8} {:<10} {:<10} {:<20} {:<14} READY",
-        "CLUSTER", "NETWORK", "ROLE", "REACHABLE", "VERSION", "GATEWAY", "CONTROL PLANE"
-    );
-    for c in &status.clusters {
-        let spec = fed.spec.clusters.iter().find(|s| s.name == c.name);
-        let reason = |type_| condition(&c.conditions, type_).map(|r| r.reason.as_str()).unwrap_or("-");
-        let gateway = match (&c.gateway_address, c.gateway_port) {
-            (Some(a), Some(p)) => format!("{a}:{p}"),
-            _ => reason("GatewaysReady").to_string(),
-        };
-        let ready = condition(&c.conditions, "Ready").map(|r| r.status.as_str()).unwrap_or("-");
-        println!(
-            "{:<8} {:<10} {:<8} {:<10} {:<10} {gateway:<20} {:<14} {ready}",
-            c.name,
-            spec.map(|s| s.network.as_str()).unwrap_or("-"),
-            spec.map(|s| format!("{:?}", s.role)).unwrap_or_default(),
-            c.reachable,
-            c.kubernetes_version.as_deref().unwrap_or("-"),
-            reason("ControlPlaneReady"),
-        );
-    }
+    print!("{}", meshfed_operator::table::status_table(fed));
 }

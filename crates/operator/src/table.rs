@@ -1,0 +1,45 @@
+//! The federation's state as people read it: the table `meshfed status` and the demo print.
+
+use std::fmt::Write;
+
+use meshfed_api::MeshFederation;
+
+/// The federation's topology, conditions, and per cluster its role, network, reachability, gateway address, control
+/// plane, intermediate expiry and reader token expiry.
+pub fn status_table(fed: &MeshFederation) -> String {
+    let status = fed.status.clone().unwrap_or_default();
+    let mut out = String::new();
+    let name =
+        format!("{}/{}", fed.metadata.namespace.as_deref().unwrap_or(""), fed.metadata.name.as_deref().unwrap_or(""));
+    let _ = writeln!(out, "federation {name}: topology {}", status.topology.as_deref().unwrap_or("-"));
+    for c in &status.conditions {
+        let _ = writeln!(out, "  {:<18} {:<6} {:<24} {}", c.type_, c.status, c.reason, c.message);
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<10} {:<10} {:<8} {:<10} {:<22} {:<20} {:<21} {:<21} READY",
+        "CLUSTER", "NETWORK", "ROLE", "REACHABLE", "GATEWAY", "CONTROL PLANE", "INTERMEDIATE UNTIL", "TOKEN UNTIL"
+    );
+    for c in &status.clusters {
+        let spec = fed.spec.clusters.iter().find(|s| s.name == c.name);
+        let condition = |t: &str| c.conditions.iter().find(|x| x.type_ == t);
+        let reason = |t: &str| condition(t).map_or("-".to_string(), |r| r.reason.clone());
+        let gateway = match (&c.gateway_address, c.gateway_port) {
+            (Some(a), Some(p)) => format!("{a}:{p}"),
+            _ => reason("GatewaysReady"),
+        };
+        let ready = condition("Ready").map_or("-", |r| r.status.as_str());
+        let _ = writeln!(
+            out,
+            "{:<10} {:<10} {:<8} {:<10} {gateway:<22} {:<20} {:<21} {:<21} {ready}",
+            c.name,
+            spec.map_or("-", |s| s.network.as_str()),
+            spec.map(|s| format!("{:?}", s.role)).unwrap_or_else(|| "leaving".into()),
+            c.reachable,
+            reason("ControlPlaneReady"),
+            c.intermediate_not_after.as_deref().unwrap_or("-"),
+            c.reader_token_expires_at.as_deref().unwrap_or("-"),
+        );
+    }
+    out
+}
