@@ -6,7 +6,7 @@ use std::{path::PathBuf, time::Duration, time::Instant};
 use anyhow::Result;
 use clap::Parser;
 use meshfed_api::MeshFederation;
-use meshfed_e2e::{Fixture, HUB, NAMESPACE, condition, example, is_ready};
+use meshfed_e2e::{Fixture, HUB, NAMESPACE, example, is_ready};
 use meshfed_testenv::Options;
 
 #[derive(Parser)]
