@@ -301,6 +301,16 @@ async fn a_member_without_the_sail_operator_is_told_so_and_the_rest_converges() 
     let mut without_istio = expected(&[&["Secret istio-system/istio-remote-secret-east"], GATEWAY, CROSS_NETWORK]);
     without_istio.remove("Istio /default");
     assert_eq!(held(&west, "west").await?, without_istio);
+
+    // A version the Sail schema refuses is reported with the API server's own words, for the member that has it.
+    f.apply(&example("multi-primary-multi-network").replace("version: v1.28.0", "version: v1.19.0")).await?;
+    let refused = |fed: &meshfed_api::MeshFederation| {
+        fed_condition(fed, "MembersConverged")
+            .is_some_and(|c| c.reason == "WriteFailed" && c.message.contains("v1.19.0"))
+    };
+    let fed = f.wait_for("prod", WAIT, refused).await?;
+    let message = &fed_condition(&fed, "MembersConverged").unwrap().message;
+    assert!(message.starts_with("east: applying Istio default") && message.contains("spec.version"), "{message}");
     Ok(())
 }
 

@@ -28,7 +28,8 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            std::env::var("MESHFED_LOG").unwrap_or_else(|_| "warn,kube_client::client=error,kube_client::client::builder=off".into()),
+            std::env::var("MESHFED_LOG")
+                .unwrap_or_else(|_| "warn,kube_client::client=error,kube_client::client::builder=off".into()),
         )
         .init();
 
