@@ -430,23 +430,16 @@ pub fn federation_status(
         ),
         (None, []) => Cond::failed(ConditionType::TrustReady, Reason::RootUnknown, "the root CA was not read"),
     });
-    let no_access: Vec<_> = members.iter().filter(|m| !m.leaving && m.remote_access.is_some()).collect();
-    conds.push(match no_access.as_slice() {
-        [] => Cond::ok(
+    conds.push(area(
+        members,
+        ConditionType::RemoteAccessReady,
+        |m| m.remote_access.as_ref(),
+        Cond::ok(
             ConditionType::RemoteAccessReady,
             Reason::RemoteSecretsInPlace,
             "every Primary holds a valid remote secret for every other member",
         ),
-        [first, ..] => Cond::failed(
-            ConditionType::RemoteAccessReady,
-            first.remote_access.as_ref().map_or(Reason::TokenRequestFailed, |f| f.reason),
-            no_access
-                .iter()
-                .filter_map(|m| Some(format!("{}: {}", m.name, m.remote_access.as_ref()?.message)))
-                .collect::<Vec<_>>()
-                .join("; "),
-        ),
-    });
+    ));
     conds.push(area(
         members,
         ConditionType::GatewaysReady,
