@@ -107,6 +107,7 @@ names! {
         AllReachable,
         Reachable,
         IntermediatesValid,
+        RootExpiring,
         IntermediateValid,
         RemoteSecretsInPlace,
         GatewaysAddressed,

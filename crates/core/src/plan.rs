@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::Namespace;
 use meshfed_api::{ClusterStatus, MeshFederationSpec, MeshFederationStatus, SecretKeyRef, TrustStatus};
 
@@ -199,7 +199,8 @@ pub fn announcements(previous: Option<&MeshFederationStatus>, new: &MeshFederati
     for c in new.conditions.iter().filter(|c| c.type_ != "Stalled" && c.type_ != "Reconciling") {
         if !previous.conditions.iter().any(|p| p.type_ == c.type_ && p.status == c.status && p.reason == c.reason) {
             let note = format!("{} is {}: {}", c.type_, c.status, c.message);
-            out.push(Announcement::new(c.status != "True", &c.reason, note));
+            let warning = c.status != "True" || c.reason == Reason::RootExpiring.as_str();
+            out.push(Announcement::new(warning, &c.reason, note));
         }
     }
     for c in &new.clusters {
@@ -420,14 +421,20 @@ pub fn federation_status(
         (Some(Ok(TrustStatus { rotation_phase: Some(phase), .. })), []) => {
             Cond::failed(ConditionType::TrustReady, Reason::RootRotationInProgress, phase.clone())
         }
-        (Some(Ok(r)), []) => Cond::ok(
-            ConditionType::TrustReady,
-            Reason::IntermediatesValid,
-            format!(
-                "every reachable member holds an intermediate CA of root {}",
-                r.root_fingerprint.as_deref().unwrap_or_default()
-            ),
-        ),
+        (Some(Ok(r)), []) => {
+            let root = r.root_fingerprint.as_deref().unwrap_or_default();
+            let held = format!("every reachable member holds an intermediate CA of root {root}");
+            let renew_before = SignedDuration::try_from(validated.durations.renew_before).unwrap_or(SignedDuration::MAX);
+            match r.root_not_after.as_deref().and_then(|t| t.parse::<Timestamp>().ok()) {
+                // Warned as early as intermediates are renewed: a root is replaced by a rotation, which a person asks for.
+                Some(expiry) if expiry.checked_sub(renew_before).is_ok_and(|warn_at| warn_at <= now) => Cond::ok(
+                    ConditionType::TrustReady,
+                    Reason::RootExpiring,
+                    format!("{held}; the root expires at {expiry}: rotate it (annotation meshfed.io/rotate-root, or a new trust.root.secretRef)"),
+                ),
+                _ => Cond::ok(ConditionType::TrustReady, Reason::IntermediatesValid, held),
+            }
+        }
         (None, []) => Cond::failed(ConditionType::TrustReady, Reason::RootUnknown, "the root CA was not read"),
     });
     conds.push(area(
@@ -723,6 +730,19 @@ mod tests {
         let down = [members[0].clone(), report("west", None, Some(Failure::new(Reason::Unreachable, "refused")))];
         let changed = federation_status(Some(&first), Some(1), &s, &validate(&s), Some(&root()), &down, now());
         assert!(status_changed(Some(&first), &changed));
+    }
+
+    #[test]
+    fn a_root_that_expires_within_renew_before_is_warned_about_while_the_federation_stays_ready() {
+        let s = spec();
+        let up = [report("east", Some("v"), None), report("west", Some("v"), None)];
+        let far = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &up, now());
+        let soon = Ok(TrustStatus { root_not_after: Some("2026-12-01T00:00:00Z".into()), ..root().unwrap() });
+        let near = federation_status(Some(&far), Some(1), &s, &validate(&s), Some(&soon), &up, now());
+        assert_eq!(condition(&near.conditions, "TrustReady"), ("True", "RootExpiring"));
+        assert_eq!(condition(&near.conditions, "Ready"), ("True", "Converged"));
+        let said = announcements(Some(&far), &near);
+        assert!(said.iter().any(|a| a.warning && a.reason == "RootExpiring" && a.note.contains("rotate")), "{said:?}");
     }
 
     #[test]
