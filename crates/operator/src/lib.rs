@@ -1,6 +1,7 @@
 //! The meshfed hub controller. `meshfed run` runs [`controller::run`]; tests and the demo run it in-process.
 
 pub mod apply;
+pub mod check;
 pub mod controller;
 pub mod leader;
 pub mod members;

@@ -2,6 +2,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use meshfed_operator::{
+    check,
     controller::{self, Settings},
     leader,
     metrics::Metrics,
@@ -30,6 +31,22 @@ enum Command {
         /// Only this member cluster.
         #[arg(long)]
         cluster: Option<String>,
+    },
+    /// Verify a federation end to end from the hub, independently of the operator's status: every member reached
+    /// through its kubeconfig Secret, its claim, network, cacerts against the root, control plane and gateway, and
+    /// every remote secret used against its target. Exit 0 only when everything passes. Never prints a secret.
+    Check {
+        /// Only this federation (default: every federation of the namespace).
+        name: Option<String>,
+        /// The federations' namespace (default: the kubeconfig's).
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// Try again until everything passes or this much time has passed, for example `2m`.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
+        /// Output: `text` (default) or `json`.
+        #[arg(short = 'o', long, default_value = "text")]
+        output: String,
     },
     /// Print the state of the federations in the hub of the current kubeconfig: conditions, and per cluster its
     /// role, network, reachability, gateway, control plane and expiries.
@@ -71,6 +88,37 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", meshfed_api::crd_yaml()),
         Command::Render { file, cluster } => render(&file, cluster.as_deref())?,
+        Command::Check { name, namespace, wait, output } => {
+            let hub = kube::Client::try_default().await?;
+            let ns = namespace.unwrap_or_else(|| hub.default_namespace().to_string());
+            let names = match name {
+                Some(n) => vec![n],
+                None => {
+                    let api: kube::Api<meshfed_api::MeshFederation> = kube::Api::namespaced(hub.clone(), &ns);
+                    api.list(&Default::default()).await?.items.into_iter().filter_map(|f| f.metadata.name).collect()
+                }
+            };
+            let deadline = std::time::Instant::now() + wait.unwrap_or_default();
+            let findings = loop {
+                let mut findings = Vec::new();
+                for name in &names {
+                    findings.extend(check::check(&hub, &ns, name, jiff::Timestamp::now()).await?);
+                }
+                let failing = findings.iter().filter(|f| !f.ok).count();
+                if failing == 0 || std::time::Instant::now() >= deadline {
+                    break findings;
+                }
+                eprintln!("{failing} of {} checks fail; trying again", findings.len());
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            };
+            match output.as_str() {
+                "json" => println!("{}", serde_json::to_string_pretty(&findings)?),
+                _ => print!("{}", check::report(&findings)),
+            }
+            if !check::passed(&findings) {
+                std::process::exit(1);
+            }
+        }
         Command::Status { name, namespace } => {
             let hub = kube::Client::try_default().await?;
             let ns = namespace.unwrap_or_else(|| hub.default_namespace().to_string());
