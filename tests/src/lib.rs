@@ -373,6 +373,26 @@ pub fn fed_condition<'a>(fed: &'a MeshFederation, type_: &str) -> Option<&'a Con
 }
 
 /// Whether the federation reports `Ready=True` for its current generation.
+/// The status kstatus (`sigs.k8s.io/cli-utils/pkg/kstatus`, what Flux, kpt and `kubectl wait` use) computes for a
+/// custom resource, by its documented generic rules: `Terminating` while deleted; `InProgress` while the status
+/// describes an older generation or `Reconciling` is True; `Failed` while `Stalled` is True; else `Current`.
+pub fn kstatus(fed: &MeshFederation) -> &'static str {
+    let is_true = |t: &str| fed_condition(fed, t).is_some_and(|c| c.status == "True");
+    let observed = fed.status.as_ref().and_then(|s| s.observed_generation);
+    if fed.metadata.deletion_timestamp.is_some() {
+        "Terminating"
+    } else if observed.is_some_and(|o| Some(o) < fed.metadata.generation)
+        || observed.is_none()
+        || is_true("Reconciling")
+    {
+        "InProgress"
+    } else if is_true("Stalled") {
+        "Failed"
+    } else {
+        "Current"
+    }
+}
+
 pub fn is_ready(fed: &MeshFederation) -> bool {
     let current = fed.status.as_ref().and_then(|s| s.observed_generation) == fed.metadata.generation;
     current && fed_condition(fed, "Ready").is_some_and(|c| c.status == "True")
