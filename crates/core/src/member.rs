@@ -333,11 +333,10 @@ pub fn member_plan(
         Some(data) => plan.objects.push(Desired::of(&cacerts(fref, spec, cluster, data)).exact()),
         None => _ = plan.keep.insert(cacerts_key(ns)),
     }
-    let placement = remote::remote_secret_placement(spec);
-    for target in placement.get(&cluster.name).into_iter().flatten() {
-        match facts.remote_secrets.get(target) {
+    for target in remote::remote_secret_targets(spec, cluster) {
+        match facts.remote_secrets.get(&target.name) {
             Some(secret) => plan.objects.push(Desired::of(secret).exact()),
-            None => _ = plan.keep.insert(remote_secret_key(ns, target)),
+            None => _ = plan.keep.insert(remote_secret_key(ns, &target.name)),
         }
     }
     let known: BTreeMap<String, GatewayAddress> =

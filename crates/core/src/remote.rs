@@ -221,16 +221,17 @@ pub fn remote_secret_name(target: &str) -> String {
 pub fn remote_secret_placement(spec: &MeshFederationSpec) -> BTreeMap<String, Vec<String>> {
     spec.clusters
         .iter()
-        .map(|holder| {
-            let targets = match holder.role {
-                Role::Primary => {
-                    spec.clusters.iter().filter(|t| t.name != holder.name).map(|t| t.name.clone()).collect()
-                }
-                Role::Remote => Vec::new(),
-            };
-            (holder.name.clone(), targets)
-        })
+        .map(|h| (h.name.clone(), remote_secret_targets(spec, h).map(|t| t.name.clone()).collect()))
         .collect()
+}
+
+/// The clusters `holder` keeps a remote secret for: every other member when it is a Primary, none when a Remote.
+pub fn remote_secret_targets<'a>(
+    spec: &'a MeshFederationSpec,
+    holder: &'a ClusterSpec,
+) -> impl Iterator<Item = &'a ClusterSpec> + 'a {
+    let primary = holder.role == Role::Primary;
+    spec.clusters.iter().filter(move |t| primary && t.name != holder.name)
 }
 
 // ---------------------------------------------------------------------------------------------------------------

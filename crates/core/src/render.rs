@@ -37,7 +37,6 @@ pub fn render(
             (c.name.clone(), Ok(GatewayAddress { addresses: vec![address], port: gateway::CROSS_NETWORK_PORT }))
         })
         .collect();
-    let placement = remote::remote_secret_placement(spec);
     let redacted = || ByteString(REDACTED.as_bytes().to_vec());
     let cacerts = [pki::CA_CERT, pki::CA_KEY, pki::ROOT_CERT, pki::CERT_CHAIN].map(|k| (k.to_string(), redacted()));
     let out = spec
@@ -45,11 +44,7 @@ pub fn render(
         .iter()
         .filter(|c| only.is_none_or(|o| o == c.name))
         .map(|cluster| {
-            let remote_secrets = placement
-                .get(&cluster.name)
-                .into_iter()
-                .flatten()
-                .filter_map(|t| spec.clusters.iter().find(|c| c.name == *t))
+            let remote_secrets = remote::remote_secret_targets(spec, cluster)
                 .map(|target| {
                     let server = target.api_server.clone().unwrap_or(format!("<API server of {}>", target.name));
                     let to = RemoteTarget {
