@@ -87,6 +87,9 @@ async fn when_the_leader_dies_mid_convergence_the_other_replica_takes_over_and_e
         killed.elapsed()
     );
     assert_ne!(holder(&f).await.unwrap(), first, "the Lease did not move");
+    // `meshfed check --lease-namespace` sees the live leader.
+    let leader = meshfed_operator::check::leader(&f.hub, OPERATOR_NAMESPACE, jiff::Timestamp::now()).await;
+    assert!(leader.ok && leader.detail.starts_with(&holder(&f).await.unwrap()), "{leader:?}");
     let state = f.end_state("prod", &members).await?;
     assert!(state.contains("hub: 1 root CA Secret(s)"), "{state:#?}");
     assert_eq!(state, reference);

@@ -304,6 +304,28 @@ async fn remote_access(
     Ok(format!("authenticates, lists services and endpointslices; token valid for {left}"))
 }
 
+/// Whether a leader holds the operator's Lease in `namespace`: named, and renewed within its duration.
+pub async fn leader(hub: &Client, namespace: &str, now: Timestamp) -> Finding {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> = Api::namespaced(hub.clone(), namespace);
+    let verdict = match leases.get_opt(crate::leader::LEASE_NAME).await {
+        Err(e) => Err(format!("reading Lease {namespace}/{}: {e}", crate::leader::LEASE_NAME)),
+        Ok(None) => Err(format!(
+            "no Lease {namespace}/{}: is the operator running with --leader-elect?",
+            crate::leader::LEASE_NAME
+        )),
+        Ok(Some(lease)) => {
+            let spec = lease.spec.unwrap_or_default();
+            let renewed = spec.renew_time.map(|t| t.0);
+            let lasts = jiff::SignedDuration::from_secs(spec.lease_duration_seconds.unwrap_or_default().into());
+            match (spec.holder_identity, renewed) {
+                (Some(holder), Some(at)) if at + lasts >= now => Ok(format!("{holder} holds it, renewed at {at}")),
+                (holder, at) => Err(format!("no live leader: holder {holder:?}, last renewed {at:?}")),
+            }
+        }
+    };
+    found("operator", "leader", verdict)
+}
+
 /// Whether every finding passed.
 pub fn passed(findings: &[Finding]) -> bool {
     findings.iter().all(|f| f.ok)

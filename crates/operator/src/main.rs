@@ -44,6 +44,10 @@ enum Command {
         /// Try again until everything passes or this much time has passed, for example `2m`.
         #[arg(long, value_parser = humantime::parse_duration)]
         wait: Option<Duration>,
+        /// Also check that a leader holds the operator's Lease in this namespace (where the chart runs it, for
+        /// example `meshfed-system`).
+        #[arg(long)]
+        lease_namespace: Option<String>,
         /// Output: `text` (default) or `json`.
         #[arg(short = 'o', long, default_value = "text")]
         output: String,
@@ -88,7 +92,7 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => print!("{}", meshfed_api::crd_yaml()),
         Command::Render { file, cluster } => render(&file, cluster.as_deref())?,
-        Command::Check { name, namespace, wait, output } => {
+        Command::Check { name, namespace, wait, lease_namespace, output } => {
             let hub = kube::Client::try_default().await?;
             let ns = namespace.unwrap_or_else(|| hub.default_namespace().to_string());
             let names = match name {
@@ -101,6 +105,9 @@ async fn main() -> anyhow::Result<()> {
             let deadline = std::time::Instant::now() + wait.unwrap_or_default();
             let findings = loop {
                 let mut findings = Vec::new();
+                if let Some(ns) = &lease_namespace {
+                    findings.push(check::leader(&hub, ns, jiff::Timestamp::now()).await);
+                }
                 for name in &names {
                     findings.extend(check::check(&hub, &ns, name, jiff::Timestamp::now()).await?);
                 }
