@@ -23,13 +23,23 @@ use k8s_openapi::ByteString;
 
 use crate::pki::{self, CA_CERT, ROOT_CERT};
 
-/// A phase of a root rotation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A phase of a root rotation, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Phase {
     DistributingRoot,
     ReissuingIntermediates,
     AwaitingWorkloadCertificates,
     DroppingOldRoot,
+}
+
+impl Phase {
+    /// The phase a status message names (it starts with the phase).
+    pub fn named_in(message: &str) -> Option<Self> {
+        use Phase::*;
+        [DistributingRoot, ReissuingIntermediates, AwaitingWorkloadCertificates, DroppingOldRoot]
+            .into_iter()
+            .find(|p| message.starts_with(&p.to_string()))
+    }
 }
 
 impl fmt::Display for Phase {

@@ -108,7 +108,15 @@ pub fn plan_trust(
     // A rotation runs while the members were last brought to another root and have not all moved on.
     let reissued_at = previous.and_then(|t| t.intermediates_reissued_at.as_ref()?.parse().ok());
     let wait = durations.workload_certificate_ttl + WORKLOAD_MARGIN;
-    let progress = from.as_ref().map(|_| rotation::progress(&states, reissued_at, wait, now));
+    let mut progress = from.as_ref().map(|_| rotation::progress(&states, reissued_at, wait, now));
+    // A member that does not answer holds the rotation where it is; the report does not fall back a phase for it
+    // (nor forget when the members were reissued): only what is done is held, not what was reached.
+    if let (Some(p), false) = (progress.as_mut(), all_known) {
+        let reported = previous.and_then(|t| rotation::Phase::named_in(t.rotation_phase.as_deref()?));
+        p.phase = p.phase.max(reported);
+        p.reissued_at = p.reissued_at.or(reissued_at);
+    }
+    let step_phase = from.as_ref().and_then(|_| rotation::progress(&states, reissued_at, wait, now).phase);
     let phase = progress.and_then(|p| p.phase);
     // What a member that holds nothing usable trusts: every root its peers trust, so that it reaches them all.
     let peers_roots = trusted_roots(observed.values().filter_map(|o| o.cacerts), root);
@@ -120,7 +128,7 @@ pub fn plan_trust(
             istio_namespace: &spec.istio.namespace,
             algorithm: spec.trust.intermediate.algorithm,
         };
-        let step = phase.zip(*state).map(|(p, s)| (rotation::action(p, s, all_known), p));
+        let step = step_phase.zip(*state).map(|(p, s)| (rotation::action(p, s, all_known), p));
         let plan = member_cacerts(o.cacerts, root, &profile, durations, now, step, all_known, &peers_roots);
         cacerts.insert(cluster.name.clone(), plan);
     }
@@ -328,6 +336,30 @@ mod tests {
         let observed = observe(&data, [&both, &both, &both]);
         let published = plan_trust(&s, &new, &durations, Some(&previous), &observed, now());
         assert!(published.cacerts.values().all(|p| matches!(p, Ok(CacertsPlan::Issue { .. }))));
+    }
+
+    #[test]
+    fn a_member_that_stops_answering_holds_the_rotation_without_turning_its_report_back() {
+        let (s, old, new) = (spec(), root(), root());
+        let durations = validate(&s).unwrap().durations;
+        let both = format!("{}{}", old.cert_pem(), new.cert_pem());
+        let a = cacerts(&new, "a", 1000 * HOUR, old.cert_pem());
+        let b = cacerts(&old, "b", 1000 * HOUR, new.cert_pem());
+        // c does not answer; the last reconcile had reached ReissuingIntermediates.
+        let observed = BTreeMap::from([
+            ("a".to_string(), Observed { cacerts: Some(&a), published: Some(both.as_str()) }),
+            ("b".to_string(), Observed { cacerts: Some(&b), published: Some(both.as_str()) }),
+        ]);
+        let previous =
+            TrustStatus { rotation_phase: Some("ReissuingIntermediates: rotating".into()), ..rotating_from(&old) };
+        let plan = plan_trust(&s, &new, &durations, Some(&previous), &observed, now());
+        let phase = plan.status.rotation_phase.unwrap();
+        assert!(
+            phase.starts_with("ReissuingIntermediates") && phase.contains("held until every member answers"),
+            "{phase}"
+        );
+        // Held: b is not reissued while c cannot be seen.
+        assert!(matches!(plan.cacerts["b"], Ok(CacertsPlan::Hold { .. })), "{:?}", plan.cacerts["b"]);
     }
 
     #[test]
