@@ -450,3 +450,57 @@ async fn a_hub_that_lost_the_root_and_the_status_never_mints_a_new_root_behind_t
     assert_eq!(before, after, "a member's cacerts changed");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_brought_root_is_replaced_by_a_generated_one_through_a_rotation() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let args = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout a.key -subj /O=Corp/CN=Root-a -days 3650 -addext basicConstraints=critical,CA:true -addext keyUsage=critical,keyCertSign,cRLSign -out a.pem";
+    let (ok, out) = openssl(d, args);
+    assert!(ok, "{out}");
+    put_hub_secret(
+        &f,
+        "root-a",
+        &[("tls.crt", std::fs::read(d.join("a.pem"))?), ("tls.key", std::fs::read(d.join("a.key"))?)],
+    )
+    .await;
+    let generated = example("multi-primary-multi-network");
+    let brought = generated
+        .replace("      generate: {algorithm: ECDSAP256, validity: 87600h}", "      secretRef: {name: root-a}");
+    f.apply(&brought).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    assert_eq!(fed.status.unwrap().trust.unwrap().root_source.as_deref(), Some("secretRef/root-a"));
+
+    // Switched to a generated root: meshfed makes one (no RootMissing: the old root was never a generated one), and
+    // the members move to it by a rotation, every one trusting every signer at every sample.
+    f.apply(&generated).await?;
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut waited = false;
+    let fed = loop {
+        assert_everyone_trusts_every_signer(&states(&f, &["east", "west"]).await);
+        let fed = f.federations().get("prod").await?;
+        let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
+        if let Some(c) = fed_condition(&fed, "TrustReady") {
+            assert_ne!(c.reason, "RootMissing", "{}", c.message);
+        }
+        if !waited && trust.rotation_phase.as_deref().is_some_and(|p| p.starts_with("AwaitingWorkloadCertificates")) {
+            waited = true;
+            f.clock.advance(Duration::from_secs(24 * 3600 + 6 * 60));
+            f.poke("prod").await?;
+        }
+        if is_ready(&fed) && trust.root_source.as_deref() == Some("generate") {
+            break fed;
+        }
+        assert!(std::time::Instant::now() < deadline, "the rotation to a generated root did not finish");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(waited, "the old root was dropped without waiting for the workload certificates");
+    let new_root = hub_secret(&f, "prod-root-ca").await.expect("a generated root").data.unwrap()["tls.crt"].0.clone();
+    let new = meshfed_core::pki::fingerprints(&new_root).remove(0);
+    assert_eq!(fed.status.unwrap().trust.unwrap().root_fingerprint, Some(new.clone()));
+    for (_, s) in states(&f, &["east", "west"]).await {
+        assert_eq!(meshfed_core::pki::fingerprints(&s.data.as_ref().unwrap()["root-cert.pem"].0), [new.clone()]);
+    }
+    Ok(())
+}

@@ -377,6 +377,9 @@ pub struct TrustStatus {
     /// When the root certificate expires (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub root_not_after: Option<String>,
+    /// Where the root in use comes from: `generate`, or `secretRef/<name>` for a root you bring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub root_source: Option<String>,
     /// The phase of a root rotation in progress, if any, and what it waits for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rotation_phase: Option<String>,

@@ -689,6 +689,7 @@ mod tests {
             root_not_after: Some("2027-01-01T00:00:00Z".into()),
             rotation_phase: None,
             intermediates_reissued_at: None,
+            root_source: None,
         })
     }
 

@@ -159,9 +159,24 @@ pub fn plan_trust(
             root_not_after: Some(new.not_after_rfc3339()),
             rotation_phase: None,
             intermediates_reissued_at: None,
+            root_source: Some(root_source(spec)),
         },
     };
     TrustPlan { cacerts, status, wake_at: progress.and_then(|p| p.wake_at) }
+}
+
+/// Where the spec takes its root from, as `status.trust.rootSource` says it.
+pub fn root_source(spec: &MeshFederationSpec) -> String {
+    match &spec.trust.root.secret_ref {
+        Some(byo) => format!("secretRef/{}", byo.name),
+        None => "generate".into(),
+    }
+}
+
+/// Whether the root in use (as `previous` says) was brought by the user: then a missing generated root is one to
+/// make, and the members move to it by a rotation; it is not a generated root that went missing.
+pub fn root_was_brought(previous: Option<&TrustStatus>) -> bool {
+    previous.and_then(|t| t.root_source.as_deref()).is_some_and(|s| s.starts_with("secretRef/"))
 }
 
 /// The roots (PEM, once each) that the members' `cacerts` trust besides `root`.

@@ -230,9 +230,12 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
                 // No root yet: made now, unless members hold intermediates of one that is gone.
                 Ok(None) => {
                     let key = member::cacerts_key(&spec.istio.namespace);
+                    // From a root the user brought to a generated one, the members move by a rotation.
+                    let brought = meshfed_core::trust::root_was_brought(previous.and_then(|p| p.trust.as_ref()));
                     let held_by: Vec<String> = reached
                         .iter()
                         .filter(|(name, r)| r.held.get(&key).is_some_and(|s| member::labelled_for(s, &fref, name)))
+                        .filter(|_| !brought)
                         .map(|(name, _)| name.clone())
                         .collect();
                     trust::mint(&ctx.hub, &fref, fed, &valid.durations, now, &held_by).await

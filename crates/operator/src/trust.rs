@@ -69,7 +69,8 @@ pub async fn root(
         info!(secret = %name, "generated a new root CA on request; rotating to it");
         return load(&name, replaced).map(Some);
     }
-    if let Some(fp) = fed.status.as_ref().and_then(|s| s.trust.as_ref()?.root_fingerprint.clone()) {
+    let previous = fed.status.as_ref().and_then(|s| s.trust.as_ref());
+    if let Some(fp) = previous.and_then(|t| t.root_fingerprint.clone()).filter(|_| !trust::root_was_brought(previous)) {
         return Err(Failure::new(
             Reason::RootMissing,
             format!(
