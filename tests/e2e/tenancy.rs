@@ -69,11 +69,13 @@ fn watch_ready(f: &Fixture) -> (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsi
         (Arc::new(AtomicBool::new(false)), Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let (api, s, n, done) = (f.federations(), Arc::clone(&samples), Arc::clone(&not_ready), Arc::clone(&stop));
     tokio::spawn(async move {
+        // Also paced when the hub does not answer (as once the fixture is gone after a failed assertion).
         while !done.load(Ordering::Relaxed) {
-            let Ok(fed) = api.get("prod").await else { continue };
-            s.fetch_add(1, Ordering::Relaxed);
-            if !is_ready(&fed) {
-                n.fetch_add(1, Ordering::Relaxed);
+            if let Ok(fed) = api.get("prod").await {
+                s.fetch_add(1, Ordering::Relaxed);
+                if !is_ready(&fed) {
+                    n.fetch_add(1, Ordering::Relaxed);
+                }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
