@@ -6,9 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::{Api, api::PostParams};
+use kube::{
+    Api,
+    api::{Patch, PatchParams, PostParams},
+};
 use meshfed_api::MeshFederation;
 use meshfed_core::pki;
 use meshfed_e2e::{Fixture, NAMESPACE, is_ready, until};
@@ -238,4 +241,144 @@ async fn istiod_finds_every_networks_gateway_in_each_exposure_mode() -> anyhow::
         println!("{gw}: east's istiod dials network2 at {expected}");
     }
     Ok(())
+}
+
+/// The Envoy cluster a sidecar dials `hello` through.
+const HELLO_CLUSTER: &str = "outbound|5000||hello.sample.svc.cluster.local";
+
+/// Creates, in namespace `sample` of `member` (created if missing), a Pod `hello-<member>` labelled
+/// `security.istio.io/tlsMode: istio` (what injection sets: an endpoint istiod may route to through a network's
+/// gateway must be mTLS-capable) and made Running and Ready at `address` as a kubelet would (no kubelet runs here),
+/// then Service `hello` (port 5000) and an EndpointSlice whose ready endpoint at `address` names the Pod.
+async fn create_hello_pod(mesh: &Mesh, member: &str, address: &str) -> anyhow::Result<()> {
+    let client = mesh.f.member(member).await?;
+    let pp = PostParams::default();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "sample"}}))?;
+    match Api::<Namespace>::all(client.clone()).create(&pp, &ns).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        r => drop(r?),
+    }
+    // No controller-manager here makes the namespace's `default` ServiceAccount, which Pod admission looks up.
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
+    Api::<ServiceAccount>::namespaced(client.clone(), "sample").create(&pp, &sa).await?;
+    let pod_name = format!("hello-{member}");
+    let pods = Api::<Pod>::namespaced(client.clone(), "sample");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": pod_name, "labels": {"app": "hello", "security.istio.io/tlsMode": "istio"}},
+        "spec": {"automountServiceAccountToken": false, "containers": [{"name": "hello", "image": "hello", "ports": [{"containerPort": 5000}]}]},
+    }))?;
+    pods.create(&pp, &pod).await?;
+    let status = json!({"status": {
+        "phase": "Running",
+        "podIP": address,
+        "podIPs": [{"ip": address}],
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }});
+    pods.patch_status(&pod_name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "hello"},
+        "spec": {"selector": {"app": "hello"}, "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}]},
+    }))?;
+    Api::<Service>::namespaced(client.clone(), "sample").create(&pp, &svc).await?;
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": format!("hello-{member}"), "labels": {"kubernetes.io/service-name": "hello"}},
+        "addressType": "IPv4",
+        "endpoints": [{
+            "addresses": [address],
+            "conditions": {"ready": true},
+            "targetRef": {"kind": "Pod", "namespace": "sample", "name": pod_name},
+        }],
+        "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}],
+    }))?;
+    Api::<EndpointSlice>::namespaced(client, "sample").create(&pp, &slice).await?;
+    Ok(())
+}
+
+/// What `observer`'s istiod tells a sidecar of `observer` (on its network) about `hello`: `address:port` with
+/// weight, sorted.
+async fn sidecar_view(mesh: &Mesh, observer: &str) -> anyhow::Result<Vec<String>> {
+    let answer =
+        mesh.istiod(observer).sidecar_endpoints(observer, &mesh.network(observer), "10.244.9.9", HELLO_CLUSTER).await?;
+    let mut seen: Vec<String> = answer["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| format!("{}:{} weight {}", e["address"].as_str().unwrap_or_default(), e["port"], e["weight"]))
+        .collect();
+    seen.sort();
+    Ok(seen)
+}
+
+/// The sidecar scenario: `hello` runs in both members (east's pod at 10.244.2.7, west's at 10.244.1.5); a sidecar
+/// of each Primary asks that Primary's istiod over ADS and must be told exactly `expected(observer)`, within
+/// [`DISCOVERY_BOUND`]; no sample on the way may name an address in `never(observer)`. Prints the measured times.
+async fn each_sidecar_is_told(
+    mesh: &Mesh,
+    expected: impl Fn(&str) -> Vec<String>,
+    never: impl Fn(&str) -> Vec<String>,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    create_hello_pod(mesh, "east", "10.244.2.7").await?;
+    create_hello_pod(mesh, "west", "10.244.1.5").await?;
+    for observer in ["east", "west"] {
+        let (want, forbidden) = (expected(observer), never(observer));
+        let mut samples = 0;
+        let (mut last, mut error) = (Vec::new(), String::new());
+        loop {
+            match sidecar_view(mesh, observer).await {
+                Ok(view) => last = view,
+                Err(e) => error = format!("; last probe error: {e:#}"),
+            }
+            samples += 1;
+            if let Some(bad) = last.iter().find(|e| forbidden.iter().any(|f| e.starts_with(&format!("{f}:")))) {
+                panic!("{observer}'s sidecar was told to dial {bad} directly (sample {samples}: {last:?})");
+            }
+            if last == want {
+                break;
+            }
+            if started.elapsed() > DISCOVERY_BOUND {
+                panic!(
+                    "{observer}'s sidecar was told {last:?}, not {want:?}, after {DISCOVERY_BOUND:?}{error}; log:\n{}",
+                    mesh.istiod(observer).log_tail()
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+        println!(
+            "{observer}'s sidecar is told {want:?} for {HELLO_CLUSTER} {:?} after the Services were created ({samples} ADS samples)",
+            started.elapsed()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_one_network_a_sidecar_is_told_the_pod_addresses_in_every_member() -> anyhow::Result<()> {
+    let mesh = Mesh::start("network1", "network1").await?;
+    let both = vec!["10.244.1.5:5000 weight 1".to_string(), "10.244.2.7:5000 weight 1".to_string()];
+    each_sidecar_is_told(&mesh, |_| both.clone(), |_| vec![]).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_two_networks_a_sidecar_is_told_the_other_networks_gateway_never_its_pods() -> anyhow::Result<()> {
+    let mesh = Mesh::start("network1", "network2").await?;
+    // Where meshfed says each member's east-west gateway answers (the played cloud's load balancer address).
+    let status = mesh.fed.status.clone().unwrap();
+    let gateway = |member: &str| {
+        let c = status.clusters.iter().find(|c| c.name == member).expect("a member's status");
+        c.gateway_address.clone().unwrap_or_else(|| panic!("meshfed reports no gateway address for {member}"))
+    };
+    let (east_gw, west_gw) = (gateway("east"), gateway("west"));
+    assert_ne!(east_gw, west_gw);
+    let expected = |observer: &str| {
+        let mut v = if observer == "east" {
+            vec!["10.244.2.7:5000 weight 1".to_string(), format!("{west_gw}:15443 weight 1")]
+        } else {
+            vec!["10.244.1.5:5000 weight 1".to_string(), format!("{east_gw}:15443 weight 1")]
+        };
+        v.sort();
+        v
+    };
+    let never = |observer: &str| vec![if observer == "east" { "10.244.1.5" } else { "10.244.2.7" }.to_string()];
+    each_sidecar_is_told(&mesh, expected, never).await
 }

@@ -30,6 +30,7 @@ pub fn istio_binaries() -> Result<PathBuf> {
 pub struct Istiod {
     cluster_id: String,
     http_port: u16,
+    grpc_port: u16,
     dir: tempfile::TempDir,
     _process: Process,
 }
@@ -52,6 +53,7 @@ impl Istiod {
         let root_ca_dir = dir.path().join("cacerts");
         fs::create_dir(&root_ca_dir)?;
         let http_port = free_port()?;
+        let grpc_port = free_port()?;
         let addr = |flag: &str| -> Result<String> { Ok(format!("--{flag}=127.0.0.1:{}", free_port()?)) };
         let mut cmd = Command::new(bin.join("pilot-discovery"));
         cmd.current_dir(dir.path())
@@ -70,7 +72,7 @@ impl Istiod {
                 format!("--kubeconfig={}", kubeconfig.display()),
                 format!("--clusterID={cluster_id}"),
                 format!("--httpAddr=127.0.0.1:{http_port}"),
-                addr("grpcAddr")?,
+                format!("--grpcAddr=127.0.0.1:{grpc_port}"),
                 addr("secureGRPCAddr")?,
                 addr("monitoringAddr")?,
                 addr("httpsAddr")?,
@@ -95,7 +97,7 @@ impl Istiod {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        Ok(Self { cluster_id: cluster_id.into(), http_port, dir, _process: process })
+        Ok(Self { cluster_id: cluster_id.into(), http_port, grpc_port, dir, _process: process })
     }
 
     /// The cluster ID istiod runs as.
@@ -109,6 +111,54 @@ impl Istiod {
             (200, body) => serde_json::from_str(&body).with_context(|| format!("istiod's {path} is not JSON")),
             (code, body) => bail!("istiod's {path} answered {code}: {body}"),
         }
+    }
+
+    /// istiod's plaintext xDS address (`--grpcAddr`), which takes any ADS client without authentication.
+    pub fn xds_address(&self) -> String {
+        format!("127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// What istiod tells a sidecar about the endpoints of Envoy cluster `envoy_cluster` (e.g.
+    /// `outbound|5000||hello.sample.svc.cluster.local`): `hack/istio-binaries.sh`'s `adsc-probe` connects to the xDS
+    /// port with Istio's own ADS client as a sidecar (node `sidecar~<ip>~probe.sample~sample.svc.cluster.local`,
+    /// metadata `CLUSTER_ID`, `NETWORK`, `NAMESPACE`, `ISTIO_VERSION`, `INSTANCE_IPS`), fetches CDS then EDS, and
+    /// answers `{"cluster", "known" (in CDS), "endpoints": [{"address", "port", "weight", "tlsMode", "workload"}]}`.
+    pub async fn sidecar_endpoints(
+        &self,
+        cluster_id: &str,
+        network: &str,
+        ip: &str,
+        envoy_cluster: &str,
+    ) -> Result<serde_json::Value> {
+        let bin = tokio::task::spawn_blocking(istio_binaries).await??;
+        let out = tokio::process::Command::new(bin.join("adsc-probe"))
+            .args([
+                "--addr",
+                &self.xds_address(),
+                "--cluster-id",
+                cluster_id,
+                "--network",
+                network,
+                "--ip",
+                ip,
+                "--cluster",
+                envoy_cluster,
+                "--timeout",
+                "10s",
+            ])
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("running adsc-probe")?;
+        if !out.status.success() {
+            bail!(
+                "adsc-probe against {}'s istiod failed ({}): {}",
+                self.cluster_id,
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("adsc-probe's answer is not JSON")
     }
 
     /// istiod's log file (removed with it).
