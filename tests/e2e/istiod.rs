@@ -4,7 +4,10 @@
 //! clusters it discovers (from the remote secrets, with their TokenRequest tokens), and the services and endpoints
 //! of the other member with that member's network (from the Istio namespace's label).
 
-use std::time::{Duration, Instant};
+use std::{
+    collections::BTreeMap,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -12,9 +15,9 @@ use kube::{
     Api,
     api::{Patch, PatchParams, PostParams},
 };
-use meshfed_api::MeshFederation;
+use meshfed_api::{ClusterRole, MeshFederation};
 use meshfed_core::pki;
-use meshfed_e2e::{Fixture, NAMESPACE, is_ready, until};
+use meshfed_e2e::{Fixture, NAMESPACE, example, is_ready, until};
 use meshfed_testenv::{Istiod, Options};
 use serde_json::{Value, json};
 
@@ -26,33 +29,42 @@ const WAIT: Duration = Duration::from_secs(60);
 const DISCOVERY_BOUND: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 
-/// A converged two-primary federation `prod` (east and west on the given networks), with an istiod running in each.
+/// A converged federation `prod` of east and west, with an istiod running in each Primary.
 struct Mesh {
     f: Fixture,
     fed: MeshFederation,
-    east: Istiod,
-    west: Istiod,
+    istiods: BTreeMap<String, Istiod>,
 }
 
 impl Mesh {
+    /// Two Primaries, east and west, on the given networks.
     async fn start(east_network: &str, west_network: &str) -> anyhow::Result<Self> {
-        let f = Fixture::start(&["east", "west"], Options::default()).await?;
-        f.apply(&format!(
+        Self::from_yaml(&format!(
             "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: {NAMESPACE}}}\nspec:\n  meshID: prod\n  istio: {{namespace: {ISTIO_NAMESPACE}}}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n  - {{name: east, network: {east_network}, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: west, network: {west_network}, kubeconfigSecretRef: {{name: west-kubeconfig}}}}\n"
         ))
-        .await?;
-        let fed = f.wait_for("prod", WAIT, is_ready).await?;
-        // istiod starts after meshfed converged, as it would once `cacerts` exists: it reads the CA only at start.
-        let (east, west) = futures::future::try_join(
-            Istiod::start(f.env.cluster("east"), "east", ISTIO_NAMESPACE),
-            Istiod::start(f.env.cluster("west"), "west", ISTIO_NAMESPACE),
-        )
-        .await?;
-        Ok(Self { f, fed, east, west })
+        .await
     }
 
+    /// The federation `yaml` (members east and west), converged, with an istiod started in each of its Primaries.
+    async fn from_yaml(yaml: &str) -> anyhow::Result<Self> {
+        let f = Fixture::start(&["east", "west"], Options::default()).await?;
+        f.apply(yaml).await?;
+        let fed = f.wait_for("prod", WAIT, is_ready).await?;
+        // istiod starts after meshfed converged, as it would once `cacerts` exists: it reads the CA only at start.
+        let primaries: Vec<String> =
+            fed.spec.clusters.iter().filter(|c| c.role == ClusterRole::Primary).map(|c| c.name.clone()).collect();
+        let started = futures::future::try_join_all(
+            primaries.iter().map(|p| Istiod::start(f.env.cluster(p), p, ISTIO_NAMESPACE)),
+        )
+        .await?;
+        let istiods = primaries.into_iter().zip(started).collect();
+        Ok(Self { f, fed, istiods })
+    }
+
+    /// The istiod that serves `member`: its own on a Primary, its Primary's on a Remote.
     fn istiod(&self, member: &str) -> &Istiod {
-        if member == "east" { &self.east } else { &self.west }
+        let spec = self.fed.spec.clusters.iter().find(|c| c.name == member).expect("a member of the federation");
+        &self.istiods[spec.control_plane.as_deref().unwrap_or(member)]
     }
 
     fn network(&self, member: &str) -> String {
@@ -231,12 +243,12 @@ async fn istiod_finds_every_networks_gateway_in_each_exposure_mode() -> anyhow::
         let west_status = status.clusters.iter().find(|c| c.name == "west").unwrap();
         let expected =
             format!("{}:{}", west_status.gateway_address.as_deref().unwrap(), west_status.gateway_port.unwrap());
-        let seen = async || gateways(&mesh.east, "network2").await.is_ok_and(|g| g == [expected.clone()]);
+        let seen = async || gateways(mesh.istiod("east"), "network2").await.is_ok_and(|g| g == [expected.clone()]);
         until(&format!("east's istiod to report west's gateway at {expected} ({gw})"), DISCOVERY_BOUND, POLL, seen)
             .await
             .map_err(|e| {
-                let all = futures::executor::block_on(mesh.east.debug("/debug/networkz")).unwrap_or_default();
-                anyhow::anyhow!("{e}; networkz: {all}; log:\n{}", mesh.east.log_tail())
+                let all = futures::executor::block_on(mesh.istiod("east").debug("/debug/networkz")).unwrap_or_default();
+                anyhow::anyhow!("{e}; networkz: {all}; log:\n{}", mesh.istiod("east").log_tail())
             })?;
         println!("{gw}: east's istiod dials network2 at {expected}");
     }
@@ -309,21 +321,48 @@ async fn sidecar_view(mesh: &Mesh, observer: &str) -> anyhow::Result<Vec<String>
     Ok(seen)
 }
 
-/// The sidecar scenario: `hello` runs in both members (east's pod at 10.244.2.7, west's at 10.244.1.5); a sidecar
-/// of each Primary asks that Primary's istiod over ADS and must be told exactly `expected(observer)`, within
-/// [`DISCOVERY_BOUND`]; no sample on the way may name an address in `never(observer)`. Prints the measured times.
+/// Each member's `hello` pod address.
+fn pod_address(member: &str) -> &'static str {
+    if member == "east" { "10.244.2.7" } else { "10.244.1.5" }
+}
+
+/// What a sidecar of `observer` must be told about `hello` (a pod in each member) on one network: both pods.
+fn told_on_one_network(_observer: &str) -> Vec<String> {
+    vec![format!("{}:5000 weight 1", pod_address("west")), format!("{}:5000 weight 1", pod_address("east"))]
+}
+
+/// What a sidecar of `observer` must be told about `hello` when east and west are on two networks: its own
+/// member's pod, and the other member's through that member's east-west gateway (the address meshfed reports in
+/// status, the played cloud's load balancer address) at 15443, weight 1 for the one endpoint behind it.
+fn told_on_two_networks(mesh: &Mesh, observer: &str) -> Vec<String> {
+    let other = if observer == "east" { "west" } else { "east" };
+    let status = mesh.fed.status.as_ref().expect("a status");
+    let c = status.clusters.iter().find(|c| c.name == other).expect("a member's status");
+    let gateway = c.gateway_address.clone().unwrap_or_else(|| panic!("meshfed reports no gateway address for {other}"));
+    let mut v = vec![format!("{}:5000 weight 1", pod_address(observer)), format!("{gateway}:15443 weight 1")];
+    v.sort();
+    v
+}
+
+/// The other member's pod address, which a sidecar on another network must never be told to dial.
+fn other_pod(observer: &str) -> Vec<String> {
+    vec![pod_address(if observer == "east" { "west" } else { "east" }).to_string()]
+}
+
+/// The sidecar scenario: once `hello` runs in both members ([`pod_address`]), a sidecar of each member asks the
+/// istiod serving it over ADS and must be told exactly `expected(observer)` within [`DISCOVERY_BOUND`] of
+/// `started`; no sample on the way may name an address in `never(observer)`. Prints the measured times.
 async fn each_sidecar_is_told(
     mesh: &Mesh,
+    started: Instant,
     expected: impl Fn(&str) -> Vec<String>,
     never: impl Fn(&str) -> Vec<String>,
 ) -> anyhow::Result<()> {
-    let started = Instant::now();
-    create_hello_pod(mesh, "east", "10.244.2.7").await?;
-    create_hello_pod(mesh, "west", "10.244.1.5").await?;
     for observer in ["east", "west"] {
-        let (want, forbidden) = (expected(observer), never(observer));
-        let mut samples = 0;
+        let (mut want, forbidden) = (expected(observer), never(observer));
+        want.sort();
         let (mut last, mut error) = (Vec::new(), String::new());
+        let mut samples = 0;
         loop {
             match sidecar_view(mesh, observer).await {
                 Ok(view) => last = view,
@@ -345,40 +384,91 @@ async fn each_sidecar_is_told(
             tokio::time::sleep(POLL).await;
         }
         println!(
-            "{observer}'s sidecar is told {want:?} for {HELLO_CLUSTER} {:?} after the Services were created ({samples} ADS samples)",
+            "{observer}'s sidecar is told {want:?} by {}'s istiod for {HELLO_CLUSTER} {:?} after the Services were created ({samples} ADS samples)",
+            mesh.istiod(observer).cluster_id(),
             started.elapsed()
         );
     }
     Ok(())
 }
 
+/// Creates `hello` in both members, Pod-backed, at [`pod_address`].
+async fn create_hellos(mesh: &Mesh) -> anyhow::Result<Instant> {
+    let started = Instant::now();
+    for member in ["east", "west"] {
+        create_hello_pod(mesh, member, pod_address(member)).await?;
+    }
+    Ok(started)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn on_one_network_a_sidecar_is_told_the_pod_addresses_in_every_member() -> anyhow::Result<()> {
     let mesh = Mesh::start("network1", "network1").await?;
-    let both = vec!["10.244.1.5:5000 weight 1".to_string(), "10.244.2.7:5000 weight 1".to_string()];
-    each_sidecar_is_told(&mesh, |_| both.clone(), |_| vec![]).await
+    let started = create_hellos(&mesh).await?;
+    each_sidecar_is_told(&mesh, started, told_on_one_network, |_| vec![]).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn on_two_networks_a_sidecar_is_told_the_other_networks_gateway_never_its_pods() -> anyhow::Result<()> {
     let mesh = Mesh::start("network1", "network2").await?;
-    // Where meshfed says each member's east-west gateway answers (the played cloud's load balancer address).
-    let status = mesh.fed.status.clone().unwrap();
-    let gateway = |member: &str| {
-        let c = status.clusters.iter().find(|c| c.name == member).expect("a member's status");
-        c.gateway_address.clone().unwrap_or_else(|| panic!("meshfed reports no gateway address for {member}"))
-    };
-    let (east_gw, west_gw) = (gateway("east"), gateway("west"));
-    assert_ne!(east_gw, west_gw);
-    let expected = |observer: &str| {
-        let mut v = if observer == "east" {
-            vec!["10.244.2.7:5000 weight 1".to_string(), format!("{west_gw}:15443 weight 1")]
-        } else {
-            vec!["10.244.1.5:5000 weight 1".to_string(), format!("{east_gw}:15443 weight 1")]
+    let started = create_hellos(&mesh).await?;
+    each_sidecar_is_told(&mesh, started, |o| told_on_two_networks(&mesh, o), other_pod).await
+}
+
+/// The primary-remote scenario on a `deploy/examples` federation (east the Primary, west its Remote): east's
+/// istiod syncs west through meshfed's remote secret, discovers a Service created in west with its endpoint on
+/// west's network, and tells a sidecar of either member (west's sidecars are served by east's istiod) what it tells
+/// on that many networks. Prints the measured times.
+async fn the_primary_serves_its_remote(example_name: &str) -> anyhow::Result<()> {
+    let mesh = Mesh::from_yaml(&example(example_name)).await?;
+    assert_eq!(mesh.istiods.keys().collect::<Vec<_>>(), ["east"], "only the Primary runs an istiod");
+    let east = mesh.istiod("east");
+    assert_eq!(mesh.istiod("west").cluster_id(), "east", "west is served by east's istiod");
+    let started = Instant::now();
+    let ok = async || east.debug("/debug/clusterz").await.is_ok_and(|c| synced(&c, "west"));
+    if let Err(e) = until("east's istiod to sync its Remote west", WAIT, POLL, ok).await {
+        panic!("{e}; clusterz: {}; log:\n{}", east.debug("/debug/clusterz").await?, east.log_tail());
+    }
+    println!(
+        "{example_name}: east's istiod reports west synced {:?} after it was ready (it started in {:?}; /ready waits for remote clusters)",
+        started.elapsed(),
+        east.ready_after()
+    );
+
+    let network = mesh.network("west");
+    let started = Instant::now();
+    create_hello_pod(&mesh, "west", pod_address("west")).await?;
+    let seen = async || {
+        let (Ok(registry), Ok(shards)) =
+            (east.debug("/debug/registryz").await, east.debug("/debug/endpointShardz").await)
+        else {
+            return false;
         };
-        v.sort();
-        v
+        service_known(&registry, "west") && endpoint_known(&shards, "west", pod_address("west"), &network)
     };
-    let never = |observer: &str| vec![if observer == "east" { "10.244.1.5" } else { "10.244.2.7" }.to_string()];
-    each_sidecar_is_told(&mesh, expected, never).await
+    if let Err(e) = until("east's istiod to know west's service and endpoint", DISCOVERY_BOUND, POLL, seen).await {
+        panic!("{e}; endpointShardz: {}; log:\n{}", east.debug("/debug/endpointShardz").await?, east.log_tail());
+    }
+    println!(
+        "{example_name}: a Service created in the Remote west is in east's istiod, on {network}, after {:?}",
+        started.elapsed()
+    );
+
+    let started = Instant::now();
+    create_hello_pod(&mesh, "east", pod_address("east")).await?;
+    if mesh.network("east") == network {
+        each_sidecar_is_told(&mesh, started, told_on_one_network, |_| vec![]).await
+    } else {
+        each_sidecar_is_told(&mesh, started, |o| told_on_two_networks(&mesh, o), other_pod).await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn primary_remote_the_primary_istiod_syncs_and_serves_its_remote() -> anyhow::Result<()> {
+    the_primary_serves_its_remote("primary-remote").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn primary_remote_on_two_networks_the_primary_istiod_serves_its_remote_through_gateways() -> anyhow::Result<()> {
+    the_primary_serves_its_remote("primary-remote-multi-network").await
 }

@@ -31,6 +31,7 @@ pub struct Istiod {
     cluster_id: String,
     http_port: u16,
     grpc_port: u16,
+    ready_after: Duration,
     dir: tempfile::TempDir,
     _process: Process,
 }
@@ -82,6 +83,7 @@ impl Istiod {
                 format!("--networksConfig={}", dir.path().join("meshNetworks.yaml").display()),
                 "--domain=cluster.local".into(),
             ]);
+        let spawned = Instant::now();
         let mut process = Process::spawn(&mut cmd, &dir.path().join("istiod.log"))?;
         let log = dir.path().join("istiod.log");
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -97,7 +99,8 @@ impl Istiod {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        Ok(Self { cluster_id: cluster_id.into(), http_port, grpc_port, dir, _process: process })
+        let ready_after = spawned.elapsed();
+        Ok(Self { cluster_id: cluster_id.into(), http_port, grpc_port, ready_after, dir, _process: process })
     }
 
     /// The cluster ID istiod runs as.
@@ -111,6 +114,12 @@ impl Istiod {
             (200, body) => serde_json::from_str(&body).with_context(|| format!("istiod's {path} is not JSON")),
             (code, body) => bail!("istiod's {path} answered {code}: {body}"),
         }
+    }
+
+    /// How long istiod took from its start to answering `/ready` (which waits for the remote clusters it found at
+    /// start to sync).
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
     }
 
     /// istiod's plaintext xDS address (`--grpcAddr`), which takes any ADS client without authentication.
