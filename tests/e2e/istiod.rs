@@ -16,7 +16,7 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use meshfed_api::{ClusterRole, MeshFederation};
-use meshfed_core::pki;
+use meshfed_core::{pki, remote};
 use meshfed_e2e::{Fixture, NAMESPACE, example, is_ready, until};
 use meshfed_testenv::{Istiod, Options};
 use serde_json::{Value, json};
@@ -609,5 +609,175 @@ async fn an_intermediate_renewal_reaches_istiod_which_serves_a_chain_every_membe
         started.elapsed(),
         started.elapsed() / samples
     );
+    Ok(())
+}
+
+/// One 100 ms sample of what an istiod holds of the other member: its status on clusterz (from meshfed's remote
+/// secret; `None` when not listed), and its `hello` endpoint in endpointShardz.
+struct Sample {
+    at: Duration,
+    status: Option<String>,
+    endpoint: bool,
+}
+
+/// The other member's sync status on `clusterz`, when listed from meshfed's remote secret for it.
+fn sync_status(clusterz: &Value, other: &str) -> Option<String> {
+    clusterz.as_array().into_iter().flatten().find_map(|c| {
+        let ours = c["secretName"].as_str().is_some_and(|s| s.ends_with(&format!("istio-remote-secret-{other}")));
+        (c["id"] == other && ours).then(|| c["syncStatus"].as_str().unwrap_or_default().to_string())
+    })
+}
+
+/// The intervals (from the first failing sample to the next good one, or to the end) in which `ok` failed.
+fn gaps(samples: &[Sample], ok: impl Fn(&Sample) -> bool) -> Vec<(Duration, Duration)> {
+    let mut out = Vec::new();
+    let mut from = None;
+    for s in samples {
+        match (ok(s), from) {
+            (false, None) => from = Some(s.at),
+            (true, Some(f)) => {
+                out.push((f, s.at));
+                from = None;
+            }
+            _ => {}
+        }
+    }
+    if let (Some(f), Some(last)) = (from, samples.last()) {
+        out.push((f, last.at));
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_refresh_never_drops_the_remote_cluster_or_its_endpoints_from_istiod_at_any_sample()
+-> anyhow::Result<()> {
+    // Tokens of 10 minutes (the TokenRequest API's shortest), renewed when a third remains: the controller's clock is
+    // advanced 7 minutes instead of waiting; the API servers keep real time, so the old token still works.
+    let mesh = Mesh::from_yaml(&format!(
+        "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: {NAMESPACE}}}\nspec:\n  meshID: prod\n  istio: {{namespace: {ISTIO_NAMESPACE}}}\n  trust: {{root: {{generate: {{}}}}}}\n  remoteAccess: {{tokenTTL: 10m}}\n  clusters:\n  - {{name: east, network: network1, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: west, network: network2, kubeconfigSecretRef: {{name: west-kubeconfig}}}}\n"
+    ))
+    .await?;
+    create_hellos(&mesh).await?;
+    let other = |m: &str| if m == "east" { "west" } else { "east" };
+    let sample = async |holder: &str| {
+        let istiod = mesh.istiod(holder);
+        let (c, e) = futures::join!(istiod.debug("/debug/clusterz"), istiod.debug("/debug/endpointShardz"));
+        let o = other(holder);
+        (
+            c.ok().and_then(|c| sync_status(&c, o)),
+            e.is_ok_and(|e| endpoint_known(&e, o, pod_address(o), &mesh.network(o))),
+        )
+    };
+    for holder in ["east", "west"] {
+        let ready = async || sample(holder).await == (Some("synced".into()), true);
+        until(&format!("{holder}'s istiod to hold {}'s endpoint", other(holder)), WAIT, POLL, ready).await?;
+    }
+    let secret = async |holder: &str| -> anyhow::Result<Secret> {
+        let name = format!("istio-remote-secret-{}", other(holder));
+        Ok(Api::<Secret>::namespaced(mesh.f.member(holder).await?, ISTIO_NAMESPACE).get(&name).await?)
+    };
+    let before = [secret("east").await?.data, secret("west").await?.data];
+
+    // A token is due when less than a third of its lifetime remains by the controller's clock, but the API servers
+    // issue fresh tokens in real time: an advance past two thirds of a lifetime (7 of 10 minutes) would make every
+    // fresh token due at once as well, and meshfed would renew at every reconcile (what a first version of this
+    // test saw: a new token every 100 ms). So the clock goes just past the older token's due point; a fresh token
+    // then stays clear for as long as the newest old one had lived, less a second, which is made 15 s.
+    let mut claims = Vec::new();
+    for holder in ["east", "west"] {
+        let token = remote::token_in_remote_secret(&secret(holder).await?, other(holder)).expect("a token");
+        claims.push(remote::token_claims(&token)?);
+    }
+    let newest = claims.iter().map(|c| c.issued_at).max().unwrap();
+    let age = jiff::Timestamp::now().duration_since(newest).unsigned_abs();
+    tokio::time::sleep(Duration::from_secs(15).saturating_sub(age)).await;
+    let now = jiff::Timestamp::now();
+    let advance = claims
+        .iter()
+        .map(|c| {
+            let lifetime = c.expires_at.duration_since(c.issued_at).as_secs();
+            c.expires_at.duration_since(now).as_secs() - lifetime / 3 + 1
+        })
+        .max()
+        .unwrap();
+    let lifetime = claims[0].expires_at.duration_since(claims[0].issued_at).as_secs();
+    let clear = lifetime * 2 / 3 - advance;
+    println!("token refresh: clock advanced {advance} s; a fresh {lifetime} s token is due again after {clear} s");
+    mesh.f.clock.advance(Duration::from_secs(advance.try_into()?));
+    let started = Instant::now();
+    mesh.f.poke("prod").await?;
+    let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
+    let (mut rewritten, mut swapped) = (BTreeMap::new(), BTreeMap::new());
+    loop {
+        for (i, holder) in ["east", "west"].into_iter().enumerate() {
+            let (status, endpoint) = sample(holder).await;
+            samples.entry(holder).or_default().push(Sample { at: started.elapsed(), status, endpoint });
+            if !rewritten.contains_key(holder) && secret(holder).await?.data != before[i] {
+                rewritten.insert(holder, started.elapsed());
+            }
+            // istiod builds a client from the new kubeconfig, syncs it, then stops the old one (make-before-break).
+            let log = std::fs::read_to_string(mesh.istiod(holder).log())?;
+            let o = other(holder);
+            if !swapped.contains_key(holder)
+                && log.contains(&format!("stopping previous cluster {o} after new cluster synced"))
+            {
+                swapped.insert(holder, started.elapsed());
+            }
+        }
+        // Sampled until both istiods swapped to the new token and 3 s more (where a dropped shard would show).
+        let elapsed = started.elapsed();
+        if swapped.len() == 2 && swapped.values().all(|t| elapsed > *t + Duration::from_secs(3)) {
+            break;
+        }
+        assert!(elapsed.as_secs() < clear.try_into()?, "the sampling outlived the fresh tokens' clear time");
+        if elapsed > WAIT {
+            panic!(
+                "after {WAIT:?}: remote secrets rewritten at {rewritten:?}, istiods swapped at {swapped:?}; east's log:\n{}",
+                mesh.istiod("east").log_tail()
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let mut failed = Vec::new();
+    for (holder, s) in &samples {
+        let o = other(holder);
+        // One refresh: istiod was handed one new kubeconfig for the other member (one `Update cluster`).
+        let log = std::fs::read_to_string(mesh.istiod(holder).log())?;
+        let updates = log.matches(&format!("Update cluster\tcluster={o} ")).count();
+        assert_eq!(updates, 1, "{holder}'s istiod was handed {updates} new kubeconfigs for {o}, not one");
+        let synced = |s: &Sample| s.status.as_deref() == Some("synced");
+        let (unsynced, missing) = (gaps(s, synced), gaps(s, |s| s.endpoint));
+        let unlisted = gaps(s, |s| s.status.is_some());
+        // Anything but synced, or syncing while istiod builds the new client and the old one still serves.
+        let bad: Vec<_> = s.iter().filter(|s| !matches!(s.status.as_deref(), Some("synced" | "syncing"))).collect();
+        let endpoints = if missing.is_empty() { "no gap" } else { "GAP" };
+        println!(
+            "token refresh (10m tokens, istio.io/istio {}): {holder}'s istiod, {} samples over {:?}: the secret for {o} rewritten at {:?}, the new client synced and the old one stopped at {:?}; {o}'s endpoint in endpointShardz: {endpoints} {missing:?}; {o} on clusterz: listed at every sample: {}, reported other than synced during {unsynced:?}",
+            meshfed_testenv::ISTIO_VERSION,
+            s.len(),
+            s.last().map(|s| s.at).unwrap_or_default(),
+            rewritten.get(holder),
+            swapped.get(holder),
+            unlisted.is_empty(),
+        );
+        let last_synced = s.last().is_some_and(synced);
+        if !missing.is_empty() || !unlisted.is_empty() || !bad.is_empty() || !last_synced {
+            println!("{holder}'s clusterz now: {}", mesh.istiod(holder).debug("/debug/clusterz").await?);
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| {
+                    l.contains(&format!("cluster {o}"))
+                        || l.contains(&format!("cluster={o}"))
+                        || l.contains("remote-secret")
+                })
+                .collect();
+            println!("{holder}'s istiod on {o}:\n{}", lines.join("\n"));
+            failed.push(*holder);
+        }
+    }
+    // The judge's verdict: the endpoints never went, the cluster never left clusterz nor timed out or closed, and it
+    // is synced again. (This Istio swaps make-before-break: clusterz shows the new client `syncing` while it
+    // syncs, about 0.2 s, and the old one keeps serving meanwhile; measured and printed above.)
+    assert!(failed.is_empty(), "a token refresh cost {failed:?}'s istiod its remote cluster or its endpoints");
     Ok(())
 }
