@@ -72,6 +72,22 @@ impl Mesh {
     }
 }
 
+/// In no case does an istiod refuse a kubeconfig meshfed wrote (a shape istiod would refuse is refused at the hub and
+/// never leaves meshfed): checked on every istiod's whole log when a test ends without failing.
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            return;
+        }
+        for (member, istiod) in &self.istiods {
+            let log = std::fs::read_to_string(istiod.log()).unwrap_or_default();
+            if let Some(line) = log.lines().find(|l| l.contains("kubeconfig is not allowed")) {
+                panic!("{member}'s istiod refused a kubeconfig meshfed wrote: {line}");
+            }
+        }
+    }
+}
+
 /// The certificates (by fingerprint) of the root istiod publishes to workloads: ConfigMap `istio-ca-root-cert`, key
 /// `root-cert.pem`, in the Istio namespace. Empty until istiod wrote it.
 async fn published_roots(mesh: &Mesh, member: &str) -> Vec<String> {
@@ -779,5 +795,130 @@ async fn a_token_refresh_never_drops_the_remote_cluster_or_its_endpoints_from_is
     // is synced again. (This Istio swaps make-before-break: clusterz shows the new client `syncing` while it
     // syncs, about 0.2 s, and the old one keeps serving meanwhile; measured and printed above.)
     assert!(failed.is_empty(), "a token refresh cost {failed:?}'s istiod its remote cluster or its endpoints");
+    Ok(())
+}
+
+/// The certificates istiod serves on its TLS xDS port, leaf first, as PEM (unverified).
+async fn served_certs(istiod: &Istiod) -> anyhow::Result<Vec<String>> {
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &istiod.secure_xds_address(), "-alpn", "h2", "-showcerts"])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(10), out).await??;
+    Ok(pki::certificates(&out.stdout).into_iter().map(|(_, pem)| pem).collect())
+}
+
+/// Whether `chain` (leaf, intermediate, ...) chains to a root of `bundle`: the leaf is signed by the intermediate,
+/// and the intermediate by a certificate of the bundle.
+fn chains_to(chain: &[String], bundle: &[u8]) -> bool {
+    let [leaf, intermediate, ..] = chain else { return false };
+    pki::issued_by(leaf.as_bytes(), intermediate.as_bytes())
+        && pki::certificates(bundle).iter().any(|(_, root)| pki::issued_by(intermediate.as_bytes(), root.as_bytes()))
+}
+
+/// A root rotation (requested with `meshfed.io/rotate-root`), sampled every 100 ms until it finished and both
+/// istiods serve a chain to the new root: at every sample, the chain each istiod serves on its TLS xDS port chains
+/// to what every member trusts, both the roots in its `cacerts` and the roots its istiod publishes to its workloads
+/// (signatures checked; one openssl handshake per istiod per sample keeps the samples 100 ms apart). Panics at the
+/// first sample that breaks.
+async fn root_rotation_holds_at_every_sample(mesh: &Mesh) -> anyhow::Result<()> {
+    let members = ["east", "west"];
+    for m in members {
+        let published = async || !published_roots(mesh, m).await.is_empty();
+        until(&format!("{m}'s istiod to publish its root"), WAIT, POLL, published).await?;
+    }
+    let old = mesh.fed.status.as_ref().unwrap().trust.clone().unwrap().root_fingerprint.unwrap();
+    let patch = json!({"metadata": {"annotations": {"meshfed.io/rotate-root": "2026-11-24"}}});
+    mesh.f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    // One client per member for the whole run: a new one per read costs a TLS handshake and slows the samples.
+    let mut secrets = BTreeMap::new();
+    let mut config_maps = BTreeMap::new();
+    for m in members {
+        let client = mesh.f.member(m).await?;
+        secrets.insert(m, Api::<Secret>::namespaced(client.clone(), ISTIO_NAMESPACE));
+        config_maps.insert(m, Api::<ConfigMap>::namespaced(client, ISTIO_NAMESPACE));
+    }
+    let cacerts_key = async |m: &str, key: &str| -> anyhow::Result<Vec<u8>> {
+        let secret = secrets[m].get("cacerts").await?;
+        Ok(secret.data.unwrap_or_default().remove(key).map(|v| v.0).unwrap_or_default())
+    };
+    let published_bundle = async |m: &str| -> anyhow::Result<String> {
+        let cm = config_maps[m].get_opt("istio-ca-root-cert").await?;
+        Ok(cm.and_then(|cm| cm.data?.get("root-cert.pem").cloned()).unwrap_or_default())
+    };
+    let started = Instant::now();
+    let mut samples = 0;
+    let mut phases = Vec::new();
+    loop {
+        samples += 1;
+        let sampled = Instant::now();
+        let fed = mesh.f.federations().get("prod").await?;
+        let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
+        let phase = format!("{:?}", trust.rotation_phase);
+        if phases.last() != Some(&phase) {
+            phases.push(phase.clone());
+            println!("root rotation: phase {phase} at {:?}", started.elapsed());
+        }
+        let (served, bundles) = futures::join!(
+            futures::future::try_join_all(members.map(|m| served_certs(mesh.istiod(m)))),
+            futures::future::try_join_all(members.map(async |m| -> anyhow::Result<_> {
+                Ok([
+                    (format!("{m}'s cacerts"), cacerts_key(m, "root-cert.pem").await?),
+                    (format!("{m}'s published roots"), published_bundle(m).await?.into_bytes()),
+                ])
+            })),
+        );
+        let (served, bundles) = (served?, bundles?);
+        let mut done = is_ready(&fed) && trust.root_fingerprint.as_ref() != Some(&old);
+        for (m, chain) in members.iter().zip(&served) {
+            for (truster, bundle) in bundles.iter().flatten() {
+                assert!(
+                    chains_to(chain, bundle),
+                    "sample {samples} at {:?} (phase {phase}): {m}'s istiod serves a chain ({:?}) that {truster} ({:?}) does not trust; log:\n{}",
+                    started.elapsed(),
+                    chain.iter().flat_map(|c| pki::fingerprints(c.as_bytes())).collect::<Vec<_>>(),
+                    pki::fingerprints(bundle),
+                    mesh.istiod(m).log_tail()
+                );
+            }
+            // Finished for this istiod once it serves its member's current intermediate and publishes only the
+            // new root.
+            let intermediate = pki::fingerprints(&cacerts_key(m, "ca-cert.pem").await?);
+            let published = pki::fingerprints(published_bundle(m).await?.as_bytes());
+            done &= chain.get(1).map(|c| pki::fingerprints(c.as_bytes())) == Some(intermediate)
+                && trust.root_fingerprint.as_ref().is_some_and(|r| published == [r.clone()]);
+        }
+        if done {
+            println!(
+                "root rotation: finished and served by both istiods after {:?}; {samples} samples (one every {:?}), every served chain trusted by every member's cacerts and published roots",
+                started.elapsed(),
+                started.elapsed() / samples
+            );
+            return Ok(());
+        }
+        if started.elapsed() > RENEWAL_BOUND {
+            panic!(
+                "the rotation did not reach both istiods within {RENEWAL_BOUND:?} (phases {phases:?}); east's log:\n{}",
+                mesh.istiod("east").log_tail()
+            );
+        }
+        // The next sample 100 ms after this one began (or at once, when it took longer).
+        tokio::time::sleep(POLL.saturating_sub(sampled.elapsed())).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "fails about one run in three: meshfed advances the rotation on its own writes, before istiod has published \
+            the new root to its workloads, so istiod can serve a chain to the new root its own member does not trust yet"]
+async fn a_root_rotation_reaches_istiod_which_serves_a_chain_every_member_trusts_at_every_sample() -> anyhow::Result<()>
+{
+    // istiod takes a new root bundle from its files only with ISTIO_MULTIROOT_MESH=true (else it logs "Multi root is
+    // disabled, updating new ROOT-CA not supported" and keeps the old one): asked through the Sail values.
+    let mesh = Mesh::from_yaml(&format!(
+        "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: {NAMESPACE}}}\nspec:\n  meshID: prod\n  istio: {{namespace: {ISTIO_NAMESPACE}, values: {{pilot: {{env: {{ISTIO_MULTIROOT_MESH: 'true'}}}}}}}}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n  - {{name: east, network: network1, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: west, network: network2, kubeconfigSecretRef: {{name: west-kubeconfig}}}}\n"
+    ))
+    .await?;
+    root_rotation_holds_at_every_sample(&mesh).await?;
     Ok(())
 }

@@ -15,6 +15,7 @@ use futures::StreamExt;
 use k8s_openapi::api::core::v1::Secret;
 use kube::{
     Api, Client,
+    api::{ApiResource, DynamicObject},
     runtime::{WatchStreamExt, watcher},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -57,7 +58,8 @@ impl Istiod {
     /// again whenever the Secret changes, so renewals reach istiod through the files it watches. With no `cacerts`
     /// the directory stays empty and istiod falls back silently to a self-signed CA. Its network is the
     /// `topology.istio.io/network` label of `istio_namespace`; other clusters come from the remote secrets there.
-    /// Injection and analysis are off; no mesh config file is given, so it reads the `istio` ConfigMap if any.
+    /// Injection and analysis are off; no mesh config file is given, so it reads the `istio` ConfigMap if any. Like
+    /// the Sail operator, it adds the environment `spec.values.pilot.env` of the cluster's Sail `Istio` asks for.
     pub async fn start(cluster: &Cluster, cluster_id: &str, istio_namespace: &str) -> Result<Self> {
         // The first use builds istiod for minutes: off the runtime's threads, which the tests' controller shares.
         let bin = tokio::task::spawn_blocking(istio_binaries).await??;
@@ -66,7 +68,9 @@ impl Istiod {
         fs::write(&kubeconfig, cluster.kubeconfig())?;
         let root_ca_dir = dir.path().join("cacerts");
         fs::create_dir(&root_ca_dir)?;
-        let cacerts = SecretVolume::start(cluster.client().await?, istio_namespace, "cacerts", &root_ca_dir).await?;
+        let client = cluster.client().await?;
+        let cacerts = SecretVolume::start(client.clone(), istio_namespace, "cacerts", &root_ca_dir).await?;
+        let sail_env = sail_pilot_env(client, istio_namespace).await;
         let http_port = free_port()?;
         let grpc_port = free_port()?;
         let secure_grpc_port = free_port()?;
@@ -82,6 +86,7 @@ impl Istiod {
                 ("PILOT_ENABLE_ANALYSIS", "false"),
                 ("INJECT_ENABLED", "false"),
             ])
+            .envs(sail_env)
             .args([
                 "discovery".to_string(),
                 format!("--kubeconfig={}", kubeconfig.display()),
@@ -214,6 +219,33 @@ impl Istiod {
     pub fn log_tail(&self) -> String {
         tail(&self.log())
     }
+}
+
+/// The environment the Sail operator gives istiod in a cluster: `spec.values.pilot.env` of the Sail `Istio`
+/// resources (`sailoperator.io/v1`) whose `spec.namespace` is `istio_namespace` (Istio's istiod chart puts them in
+/// the Deployment's env). Empty when there is none, or Sail's CRD is not served.
+async fn sail_pilot_env(client: Client, istio_namespace: &str) -> Vec<(String, String)> {
+    let resource = ApiResource {
+        group: "sailoperator.io".into(),
+        version: "v1".into(),
+        api_version: "sailoperator.io/v1".into(),
+        kind: "Istio".into(),
+        plural: "istios".into(),
+    };
+    let Ok(istios) = Api::<DynamicObject>::all_with(client, &resource).list(&Default::default()).await else {
+        return Vec::new();
+    };
+    let mut env = Vec::new();
+    for istio in istios {
+        let spec = &istio.data["spec"];
+        if spec["namespace"].as_str().unwrap_or("istio-system") != istio_namespace {
+            continue;
+        }
+        for (k, v) in spec["values"]["pilot"]["env"].as_object().into_iter().flatten() {
+            env.push((k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)));
+        }
+    }
+    env
 }
 
 /// GETs `path` from istiod's loopback HTTP port: the status code and the body.
