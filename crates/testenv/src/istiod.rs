@@ -59,7 +59,7 @@ impl Istiod {
     /// the directory stays empty and istiod falls back silently to a self-signed CA. Its network is the
     /// `topology.istio.io/network` label of `istio_namespace`; other clusters come from the remote secrets there.
     /// Injection and analysis are off; no mesh config file is given, so it reads the `istio` ConfigMap if any. Like
-    /// the Sail operator, it adds the environment `spec.values.pilot.env` of the cluster's Sail `Istio` asks for.
+    /// the Sail operator, it adds the environment that `spec.values.pilot.env` of the cluster's Sail `Istio` asks for.
     pub async fn start(cluster: &Cluster, cluster_id: &str, istio_namespace: &str) -> Result<Self> {
         // The first use builds istiod for minutes: off the runtime's threads, which the tests' controller shares.
         let bin = tokio::task::spawn_blocking(istio_binaries).await??;
