@@ -2,13 +2,22 @@
 //! that cluster would be, reading only what is in the cluster (ISTIO-FACTS.md section 12).
 
 use std::{
-    fs,
-    path::PathBuf,
+    collections::BTreeMap,
+    fs, io,
+    path::{Path, PathBuf},
     process::Command,
-    time::{Duration, Instant},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context, Result, bail};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api, Client,
+    api::{ApiResource, DynamicObject},
+    runtime::{WatchStreamExt, watcher},
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{Cluster, Process, free_port, tail};
@@ -30,8 +39,13 @@ pub fn istio_binaries() -> Result<PathBuf> {
 pub struct Istiod {
     cluster_id: String,
     http_port: u16,
-    dir: tempfile::TempDir,
+    grpc_port: u16,
+    secure_grpc_port: u16,
+    ready_after: Duration,
+    cacerts: SecretVolume,
+    // Dropped before `dir`: the process dies before its directory goes.
     _process: Process,
+    dir: tempfile::TempDir,
 }
 
 impl Istiod {
@@ -39,10 +53,13 @@ impl Istiod {
     /// exist), and waits until it is ready.
     ///
     /// istiod gets the cluster's admin kubeconfig, as its own ServiceAccount would have its rights. Its CA is the
-    /// plugged-in one: `USE_REMOTE_CERTS=true` with an empty `ROOT_CA_DIR` makes it copy Secret `cacerts` from
-    /// `istio_namespace` at start, and fall back silently to a self-signed CA when there is none. Its network is the
+    /// plugged-in one, as Istio's charts mount it: Secret `cacerts` of `istio_namespace` projected into
+    /// `ROOT_CA_DIR` the way a kubelet projects a Secret volume (its atomic writer), before istiod starts and
+    /// again whenever the Secret changes, so renewals reach istiod through the files it watches. With no `cacerts`
+    /// the directory stays empty and istiod falls back silently to a self-signed CA. Its network is the
     /// `topology.istio.io/network` label of `istio_namespace`; other clusters come from the remote secrets there.
-    /// Injection and analysis are off; no mesh config file is given, so it reads the `istio` ConfigMap if any.
+    /// Injection and analysis are off; no mesh config file is given, so it reads the `istio` ConfigMap if any. Like
+    /// the Sail operator, it adds the environment that `spec.values.pilot.env` of the cluster's Sail `Istio` asks for.
     pub async fn start(cluster: &Cluster, cluster_id: &str, istio_namespace: &str) -> Result<Self> {
         // The first use builds istiod for minutes: off the runtime's threads, which the tests' controller shares.
         let bin = tokio::task::spawn_blocking(istio_binaries).await??;
@@ -51,7 +68,12 @@ impl Istiod {
         fs::write(&kubeconfig, cluster.kubeconfig())?;
         let root_ca_dir = dir.path().join("cacerts");
         fs::create_dir(&root_ca_dir)?;
+        let client = cluster.client().await?;
+        let cacerts = SecretVolume::start(client.clone(), istio_namespace, "cacerts", &root_ca_dir).await?;
+        let sail_env = sail_pilot_env(client, istio_namespace).await;
         let http_port = free_port()?;
+        let grpc_port = free_port()?;
+        let secure_grpc_port = free_port()?;
         let addr = |flag: &str| -> Result<String> { Ok(format!("--{flag}=127.0.0.1:{}", free_port()?)) };
         let mut cmd = Command::new(bin.join("pilot-discovery"));
         cmd.current_dir(dir.path())
@@ -61,17 +83,17 @@ impl Istiod {
                 ("POD_NAME", &format!("istiod-{cluster_id}")),
                 ("REVISION", "default"),
                 ("ROOT_CA_DIR", &root_ca_dir.display().to_string()),
-                ("USE_REMOTE_CERTS", "true"),
                 ("PILOT_ENABLE_ANALYSIS", "false"),
                 ("INJECT_ENABLED", "false"),
             ])
+            .envs(sail_env)
             .args([
                 "discovery".to_string(),
                 format!("--kubeconfig={}", kubeconfig.display()),
                 format!("--clusterID={cluster_id}"),
                 format!("--httpAddr=127.0.0.1:{http_port}"),
-                addr("grpcAddr")?,
-                addr("secureGRPCAddr")?,
+                format!("--grpcAddr=127.0.0.1:{grpc_port}"),
+                format!("--secureGRPCAddr=127.0.0.1:{secure_grpc_port}"),
                 addr("monitoringAddr")?,
                 addr("httpsAddr")?,
                 format!("--ctrlz_port={}", free_port()?),
@@ -80,6 +102,7 @@ impl Istiod {
                 format!("--networksConfig={}", dir.path().join("meshNetworks.yaml").display()),
                 "--domain=cluster.local".into(),
             ]);
+        let spawned = Instant::now();
         let mut process = Process::spawn(&mut cmd, &dir.path().join("istiod.log"))?;
         let log = dir.path().join("istiod.log");
         let deadline = Instant::now() + READY_TIMEOUT;
@@ -95,7 +118,17 @@ impl Istiod {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        Ok(Self { cluster_id: cluster_id.into(), http_port, dir, _process: process })
+        let ready_after = spawned.elapsed();
+        Ok(Self {
+            cluster_id: cluster_id.into(),
+            http_port,
+            grpc_port,
+            secure_grpc_port,
+            ready_after,
+            cacerts,
+            _process: process,
+            dir,
+        })
     }
 
     /// The cluster ID istiod runs as.
@@ -111,6 +144,72 @@ impl Istiod {
         }
     }
 
+    /// How long istiod took from its start to answering `/ready` (which waits for the remote clusters it found at
+    /// start to sync).
+    pub fn ready_after(&self) -> Duration {
+        self.ready_after
+    }
+
+    /// istiod's plaintext xDS address (`--grpcAddr`), which takes any ADS client without authentication.
+    pub fn xds_address(&self) -> String {
+        format!("127.0.0.1:{}", self.grpc_port)
+    }
+
+    /// What istiod tells a sidecar about the endpoints of Envoy cluster `envoy_cluster` (e.g.
+    /// `outbound|5000||hello.sample.svc.cluster.local`): `hack/istio-binaries.sh`'s `adsc-probe` connects to the xDS
+    /// port with Istio's own ADS client as a sidecar (node `sidecar~<ip>~probe.sample~sample.svc.cluster.local`,
+    /// metadata `CLUSTER_ID`, `NETWORK`, `NAMESPACE`, `ISTIO_VERSION`, `INSTANCE_IPS`), fetches CDS then EDS, and
+    /// answers `{"cluster", "known" (in CDS), "endpoints": [{"address", "port", "weight", "tlsMode", "workload"}]}`.
+    pub async fn sidecar_endpoints(
+        &self,
+        cluster_id: &str,
+        network: &str,
+        ip: &str,
+        envoy_cluster: &str,
+    ) -> Result<serde_json::Value> {
+        let bin = tokio::task::spawn_blocking(istio_binaries).await??;
+        let out = tokio::process::Command::new(bin.join("adsc-probe"))
+            .args([
+                "--addr",
+                &self.xds_address(),
+                "--cluster-id",
+                cluster_id,
+                "--network",
+                network,
+                "--ip",
+                ip,
+                "--cluster",
+                envoy_cluster,
+                "--timeout",
+                "10s",
+            ])
+            .kill_on_drop(true)
+            .output()
+            .await
+            .context("running adsc-probe")?;
+        if !out.status.success() {
+            bail!(
+                "adsc-probe against {}'s istiod failed ({}): {}",
+                self.cluster_id,
+                out.status,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("adsc-probe's answer is not JSON")
+    }
+
+    /// istiod's TLS xDS address (`--secureGRPCAddr`, 15012 in a cluster), served with the certificate istiod signs for
+    /// itself with its CA: what a sidecar or a Remote verifies against the mesh's root.
+    pub fn secure_xds_address(&self) -> String {
+        format!("127.0.0.1:{}", self.secure_grpc_port)
+    }
+
+    /// When `cacerts` was projected into istiod's `ROOT_CA_DIR`, the first time (before istiod started) and at every
+    /// change since.
+    pub fn cacerts_projected_at(&self) -> Vec<Instant> {
+        self.cacerts.projected_at.lock().unwrap().clone()
+    }
+
     /// istiod's log file (removed with it).
     pub fn log(&self) -> PathBuf {
         self.dir.path().join("istiod.log")
@@ -122,6 +221,33 @@ impl Istiod {
     }
 }
 
+/// The environment the Sail operator gives istiod in a cluster: `spec.values.pilot.env` of the Sail `Istio`
+/// resources (`sailoperator.io/v1`) whose `spec.namespace` is `istio_namespace` (Istio's istiod chart puts them in
+/// the Deployment's env). Empty when there is none, or Sail's CRD is not served.
+async fn sail_pilot_env(client: Client, istio_namespace: &str) -> Vec<(String, String)> {
+    let resource = ApiResource {
+        group: "sailoperator.io".into(),
+        version: "v1".into(),
+        api_version: "sailoperator.io/v1".into(),
+        kind: "Istio".into(),
+        plural: "istios".into(),
+    };
+    let Ok(istios) = Api::<DynamicObject>::all_with(client, &resource).list(&Default::default()).await else {
+        return Vec::new();
+    };
+    let mut env = Vec::new();
+    for istio in istios {
+        let spec = &istio.data["spec"];
+        if spec["namespace"].as_str().unwrap_or("istio-system") != istio_namespace {
+            continue;
+        }
+        for (k, v) in spec["values"]["pilot"]["env"].as_object().into_iter().flatten() {
+            env.push((k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)));
+        }
+    }
+    env
+}
+
 /// GETs `path` from istiod's loopback HTTP port: the status code and the body.
 async fn get(port: u16, path: &str) -> Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
@@ -131,4 +257,102 @@ async fn get(port: u16, path: &str) -> Result<(u16, String)> {
     let (head, body) = response.split_once("\r\n\r\n").context("an HTTP response")?;
     let code = head.split(' ').nth(1).and_then(|c| c.parse().ok()).context("an HTTP status code")?;
     Ok((code, body.to_string()))
+}
+
+/// A Secret projected into a directory the way a kubelet projects a Secret volume (its `AtomicWriter`): the keys'
+/// files live in a hidden directory `..<timestamp>`, the link `..data` points at it and each key is a link
+/// `<key> -> ..data/<key>`. A change writes a new hidden directory and swaps `..data` with one rename, so a reader
+/// never sees old and new files mixed, then removes the old directory. A kubelet notices a change within its sync
+/// period (up to about a minute); this one follows a watch of the Secret, so at once. A deleted Secret leaves the
+/// last files, as a running pod keeps them. The watch ends when this is dropped.
+struct SecretVolume {
+    projected_at: Arc<Mutex<Vec<Instant>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SecretVolume {
+    /// Projects Secret `name` of `namespace` into `dir` (empty while there is no such Secret), returning once the
+    /// first projection is done, as a kubelet mounts a volume before the container starts.
+    async fn start(client: Client, namespace: &str, name: &str, dir: &Path) -> Result<Self> {
+        let api: Api<Secret> = Api::namespaced(client, namespace);
+        let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+        let mut events = watcher(api, config).default_backoff().boxed();
+        let projected_at = Arc::new(Mutex::new(Vec::new()));
+        let (dir, at, secret_name) = (dir.to_path_buf(), projected_at.clone(), name.to_string());
+        let (synced, first) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut synced = Some(synced);
+            let mut current: Option<BTreeMap<String, Vec<u8>>> = None;
+            while let Some(event) = events.next().await {
+                let secret = match event {
+                    Ok(watcher::Event::Apply(s) | watcher::Event::InitApply(s)) => s,
+                    Ok(watcher::Event::InitDone) => {
+                        if let Some(tx) = synced.take() {
+                            let _ = tx.send(());
+                        }
+                        continue;
+                    }
+                    // A deleted Secret leaves the files; a failed watch is retried with backoff.
+                    Ok(watcher::Event::Init | watcher::Event::Delete(_)) | Err(_) => continue,
+                };
+                let data: BTreeMap<String, Vec<u8>> =
+                    secret.data.unwrap_or_default().into_iter().map(|(k, v)| (k, v.0)).collect();
+                if current.as_ref() == Some(&data) {
+                    continue;
+                }
+                match project(&dir, &data) {
+                    Ok(()) => {
+                        at.lock().unwrap().push(Instant::now());
+                        current = Some(data);
+                    }
+                    Err(e) => tracing::warn!("projecting Secret {secret_name} into {}: {e}", dir.display()),
+                }
+            }
+        });
+        tokio::time::timeout(READY_TIMEOUT, first)
+            .await
+            .with_context(|| format!("no first sync of Secret {name}"))?
+            .context("the Secret volume's watch ended")?;
+        Ok(Self { projected_at, task })
+    }
+}
+
+impl Drop for SecretVolume {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Writes `data` into `dir` as a kubelet's `AtomicWriter` does (see [`SecretVolume`]).
+fn project(dir: &Path, data: &BTreeMap<String, Vec<u8>>) -> io::Result<()> {
+    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let hidden = format!("..{}.{:09}", stamp.as_secs(), stamp.subsec_nanos());
+    fs::create_dir(dir.join(&hidden))?;
+    for (key, value) in data {
+        fs::write(dir.join(&hidden).join(key), value)?;
+    }
+    let old = fs::read_link(dir.join("..data")).ok();
+    let tmp = dir.join("..data_tmp");
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&hidden, &tmp)?;
+    fs::rename(&tmp, dir.join("..data"))?;
+    for key in data.keys() {
+        let link = dir.join(key);
+        if !fs::symlink_metadata(&link).is_ok_and(|m| m.file_type().is_symlink()) {
+            let tmp = dir.join(format!("..{key}_tmp"));
+            let _ = fs::remove_file(&tmp);
+            std::os::unix::fs::symlink(Path::new("..data").join(key), &tmp)?;
+            fs::rename(&tmp, &link)?;
+        }
+    }
+    for entry in fs::read_dir(dir)? {
+        let name = entry?.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("..") && !data.contains_key(&name) {
+            fs::remove_file(dir.join(&name))?;
+        }
+    }
+    if let Some(old) = old.filter(|o| o != Path::new(&hidden)) {
+        fs::remove_dir_all(dir.join(old))?;
+    }
+    Ok(())
 }
