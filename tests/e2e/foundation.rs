@@ -43,7 +43,7 @@ fn deleted(ns: &Option<Namespace>) -> bool {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_federation_labels_every_member_and_deletion_cleans_them() -> anyhow::Result<()> {
-    let f = Fixture::start(&["east", "west"], Options { controller_manager: true }).await?;
+    let f = Fixture::start(&["east", "west"], Options { controller_manager: true, ..Options::default() }).await?;
     let east = f.member("east").await?;
     let west = f.member("west").await?;
     // West already has an Istio namespace of its own: meshfed labels it but must never delete it.

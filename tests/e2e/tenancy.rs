@@ -203,7 +203,7 @@ async fn deletion_never_hangs_on_members_that_hold_nothing_and_a_dead_member_can
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_moved_istio_namespace_leaves_nothing_in_the_old_one() -> anyhow::Result<()> {
-    let f = Fixture::start(&["east", "west"], Options { controller_manager: true }).await?;
+    let f = Fixture::start(&["east", "west"], Options { controller_manager: true, ..Options::default() }).await?;
     f.apply(&example("multi-primary-multi-network")).await?;
     f.wait_for("prod", WAIT, is_ready).await?;
     let moved = serde_json::json!({"spec": {"istio": {"namespace": "istio-mesh"}}});

@@ -77,6 +77,7 @@ impl Fixture {
     /// Like [`Fixture::start`], without starting the controller (to run it as a process instead).
     pub async fn clusters(members: &[&str], options: Options) -> Result<Self> {
         let names: Vec<&str> = std::iter::once(HUB).chain(members.iter().copied()).collect();
+        let play_istiod = !options.real_istiod;
         let env = Env::start(&names, options).await?;
         try_join_all(members.iter().map(|m| env.cluster(m).install_mesh_crds())).await?;
         let hub_cluster = env.cluster(HUB);
@@ -87,7 +88,7 @@ impl Fixture {
         let mut stages = Vec::new();
         for (i, m) in members.iter().enumerate() {
             put_kubeconfig(&hub, m, env.cluster(m).kubeconfig()).await?;
-            stages.push(env.cluster(m).play_cloud_and_sail(&load_balancer_ip(i)).await?);
+            stages.push(env.cluster(m).play_cloud_and_sail(&load_balancer_ip(i), play_istiod).await?);
         }
         Ok(Self { env, hub, metrics: Metrics::default(), clock: Clock::default(), operator: None, _stages: stages })
     }

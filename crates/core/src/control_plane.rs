@@ -35,6 +35,8 @@ pub fn istio(
     let mut profile = None;
     match cluster.role {
         ClusterRole::Primary => {
+            // istiod takes a new root bundle from its plugged-in CA files only with this; a root rotation needs it.
+            computed["pilot"] = json!({"env": {"ISTIO_MULTIROOT_MESH": "true"}});
             if gateway::serves_remotes(spec, cluster) {
                 global["externalIstiod"] = true.into();
             }
@@ -133,6 +135,7 @@ mod tests {
         assert_eq!(values["global"]["meshID"], "m", "meshfed's value wins");
         assert_eq!(values["global"]["logging"]["level"], "debug", "the user's other values stay");
         assert_eq!(values["pilot"]["replicaCount"], 2);
+        assert_eq!(values["pilot"]["env"]["ISTIO_MULTIROOT_MESH"], "true", "istiod takes a new root bundle");
         assert_eq!(values["global"]["externalIstiod"], true);
         assert_eq!(values["global"]["multiCluster"]["clusterName"], "east");
         assert!(istio["spec"]["profile"].is_null() && istio["spec"]["version"].is_null());

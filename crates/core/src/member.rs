@@ -638,20 +638,27 @@ mod tests {
 
     #[test]
     fn a_plan_that_drops_a_field_is_applied_again_so_the_member_loses_it() {
-        let s = spec();
-        let east = GatewayAddress { addresses: vec!["203.0.113.1".into()], port: 15443 };
+        // West's gateway runs on its nodes: east's istiod learns it from meshNetworks. Then it moves behind a load
+        // balancer, which istiod finds by itself: east's Istio no longer sets meshNetworks.
+        let on_nodes = spec_of(
+            "- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: w}, eastWestGateway: {expose: HostNetwork, nodeSelector: {gw: 'yes'}}}\n",
+        );
+        let mut balanced = on_nodes.clone();
+        balanced.clusters[1].east_west_gateway = Default::default();
+        let west = GatewayAddress { addresses: vec!["198.51.100.7".into()], port: 15443 };
         let facts =
-            || MemberFacts { gateways: BTreeMap::from([("east".into(), Ok(east.clone()))]), ..Default::default() };
-        let istio_of = |p: MemberPlan| p.objects.into_iter().find(|d| d.key == istio_key()).unwrap();
-        let as_remote = istio_of(member_plan(&fed(), "hub", &s, &s.clusters[2], facts()));
-        let mut primary = s.clone();
-        primary.clusters[2].role = meshfed_api::ClusterRole::Primary;
-        primary.clusters[2].control_plane = None;
-        let as_primary = istio_of(member_plan(&fed(), "hub", &primary, &primary.clusters[2], facts()));
-        // What the member holds (as a Remote) is a superset of the new body but for the digest: applied again.
-        assert!(holds(&as_remote.body["spec"], &as_primary.body["spec"]));
-        assert_eq!(write_for(&fed(), Some(&as_remote.body), &as_primary), Ok(Write::Apply));
-        assert_eq!(write_for(&fed(), Some(&as_primary.body), &as_primary), Ok(Write::Nothing));
+            || MemberFacts { gateways: BTreeMap::from([("west".into(), Ok(west.clone()))]), ..Default::default() };
+        let istio_of = |s: &MeshFederationSpec| {
+            let p = member_plan(&fed(), "hub", s, &s.clusters[0], facts());
+            p.objects.into_iter().find(|d| d.key == istio_key()).unwrap()
+        };
+        let (before, after) = (istio_of(&on_nodes), istio_of(&balanced));
+        assert!(!before.body["spec"]["values"]["global"]["meshNetworks"].is_null());
+        assert!(after.body["spec"]["values"]["global"]["meshNetworks"].is_null());
+        // What the member holds is a superset of the new body but for the digest: applied again, so SSA removes it.
+        assert!(holds(&before.body["spec"], &after.body["spec"]));
+        assert_eq!(write_for(&fed(), Some(&before.body), &after), Ok(Write::Apply));
+        assert_eq!(write_for(&fed(), Some(&after.body), &after), Ok(Write::Nothing));
     }
 
     #[test]

@@ -49,6 +49,8 @@ pub const ISTIO_API_VERSION: &str = "v1.31.1";
 pub struct Options {
     /// Also run kube-controller-manager in every cluster (namespace deletion, garbage collection, token Secrets).
     pub controller_manager: bool,
+    /// A real istiod will run in the members: the stage does not play its publishing of `istio-ca-root-cert`.
+    pub real_istiod: bool,
 }
 
 /// A set of running local clusters sharing one etcd.

@@ -100,8 +100,9 @@ impl Cluster {
 
     /// Plays the cloud and the Sail operator in this cluster until the returned [`Stage`] is dropped: every
     /// LoadBalancer Service gets `load_balancer_ip` in its status, and every `Istio` resource a `Ready` condition for
-    /// its current generation. The Sail CRDs must be installed.
-    pub async fn play_cloud_and_sail(&self, load_balancer_ip: &str) -> Result<Stage> {
+    /// its current generation; and, with `play_istiod`, istiod's publishing of the roots of `cacerts`. The Sail CRDs
+    /// must be installed.
+    pub async fn play_cloud_and_sail(&self, load_balancer_ip: &str, play_istiod: bool) -> Result<Stage> {
         let client = self.client().await?;
         let istios = Api::<DynamicObject>::all_with(client.clone(), &istio_resource());
         let services = Api::<Service>::all(client.clone());
@@ -119,7 +120,8 @@ impl Cluster {
             let cacerts_events = watcher(cacerts, watcher::Config::default().fields("metadata.name=cacerts"))
                 .default_backoff()
                 .applied_objects()
-                .map(|o| o.map(|s| Played::Cacerts(Box::new(s))));
+                .map(|o| o.map(|s| Played::Cacerts(Box::new(s))))
+                .filter(move |_| futures::future::ready(play_istiod));
             let mut events = select(select(istio_events, service_events), cacerts_events).boxed();
             while let Some(event) = events.next().await {
                 let Ok(event) = event else { continue };

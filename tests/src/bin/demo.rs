@@ -35,7 +35,7 @@ async fn main() -> Result<()> {
 
     println!("starting a hub and members east, west (real kube-apiserver + etcd on 127.0.0.1)...");
     let started = Instant::now();
-    let fixture = Fixture::start(&["east", "west"], Options { controller_manager: true }).await?;
+    let fixture = Fixture::start(&["east", "west"], Options { controller_manager: true, ..Options::default() }).await?;
     println!(
         "clusters up with the Istio and Sail operator CRDs in {:.1?} (the cloud and the Sail operator are played); applying deploy/examples/{}.yaml",
         started.elapsed(),
