@@ -500,7 +500,10 @@ async fn a_brought_root_is_replaced_by_a_generated_one_through_a_rotation() -> a
     let new = meshfed_core::pki::fingerprints(&new_root).remove(0);
     assert_eq!(fed.status.unwrap().trust.unwrap().root_fingerprint, Some(new.clone()));
     for (_, s) in states(&f, &["east", "west"]).await {
-        assert_eq!(meshfed_core::pki::fingerprints(&s.data.as_ref().unwrap()["root-cert.pem"].0), [new.clone()]);
+        assert_eq!(
+            meshfed_core::pki::fingerprints(&s.data.as_ref().unwrap()["root-cert.pem"].0),
+            std::slice::from_ref(&new)
+        );
     }
     Ok(())
 }
