@@ -109,6 +109,8 @@ pub fn plan_trust(
     let reissued_at = previous.and_then(|t| t.intermediates_reissued_at.as_ref()?.parse().ok());
     let wait = durations.workload_certificate_ttl + WORKLOAD_MARGIN;
     let mut progress = from.as_ref().map(|_| rotation::progress(&states, reissued_at, wait, now));
+    // What the members are shown to have done decides each one's step; the report may hold a phase reached before.
+    let step_phase = progress.and_then(|p| p.phase);
     // A member that does not answer holds the rotation where it is; the report does not fall back a phase for it
     // (nor forget when the members were reissued): only what is done is held, not what was reached.
     if let (Some(p), false) = (progress.as_mut(), all_known) {
@@ -116,7 +118,6 @@ pub fn plan_trust(
         p.phase = p.phase.max(reported);
         p.reissued_at = p.reissued_at.or(reissued_at);
     }
-    let step_phase = from.as_ref().and_then(|_| rotation::progress(&states, reissued_at, wait, now).phase);
     let phase = progress.and_then(|p| p.phase);
     // What a member that holds nothing usable trusts: every root its peers trust, so that it reaches them all.
     let peers_roots = trusted_roots(observed.values().filter_map(|o| o.cacerts), root);

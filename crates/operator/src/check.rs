@@ -8,7 +8,7 @@ use std::{collections::BTreeMap, time::Duration};
 use futures::future::join_all;
 use jiff::Timestamp;
 use k8s_openapi::api::{
-    core::v1::{ConfigMap, Namespace, Node, Secret, Service},
+    core::v1::{ConfigMap, Namespace, Secret, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -246,13 +246,7 @@ async fn member_findings(
             .map_err(|e| e.to_string())?;
         let gw = &cluster.east_west_gateway;
         let nodes = if matches!(gw.expose, ExposeMode::NodePort | ExposeMode::HostNetwork) {
-            let labels =
-                gw.node_selector.iter().flatten().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
-            Api::<Node>::all(client.clone())
-                .list(&ListParams::default().labels(&labels))
-                .await
-                .map_err(|e| e.to_string())?
-                .items
+            crate::apply::nodes(client, gw.node_selector.as_ref()).await.map_err(|f| f.message)?
         } else {
             Vec::new()
         };
