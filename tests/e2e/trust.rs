@@ -507,3 +507,104 @@ async fn a_brought_root_is_replaced_by_a_generated_one_through_a_rotation() -> a
     }
     Ok(())
 }
+
+/// The signer (`ca-cert.pem`) and the trusted roots (`root-cert.pem`) of a member's `cacerts`.
+fn ca_and_roots(s: &Secret) -> (&[u8], Vec<String>) {
+    let data = s.data.as_ref().unwrap();
+    (&data["ca-cert.pem"].0, meshfed_core::pki::fingerprints(&data["root-cert.pem"].0))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn while_a_member_holds_a_rotation_its_peers_are_renewed_and_a_joiner_signed_by_the_root_every_peer_trusts()
+-> anyhow::Result<()> {
+    let mut f = Fixture::start(&["east", "west", "north", "south"], Options::default()).await?;
+    let short = |yaml: String| {
+        yaml.replace(
+            "intermediate: {algorithm: ECDSAP256, validity: 8760h, renewBefore: 720h}",
+            "intermediate: {algorithm: ECDSAP256, validity: 48h, renewBefore: 24h}",
+        )
+    };
+    let member = |name: &str, network: &str| {
+        format!("  - {{name: {name}, network: {network}, kubeconfigSecretRef: {{name: {name}-kubeconfig}}}}\n")
+    };
+    let three = short(example("multi-primary-multi-network")) + &member("north", "network3");
+    f.apply(&three).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let old_root = hub_secret(&f, "prod-root-ca").await.unwrap().data.unwrap()["tls.crt"].0.clone();
+    let old = meshfed_core::pki::fingerprints(&old_root).remove(0);
+
+    // North is down when a new root is asked for: east and west get it beside the old one, and the rotation holds.
+    f.env.cluster_mut("north").stop();
+    let patch = serde_json::json!({"metadata": {"annotations": {"meshfed.io/rotate-root": "2026-11-24"}}});
+    f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    let in_first_phase = |fed: &meshfed_api::MeshFederation| {
+        let phase = fed.status.as_ref().and_then(|s| s.trust.as_ref()?.rotation_phase.clone()).unwrap_or_default();
+        phase.starts_with("DistributingRoot") && phase.contains("held")
+    };
+    f.wait_for("prod", WAIT, in_first_phase).await?;
+    let secret = hub_secret(&f, "prod-root-ca").await.unwrap().data.unwrap();
+    assert_eq!(secret["previous-tls.crt"].0, old_root, "the replaced root is kept beside the new one");
+    let new = meshfed_core::pki::fingerprints(&secret["tls.crt"].0).remove(0);
+    let reachable = ["east", "west"];
+    let before = states(&f, &reachable).await;
+
+    // A day later the intermediates of east and west are due for renewal, north still down. They are renewed, from
+    // the old root: north may not trust the new one yet.
+    f.clock.advance(Duration::from_secs(25 * 3600));
+    f.poke("prod").await?;
+    let renewed = async || {
+        let now = states(&f, &reachable).await;
+        now.iter().zip(&before).all(|((_, n), (_, b))| ca_and_roots(n).0 != ca_and_roots(b).0)
+    };
+    meshfed_e2e::until("east and west renewed", WAIT, Duration::from_millis(100), renewed).await?;
+    for (name, s) in states(&f, &reachable).await {
+        let (ca, roots) = ca_and_roots(&s);
+        assert!(
+            meshfed_core::pki::issued_by(ca, &old_root),
+            "{name} was renewed from the new root while north is down"
+        );
+        assert_eq!(roots, [new.clone(), old.clone()], "{name} does not trust both roots");
+        let not_after = meshfed_core::pki::summarize(ca)?.not_after;
+        assert!(not_after > f.clock.now() + jiff::SignedDuration::from_hours(47), "{name}: {not_after}");
+    }
+    let fed = f.federations().get("prod").await?;
+    assert!(in_first_phase(&fed), "{:?}", fed.status);
+
+    // South joins mid-rotation, north still down: it trusts both roots and is signed by the old one.
+    let four = three + &member("south", "network4");
+    f.apply(&four).await?;
+    let joined = async || cacerts(&f.member("south").await.unwrap()).await.is_some();
+    meshfed_e2e::until("south has cacerts", WAIT, Duration::from_millis(100), joined).await?;
+    let (_, south) = states(&f, &["south"]).await.remove(0);
+    let (ca, roots) = ca_and_roots(&south);
+    assert!(meshfed_core::pki::issued_by(ca, &old_root), "south signs with a root north may not trust");
+    assert_eq!(roots.iter().collect::<std::collections::BTreeSet<_>>(), [&old, &new].into());
+    assert_everyone_trusts_every_signer(&states(&f, &["east", "west", "south"]).await);
+
+    // North is back: the rotation runs to the end, every member trusting every signer at every sample.
+    f.env.cluster_mut("north").start().await?;
+    let members = ["east", "west", "north", "south"];
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut waited = false;
+    loop {
+        assert_everyone_trusts_every_signer(&states(&f, &members).await);
+        let fed = f.federations().get("prod").await?;
+        let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
+        if !waited && trust.rotation_phase.as_deref().is_some_and(|p| p.starts_with("AwaitingWorkloadCertificates")) {
+            waited = true;
+            f.clock.advance(Duration::from_secs(24 * 3600 + 6 * 60));
+            f.poke("prod").await?;
+        }
+        if is_ready(&fed) && trust.root_fingerprint.as_ref() == Some(&new) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the rotation did not finish: {:?}", fed.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (name, s) in states(&f, &members).await {
+        let (ca, roots) = ca_and_roots(&s);
+        assert!(meshfed_core::pki::issued_by(ca, &secret["tls.crt"].0), "{name} does not sign with the new root");
+        assert_eq!(roots, std::slice::from_ref(&new), "{name} still trusts the old root");
+    }
+    Ok(())
+}

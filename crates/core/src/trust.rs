@@ -37,6 +37,33 @@ pub fn root_secret_name(federation: &str) -> String {
     format!("{}-{hash}{SUFFIX}", federation[..keep].trim_end_matches(['.', '-']))
 }
 
+/// The keys under which a generated root's Secret keeps the root it replaced, for the rotation away from it: the
+/// members' intermediates from it are renewed (and a member that joins is signed) by it while a peer may not
+/// trust the new root yet.
+pub const PREVIOUS_ROOT_CERT: &str = "previous-tls.crt";
+pub const PREVIOUS_ROOT_KEY: &str = "previous-tls.key";
+
+/// The data of a generated root's Secret that replaces `old` (its current data) with `new`, keeping the old root
+/// under [`PREVIOUS_ROOT_CERT`] and [`PREVIOUS_ROOT_KEY`].
+pub fn replaced_root_data(old: &BTreeMap<String, ByteString>, new: &CaMaterial) -> BTreeMap<String, ByteString> {
+    let mut data = new.secret_data();
+    for (from, to) in [(pki::TLS_CERT, PREVIOUS_ROOT_CERT), (pki::TLS_KEY, PREVIOUS_ROOT_KEY)] {
+        if let Some(v) = old.get(from) {
+            data.insert(to.into(), v.clone());
+        }
+    }
+    data
+}
+
+/// The root a generated root's Secret kept when it was replaced (see [`replaced_root_data`]), as the data of a
+/// root Secret.
+pub fn previous_root_data(data: &BTreeMap<String, ByteString>) -> BTreeMap<String, ByteString> {
+    [(PREVIOUS_ROOT_CERT, pki::TLS_CERT), (PREVIOUS_ROOT_KEY, pki::TLS_KEY)]
+        .into_iter()
+        .filter_map(|(from, to)| Some((to.to_string(), data.get(from)?.clone())))
+        .collect()
+}
+
 /// The hub Secret of a generated root (type `kubernetes.io/tls`), annotated with the rotation request it answers.
 pub fn root_secret(fref: &FederationRef, material: &CaMaterial, request: Option<String>) -> Secret {
     Secret {
@@ -57,19 +84,20 @@ pub fn root_secret(fref: &FederationRef, material: &CaMaterial, request: Option<
 }
 
 /// What one member's `cacerts` should become.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CacertsPlan {
+#[derive(Debug, Clone)]
+pub enum CacertsPlan<'r> {
     /// Hold this data (kept as it is, or with only its trusted roots changed); its intermediate is `summary`.
     Hold { data: BTreeMap<String, ByteString>, summary: CertSummary, why: Option<String> },
-    /// Issue a new intermediate from the root, whose `root-cert.pem` trusts `other_roots` (PEM) besides the root.
-    Issue { why: String, other_roots: String },
+    /// Issue a new intermediate from `signer` (the federation's root, or during a rotation the root it rotates
+    /// from), whose `root-cert.pem` trusts `other_roots` (PEM) besides the signer.
+    Issue { why: String, other_roots: String, signer: &'r Root },
 }
 
 /// The trust plan of a federation: per member of the spec that answered, its `cacerts` plan (or why it has none),
 /// the trust status, and when to look again because a rotation waits for time to pass.
 #[derive(Debug, Clone)]
-pub struct TrustPlan {
-    pub cacerts: BTreeMap<String, Result<CacertsPlan, Failure>>,
+pub struct TrustPlan<'r> {
+    pub cacerts: BTreeMap<String, Result<CacertsPlan<'r>, Failure>>,
     pub status: TrustStatus,
     pub wake_at: Option<Timestamp>,
 }
@@ -87,16 +115,18 @@ pub struct Observed<'a> {
 pub const WORKLOAD_MARGIN: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Plans every member's `cacerts` against `root`. `observed` has what every member of the spec that answered shows.
-/// When the status says members were last brought to another root, this is the next step of a rotation; otherwise
-/// renewals and repairs as [`pki::inspect_cacerts`] decides.
-pub fn plan_trust(
+/// When the status says members were last brought to another root, this is the next step of a rotation (signing
+/// with `previous_root`, the root it rotates from, where a peer may not trust the new one yet, when the hub still
+/// holds it); otherwise renewals and repairs as [`pki::inspect_cacerts`] decides.
+pub fn plan_trust<'r>(
     spec: &MeshFederationSpec,
-    root: &Root,
+    root: &'r Root,
+    previous_root: Option<&'r Root>,
     durations: &Durations,
     previous: Option<&TrustStatus>,
     observed: &BTreeMap<String, Observed<'_>>,
     now: Timestamp,
-) -> TrustPlan {
+) -> TrustPlan<'r> {
     let new = root.summary();
     let from = previous.and_then(|t| t.root_fingerprint.clone()).filter(|f| *f != new.fingerprint);
     let states: Vec<Option<MemberRoots>> = spec
@@ -119,8 +149,20 @@ pub fn plan_trust(
         p.reissued_at = p.reissued_at.or(reissued_at);
     }
     let phase = progress.and_then(|p| p.phase);
-    // What a member that holds nothing usable trusts: every root its peers trust, so that it reaches them all.
-    let peers_roots = trusted_roots(observed.values().filter_map(|o| o.cacerts), root);
+    // A member that holds nothing usable trusts every root its peers trust, so that it reaches them all. Its
+    // intermediate is signed by the new root once every peer trusts and publishes it (those that do not answer did
+    // when the rotation went past its first phase); before that by the root the rotation comes from, which every
+    // peer trusts until the rotation's end.
+    let peers_roots: Vec<u8> =
+        observed.values().filter_map(|o| o.cacerts?.get(pki::ROOT_CERT)).flat_map(|b| b.0.clone()).collect();
+    let peers_on_new = (all_known || phase > Some(rotation::Phase::DistributingRoot))
+        && states.iter().flatten().filter(|m| m.trusts_new || m.trusts_others).all(|m| m.trusts_new && m.published_new);
+    let signers = Signers {
+        root,
+        previous: previous_root,
+        fresh: previous_root.filter(|_| !peers_on_new).unwrap_or(root),
+        peers_roots: &peers_roots,
+    };
     let mut cacerts = BTreeMap::new();
     for (cluster, state) in spec.clusters.iter().zip(&states) {
         let Some(o) = observed.get(&cluster.name) else { continue };
@@ -129,9 +171,8 @@ pub fn plan_trust(
             istio_namespace: &spec.istio.namespace,
             algorithm: spec.trust.intermediate.algorithm,
         };
-        let step = step_phase.zip(*state).map(|(p, s)| (rotation::action(p, s, all_known), p));
-        let plan = member_cacerts(o.cacerts, root, &profile, durations, now, step, all_known, &peers_roots);
-        cacerts.insert(cluster.name.clone(), plan);
+        let step = step_phase.zip(*state).map(|(p, s)| rotation::action(p, s, all_known));
+        cacerts.insert(cluster.name.clone(), member_cacerts(o.cacerts, &signers, &profile, durations, now, step));
     }
     let status = match (phase, previous) {
         (Some(p), Some(prev)) => {
@@ -180,11 +221,12 @@ pub fn root_was_brought(previous: Option<&TrustStatus>) -> bool {
     previous.and_then(|t| t.root_source.as_deref()).is_some_and(|s| s.starts_with("secretRef/"))
 }
 
-/// The roots (PEM, once each) that the members' `cacerts` trust besides `root`.
-fn trusted_roots<'a>(members: impl Iterator<Item = &'a BTreeMap<String, ByteString>>, root: &Root) -> String {
-    let mut seen = vec![root.summary().fingerprint.clone()];
+/// The certificates of `bundles` (PEM), once each, except `signer`: what a `root-cert.pem` holds besides the root
+/// that signs its intermediate.
+fn roots_besides(bundles: &[&[u8]], signer: &Root) -> String {
+    let mut seen = vec![signer.summary().fingerprint.clone()];
     let mut out = String::new();
-    for (fp, pem) in members.filter_map(|d| d.get(pki::ROOT_CERT)).flat_map(|b| pki::certificates(&b.0)) {
+    for (fp, pem) in bundles.iter().flat_map(|b| pki::certificates(b)) {
         if !seen.contains(&fp) {
             seen.push(fp);
             out.push_str(&pem);
@@ -193,69 +235,81 @@ fn trusted_roots<'a>(members: impl Iterator<Item = &'a BTreeMap<String, ByteStri
     out
 }
 
+/// The roots a plan signs with: the federation's root; during a rotation the root it comes from, when the hub
+/// still holds it; the one that signs a member holding nothing usable (`fresh`), which trusts `peers_roots` too.
+struct Signers<'r, 'p> {
+    root: &'r Root,
+    previous: Option<&'r Root>,
+    fresh: &'r Root,
+    peers_roots: &'p [u8],
+}
+
 /// One member's `cacerts`: outside a rotation (`step` is `None`), kept or reissued as [`pki::inspect_cacerts`]
-/// says; in one, the rotation's step for it (and its phase). A member that holds nothing usable trusts
-/// `peers_roots` besides the root.
-#[allow(clippy::too_many_arguments)]
-fn member_cacerts(
+/// says; in one, the rotation's step for it. An intermediate that expires soon is renewed in every phase, from the
+/// root that signed it (its peers trust that one already); one that is missing or unreadable is issued afresh.
+fn member_cacerts<'r>(
     data: Option<&BTreeMap<String, ByteString>>,
-    root: &Root,
+    signers: &Signers<'r, '_>,
     profile: &IntermediateProfile<'_>,
     durations: &Durations,
     now: Timestamp,
-    step: Option<(Action, rotation::Phase)>,
-    all_known: bool,
-    peers_roots: &str,
-) -> Result<CacertsPlan, Failure> {
+    step: Option<Action>,
+) -> Result<CacertsPlan<'r>, Failure> {
+    let root = signers.root;
+    let get = |key| data.and_then(|d| d.get(key)).map_or(&[][..], |b: &ByteString| &b.0[..]);
+    let (ca_cert, trusted) = (get(pki::CA_CERT), get(pki::ROOT_CERT));
     let current = || {
         data.and_then(|d| d.get(pki::CA_CERT))
             .ok_or_else(|| Failure::new(Reason::CacertsUnreadable, "cacerts has no ca-cert.pem"))
             .and_then(|c| pki::summarize(&c.0).map_err(|e| Failure::new(e.reason(), e.to_string())))
     };
-    let old_roots = || -> String {
-        match current() {
-            Ok(_) => trusted_roots(data.into_iter(), root),
-            Err(_) => peers_roots.to_string(),
-        }
-    };
-    let with_roots = |roots: String, why: &str| -> Result<CacertsPlan, Failure> {
+    let with_roots = |roots: String, why: &str| -> Result<CacertsPlan<'r>, Failure> {
         let mut d = data.cloned().unwrap_or_default();
         d.insert(pki::ROOT_CERT.into(), ByteString(roots.into_bytes()));
         Ok(CacertsPlan::Hold { data: d, summary: current()?, why: Some(why.into()) })
     };
-    let issue = |why: &str, other_roots: String| Ok(CacertsPlan::Issue { why: why.into(), other_roots });
+    let issue = |why: &str, signer: &'r Root, trusting: &[&[u8]]| {
+        Ok(CacertsPlan::Issue { why: why.into(), other_roots: roots_besides(trusting, signer), signer })
+    };
     match step {
         None => match pki::inspect_cacerts(data, root, profile, durations.renew_before, now) {
             CacertsVerdict::Keep(summary) => {
                 Ok(CacertsPlan::Hold { data: data.cloned().unwrap_or_default(), summary, why: None })
             }
-            CacertsVerdict::Reissue(reason) => issue(&reason.to_string(), String::new()),
+            CacertsVerdict::Reissue(reason) => issue(&reason.to_string(), root, &[]),
         },
-        Some((Action::Keep, phase)) => {
+        Some(_) if current().is_err() => {
+            let why = "issuing an intermediate for a member that holds no usable one";
+            issue(why, signers.fresh, &[signers.peers_roots, root.cert_pem().as_bytes()])
+        }
+        Some(Action::Keep) => {
             let summary = current()?;
             if summary.not_after > now + SignedDuration::try_from(durations.renew_before).unwrap_or(SignedDuration::MAX)
             {
                 return Ok(CacertsPlan::Hold { data: data.cloned().unwrap_or_default(), summary, why: None });
             }
-            // Renewed during the rotation too, from the new root, once every member's control plane trusts it.
-            if phase != rotation::Phase::DistributingRoot && all_known {
-                return issue("renewing an expiring intermediate from the new root", old_roots());
+            let signer = [Some(root), signers.previous]
+                .into_iter()
+                .flatten()
+                .find(|r| pki::issued_by(ca_cert, r.cert_pem().as_bytes()));
+            match signer {
+                Some(signer) => {
+                    issue("renewing an expiring intermediate from the root that signed it", signer, &[trusted])
+                }
+                None => Err(Failure::new(
+                    Reason::IntermediateExpiring,
+                    format!(
+                        "the intermediate expires at {}; the hub no longer holds the root that signed it, so it is renewed from the new root once every member's control plane trusts that one",
+                        summary.not_after
+                    ),
+                )),
             }
-            Err(Failure::new(
-                Reason::IntermediateExpiring,
-                format!(
-                    "the intermediate expires at {}; it is renewed once every member's control plane trusts the rotation's new root",
-                    summary.not_after
-                ),
-            ))
         }
-        Some((Action::AddNewRoot, _)) if current().is_ok() => {
-            with_roots(old_roots() + root.cert_pem(), "adding the new root beside the old one")
+        Some(Action::AddNewRoot) => {
+            with_roots(roots_besides(&[trusted], root) + root.cert_pem(), "adding the new root beside the old one")
         }
-        Some((Action::AddNewRoot | Action::ReissueTrustingBoth, _)) => {
-            issue("issuing an intermediate from the new root", old_roots())
-        }
-        Some((Action::DropOldRoots, _)) => with_roots(root.cert_pem().into(), "dropping the old root"),
+        Some(Action::ReissueTrustingBoth) => issue("issuing an intermediate from the new root", root, &[trusted]),
+        Some(Action::DropOldRoots) => with_roots(root.cert_pem().into(), "dropping the old root"),
     }
 }
 
@@ -306,8 +360,23 @@ mod tests {
     fn roots_of(plan: &CacertsPlan) -> Vec<String> {
         match plan {
             CacertsPlan::Hold { data, .. } => pki::fingerprints(&data[pki::ROOT_CERT].0),
-            CacertsPlan::Issue { other_roots, .. } => pki::fingerprints(other_roots.as_bytes()),
+            CacertsPlan::Issue { other_roots, signer, .. } => {
+                let mut roots = pki::fingerprints(other_roots.as_bytes());
+                roots.push(signer.summary().fingerprint.clone());
+                roots
+            }
         }
+    }
+
+    fn signer_of<'r>(plan: &Result<CacertsPlan<'r>, Failure>) -> &'r Root {
+        match plan {
+            Ok(CacertsPlan::Issue { signer, .. }) => signer,
+            other => panic!("expected an intermediate to be issued: {other:?}"),
+        }
+    }
+
+    fn fp(root: &Root) -> String {
+        root.summary().fingerprint.clone()
     }
 
     #[test]
@@ -320,11 +389,11 @@ mod tests {
             ("b".to_string(), Observed { cacerts: Some(&b), published: None }),
             ("c".to_string(), Observed::default()),
         ]);
-        let plan = plan_trust(&s, &new, &durations, Some(&rotating_from(&old)), &observed, now());
+        let plan = plan_trust(&s, &new, None, &durations, Some(&rotating_from(&old)), &observed, now());
         let joiner = plan.cacerts["c"].as_ref().unwrap();
         assert!(matches!(joiner, CacertsPlan::Issue { .. }), "{joiner:?}");
         // Its peers still sign with the old root: it must trust it, beside the new one it is issued from.
-        assert_eq!(roots_of(joiner), [old.summary().fingerprint.clone()]);
+        assert_eq!(roots_of(joiner), [fp(&old), fp(&new)]);
     }
 
     #[test]
@@ -346,11 +415,11 @@ mod tests {
         }
         let previous = rotating_from(&old);
         let observed = observe(&data, [&both, &both, old.cert_pem()]);
-        let stale = plan_trust(&s, &new, &durations, Some(&previous), &observed, now());
+        let stale = plan_trust(&s, &new, None, &durations, Some(&previous), &observed, now());
         assert!(stale.status.rotation_phase.as_deref().unwrap().contains("istio-ca-root-cert"));
         assert!(stale.cacerts.values().all(|p| matches!(p, Ok(CacertsPlan::Hold { .. }))), "nobody is reissued yet");
         let observed = observe(&data, [&both, &both, &both]);
-        let published = plan_trust(&s, &new, &durations, Some(&previous), &observed, now());
+        let published = plan_trust(&s, &new, None, &durations, Some(&previous), &observed, now());
         assert!(published.cacerts.values().all(|p| matches!(p, Ok(CacertsPlan::Issue { .. }))));
     }
 
@@ -368,7 +437,7 @@ mod tests {
         ]);
         let previous =
             TrustStatus { rotation_phase: Some("ReissuingIntermediates: rotating".into()), ..rotating_from(&old) };
-        let plan = plan_trust(&s, &new, &durations, Some(&previous), &observed, now());
+        let plan = plan_trust(&s, &new, None, &durations, Some(&previous), &observed, now());
         let phase = plan.status.rotation_phase.unwrap();
         assert!(
             phase.starts_with("ReissuingIntermediates") && phase.contains("held until every member answers"),
@@ -391,12 +460,71 @@ mod tests {
             ("c".to_string(), Observed { cacerts: Some(&others[1]), published: None }),
         ]);
         let previous = TrustStatus { intermediates_reissued_at: Some(now().to_string()), ..rotating_from(&old) };
-        let plan = plan_trust(&s, &new, &durations, Some(&previous), &observed, now());
+        let plan = plan_trust(&s, &new, None, &durations, Some(&previous), &observed, now());
         assert!(plan.status.rotation_phase.as_deref().unwrap().starts_with("AwaitingWorkloadCertificates"));
         assert_eq!(plan.wake_at, Some(now() + SignedDuration::from_hours(24) + SignedDuration::from_mins(5)));
         let renewed = plan.cacerts["a"].as_ref().unwrap();
         assert!(matches!(renewed, CacertsPlan::Issue { .. }), "{renewed:?}");
-        assert_eq!(roots_of(renewed), [old.summary().fingerprint.clone()], "still trusting the old root");
+        assert_eq!(roots_of(renewed), [fp(&old), fp(&new)], "still trusting the old root");
         assert!(matches!(plan.cacerts["b"], Ok(CacertsPlan::Hold { .. })));
+    }
+
+    #[test]
+    fn an_expiring_intermediate_is_renewed_from_the_old_root_while_a_member_holds_the_rotation_in_its_first_phase() {
+        let (s, old, new) = (spec(), root(), root());
+        let durations = validate(&s).unwrap().durations;
+        // The new root was added to a and b; c does not answer. a's intermediate from the old root expires soon.
+        let a = cacerts(&old, "a", 10 * HOUR, new.cert_pem());
+        let b = cacerts(&old, "b", 1000 * HOUR, new.cert_pem());
+        let observed = BTreeMap::from([
+            ("a".to_string(), Observed { cacerts: Some(&a), published: None }),
+            ("b".to_string(), Observed { cacerts: Some(&b), published: None }),
+        ]);
+        let previous = rotating_from(&old);
+        let plan = plan_trust(&s, &new, Some(&old), &durations, Some(&previous), &observed, now());
+        assert!(plan.status.rotation_phase.as_deref().unwrap().starts_with("DistributingRoot"));
+        // c may not trust the new root yet: a is renewed from the root every peer trusts, and keeps trusting both.
+        assert_eq!(fp(signer_of(&plan.cacerts["a"])), fp(&old));
+        assert_eq!(roots_of(plan.cacerts["a"].as_ref().unwrap()), [fp(&new), fp(&old)]);
+        assert!(matches!(plan.cacerts["b"], Ok(CacertsPlan::Hold { why: None, .. })));
+        // Without the old root on the hub, nothing can renew it safely: said, not hidden.
+        let plan = plan_trust(&s, &new, None, &durations, Some(&previous), &observed, now());
+        let failure = plan.cacerts["a"].as_ref().unwrap_err();
+        assert_eq!(failure.reason, Reason::IntermediateExpiring, "{failure:?}");
+    }
+
+    #[test]
+    fn a_member_that_joins_mid_rotation_is_signed_by_the_root_every_peer_trusts() {
+        let (s, old, new) = (spec(), root(), root());
+        let durations = validate(&s).unwrap().durations;
+        let both = format!("{}{}", old.cert_pem(), new.cert_pem());
+        let observe = |a, b| {
+            BTreeMap::from([
+                ("a".to_string(), Observed { cacerts: Some(a), published: Some(both.as_str()) }),
+                ("b".to_string(), Observed { cacerts: Some(b), published: Some(both.as_str()) }),
+                ("c".to_string(), Observed::default()),
+            ])
+        };
+        let previous = rotating_from(&old);
+        // c's intermediate: who signs it, and what it trusts.
+        let joiner = |a, b| {
+            let plan = plan_trust(&s, &new, Some(&old), &durations, Some(&previous), &observe(a, b), now());
+            let c = &plan.cacerts["c"];
+            (fp(signer_of(c)), roots_of(c.as_ref().unwrap()))
+        };
+        // a and b do not trust the new root yet: c is signed by the old one, and trusts both.
+        let (a, b) = (cacerts(&old, "a", 1000 * HOUR, ""), cacerts(&old, "b", 1000 * HOUR, ""));
+        assert_eq!(joiner(&a, &b), (fp(&old), vec![fp(&new), fp(&old)]));
+        // Both trust and publish the new root: c is signed by it (and not reissued later).
+        let (a, b) = (cacerts(&old, "a", 1000 * HOUR, new.cert_pem()), cacerts(&old, "b", 1000 * HOUR, new.cert_pem()));
+        assert_eq!(joiner(&a, &b), (fp(&new), vec![fp(&old), fp(&new)]));
+        // They do, but a fourth member (d) does not answer while the rotation is in its first phase: it may not.
+        let mut with_d = spec();
+        with_d.clusters.push(serde_saphyr::from_str("{name: d, network: n4, kubeconfigSecretRef: {name: d}}").unwrap());
+        let plan = plan_trust(&with_d, &new, Some(&old), &durations, Some(&previous), &observe(&a, &b), now());
+        assert_eq!(fp(signer_of(&plan.cacerts["c"])), fp(&old));
+        // The old root was dropped already: c must not be signed by it, nor trust it.
+        let (a, b) = (cacerts(&new, "a", 1000 * HOUR, ""), cacerts(&new, "b", 1000 * HOUR, ""));
+        assert_eq!(joiner(&a, &b), (fp(&new), vec![fp(&new)]));
     }
 }

@@ -244,8 +244,10 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             };
             let cacerts = match &root {
                 Ok(root) => {
+                    let from = trust::previous_root(&ctx.hub, &fref, fed, root, now).await;
                     let previous = previous.and_then(|p| p.trust.as_ref());
-                    let (status, cacerts, wake) = plan_cacerts(spec, root, &valid.durations, previous, &reached, now);
+                    let roots = (root, from.as_ref());
+                    let (status, cacerts, wake) = plan_cacerts(spec, roots, &valid.durations, previous, &reached, now);
                     root_status = Some(Ok(status));
                     wake_at = wake;
                     cacerts
@@ -377,9 +379,10 @@ fn gateway_states(
 
 /// Each member's `cacerts` data and intermediate (or why it has none), as the trust plan asks: kept, with new trusted
 /// roots, or issued afresh; the trust status; and when a rotation that waits for time wants to be looked at again.
+/// `roots`: the federation's root, and the one a rotation comes from when the hub still holds it.
 fn plan_cacerts(
     spec: &MeshFederationSpec,
-    root: &Root,
+    (root, previous_root): (&Root, Option<&Root>),
     durations: &Durations,
     previous: Option<&TrustStatus>,
     reached: &BTreeMap<String, Reached>,
@@ -400,7 +403,7 @@ fn plan_cacerts(
             (n.clone(), meshfed_core::trust::Observed { cacerts, published })
         })
         .collect();
-    let planned = meshfed_core::trust::plan_trust(spec, root, durations, previous, &data, now);
+    let planned = meshfed_core::trust::plan_trust(spec, root, previous_root, durations, previous, &data, now);
     let cacerts = planned
         .cacerts
         .into_iter()
@@ -413,9 +416,9 @@ fn plan_cacerts(
                     }
                     Ok((data, summary))
                 }
-                CacertsPlan::Issue { why, other_roots } => {
+                CacertsPlan::Issue { why, other_roots, signer } => {
                     info!(cluster = %name, "cacerts: {why}");
-                    let data = trust::issue(root, spec, cluster, durations, now, &other_roots)?;
+                    let data = trust::issue(signer, spec, cluster, durations, now, &other_roots)?;
                     let summary =
                         pki::summarize(&data[pki::CA_CERT].0).map_err(|e| Failure::new(e.reason(), e.to_string()))?;
                     Ok((data, summary))

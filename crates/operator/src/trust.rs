@@ -57,7 +57,7 @@ pub async fn root(
         // A rotation was asked for: a new root replaces the old one here (members keep trusting the old one until
         // the rotation is through). `replace` carries the resourceVersion read, so of two racing replicas one wins;
         // the loser uses the winner's root, never one it did not store.
-        s.data = Some(new_root()?.secret_data());
+        s.data = Some(trust::replaced_root_data(s.data.as_ref().unwrap_or(&BTreeMap::new()), &new_root()?));
         s.annotations_mut().insert(ROTATE_ROOT_ANNOTATION.into(), request.unwrap_or_default());
         let replaced = match secrets.replace(&name, &PostParams::default(), &s).await {
             Ok(replaced) => replaced,
@@ -79,6 +79,34 @@ pub async fn root(
         ));
     }
     Ok(None)
+}
+
+/// During a rotation, the root it comes from (the status's `trust.rootFingerprint`), when the hub still holds it:
+/// kept by the generated root's Secret when it was replaced, or still in that Secret or in the Secret the user
+/// brought it in (`trust.rootSource`). Without it, nothing is signed by the old root: an intermediate from it that
+/// expires before every member trusts the new root is reported (`IntermediateExpiring`), not renewed.
+pub async fn previous_root(
+    hub: &Client,
+    fref: &FederationRef,
+    fed: &MeshFederation,
+    root: &Root,
+    now: Timestamp,
+) -> Option<Root> {
+    let status = fed.status.as_ref()?.trust.as_ref()?;
+    let fingerprint = status.root_fingerprint.as_ref().filter(|f| **f != root.summary().fingerprint)?;
+    let secrets: Api<Secret> = Api::namespaced(hub.clone(), &fref.namespace);
+    let brought = status.root_source.as_deref().and_then(|s| s.strip_prefix("secretRef/"));
+    for name in [Some(trust::root_secret_name(&fref.name).as_str()), brought].into_iter().flatten() {
+        let Ok(Some(secret)) = secrets.get_opt(name).await else { continue };
+        let data = secret.data.unwrap_or_default();
+        for candidate in [trust::previous_root_data(&data), data] {
+            match pki::load_root_secret(&candidate, now) {
+                Ok(r) if r.summary().fingerprint == *fingerprint => return Some(r),
+                _ => {}
+            }
+        }
+    }
+    None
 }
 
 /// Generates the federation's root and stores it in the hub, unless a member already holds an intermediate that
