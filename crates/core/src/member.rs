@@ -390,6 +390,21 @@ pub fn member_plan(
     plan
 }
 
+/// How many apply stages a member's plan has: see [`apply_stage`].
+pub const APPLY_STAGES: usize = 3;
+
+/// The stage in which objects of a kind are applied; the objects of one stage go concurrently. First the
+/// cluster-scoped objects others live in or refer to (namespaces, cluster roles and their bindings), then
+/// everything namespaced, last the control plane (`Istio`), so that istiod starts on the `cacerts` and the
+/// configuration meant for it, not on a self-signed CA.
+pub fn apply_stage(kind: &OwnedKind) -> usize {
+    match *kind {
+        NAMESPACE | CLUSTER_ROLE | CLUSTER_ROLE_BINDING => 0,
+        ISTIO => 2,
+        _ => 1,
+    }
+}
+
 /// A kind's place in [`OWNED_KINDS`]: the order of apply, and the reverse order of prune.
 fn kind_order(kind: &OwnedKind) -> usize {
     OWNED_KINDS.iter().position(|k| k == kind).unwrap_or(usize::MAX)

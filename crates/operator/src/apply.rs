@@ -6,7 +6,7 @@
 use meshfed_core::conditions::Reason;
 use std::collections::{BTreeMap, BTreeSet};
 
-use futures::future::try_join_all;
+use futures::future::{join_all, try_join_all};
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Node},
     networking::v1::ServiceCIDR,
@@ -181,29 +181,48 @@ pub async fn claim(
     }
 }
 
-/// Makes the member hold every object of `plan`, in order, writing only what differs from `held` (updated with
-/// what was written).
+/// Makes the member hold every object of `plan`, writing only what differs from `held` (updated with what was
+/// written): stage by stage ([`member::apply_stage`]), the objects of a stage concurrently. A failure stops before
+/// the next stage, once every write of its own stage has ended.
 pub async fn apply_plan(
     w: &Writer<'_>,
     fref: &FederationRef,
     plan: &MemberPlan,
     held: &mut Holdings,
 ) -> Result<(), Failure> {
-    for desired in &plan.objects {
-        let write = member::write_for(fref, held.get(&desired.key), desired).map_err(|Foreign { owner }| {
-            Failure::new(
-                Reason::OwnedByAnotherFederation,
-                format!("{} belongs to federation {owner}; meshfed leaves it alone", desired.key),
-            )
-        })?;
-        if write == Write::Nothing {
-            continue;
+    for stage in 0..member::APPLY_STAGES {
+        let writes: Vec<_> = plan
+            .objects
+            .iter()
+            .filter(|d| member::apply_stage(&d.key.kind) == stage)
+            .map(|desired| {
+                let write = member::write_for(fref, held.get(&desired.key), desired).map_err(|Foreign { owner }| {
+                    Failure::new(
+                        Reason::OwnedByAnotherFederation,
+                        format!("{} belongs to federation {owner}; meshfed leaves it alone", desired.key),
+                    )
+                });
+                async move {
+                    match write? {
+                        Write::Nothing => return Ok(None),
+                        Write::Recreate => delete(w, &desired.key).await?,
+                        Write::Apply => {}
+                    }
+                    Ok(Some((desired.key.clone(), apply(w, &desired.key, &desired.body).await?)))
+                }
+            })
+            .collect();
+        let mut failure = None;
+        for done in join_all(writes).await {
+            match done {
+                Ok(Some((key, now))) => _ = held.insert(key, now),
+                Ok(None) => {}
+                Err(f) => _ = failure.get_or_insert(f),
+            }
         }
-        if write == Write::Recreate {
-            delete(w, &desired.key).await?;
+        if let Some(f) = failure {
+            return Err(f);
         }
-        let now = apply(w, &desired.key, &desired.body).await?;
-        held.insert(desired.key.clone(), now);
     }
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::{
         Arc,
         atomic::{AtomicI64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use futures::{StreamExt, future::join_all};
@@ -23,11 +23,11 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     api::{ListParams, Patch, PatchParams},
     runtime::{
-        Controller,
+        Controller, Predicate, WatchStreamExt,
         controller::Action,
         events::{Event as KubeEvent, EventType, Recorder, Reporter},
         finalizer::{Event, finalizer},
-        watcher,
+        predicates, reflector, watcher,
     },
 };
 use meshfed_api::{ExposeMode, MeshFederation, MeshFederationSpec, SecretKeyRef, TrustStatus};
@@ -142,7 +142,16 @@ pub async fn run(hub: Client, settings: Settings, metrics: Metrics) -> anyhow::R
         metrics,
     });
     info!("meshfed controller started");
-    Controller::new(feds, watcher::Config::default().any_semantic())
+    // What asks a federation to be reconciled: its spec (generation), annotations (a release, a rotation request, a
+    // manual nudge), finalizers and deletion; not its status, which meshfed itself writes at the end of a reconcile.
+    let (store, writer) = reflector::store();
+    let asks = predicates::generation.combine(predicates::annotations).combine(predicates::finalizers);
+    let federations = watcher(feds, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(asks, Default::default());
+    Controller::for_stream(federations, store)
         .reconcile_on(triggers)
         .run(reconcile, error_policy, ctx)
         .for_each(|res| async move {
@@ -166,21 +175,52 @@ fn error_policy(_fed: Arc<MeshFederation>, error: &Error, ctx: Arc<Context>) -> 
 }
 
 /// Every log line of a reconcile carries the federation (`namespace/name`) from this span; lines about one member
-/// also name its cluster.
-async fn reconcile(fed: Arc<MeshFederation>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let _timer = ctx.metrics.time_reconcile();
-    let ns = fed.namespace().ok_or(Error::NotNamespaced)?;
+/// also name its cluster. The span is made when kube-runtime calls this, inside its own span that says why the
+/// reconcile runs (`object.reason`), so every line carries that too.
+fn reconcile(fed: Arc<MeshFederation>, ctx: Arc<Context>) -> impl Future<Output = Result<Action, Error>> {
     let span = info_span!("reconcile", federation = %federation_ref(&fed));
-    let api: Api<MeshFederation> = Api::namespaced(ctx.hub.clone(), &ns);
-    finalizer(&api, FINALIZER, fed, |event| async {
-        match event {
-            Event::Apply(fed) => converge(&fed, &ctx).await,
-            Event::Cleanup(fed) => cleanup(&fed, &ctx).await,
-        }
-    })
+    async move {
+        let _timer = ctx.metrics.time_reconcile();
+        let timeline = Timeline::start();
+        let ns = fed.namespace().ok_or(Error::NotNamespaced)?;
+        let api: Api<MeshFederation> = Api::namespaced(ctx.hub.clone(), &ns);
+        finalizer(&api, FINALIZER, fed, |event| async {
+            match event {
+                Event::Apply(fed) => converge(&fed, &ctx, timeline).await,
+                Event::Cleanup(fed) => cleanup(&fed, &ctx).await,
+            }
+        })
+        .await
+        .map_err(|e| Error::Finalizer(Box::new(e)))
+    }
     .instrument(span)
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// Where the time of one reconcile went, step by step; logged when it ends (target `meshfed::timeline`, level
+/// info), for the benchmark and for anyone asking where a convergence spends its time.
+struct Timeline {
+    last: Instant,
+    steps: Vec<(&'static str, Duration)>,
+}
+
+impl Timeline {
+    fn start() -> Self {
+        Self { last: Instant::now(), steps: Vec::new() }
+    }
+
+    /// Ends step `name`, which began where the previous one ended.
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.steps.push((name, now - self.last));
+        self.last = now;
+    }
+
+    fn log(&self) {
+        let total: Duration = self.steps.iter().map(|(_, d)| *d).sum();
+        let steps: Vec<String> =
+            self.steps.iter().map(|(n, d)| format!("{n}={:.1}ms", d.as_secs_f64() * 1e3)).collect();
+        info!(target: "meshfed::timeline", total_ms = total.as_secs_f64() * 1e3, steps = %steps.join(" "), "reconciled");
+    }
 }
 
 fn federation_ref(fed: &MeshFederation) -> FederationRef {
@@ -193,7 +233,8 @@ fn federation_ref(fed: &MeshFederation) -> FederationRef {
 /// and the intermediates it asks for. Then every member's plan is applied in two waves, because a remote secret
 /// needs a token and a token needs its reader ServiceAccount in place: first everything but the remote secrets,
 /// then, with a token for every member read, the complete plan, followed by the prune.
-async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
+async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -> Result<Action, Error> {
+    timeline.mark("finalizer");
     let fref = federation_ref(fed);
     let spec = &fed.spec;
     let previous = fed.status.as_ref();
@@ -216,6 +257,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
                 join_all(staying),
                 join_all(leaving.into_iter().map(|(name, secret)| cleanup_member(ctx, fed, name, secret))),
             );
+            timeline.mark("observe");
             let (mut reports, reached): (Vec<MemberReport>, Vec<Option<Reached>>) = staying.into_iter().unzip();
             let mut reached = refuse_duplicates(&mut reports, reached);
             let ranges = reached.iter().map(|(name, r)| (name.clone(), r.ranges.clone())).collect();
@@ -261,8 +303,10 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             for r in &mut reports {
                 r.intermediate = cacerts.get(&r.name).map(|c| c.as_ref().map(|(_, s)| s.clone()).map_err(Clone::clone));
             }
+            timeline.mark("trust");
             let gateways = gateway_states(spec, &reached);
             let first = apply_wave(ctx, &fref, spec, &mut reached, &cacerts, &gateways, None).await;
+            timeline.mark("first_wave");
             let (base, max) = (ctx.settings.retry_after, ctx.settings.member_backoff_max);
             for name in record_failures(&mut reports, first) {
                 // No token step and no second wave for it: its failure goes into the backoff now.
@@ -273,9 +317,11 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
             }
             let (ttl, timeout) = (valid.durations.token_ttl, ctx.settings.member_timeout);
             let tokens = remote_access::tokens(&ctx.metrics, spec, &reached, ttl, now, timeout).await;
+            timeline.mark("tokens");
             // The first wave may have made or replaced a gateway Service: its address as it is now.
             let gateways = gateway_states(spec, &reached);
             let second = apply_wave(ctx, &fref, spec, &mut reached, &cacerts, &gateways, Some(&tokens)).await;
+            timeline.mark("second_wave");
             record_failures(&mut reports, second);
             for r in &mut reports {
                 match tokens.get(&r.name) {
@@ -311,7 +357,10 @@ async fn converge(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> 
     let in_use =
         status.clusters.iter().filter_map(|c| Some(member_id(&fref.namespace, c.kubeconfig_secret_ref.as_ref()?)));
     ctx.watches.used_by(&key, in_use.collect());
+    timeline.mark("plan_status");
     report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
+    timeline.mark("status");
+    timeline.log();
     let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
     Ok(match (&validation, ready) {
         (Err(_), _) if refused_by_members => Action::requeue(ctx.settings.retry_after),
@@ -575,17 +624,24 @@ async fn observe_member(
         report.failure = Some(last);
         return (report, None);
     }
+    // One round trip for everything that does not depend on the rest: the probe, the identity, what the member
+    // holds, and the nodes and ranges the topology needs; then the claim, which depends on what is held.
     let run = async {
-        let asked = std::time::Instant::now();
-        let version =
-            member.probe().await.map_err(|e| Failure::new(Reason::Unreachable, format!("{}: {e}", member.server)))?;
-        ctx.metrics.member_answered(&key, name, asked.elapsed());
-        report.version = Some(version.git_version);
-        let identity = Api::<Namespace>::all(member.client.clone())
-            .get("kube-system")
-            .await
-            .map_err(|e| apply::read_failure("reading namespace kube-system (the cluster's identity)", e))?;
-        report.identity = identity.metadata.uid;
+        let asked = Instant::now();
+        let probe = async {
+            let version = member
+                .probe()
+                .await
+                .map_err(|e| Failure::new(Reason::Unreachable, format!("{}: {e}", member.server)))?;
+            ctx.metrics.member_answered(&key, name, asked.elapsed());
+            Ok(version)
+        };
+        let identity = async {
+            Api::<Namespace>::all(member.client.clone())
+                .get("kube-system")
+                .await
+                .map_err(|e| apply::read_failure("reading namespace kube-system (the cluster's identity)", e))
+        };
         let ns = &spec.istio.namespace;
         let by_name = [
             member::claim_key(ns),
@@ -593,7 +649,30 @@ async fn observe_member(
             member::cacerts_key(ns),
             member::published_roots_key(ns),
         ];
-        let (mut held, unserved) = apply::observe(&member.client, fref, name, &by_name).await?;
+        // A gateway exposed on its nodes is dialled at their addresses.
+        let cluster = spec.clusters.iter().find(|c| c.name == name);
+        let gw = cluster.filter(|c| take_claim && gateway::needs_gateway(spec, c)).map(|c| &c.east_west_gateway);
+        let nodes = async {
+            match gw {
+                Some(gw)
+                    if gw.address.is_none() && matches!(gw.expose, ExposeMode::NodePort | ExposeMode::HostNetwork) =>
+                {
+                    apply::nodes(&member.client, gw.node_selector.as_ref()).await
+                }
+                _ => Ok(Vec::new()),
+            }
+        };
+        // Clusters that share a network route pods directly: their ranges must not overlap.
+        let shares_network =
+            cluster.is_some_and(|c| spec.clusters.iter().any(|o| o.name != c.name && o.network == c.network));
+        let ranges =
+            async { if take_claim && shares_network { apply::ranges(&member.client).await } else { Vec::new() } };
+        let (version, identity, observed, nodes, ranges) =
+            futures::join!(probe, identity, apply::observe(&member.client, fref, name, &by_name), nodes, ranges);
+        // The probe's failure says best what is wrong with a member that does not answer.
+        report.version = Some(version?.git_version);
+        report.identity = identity?.metadata.uid;
+        let ((mut held, unserved), nodes) = (observed?, nodes?);
         let observed_ns = held.get(&member::namespace_key(ns));
         if take_claim && observed_ns.is_some_and(|n| !n["metadata"]["deletionTimestamp"].is_null()) {
             return Err(Failure::new(
@@ -605,19 +684,6 @@ async fn observe_member(
             let w = Writer { cluster: name, metrics: &ctx.metrics, client: &member.client };
             apply::claim(&w, fref, &ctx.hub_id, spec, &mut held).await?;
         }
-        // A gateway exposed on its nodes is dialled at their addresses.
-        let cluster = spec.clusters.iter().find(|c| c.name == name);
-        let gw = cluster.filter(|c| take_claim && gateway::needs_gateway(spec, c)).map(|c| &c.east_west_gateway);
-        let nodes = match gw {
-            Some(gw) if gw.address.is_none() && matches!(gw.expose, ExposeMode::NodePort | ExposeMode::HostNetwork) => {
-                apply::nodes(&member.client, gw.node_selector.as_ref()).await?
-            }
-            _ => Vec::new(),
-        };
-        // Clusters that share a network route pods directly: their ranges must not overlap.
-        let shares_network =
-            cluster.is_some_and(|c| spec.clusters.iter().any(|o| o.name != c.name && o.network == c.network));
-        let ranges = if take_claim && shares_network { apply::ranges(&member.client).await } else { Vec::new() };
         Ok((held, unserved, nodes, ranges))
     };
     match within(timeout, run).await {
@@ -668,9 +734,7 @@ async fn report(
     extra: Vec<plan::Announcement>,
 ) -> Result<(), Error> {
     if !plan::status_changed(fed.status.as_ref(), status) {
-        for said in extra {
-            publish(ctx, fed, said).await;
-        }
+        join_all(extra.into_iter().map(|said| publish(ctx, fed, said))).await;
         return Ok(());
     }
     let api: Api<MeshFederation> = Api::namespaced(ctx.hub.clone(), &fed.namespace().unwrap_or_default());
@@ -683,9 +747,8 @@ async fn report(
     api.patch_status(&fed.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
         .await
         .map_err(Error::Status)?;
-    for said in plan::announcements(fed.status.as_ref(), status).into_iter().chain(extra) {
-        publish(ctx, fed, said).await;
-    }
+    let said = plan::announcements(fed.status.as_ref(), status).into_iter().chain(extra);
+    join_all(said.map(|said| publish(ctx, fed, said))).await;
     Ok(())
 }
 

@@ -1,34 +1,57 @@
-//! The benchmark: convergence time, API writes to converge, API writes of resyncs when nothing changed (the goal is
-//! zero), and the operator's memory, for a federation of N primaries on N networks.
+//! The benchmark: convergence time against its floor, where the time goes, API writes to converge, API writes of
+//! resyncs when nothing changed (the goal is zero), and the operator's CPU and memory; for N primaries on N
+//! networks, optionally serving R remotes, in one federation or in F federations over the same members.
 //!
-//! It runs the real `meshfed` binary as its own process against a local hub and N local members, reads its
-//! `/metrics`, and reads its memory from /proc. Run it with `hack/bench.sh --members 10`.
+//! It runs the real `meshfed` binary as its own process against a local hub and local members, reads its
+//! `/metrics`, its timeline (one log line per reconcile, with the steps it took and why it ran), and its CPU and
+//! memory from /proc. Run it with `hack/bench.sh --members 10`.
 
 use std::{
+    io::{BufRead, BufReader},
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use kube::api::{Patch, PatchParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    api::{Api, DeleteParams, Patch, PatchParams, PostParams},
+    runtime::wait::await_condition,
+};
+use meshfed_api::MeshFederation;
 use meshfed_e2e::{Fixture, NAMESPACE, Scrape, is_ready, until};
 use meshfed_testenv::Options;
 
 #[derive(Parser)]
 #[command(about = "Measure meshfed against local clusters")]
 struct Args {
-    /// How many member clusters (all Primary, each on its own network).
+    /// How many primary clusters, each on its own network.
     #[arg(long, default_value_t = 3)]
     members: usize,
+    /// How many remote clusters, served by the primaries in turn (each on its primary's network).
+    #[arg(long, default_value_t = 0)]
+    remotes: usize,
+    /// How many federations over the same members (each in its own Istio namespace).
+    #[arg(long, default_value_t = 1)]
+    federations: usize,
     /// How many resyncs to force once converged, to count the writes of a steady state.
     #[arg(long, default_value_t = 5)]
     resyncs: u64,
+    /// How long to watch the idle operator's CPU once converged, in seconds.
+    #[arg(long, default_value_t = 10)]
+    idle: u64,
     /// The meshfed binary (default: next to this one).
     #[arg(long)]
     meshfed: Option<PathBuf>,
 }
+
+/// The writes that depend on each other on the way to `Ready=True`, however many members: the finalizer (hub), the
+/// claim, the three apply stages (namespaces, namespaced objects, the control plane), the TokenRequest, the remote
+/// secret, the status (hub). Everything else goes concurrently with one of these.
+const CRITICAL_WRITES: u32 = 8;
 
 struct Operator(Child);
 
@@ -39,6 +62,56 @@ impl Drop for Operator {
     }
 }
 
+impl Operator {
+    /// CPU seconds (user + system) the operator used so far.
+    fn cpu(&self) -> Result<f64> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id()))?;
+        // After the command name (in parentheses, which may hold spaces): field 3 is the state; 14 and 15 the times.
+        let fields: Vec<&str> = stat.rsplit_once(')').context("/proc stat")?.1.split_whitespace().collect();
+        let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+        Ok(ticks / 100.0)
+    }
+
+    /// How many sockets the operator holds open (connections to API servers, and its metrics listener).
+    fn sockets(&self) -> Result<usize> {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.0.id()))?;
+        Ok(fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok()).filter(|l| l.starts_with("socket:")).count())
+    }
+
+    /// Resident and peak resident memory, in MiB.
+    fn memory(&self) -> Result<(f64, f64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))?;
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name)?.trim().trim_end_matches(" kB").parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        Ok((field("VmRSS:") / 1024.0, field("VmHWM:") / 1024.0))
+    }
+}
+
+/// One reconcile as the operator logged it: when it ended, why it ran, and its steps.
+struct Reconciled {
+    at: jiff::Timestamp,
+    federation: String,
+    reason: String,
+    steps: String,
+}
+
+fn parse_timeline(line: &str) -> Option<Reconciled> {
+    let v: serde_json::Value = serde_json::from_str(line).ok()?;
+    (v["target"] == "meshfed::timeline").then_some(())?;
+    let spans = v["spans"].as_array()?;
+    let field = |name: &str| spans.iter().find_map(|s| s[name].as_str()).unwrap_or("?").to_string();
+    Some(Reconciled {
+        at: v["timestamp"].as_str()?.parse().ok()?,
+        federation: field("object.ref"),
+        reason: field("object.reason"),
+        steps: v["fields"]["steps"].as_str()?.to_string(),
+    })
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
@@ -46,60 +119,133 @@ async fn main() -> Result<()> {
         Some(p) => p,
         None => std::env::current_exe()?.with_file_name("meshfed"),
     };
-    let names: Vec<String> = (0..args.members).map(|i| format!("m{i}")).collect();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let primaries: Vec<String> = (0..args.members).map(|i| format!("p{i}")).collect();
+    let remotes: Vec<String> = (0..args.remotes).map(|i| format!("r{i}")).collect();
+    let refs: Vec<&str> = primaries.iter().chain(&remotes).map(String::as_str).collect();
     let started = Instant::now();
     let f = Fixture::clusters(&refs, Options::default()).await?;
-    println!("{} members + hub up in {:.1?}", args.members, started.elapsed());
+    println!("{} members + hub up in {:.1?}", refs.len(), started.elapsed());
+
+    // One write's latency on these API servers, now: the unit of the floor.
+    let configmaps: Api<ConfigMap> = Api::namespaced(f.member(refs[0]).await?, "default");
+    let mut latencies = Vec::new();
+    for i in 0..30 {
+        let cm: ConfigMap = serde_json::from_value(serde_json::json!({"metadata": {"name": format!("bench-{i}")}}))?;
+        let t = Instant::now();
+        configmaps.create(&PostParams::default(), &cm).await?;
+        latencies.push(t.elapsed());
+    }
+    for i in 0..30 {
+        configmaps.delete(&format!("bench-{i}"), &DeleteParams::default()).await?;
+    }
+    latencies.sort();
+    let write = latencies[latencies.len() / 2];
+    let floor = write * CRITICAL_WRITES;
 
     let kubeconfig = f.env.dir().join("hub.kubeconfig");
     std::fs::write(&kubeconfig, f.env.cluster("hub").kubeconfig())?;
     let port = meshfed_testenv::free_port()?;
-    let op = Operator(
-        Command::new(&meshfed)
-            .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
-            .env("KUBECONFIG", &kubeconfig)
-            .env("MESHFED_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .with_context(|| {
-                format!("starting {} (build it with `cargo build --release -p meshfed-operator`)", meshfed.display())
-            })?,
-    );
+    let mut child = Command::new(&meshfed)
+        .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("MESHFED_LOG", "warn,meshfed::timeline=info,kube_runtime::controller=info")
+        .env("MESHFED_LOG_JSON", "true")
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| {
+            format!("starting {} (build it with `cargo build --release -p meshfed-operator`)", meshfed.display())
+        })?;
+    let timeline: Arc<Mutex<Vec<Reconciled>>> = Arc::default();
+    let stdout = child.stdout.take().context("the operator's stdout")?;
+    let lines = timeline.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(r) = parse_timeline(&line) {
+                lines.lock().expect("timeline lock").push(r);
+            }
+        }
+    });
+    let op = Operator(child);
     let scrape = || Scrape::from(port);
     let every = Duration::from_millis(100);
     until("the operator's metrics", Duration::from_secs(30), every, async || scrape().await.is_ok()).await?;
 
-    let clusters: String = names
+    let clusters: String = primaries
         .iter()
         .map(|n| format!("  - {{name: {n}, network: net-{n}, kubeconfigSecretRef: {{name: {n}-kubeconfig}}}}\n"))
+        .chain(remotes.iter().enumerate().map(|(i, n)| {
+            let p = &primaries[i % primaries.len()];
+            format!(
+                "  - {{name: {n}, network: net-{p}, role: Remote, controlPlane: {p}, kubeconfigSecretRef: {{name: {n}-kubeconfig}}}}\n"
+            )
+        }))
         .collect();
-    let yaml = format!(
-        "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: bench, namespace: {NAMESPACE}}}\nspec:\n  meshID: bench\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n{clusters}"
-    );
+    let names: Vec<String> = match args.federations {
+        1 => vec!["bench".into()],
+        n => (0..n).map(|i| format!("bench-{i}")).collect(),
+    };
+    let cpu_before = op.cpu()?;
     let applied = Instant::now();
-    f.apply(&yaml).await?;
-    f.wait_for("bench", Duration::from_secs(600), is_ready).await?;
+    let applied_at = jiff::Timestamp::now();
+    for (i, name) in names.iter().enumerate() {
+        let yaml = format!(
+            "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  meshID: {name}\n  istio: {{namespace: istio-{i}}}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n{clusters}"
+        );
+        f.apply(&yaml).await?;
+    }
+    // Watched, not polled: the time Ready=True is written, to the watch's latency.
+    for name in &names {
+        let ready = await_condition(f.federations(), name, |fed: Option<&MeshFederation>| fed.is_some_and(is_ready));
+        tokio::time::timeout(Duration::from_secs(900), ready).await.context("waiting for Ready=True")??;
+    }
     let converge = applied.elapsed();
+    let cpu_converge = op.cpu()? - cpu_before;
     let m = scrape().await?;
     let (writes, status_writes, reconciles) =
         (m.sum("meshfed_member_writes_total"), m.sum("meshfed_status_writes_total"), m.sum("meshfed_reconciles_total"));
+    let (_, peak_converge) = op.memory()?;
 
     // Force resyncs: every annotation change is a watch event and a reconcile with nothing to do.
     for i in 0..args.resyncs {
-        let patch = serde_json::json!({"metadata": {"annotations": {"bench/resync": i.to_string()}}});
-        f.federations().patch("bench", &PatchParams::default(), &Patch::Merge(&patch)).await?;
-        let want = reconciles + i + 1;
+        for name in &names {
+            let patch = serde_json::json!({"metadata": {"annotations": {"bench/resync": i.to_string()}}});
+            f.federations().patch(name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        }
+        let want = reconciles + (i + 1) * names.len() as u64;
         let resynced = async || scrape().await.is_ok_and(|m| m.sum("meshfed_reconciles_total") >= want);
-        until("a resync", Duration::from_secs(60), every, resynced).await?;
+        until("a resync", Duration::from_secs(120), every, resynced).await?;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = scrape().await?;
-    let (rss, hwm) = memory(op.0.id())?;
+    let idle_from = op.cpu()?;
+    tokio::time::sleep(Duration::from_secs(args.idle)).await;
+    let idle_cpu = op.cpu()? - idle_from;
+    let (rss, hwm) = op.memory()?;
+    let sockets = op.sockets()?;
 
-    println!("members:                         {}", args.members);
-    println!("apply -> Ready=True:             {converge:.2?}");
-    println!("member writes to converge:       {writes}");
+    let members = refs.len();
+    let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
+    println!("\ntimeline of the convergence (reconciles that ended by Ready, time since apply):");
+    for r in timeline.lock().expect("timeline lock").iter() {
+        let since = r.at.duration_since(applied_at).as_secs_f64() * 1e3;
+        if since <= converge.as_secs_f64() * 1e3 + 50.0 {
+            println!("  +{since:7.1} ms  {}  ({})  {}", r.federation, r.reason, r.steps);
+        }
+    }
+    println!();
+    println!("members:                         {} ({} primaries, {} remotes)", members, primaries.len(), remotes.len());
+    println!("federations:                     {}", names.len());
+    println!("one write (median of 30):        {} (p90 {})", ms(write), ms(latencies[latencies.len() * 9 / 10]));
+    println!("floor ({CRITICAL_WRITES} dependent writes):      {}", ms(floor));
+    println!(
+        "apply -> Ready=True:             {} = {:.1}x the floor",
+        ms(converge),
+        converge.as_secs_f64() / floor.as_secs_f64()
+    );
+    println!(
+        "member writes to converge:       {writes} ({:.1} per member per federation)",
+        writes as f64 / (members * names.len()) as f64
+    );
     println!("status writes to converge:       {status_writes}");
     println!("reconciles to converge:          {reconciles}");
     println!(
@@ -109,21 +255,14 @@ async fn main() -> Result<()> {
         after.sum("meshfed_status_writes_total") - status_writes
     );
     println!(
-        "operator memory:                 {:.1} MiB resident, {:.1} MiB peak",
-        rss as f64 / 1024.0,
-        hwm as f64 / 1024.0
+        "operator CPU to converge:        {cpu_converge:.2} s ({:.1} ms per member per federation)",
+        cpu_converge * 1e3 / (members * names.len()) as f64
     );
+    println!("operator CPU idle:               {idle_cpu:.2} s in {} s", args.idle);
+    println!(
+        "operator memory:                 {rss:.1} MiB resident ({:.2} MiB per member), {peak_converge:.1} MiB peak converging, {hwm:.1} MiB peak",
+        rss / members as f64
+    );
+    println!("operator sockets:                {sockets} ({:.1} per member)", sockets as f64 / members as f64);
     Ok(())
-}
-
-/// Resident and peak resident memory of a process, in KiB.
-fn memory(pid: u32) -> Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name)?.trim().trim_end_matches(" kB").parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    Ok((field("VmRSS:"), field("VmHWM:")))
 }
