@@ -41,7 +41,7 @@ use meshfed_core::{
     validate::{Durations, validate},
 };
 use serde_json::json;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     Error,
@@ -525,7 +525,10 @@ async fn apply_wave(
                 }
                 Ok(())
             };
+            let started = Instant::now();
             let result = within(ctx.settings.member_timeout, work).await;
+            let ms = started.elapsed().as_secs_f64() * 1e3;
+            debug!(target: "meshfed::timeline", cluster = %name, wave = if tokens.is_some() { 2 } else { 1 }, ms, "applied");
             WaveResult {
                 name: name.clone(),
                 result,
@@ -611,6 +614,7 @@ async fn observe_member(
 ) -> (MemberReport, Option<Reached>) {
     let mut report = MemberReport::new(name, secret, !take_claim);
     let timeout = ctx.settings.member_timeout;
+    let started = Instant::now();
     let member = match ctx.pool.member(&ctx.hub, &fref.namespace, secret, timeout).await {
         Ok(m) => m,
         Err(f) => {
@@ -626,6 +630,7 @@ async fn observe_member(
     }
     // One round trip for everything that does not depend on the rest: the probe, the identity, what the member
     // holds, and the nodes and ranges the topology needs; then the claim, which depends on what is held.
+    let client_ms = started.elapsed().as_secs_f64() * 1e3;
     let run = async {
         let asked = Instant::now();
         let probe = async {
@@ -673,6 +678,7 @@ async fn observe_member(
         report.version = Some(version?.git_version);
         report.identity = identity?.metadata.uid;
         let ((mut held, unserved), nodes) = (observed?, nodes?);
+        let reads_ms = asked.elapsed().as_secs_f64() * 1e3;
         let observed_ns = held.get(&member::namespace_key(ns));
         if take_claim && observed_ns.is_some_and(|n| !n["metadata"]["deletionTimestamp"].is_null()) {
             return Err(Failure::new(
@@ -684,6 +690,8 @@ async fn observe_member(
             let w = Writer { cluster: name, metrics: &ctx.metrics, client: &member.client };
             apply::claim(&w, fref, &ctx.hub_id, spec, &mut held).await?;
         }
+        let claim_ms = asked.elapsed().as_secs_f64() * 1e3 - reads_ms;
+        debug!(target: "meshfed::timeline", cluster = %name, client_ms, reads_ms, claim_ms, "observed");
         Ok((held, unserved, nodes, ranges))
     };
     match within(timeout, run).await {

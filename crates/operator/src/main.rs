@@ -154,7 +154,7 @@ async fn main() -> anyhow::Result<()> {
             } else {
                 logs.init()
             }
-            let hub = kube::Client::try_default().await?;
+            let hub = meshfed_operator::members::multiplexed_client(kube::Config::infer().await?)?;
             let settings = Settings { member_timeout: Duration::from_secs(member_timeout), ..Settings::default() };
             let metrics = Metrics::default();
             let controller = controller::run(hub.clone(), settings, metrics.clone());

@@ -116,8 +116,8 @@ impl ClientPool {
             .await
             .map_err(|e| Failure::new(Reason::KubeconfigInvalid, format!("{where_}: {e}")))?;
         config.connect_timeout = Some(connect_timeout);
-        let client =
-            Client::try_from(config).map_err(|e| Failure::new(Reason::KubeconfigInvalid, format!("{where_}: {e}")))?;
+        let client = multiplexed_client(config)
+            .map_err(|e| Failure::new(Reason::KubeconfigInvalid, format!("{where_}: {e}")))?;
         let member = Member {
             id: member_id(namespace, secret),
             version: version.clone(),
@@ -129,6 +129,43 @@ impl ClientPool {
         self.cache.lock().expect("pool lock").insert(key, (version, member.clone()));
         Ok(member)
     }
+}
+
+/// A client that speaks HTTP/2 where the API server does (every Kubernetes API server does), so that every request
+/// and every watch to a cluster (a member, or the hub) share one connection: one TLS handshake per member instead of one per concurrent
+/// request, and one connection's memory instead of one per watch. Otherwise as kube's own client: the kubeconfig's
+/// TLS, authentication and headers, and retries of 429, 503 and 504. A connection that stops answering is found by HTTP/2 pings and replaced.
+pub fn multiplexed_client(config: Config) -> Result<Client, kube::Error> {
+    use hyper_util::{
+        client::legacy::{Client as HttpClient, connect::HttpConnector},
+        rt::{TokioExecutor, TokioTimer},
+    };
+    use kube::client::{ConfigExt, retry::RetryPolicy};
+    use tower::retry::RetryLayer;
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_connect_timeout(config.connect_timeout);
+    // HTTP/2 writes a request as several frames: Nagle's algorithm would hold the last one for the peer's delayed ACK.
+    http.set_nodelay(true);
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(config.rustls_client_config()?)
+        .https_or_http()
+        .enable_all_versions()
+        .wrap_connector(http);
+    let connection = HttpClient::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_while_idle(true)
+        .build(https);
+    let service = tower::ServiceBuilder::new()
+        .layer(config.base_uri_layer())
+        .option_layer(config.default_retry.then(|| RetryLayer::new(RetryPolicy::server_retry())))
+        .option_layer(config.auth_layer()?)
+        .layer(config.extra_headers_layer()?)
+        .map_err(tower::BoxError::from)
+        .service(connection);
+    Ok(Client::new(service, config.default_namespace))
 }
 
 /// Backoff for members that fail, per federation (a failure such as a claim held by another federation is one

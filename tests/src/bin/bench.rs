@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::{
-    api::{Api, DeleteParams, Patch, PatchParams, PostParams},
+    api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
     runtime::wait::await_condition,
 };
 use meshfed_api::MeshFederation;
@@ -75,7 +75,10 @@ impl Operator {
     /// How many sockets the operator holds open (connections to API servers, and its metrics listener).
     fn sockets(&self) -> Result<usize> {
         let fds = std::fs::read_dir(format!("/proc/{}/fd", self.0.id()))?;
-        Ok(fds.filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok()).filter(|l| l.starts_with("socket:")).count())
+        Ok(fds
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy().starts_with("socket:"))
+            .count())
     }
 
     /// Resident and peak resident memory, in MiB.
@@ -104,11 +107,17 @@ fn parse_timeline(line: &str) -> Option<Reconciled> {
     (v["target"] == "meshfed::timeline").then_some(())?;
     let spans = v["spans"].as_array()?;
     let field = |name: &str| spans.iter().find_map(|s| s[name].as_str()).unwrap_or("?").to_string();
+    let fields = v["fields"].as_object()?;
+    // The reconcile's steps, or one member's part in a step (the other fields, as they come).
+    let steps = match fields.get("steps") {
+        Some(steps) => steps.as_str()?.to_string(),
+        None => fields.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
+    };
     Some(Reconciled {
         at: v["timestamp"].as_str()?.parse().ok()?,
         federation: field("object.ref"),
         reason: field("object.reason"),
-        steps: v["fields"]["steps"].as_str()?.to_string(),
+        steps,
     })
 }
 
@@ -125,6 +134,18 @@ async fn main() -> Result<()> {
     let started = Instant::now();
     let f = Fixture::clusters(&refs, Options::default()).await?;
     println!("{} members + hub up in {:.1?}", refs.len(), started.elapsed());
+
+    // A running cluster's API server has served these kinds before; a fresh one sets up each kind (a CRD's
+    // schema, its storage) on first use, which is not meshfed's time: every kind is listed once first.
+    let warm = refs.iter().map(|m| async {
+        let client = f.member(m).await?;
+        for kind in meshfed_core::member::OWNED_KINDS {
+            let ar = meshfed_operator::apply::api_resource(kind);
+            Api::<DynamicObject>::all_with(client.clone(), &ar).list(&ListParams::default()).await?;
+        }
+        anyhow::Ok(())
+    });
+    futures::future::try_join_all(warm).await?;
 
     // One write's latency on these API servers, now: the unit of the floor.
     let configmaps: Api<ConfigMap> = Api::namespaced(f.member(refs[0]).await?, "default");
@@ -148,7 +169,14 @@ async fn main() -> Result<()> {
     let mut child = Command::new(&meshfed)
         .args(["run", "--metrics-addr", &format!("127.0.0.1:{port}")])
         .env("KUBECONFIG", &kubeconfig)
-        .env("MESHFED_LOG", "warn,meshfed::timeline=info,kube_runtime::controller=info")
+        // Each reconcile's steps; with `MESHFED_BENCH_MEMBERS=1`, each member's part in them too.
+        .env(
+            "MESHFED_LOG",
+            match std::env::var_os("MESHFED_BENCH_MEMBERS") {
+                Some(_) => "warn,meshfed::timeline=debug,kube_runtime::controller=info",
+                None => "warn,meshfed::timeline=info,kube_runtime::controller=info",
+            },
+        )
         .env("MESHFED_LOG_JSON", "true")
         .stdout(Stdio::piped())
         .spawn()
