@@ -5,10 +5,12 @@
 //! of the other member with that member's network (from the Istio namespace's label).
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     time::{Duration, Instant},
 };
 
+use anyhow::Context as _;
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::{
@@ -16,7 +18,7 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use meshfed_api::{ClusterRole, MeshFederation};
-use meshfed_core::{pki, remote};
+use meshfed_core::{member, pki, plan::FederationRef, remote};
 use meshfed_e2e::{Fixture, NAMESPACE, example, is_ready, until};
 use meshfed_testenv::{Istiod, Options};
 use serde_json::{Value, json};
@@ -39,16 +41,26 @@ struct Mesh {
 impl Mesh {
     /// Two Primaries, east and west, on the given networks.
     async fn start(east_network: &str, west_network: &str) -> anyhow::Result<Self> {
-        Self::from_yaml(&format!(
+        Self::start_with(east_network, west_network, Options::default()).await
+    }
+
+    /// Like [`Mesh::start`], with the clusters started with `options`.
+    async fn start_with(east_network: &str, west_network: &str, options: Options) -> anyhow::Result<Self> {
+        Self::from_yaml_with(&format!(
             "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: {NAMESPACE}}}\nspec:\n  meshID: prod\n  istio: {{namespace: {ISTIO_NAMESPACE}}}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n  - {{name: east, network: {east_network}, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: west, network: {west_network}, kubeconfigSecretRef: {{name: west-kubeconfig}}}}\n"
-        ))
+        ), options)
         .await
     }
 
     /// The federation `yaml` (members east and west), converged, with an istiod started in each of its Primaries.
     async fn from_yaml(yaml: &str) -> anyhow::Result<Self> {
+        Self::from_yaml_with(yaml, Options::default()).await
+    }
+
+    /// Like [`Mesh::from_yaml`], with the clusters started with `options` (`real_istiod` is always set).
+    async fn from_yaml_with(yaml: &str, options: Options) -> anyhow::Result<Self> {
         // The real istiod publishes the roots: the stage does not play it.
-        let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..Options::default() }).await?;
+        let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..options }).await?;
         f.apply(yaml).await?;
         let fed = f.wait_for("prod", WAIT, is_ready).await?;
         // istiod starts after meshfed converged, as it would once `cacerts` exists: it reads the CA only at start.
@@ -925,5 +937,274 @@ async fn a_root_rotation_reaches_istiod_which_serves_a_chain_every_member_trusts
     ))
     .await?;
     root_rotation_holds_at_every_sample(&mesh).await?;
+    Ok(())
+}
+
+/// The cluster name istioctl's remote secret for west is made under: istiod registers a cluster ID once ("cluster has
+/// already been registered" for a second secret naming it), and meshfed's `istio-remote-secret-west` holds `west`,
+/// so istioctl's must name another ID for both to be consumed side by side. Both point at west's API server.
+const ISTIOCTL_WEST: &str = "west-istioctl";
+/// The name of istioctl's remote secret for [`ISTIOCTL_WEST`].
+const ISTIOCTL_WEST_SECRET: &str = "istio-remote-secret-west-istioctl";
+
+/// Runs the real `istioctl create-remote-secret --name <name>` against `member` with its admin kubeconfig, as an
+/// administrator would: it applies Istio's reader ServiceAccount `istio-reader-service-account` and its ClusterRole
+/// and ClusterRoleBinding (rendered from the charts built into istioctl) in `member`, creates a
+/// `kubernetes.io/service-account-token` Secret there that kube-controller-manager's token controller fills, waits
+/// for the token and prints a remote secret, which is returned parsed and applied nowhere.
+async fn istioctl_remote_secret(mesh: &Mesh, member: &str, name: &str) -> anyhow::Result<Secret> {
+    let istioctl = tokio::task::spawn_blocking(meshfed_testenv::istioctl).await??;
+    let kubeconfig = tempfile::NamedTempFile::new()?;
+    std::fs::write(kubeconfig.path(), mesh.f.env.cluster(member).kubeconfig())?;
+    let out = tokio::process::Command::new(istioctl)
+        .arg("create-remote-secret")
+        .arg("--kubeconfig")
+        .arg(kubeconfig.path())
+        .args(["--name", name, "--istioNamespace", ISTIO_NAMESPACE])
+        .env_remove("KUBECONFIG")
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(WAIT, out).await??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    anyhow::ensure!(out.status.success(), "istioctl create-remote-secret failed ({}): {stderr}", out.status);
+    // Its log and warnings (stdout holds the secret and its token: never printed).
+    println!("istioctl create-remote-secret --name {name} said: {}", stderr.trim());
+    let docs: Vec<Value> = serde_saphyr::from_multiple(std::str::from_utf8(&out.stdout)?)?;
+    let secret =
+        docs.into_iter().find(|d| !d.is_null()).with_context(|| format!("istioctl printed no object: {stderr}"))?;
+    Ok(serde_json::from_value(secret)?)
+}
+
+/// The claims of a JWT, its payload decoded without checking the signature.
+fn jwt_claims(token: &str) -> Value {
+    use base64::Engine as _;
+    let payload = token.split('.').nth(1).expect("a JWT");
+    let json =
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).expect("base64url");
+    serde_json::from_slice(&json).expect("JSON claims")
+}
+
+/// A ClusterRole's permissions as `group/resource verb` strings, sorted.
+fn permissions(role: &k8s_openapi::api::rbac::v1::ClusterRole) -> BTreeSet<String> {
+    let mut all = BTreeSet::new();
+    for rule in role.rules.iter().flatten() {
+        for group in rule.api_groups.iter().flatten() {
+            for resource in rule.resources.iter().flatten() {
+                for verb in &rule.verbs {
+                    all.insert(format!("{group}/{resource} {verb}"));
+                }
+            }
+        }
+    }
+    all
+}
+
+/// The kubeconfig a remote secret holds under `key`, as JSON.
+fn kubeconfig_in(secret: &Secret, key: &str) -> Value {
+    let bytes = &secret.data.as_ref().and_then(|d| d.get(key)).unwrap_or_else(|| panic!("no key {key}")).0;
+    serde_saphyr::from_slice(bytes).expect("a kubeconfig")
+}
+
+/// Issue 13: `istioctl create-remote-secret`, built from the same Istio as istiod, side by side with meshfed's remote
+/// secret, both consumed by east's real istiod. meshfed's `istio-remote-secret-west` syncs; istioctl's, run against
+/// west and applied unchanged in east under cluster ID [`ISTIOCTL_WEST`] (see there), syncs too; a Service created
+/// in west then reaches east's istiod through both. Then the differences, asserted as facts: istioctl's token is a
+/// legacy Secret-based token that never expires, meshfed's a TokenRequest token living `tokenTTL` (24 h by default);
+/// the reader identities and their ClusterRoles; the secrets' names, labels, annotation and keys. Needs
+/// kube-controller-manager (the token controller fills istioctl's token Secret). Prints the measured times.
+#[tokio::test(flavor = "multi_thread")]
+async fn istioctls_remote_secret_and_meshfeds_both_sync_in_istiod_and_differ_in_token_and_identity()
+-> anyhow::Result<()> {
+    let mesh =
+        Mesh::start_with("network1", "network1", Options { controller_manager: true, ..Options::default() }).await?;
+    let east = mesh.istiod("east");
+    let (east_client, west_client) = (mesh.f.member("east").await?, mesh.f.member("west").await?);
+    let east_secrets = Api::<Secret>::namespaced(east_client, ISTIO_NAMESPACE);
+    let clusterz_synced = async |id: &str| {
+        east.debug("/debug/clusterz").await.is_ok_and(|c| {
+            c.as_array().into_iter().flatten().any(|c| {
+                c["id"] == id
+                    && c["syncStatus"] == "synced"
+                    && c["secretName"] == format!("{ISTIO_NAMESPACE}/istio-remote-secret-{id}")
+            })
+        })
+    };
+    let explain = async |e: anyhow::Error| {
+        let clusterz = east.debug("/debug/clusterz").await.unwrap_or_default();
+        format!("{e}; clusterz: {clusterz}; log:\n{}", east.log_tail())
+    };
+
+    // (a) meshfed's secret: east's istiod syncs west.
+    let started = Instant::now();
+    if let Err(e) =
+        until("east's istiod to sync west from meshfed's secret", WAIT, POLL, async || clusterz_synced("west").await)
+            .await
+    {
+        panic!("{}", explain(e).await);
+    }
+    println!("meshfed's secret: east's istiod reports west synced {:?} after it was ready", started.elapsed());
+
+    // (b) istioctl's secret, made against west and applied as printed in east.
+    let started = Instant::now();
+    let printed = istioctl_remote_secret(&mesh, "west", ISTIOCTL_WEST).await?;
+    println!("istioctl create-remote-secret against west took {:?}", started.elapsed());
+    let started = Instant::now();
+    let applied = east_secrets.create(&PostParams::default(), &printed).await?;
+    let what = format!("east's istiod to sync {ISTIOCTL_WEST} from istioctl's secret");
+    if let Err(e) = until(&what, WAIT, POLL, async || clusterz_synced(ISTIOCTL_WEST).await).await {
+        panic!("{}", explain(e).await);
+    }
+    println!(
+        "istioctl's secret: east's istiod reports {ISTIOCTL_WEST} synced {:?} after it was created",
+        started.elapsed()
+    );
+    assert!(clusterz_synced("west").await, "meshfed's west stays synced beside istioctl's");
+
+    // Both clients watch west: a Service created there reaches east's istiod through each, as its own cluster.
+    let started = Instant::now();
+    create_hello(&mesh, "west", "10.244.1.5").await?;
+    let seen = async || {
+        let (Ok(registry), Ok(shards)) =
+            (east.debug("/debug/registryz").await, east.debug("/debug/endpointShardz").await)
+        else {
+            return false;
+        };
+        ["west", ISTIOCTL_WEST]
+            .iter()
+            .all(|id| service_known(&registry, id) && endpoint_known(&shards, id, "10.244.1.5", "network1"))
+    };
+    if let Err(e) = until("east's istiod to know west's hello through both secrets", DISCOVERY_BOUND, POLL, seen).await
+    {
+        panic!("{}", explain(e).await);
+    }
+    println!(
+        "a Service created in west is in east's istiod as west and as {ISTIOCTL_WEST} after {:?}",
+        started.elapsed()
+    );
+
+    // The secrets. Same scheme: `istio-remote-secret-<cluster>` in the Istio namespace, label `istio/multiCluster`,
+    // annotation `networking.istio.io/cluster`, one key named after the cluster holding a kubeconfig with inline CA
+    // and bearer token for the same server. istioctl prints `stringData` and no other label; meshfed writes `data`
+    // and its ownership labels.
+    let meshfed_secret = east_secrets.get("istio-remote-secret-west").await?;
+    assert_eq!(printed.metadata.name.as_deref(), Some(ISTIOCTL_WEST_SECRET));
+    assert_eq!(printed.metadata.namespace.as_deref(), Some(ISTIO_NAMESPACE));
+    assert_eq!(
+        printed.metadata.labels,
+        Some(BTreeMap::from([(remote::MULTI_CLUSTER_LABEL.to_string(), "true".to_string())])),
+        "istioctl's only label"
+    );
+    assert_eq!(
+        printed.metadata.annotations,
+        Some(BTreeMap::from([(remote::CLUSTER_ANNOTATION.to_string(), ISTIOCTL_WEST.to_string())]))
+    );
+    assert!(printed.data.is_none(), "istioctl prints stringData only");
+    assert_eq!(
+        printed.string_data.as_ref().map(|d| d.keys().cloned().collect::<Vec<_>>()),
+        Some(vec![ISTIOCTL_WEST.into()])
+    );
+    let fed = FederationRef { namespace: NAMESPACE.into(), name: "prod".into() };
+    let mut labels = fed.owned_labels("east");
+    labels.insert(remote::MULTI_CLUSTER_LABEL.into(), "true".into());
+    assert_eq!(meshfed_secret.metadata.labels, Some(labels), "meshfed's labels: Istio's and its ownership");
+    // Besides Istio's annotation, meshfed stamps the digest of what it applied (its drift detection).
+    let annotations = meshfed_secret.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        annotations.keys().map(String::as_str).collect::<Vec<_>>(),
+        [member::ANNOTATION_APPLIED, remote::CLUSTER_ANNOTATION]
+    );
+    assert_eq!(annotations[remote::CLUSTER_ANNOTATION], "west");
+    assert_eq!(meshfed_secret.data.as_ref().map(|d| d.keys().cloned().collect::<Vec<_>>()), Some(vec!["west".into()]));
+    let (ours, theirs) = (kubeconfig_in(&meshfed_secret, "west"), kubeconfig_in(&applied, ISTIOCTL_WEST));
+    for field in ["server", "certificate-authority-data"] {
+        assert_eq!(ours["clusters"][0]["cluster"][field], theirs["clusters"][0]["cluster"][field], "{field}");
+    }
+    // For west itself istioctl names the secret as meshfed does: applied in a member meshfed manages, one would
+    // overwrite the other. (A second run reuses the token Secret it made.)
+    let mut again = istioctl_remote_secret(&mesh, "west", "west").await?;
+    assert_eq!(again.metadata.name, meshfed_secret.metadata.name, "istioctl --name west names meshfed's secret");
+    // As the API server stores it.
+    again.data =
+        again.string_data.take().map(|d| d.into_iter().map(|(k, v)| (k, ByteString(v.into_bytes()))).collect());
+
+    // The tokens. istioctl's: a legacy token read from a `kubernetes.io/service-account-token` Secret, no `exp`
+    // (valid until that Secret or the ServiceAccount is deleted), no `iat`, no audience. meshfed's: a TokenRequest
+    // token for the API server's audience, `exp - iat` = tokenTTL (24 h by default), refreshed by meshfed.
+    let token = |s: &Secret, key: &str| remote::token_in_remote_secret(s, key).expect("an inline token");
+    let legacy = jwt_claims(token(&applied, ISTIOCTL_WEST).expose());
+    let reader_sa = "istio-reader-service-account";
+    let token_secret = format!("{reader_sa}-istio-remote-secret-token");
+    assert!(legacy.get("exp").is_none() && legacy.get("iat").is_none() && legacy.get("aud").is_none(), "{legacy}");
+    assert_eq!(legacy["iss"], "kubernetes/serviceaccount");
+    assert_eq!(legacy["sub"], format!("system:serviceaccount:{ISTIO_NAMESPACE}:{reader_sa}"));
+    assert_eq!(legacy["kubernetes.io/serviceaccount/secret.name"], token_secret.as_str());
+    assert_eq!(jwt_claims(token(&again, "west").expose()), legacy, "the second run reuses the token");
+    let west_secrets = Api::<Secret>::namespaced(west_client.clone(), ISTIO_NAMESPACE);
+    let stored = west_secrets.get(&token_secret).await?;
+    assert_eq!(stored.type_.as_deref(), Some("kubernetes.io/service-account-token"));
+    let ttl = Duration::from_secs(24 * 3600);
+    let ours = token(&meshfed_secret, "west");
+    let claims = remote::token_claims(&ours)?;
+    let lifetime = claims.expires_at.duration_since(claims.issued_at).unsigned_abs();
+    assert_eq!(lifetime, ttl, "meshfed's token lives the default tokenTTL");
+    let subject = format!("system:serviceaccount:{ISTIO_NAMESPACE}:{}", remote::READER_SERVICE_ACCOUNT);
+    assert_eq!(claims.subject.as_deref(), Some(subject.as_str()));
+    let raw = jwt_claims(ours.expose());
+    assert_eq!(raw["aud"], json!(["https://west.meshfed.test"]), "the API server's audience");
+    // meshfed keeps no token Secret in west: its tokens exist only inside the remote secrets.
+    let token_secrets: Vec<String> = west_secrets
+        .list(&Default::default())
+        .await?
+        .into_iter()
+        .filter(|s| s.type_.as_deref() == Some("kubernetes.io/service-account-token"))
+        .filter_map(|s| s.metadata.name)
+        .collect();
+    assert_eq!(token_secrets, [token_secret.as_str()], "the only token Secret in west is istioctl's");
+
+    // The reader identities in west: Istio's chart names (istioctl applies them from its embedded charts) and
+    // meshfed's own, each ClusterRole bound to its ServiceAccount only.
+    let sas = Api::<ServiceAccount>::namespaced(west_client.clone(), ISTIO_NAMESPACE);
+    for sa in [reader_sa, remote::READER_SERVICE_ACCOUNT] {
+        sas.get(sa).await.with_context(|| format!("ServiceAccount {sa}"))?;
+    }
+    let roles = Api::<k8s_openapi::api::rbac::v1::ClusterRole>::all(west_client.clone());
+    let bindings = Api::<k8s_openapi::api::rbac::v1::ClusterRoleBinding>::all(west_client);
+    let istioctl_role = format!("istio-reader-clusterrole-{ISTIO_NAMESPACE}");
+    let meshfed_role = remote::reader_cluster_role_name(&fed);
+    assert_eq!(meshfed_role, "meshfed-reader.mesh-system.prod");
+    for (role, sa) in [(&istioctl_role, reader_sa), (&meshfed_role, remote::READER_SERVICE_ACCOUNT)] {
+        let binding = bindings.get(role).await.with_context(|| format!("ClusterRoleBinding {role}"))?;
+        assert_eq!(binding.role_ref.name, *role);
+        let subjects: Vec<_> = binding
+            .subjects
+            .iter()
+            .flatten()
+            .map(|s| (s.kind.as_str(), s.name.as_str(), s.namespace.as_deref()))
+            .collect();
+        assert_eq!(subjects, [("ServiceAccount", sa, Some(ISTIO_NAMESPACE))], "{role}");
+    }
+    let (istioctl_perms, meshfed_perms) =
+        (permissions(&roles.get(&istioctl_role).await?), permissions(&roles.get(&meshfed_role).await?));
+    let only_istioctl: Vec<_> = istioctl_perms.difference(&meshfed_perms).collect();
+    let only_meshfed: Vec<_> = meshfed_perms.difference(&istioctl_perms).collect();
+    println!(
+        "reader ClusterRoles: only istioctl's {istioctl_role} grants {only_istioctl:?}; only meshfed's {meshfed_role} grants {only_meshfed:?}"
+    );
+    assert_eq!(
+        only_istioctl,
+        ["networking.x-k8s.io/gateways get", "networking.x-k8s.io/gateways list", "networking.x-k8s.io/gateways watch"],
+        "istioctl's chart also grants the retired alpha Gateway API group"
+    );
+    assert!(only_meshfed.is_empty(), "meshfed grants nothing Istio's reader does not");
+
+    // meshfed leaves the foreign secret alone.
+    mesh.f.poke_and_wait("prod").await?;
+    let after = east_secrets.get(ISTIOCTL_WEST_SECRET).await?;
+    assert_eq!(after.data, applied.data, "meshfed left istioctl's secret as it was");
+    assert!(clusterz_synced("west").await && clusterz_synced(ISTIOCTL_WEST).await);
+    println!(
+        "tokens: istioctl's has no exp (a legacy Secret token: {token_secret}); meshfed's lives {lifetime:?} (exp {})",
+        claims.expires_at
+    );
     Ok(())
 }

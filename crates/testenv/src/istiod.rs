@@ -29,9 +29,16 @@ pub const ISTIO_VERSION: &str = "v0.0.0-20260827124520-eed52ebb66ad";
 /// How long istiod may take to answer `/ready` (about 5 s on an idle machine).
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The directory holding `pilot-discovery`, building it on first use (`hack/istio-binaries.sh`, under a lock).
+/// The directory holding `pilot-discovery`, `adsc-probe` and `istioctl`, building them on first use
+/// (`hack/istio-binaries.sh`, under a lock).
 pub fn istio_binaries() -> Result<PathBuf> {
     crate::build_with("istio-binaries.sh", "MESHFED_ISTIO_VERSION", ISTIO_VERSION)
+}
+
+/// The path of `istioctl`, built from the same `istio.io/istio` module as istiod (see [`istio_binaries`]); it blocks
+/// for minutes on first use.
+pub fn istioctl() -> Result<PathBuf> {
+    Ok(istio_binaries()?.join("istioctl"))
 }
 
 /// A running istiod for one cluster, on free loopback ports, in a working directory of its own. It is killed when

@@ -10,7 +10,8 @@
 //! with the process that started it, so no test leaves a stray API server behind.
 //!
 //! [`Istiod`] runs a real istiod (`pilot-discovery`, built by `hack/istio-binaries.sh` the same way) against a
-//! cluster, for the conformance suite that checks what meshfed writes against Istio's own reading of it.
+//! cluster, for the conformance suite that checks what meshfed writes against Istio's own reading of it; [`istioctl`]
+//! is built beside it.
 
 use std::{
     fs,
@@ -36,7 +37,7 @@ use rcgen::{
 
 mod istiod;
 mod stage;
-pub use istiod::{ISTIO_VERSION, Istiod, istio_binaries};
+pub use istiod::{ISTIO_VERSION, Istiod, istio_binaries, istioctl};
 pub use stage::{SAIL_COMMIT, SAIL_VERSION, Stage, add_node, sail_crds};
 
 /// The Kubernetes version the binaries are built at (`hack/k8s-binaries.sh` builds this one by default).
