@@ -8,7 +8,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use base64::Engine as _;
-use futures::future::try_join_all;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::{
     ByteString,
     api::core::v1::{Namespace, Secret},
@@ -79,7 +79,11 @@ impl Fixture {
         let names: Vec<&str> = std::iter::once(HUB).chain(members.iter().copied()).collect();
         let play_istiod = !options.real_istiod;
         let env = Env::start(&names, options).await?;
-        try_join_all(members.iter().map(|m| env.cluster(m).install_mesh_crds())).await?;
+        // A few clusters at a time: installing the CRDs into fifty fresh API servers at once starves them all.
+        futures::stream::iter(members.iter().map(|m| env.cluster(m).install_mesh_crds()))
+            .buffer_unordered(8)
+            .try_collect::<Vec<()>>()
+            .await?;
         let hub_cluster = env.cluster(HUB);
         hub_cluster.install_crds(&meshfed_api::crd_yaml()).await?;
         let hub = hub_cluster.client().await?;
