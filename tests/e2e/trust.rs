@@ -376,6 +376,38 @@ async fn a_root_rotation_never_leaves_a_member_distrusting_a_peer_and_holds_for_
     Ok(())
 }
 
+/// Follows a rotation to its end (`done`: the trust status says it is the one awaited, and the federation is Ready):
+/// at every sample (100 ms) every one of `members` trusts every signer and the root is never reported missing; once
+/// the rotation waits for the workload certificates of the old intermediates (24 h by default), the controller's
+/// clock moves past them, and it must have waited.
+async fn rotate_to_the_end(
+    f: &Fixture,
+    members: &[&str],
+    done: impl Fn(&meshfed_api::TrustStatus) -> bool,
+) -> anyhow::Result<meshfed_api::MeshFederation> {
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut waited = false;
+    loop {
+        assert_everyone_trusts_every_signer(&states(f, members).await);
+        let fed = f.federations().get("prod").await?;
+        let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
+        if let Some(c) = fed_condition(&fed, "TrustReady") {
+            assert_ne!(c.reason, "RootMissing", "{}", c.message);
+        }
+        if !waited && trust.rotation_phase.as_deref().is_some_and(|p| p.starts_with("AwaitingWorkloadCertificates")) {
+            waited = true;
+            f.clock.advance(Duration::from_secs(24 * 3600 + 6 * 60));
+            f.poke("prod").await?;
+        }
+        if is_ready(&fed) && done(&trust) {
+            assert!(waited, "the old root was dropped without waiting for the workload certificates");
+            return Ok(fed);
+        }
+        assert!(std::time::Instant::now() < deadline, "the rotation did not finish: {:?}", fed.status);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_generated_root_is_rotated_on_request_and_every_member_ends_on_the_new_root() -> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west"], Options::default()).await?;
@@ -385,24 +417,7 @@ async fn a_generated_root_is_rotated_on_request_and_every_member_ends_on_the_new
 
     let patch = serde_json::json!({"metadata": {"annotations": {"meshfed.io/rotate-root": "2026-11-22"}}});
     f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    let deadline = std::time::Instant::now() + WAIT;
-    let mut waited = false;
-    let fed = loop {
-        assert_everyone_trusts_every_signer(&states(&f, &["east", "west"]).await);
-        let fed = f.federations().get("prod").await?;
-        let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
-        if !waited && trust.rotation_phase.as_deref().is_some_and(|p| p.starts_with("AwaitingWorkloadCertificates")) {
-            waited = true;
-            // Workload certificates (24 h by default) from the old intermediates expire: the clock moves past them.
-            f.clock.advance(Duration::from_secs(24 * 3600 + 6 * 60));
-            f.poke("prod").await?;
-        }
-        if is_ready(&fed) && trust.root_fingerprint.as_ref() != Some(&old) {
-            break fed;
-        }
-        assert!(std::time::Instant::now() < deadline, "the requested rotation did not finish");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let fed = rotate_to_the_end(&f, &["east", "west"], |t| t.root_fingerprint.as_ref() != Some(&old)).await?;
     let new_root = hub_secret(&f, "prod-root-ca").await.unwrap().data.unwrap()["tls.crt"].0.clone();
     let new = meshfed_core::pki::fingerprints(&new_root).remove(0);
     assert_eq!(fed.status.as_ref().unwrap().trust.as_ref().unwrap().root_fingerprint.as_ref(), Some(&new));
@@ -475,27 +490,7 @@ async fn a_brought_root_is_replaced_by_a_generated_one_through_a_rotation() -> a
     // Switched to a generated root: meshfed makes one (no RootMissing: the old root was never a generated one), and
     // the members move to it by a rotation, every one trusting every signer at every sample.
     f.apply(&generated).await?;
-    let deadline = std::time::Instant::now() + WAIT;
-    let mut waited = false;
-    let fed = loop {
-        assert_everyone_trusts_every_signer(&states(&f, &["east", "west"]).await);
-        let fed = f.federations().get("prod").await?;
-        let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
-        if let Some(c) = fed_condition(&fed, "TrustReady") {
-            assert_ne!(c.reason, "RootMissing", "{}", c.message);
-        }
-        if !waited && trust.rotation_phase.as_deref().is_some_and(|p| p.starts_with("AwaitingWorkloadCertificates")) {
-            waited = true;
-            f.clock.advance(Duration::from_secs(24 * 3600 + 6 * 60));
-            f.poke("prod").await?;
-        }
-        if is_ready(&fed) && trust.root_source.as_deref() == Some("generate") {
-            break fed;
-        }
-        assert!(std::time::Instant::now() < deadline, "the rotation to a generated root did not finish");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    assert!(waited, "the old root was dropped without waiting for the workload certificates");
+    let fed = rotate_to_the_end(&f, &["east", "west"], |t| t.root_source.as_deref() == Some("generate")).await?;
     let new_root = hub_secret(&f, "prod-root-ca").await.expect("a generated root").data.unwrap()["tls.crt"].0.clone();
     let new = meshfed_core::pki::fingerprints(&new_root).remove(0);
     assert_eq!(fed.status.unwrap().trust.unwrap().root_fingerprint, Some(new.clone()));
@@ -584,23 +579,7 @@ async fn while_a_member_holds_a_rotation_its_peers_are_renewed_and_a_joiner_sign
     // North is back: the rotation runs to the end, every member trusting every signer at every sample.
     f.env.cluster_mut("north").start().await?;
     let members = ["east", "west", "north", "south"];
-    let deadline = std::time::Instant::now() + WAIT;
-    let mut waited = false;
-    loop {
-        assert_everyone_trusts_every_signer(&states(&f, &members).await);
-        let fed = f.federations().get("prod").await?;
-        let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
-        if !waited && trust.rotation_phase.as_deref().is_some_and(|p| p.starts_with("AwaitingWorkloadCertificates")) {
-            waited = true;
-            f.clock.advance(Duration::from_secs(24 * 3600 + 6 * 60));
-            f.poke("prod").await?;
-        }
-        if is_ready(&fed) && trust.root_fingerprint.as_ref() == Some(&new) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the rotation did not finish: {:?}", fed.status);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    rotate_to_the_end(&f, &members, |t| t.root_fingerprint.as_ref() == Some(&new)).await?;
     for (name, s) in states(&f, &members).await {
         let (ca, roots) = ca_and_roots(&s);
         assert!(meshfed_core::pki::issued_by(ca, &secret["tls.crt"].0), "{name} does not sign with the new root");
