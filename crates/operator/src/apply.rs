@@ -66,8 +66,10 @@ fn api(client: &Client, key: &ObjectKey) -> Api<DynamicObject> {
     }
 }
 
-/// An object as JSON, with the `apiVersion` and `kind` that list items lack.
-fn as_json(kind: &OwnedKind, obj: &DynamicObject) -> Value {
+/// An object as JSON, with the `apiVersion` and `kind` that list items lack, and without `managedFields`, which no
+/// plan reads and which are often the larger part of an object held through a reconcile.
+fn as_json(kind: &OwnedKind, mut obj: DynamicObject) -> Value {
+    obj.metadata.managed_fields = None;
     let mut v = serde_json::to_value(obj).unwrap_or_default();
     v["apiVersion"] = kind.api_version().into();
     v["kind"] = kind.kind.into();
@@ -95,7 +97,7 @@ pub async fn observe(
         let lp = &lp;
         async move {
             match Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind)).list(lp).await {
-                Ok(found) => Ok(Ok(found.items.into_iter().map(|o| (key_of(kind, &o), as_json(kind, &o))).collect())),
+                Ok(found) => Ok(Ok(found.items.into_iter().map(|o| (key_of(kind, &o), as_json(kind, o))).collect())),
                 Err(kube::Error::Api(e)) if e.code == 404 => Ok(Err(*kind)),
                 Err(e) => Err(read_failure(&format!("listing {}s", kind.kind), e)),
             }
@@ -104,7 +106,7 @@ pub async fn observe(
     let reads = by_name.iter().map(|key| async move {
         let found =
             api(client, key).get_opt(&key.name).await.map_err(|e| read_failure(&format!("reading {key}"), e))?;
-        Ok::<_, Failure>(found.map(|o| (key.clone(), as_json(&key.kind, &o))))
+        Ok::<_, Failure>(found.map(|o| (key.clone(), as_json(&key.kind, o))))
     });
     let (lists, reads) = futures::try_join!(try_join_all(lists), try_join_all(reads))?;
     let (lists, unserved): (Vec<Result<Vec<_>, _>>, Vec<_>) = lists.into_iter().partition(Result::is_ok);
@@ -246,7 +248,7 @@ async fn apply(w: &Writer<'_>, key: &ObjectKey, body: &Value) -> Result<Value, F
     api(w.client, key)
         .patch(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
         .await
-        .map(|o| as_json(&key.kind, &o))
+        .map(|o| as_json(&key.kind, o))
         .map_err(|e| write_failure(&format!("applying {key}"), e))
 }
 
