@@ -31,6 +31,21 @@ const WAIT: Duration = Duration::from_secs(60);
 const DISCOVERY_BOUND: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(100);
 
+/// The trust section of a federation with a generated root, as [`prod`] takes it.
+const GENERATED_ROOT: &str = "  trust: {root: {generate: {}}}\n";
+
+/// East and west on networks of their own.
+const NETWORKS: [&str; 2] = ["network1", "network2"];
+
+/// Federation `prod` of the suite: east and west, both Primary, on `networks`, in the suite's Istio namespace;
+/// `spec_lines` (each indented two spaces, newline-terminated) hold its trust and anything else of the spec, and
+/// `west_fields` is appended to west's entry (`, field: value`).
+fn prod(spec_lines: &str, [east, west]: [&str; 2], west_fields: &str) -> String {
+    format!(
+        "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: {NAMESPACE}}}\nspec:\n  meshID: prod\n  istio: {{namespace: {ISTIO_NAMESPACE}}}\n{spec_lines}  clusters:\n  - {{name: east, network: {east}, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: west, network: {west}, kubeconfigSecretRef: {{name: west-kubeconfig}}{west_fields}}}\n"
+    )
+}
+
 /// A converged federation `prod` of east and west, with an istiod running in each Primary.
 struct Mesh {
     f: Fixture,
@@ -46,10 +61,7 @@ impl Mesh {
 
     /// Like [`Mesh::start`], with the clusters started with `options`.
     async fn start_with(east_network: &str, west_network: &str, options: Options) -> anyhow::Result<Self> {
-        Self::from_yaml_with(&format!(
-            "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: {NAMESPACE}}}\nspec:\n  meshID: prod\n  istio: {{namespace: {ISTIO_NAMESPACE}}}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n  - {{name: east, network: {east_network}, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: west, network: {west_network}, kubeconfigSecretRef: {{name: west-kubeconfig}}}}\n"
-        ), options)
-        .await
+        Self::from_yaml_with(&prod(GENERATED_ROOT, [east_network, west_network], ""), options).await
     }
 
     /// The federation `yaml` (members east and west), converged, with an istiod started in each of its Primaries.
@@ -253,11 +265,7 @@ async fn istiod_finds_every_networks_gateway_in_each_exposure_mode() -> anyhow::
     let mesh = Mesh::start("network1", "network2").await?;
     let west = mesh.f.member("west").await?;
     meshfed_testenv::add_node(&west, "w1", &[("gateway", "yes")], &[("ExternalIP", "198.51.100.7")]).await?;
-    let yaml = |gw: &str| {
-        format!(
-            "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: {NAMESPACE}}}\nspec:\n  meshID: prod\n  istio: {{namespace: {ISTIO_NAMESPACE}}}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n  - {{name: east, network: network1, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: west, network: network2, kubeconfigSecretRef: {{name: west-kubeconfig}}, eastWestGateway: {gw}}}\n"
-        )
-    };
+    let yaml = |gw: &str| prod(GENERATED_ROOT, NETWORKS, &format!(", eastWestGateway: {gw}"));
     // Each mode in turn: meshfed converges, then east's istiod must report west's gateway where meshfed says it is
     // (status.clusters[].gatewayAddress and gatewayPort), and nowhere else.
     for gw in [
@@ -547,10 +555,8 @@ async fn an_intermediate_renewal_reaches_istiod_which_serves_a_chain_every_membe
     // Intermediates valid 2h, renewed 116 minutes before expiry: due 4 minutes after issue. The controller's clock is
     // advanced 4.5 minutes, within the 5 minutes new certificates are backdated, so the renewed intermediate is
     // already valid for the API servers and istiod, which keep real time.
-    let mesh = Mesh::from_yaml(&format!(
-        "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: {NAMESPACE}}}\nspec:\n  meshID: prod\n  istio: {{namespace: {ISTIO_NAMESPACE}}}\n  trust: {{root: {{generate: {{}}}}, intermediate: {{validity: 2h, renewBefore: 116m}}}}\n  clusters:\n  - {{name: east, network: network1, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: west, network: network2, kubeconfigSecretRef: {{name: west-kubeconfig}}}}\n"
-    ))
-    .await?;
+    let trust = "  trust: {root: {generate: {}}, intermediate: {validity: 2h, renewBefore: 116m}}\n";
+    let mesh = Mesh::from_yaml(&prod(trust, NETWORKS, "")).await?;
     let members = ["east", "west"];
     let dir = tempfile::tempdir()?;
     let mut initial = BTreeMap::new();
@@ -682,10 +688,8 @@ async fn a_token_refresh_never_drops_the_remote_cluster_or_its_endpoints_from_is
 -> anyhow::Result<()> {
     // Tokens of 10 minutes (the TokenRequest API's shortest), renewed when a third remains: the controller's clock is
     // advanced 7 minutes instead of waiting; the API servers keep real time, so the old token still works.
-    let mesh = Mesh::from_yaml(&format!(
-        "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: {NAMESPACE}}}\nspec:\n  meshID: prod\n  istio: {{namespace: {ISTIO_NAMESPACE}}}\n  trust: {{root: {{generate: {{}}}}}}\n  remoteAccess: {{tokenTTL: 10m}}\n  clusters:\n  - {{name: east, network: network1, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: west, network: network2, kubeconfigSecretRef: {{name: west-kubeconfig}}}}\n"
-    ))
-    .await?;
+    let spec = format!("{GENERATED_ROOT}  remoteAccess: {{tokenTTL: 10m}}\n");
+    let mesh = Mesh::from_yaml(&prod(&spec, NETWORKS, "")).await?;
     create_hellos(&mesh).await?;
     let other = |m: &str| if m == "east" { "west" } else { "east" };
     let sample = async |holder: &str| {
@@ -932,10 +936,7 @@ async fn a_root_rotation_reaches_istiod_which_serves_a_chain_every_member_trusts
     // istiod takes a new root bundle from its files only with ISTIO_MULTIROOT_MESH=true (else it logs "Multi root is
     // disabled, updating new ROOT-CA not supported" and keeps the old one): meshfed sets it in every Primary's
     // Sail values (`pilot.env`), which the test's istiod gets as the Sail operator would give it.
-    let mesh = Mesh::from_yaml(&format!(
-        "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: {NAMESPACE}}}\nspec:\n  meshID: prod\n  istio: {{namespace: {ISTIO_NAMESPACE}}}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n  - {{name: east, network: network1, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: west, network: network2, kubeconfigSecretRef: {{name: west-kubeconfig}}}}\n"
-    ))
-    .await?;
+    let mesh = Mesh::from_yaml(&prod(GENERATED_ROOT, NETWORKS, "")).await?;
     root_rotation_holds_at_every_sample(&mesh).await?;
     Ok(())
 }
