@@ -1,10 +1,13 @@
 //! The one path for everything meshfed owns in a member, for every kind of [`OWNED_KINDS`] alike (built-in or CRD):
-//! observe (list by label, kind by kind), take the claim, apply (server-side, field manager `meshfed`, only where
+//! observe (from the member's watch caches, or a list by label where a cache cannot answer), take the claim, apply (server-side, field manager `meshfed`, only where
 //! the member does not already hold the plan, so a steady state writes nothing) and prune (what is labelled for this
 //! federation and cluster that the plan does not want; cleanup is the prune of an empty plan).
 
 use meshfed_core::conditions::Reason;
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use futures::future::{join_all, try_join_all};
 use k8s_openapi::api::{
@@ -22,13 +25,15 @@ use meshfed_core::{
 use serde_json::Value;
 use tracing::info;
 
-use crate::{members::Member, metrics::Metrics};
+use crate::{members::Member, metrics::Metrics, watches::MemberCache};
 
-/// Who writes where: every write to a member is counted by cluster and kind.
+/// Who writes where: every write to a member is counted by cluster and kind, and recorded in the member's cache so
+/// that the next read waits for it.
 pub struct Writer<'a> {
     pub cluster: &'a str,
     pub metrics: &'a Metrics,
     pub client: &'a Client,
+    pub cache: &'a MemberCache,
 }
 
 /// What a member holds, by key, as JSON: everything labelled for one federation and cluster, and the objects read
@@ -40,6 +45,7 @@ pub type Holdings = BTreeMap<ObjectKey, Value>;
 /// is a node's).
 pub struct Reached {
     pub member: Member,
+    pub cache: Arc<MemberCache>,
     pub held: Holdings,
     pub unserved: BTreeSet<OwnedKind>,
     pub nodes: Vec<Node>,
@@ -68,7 +74,7 @@ fn api(client: &Client, key: &ObjectKey) -> Api<DynamicObject> {
 
 /// An object as JSON, with the `apiVersion` and `kind` that list items lack, and without `managedFields`, which no
 /// plan reads and which are often the larger part of an object held through a reconcile.
-fn as_json(kind: &OwnedKind, mut obj: DynamicObject) -> Value {
+pub(crate) fn as_json(kind: &OwnedKind, mut obj: DynamicObject) -> Value {
     obj.metadata.managed_fields = None;
     let mut v = serde_json::to_value(obj).unwrap_or_default();
     v["apiVersion"] = kind.api_version().into();
@@ -76,7 +82,7 @@ fn as_json(kind: &OwnedKind, mut obj: DynamicObject) -> Value {
     v
 }
 
-fn key_of(kind: &OwnedKind, obj: &DynamicObject) -> ObjectKey {
+pub(crate) fn key_of(kind: &OwnedKind, obj: &DynamicObject) -> ObjectKey {
     ObjectKey {
         kind: *kind,
         namespace: obj.metadata.namespace.clone(),
@@ -84,18 +90,24 @@ fn key_of(kind: &OwnedKind, obj: &DynamicObject) -> ObjectKey {
     }
 }
 
-/// Reads what the member holds of `fref` for `cluster`: every owned kind listed by label, and `by_name` read whatever
-/// their labels; and which kinds the member does not serve (a CRD that is not installed lists as not found).
+/// Reads what the member holds of `fref` for `cluster`: every owned kind by label, from `cache` or else listed, and
+/// `by_name` read whatever their labels; and which kinds the member does not serve (a CRD that is not installed
+/// lists as not found).
 pub async fn observe(
     client: &Client,
+    cache: &MemberCache,
     fref: &FederationRef,
     cluster: &str,
     by_name: &[ObjectKey],
 ) -> Result<(Holdings, BTreeSet<OwnedKind>), Failure> {
+    let labels = fref.owned_labels(cluster);
     let lp = ListParams::default().labels(&fref.selector(cluster));
     let lists = OWNED_KINDS.iter().map(|kind| {
-        let lp = &lp;
+        let (lp, labels) = (&lp, &labels);
         async move {
+            if let Some(held) = cache.held(kind, labels).await {
+                return Ok(Ok(held));
+            }
             match Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind)).list(lp).await {
                 Ok(found) => Ok(Ok(found.items.into_iter().map(|o| (key_of(kind, &o), as_json(kind, o))).collect())),
                 Err(kube::Error::Api(e)) if e.code == 404 => Ok(Err(*kind)),
@@ -245,22 +257,26 @@ pub async fn prune(w: &Writer<'_>, fref: &FederationRef, plan: &MemberPlan, held
 async fn apply(w: &Writer<'_>, key: &ObjectKey, body: &Value) -> Result<Value, Failure> {
     w.metrics.wrote(w.cluster, key.kind.kind, "apply");
     info!(cluster = %w.cluster, object = %key, "applying");
-    api(w.client, key)
+    let now = api(w.client, key)
         .patch(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
         .await
-        .map(|o| as_json(&key.kind, o))
-        .map_err(|e| write_failure(&format!("applying {key}"), e))
+        .map_err(|e| write_failure(&format!("applying {key}"), e))?;
+    w.cache.wrote(key, Some(&now));
+    Ok(as_json(&key.kind, now))
 }
 
 /// Deletes object `key`; one that is already gone counts as deleted.
 async fn delete(w: &Writer<'_>, key: &ObjectKey) -> Result<(), Failure> {
     w.metrics.wrote(w.cluster, key.kind.kind, "delete");
     info!(cluster = %w.cluster, object = %key, "deleting");
-    match api(w.client, key).delete(&key.name, &Default::default()).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-        Err(e) => Err(write_failure(&format!("deleting {key}"), e)),
-    }
+    let last = match api(w.client, key).delete(&key.name, &Default::default()).await {
+        // Gone, unless finalizers hold it: then it stays, marked for deletion, until they let it go.
+        Ok(done) => done.left().filter(|o| o.metadata.deletion_timestamp.is_some()),
+        Err(kube::Error::Api(s)) if s.code == 404 => None,
+        Err(e) => return Err(write_failure(&format!("deleting {key}"), e)),
+    };
+    w.cache.wrote(key, last.as_ref());
+    Ok(())
 }
 
 /// A failed write to a member's API, as a per-member failure.

@@ -215,11 +215,12 @@ impl Timeline {
         self.last = now;
     }
 
-    fn log(&self) {
+    /// Logs the steps and the reason of the `Ready` condition they ended with.
+    fn log(&self, ready: &str) {
         let total: Duration = self.steps.iter().map(|(_, d)| *d).sum();
         let steps: Vec<String> =
             self.steps.iter().map(|(n, d)| format!("{n}={:.1}ms", d.as_secs_f64() * 1e3)).collect();
-        info!(target: "meshfed::timeline", total_ms = total.as_secs_f64() * 1e3, steps = %steps.join(" "), "reconciled");
+        info!(target: "meshfed::timeline", total_ms = total.as_secs_f64() * 1e3, steps = %steps.join(" "), ready, "reconciled");
     }
 }
 
@@ -360,8 +361,9 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     timeline.mark("plan_status");
     report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
     timeline.mark("status");
-    timeline.log();
-    let ready = status.conditions.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+    let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
+    timeline.log(ready.map_or("", |c| &c.reason));
+    let ready = ready.is_some_and(|c| c.status == "True");
     Ok(match (&validation, ready) {
         (Err(_), _) if refused_by_members => Action::requeue(ctx.settings.retry_after),
         // An invalid spec waits for its next edit: retrying cannot fix it.
@@ -517,7 +519,7 @@ async fn apply_wave(
         };
         let plan = member::member_plan(fref, &ctx.hub_id, spec, cluster, facts);
         async move {
-            let w = Writer { cluster: name, metrics: &ctx.metrics, client: &r.member.client };
+            let w = Writer { cluster: name, metrics: &ctx.metrics, client: &r.member.client, cache: &r.cache };
             let work = async {
                 apply::apply_plan(&w, fref, &plan, &mut r.held).await?;
                 if tokens.is_some() {
@@ -623,7 +625,7 @@ async fn observe_member(
         }
     };
     let key = fref.to_string();
-    ctx.watches.ensure(&key, &member.id, &member.version, &member.client);
+    let cache = ctx.watches.ensure(&key, &member.id, &member.version, &member.client);
     if let Some(last) = ctx.backoff.waiting(&key, &member) {
         report.failure = Some(last);
         return (report, None);
@@ -672,8 +674,13 @@ async fn observe_member(
             cluster.is_some_and(|c| spec.clusters.iter().any(|o| o.name != c.name && o.network == c.network));
         let ranges =
             async { if take_claim && shares_network { apply::ranges(&member.client).await } else { Vec::new() } };
-        let (version, identity, observed, nodes, ranges) =
-            futures::join!(probe, identity, apply::observe(&member.client, fref, name, &by_name), nodes, ranges);
+        let (version, identity, observed, nodes, ranges) = futures::join!(
+            probe,
+            identity,
+            apply::observe(&member.client, &cache, fref, name, &by_name),
+            nodes,
+            ranges
+        );
         // The probe's failure says best what is wrong with a member that does not answer.
         report.version = Some(version?.git_version);
         report.identity = identity?.metadata.uid;
@@ -687,7 +694,7 @@ async fn observe_member(
             ));
         }
         if take_claim {
-            let w = Writer { cluster: name, metrics: &ctx.metrics, client: &member.client };
+            let w = Writer { cluster: name, metrics: &ctx.metrics, client: &member.client, cache: &cache };
             apply::claim(&w, fref, &ctx.hub_id, spec, &mut held).await?;
         }
         let claim_ms = asked.elapsed().as_secs_f64() * 1e3 - reads_ms;
@@ -695,7 +702,7 @@ async fn observe_member(
         Ok((held, unserved, nodes, ranges))
     };
     match within(timeout, run).await {
-        Ok((held, unserved, nodes, ranges)) => (report, Some(Reached { member, held, unserved, nodes, ranges })),
+        Ok((held, unserved, nodes, ranges)) => (report, Some(Reached { member, cache, held, unserved, nodes, ranges })),
         Err(f) => {
             warn!(cluster = %name, reason = %f.reason, "{}", f.message);
             ctx.backoff.record(&key, &member, Some(&f), ctx.settings.retry_after, ctx.settings.member_backoff_max);
@@ -711,8 +718,8 @@ async fn observe_member(
 async fn cleanup_member(ctx: &Context, fed: &MeshFederation, name: String, secret: SecretKeyRef) -> MemberReport {
     let fref = federation_ref(fed);
     let (mut report, reached) = observe_member(ctx, &fref, &fed.spec, &name, &secret, false).await;
-    if let Some(Reached { member, held, .. }) = reached {
-        let w = Writer { cluster: &name, metrics: &ctx.metrics, client: &member.client };
+    if let Some(Reached { member, cache, held, .. }) = reached {
+        let w = Writer { cluster: &name, metrics: &ctx.metrics, client: &member.client, cache: &cache };
         match within(ctx.settings.member_timeout, apply::prune(&w, &fref, &MemberPlan::default(), &held)).await {
             Ok(()) => info!(cluster = %name, "member cleaned up"),
             Err(f) => report.failure = Some(f),

@@ -1,29 +1,49 @@
-//! Watches in the members on what meshfed owns there, so that drift (a deleted `cacerts`, an edited remote secret,
-//! a removed network label) triggers a reconcile of the owning federation at once instead of at the next resync.
+//! Watches in the members on what meshfed owns there, for two uses: drift (a deleted `cacerts`, an edited remote
+//! secret, a removed network label) triggers a reconcile of the owning federation at once instead of at the next
+//! resync, and a reconcile reads what a member holds from the watches' caches instead of listing every kind again.
 //!
-//! One metadata-only watch per owned kind per member, filtered by meshfed's `managed-by` label; every event is
-//! mapped by the object's federation labels to that federation. A member's watches start when a reconcile first
-//! reaches it, restart when its kubeconfig Secret changes, and stop when no federation uses the member any more.
+//! One watch per owned kind per member, filtered by meshfed's `managed-by` label, each keeping a cache of what it
+//! saw (without `managedFields`); every event is mapped by the object's federation labels to that federation. A
+//! member's watches start when a reconcile first reaches it, restart when its kubeconfig Secret changes, and stop
+//! when no federation uses the member any more.
+//!
+//! A cache is read only once it shows every write meshfed made there ([`MemberCache::wrote`]): a reconcile never
+//! plans on a cache older than its own writes. A kind whose cache is not ready in time (a watch that fails, a CRD
+//! that is not installed, a lagging watch) is listed instead, as before the caches.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
-use futures::{StreamExt, stream::select_all};
+use futures::{StreamExt, future::join_all};
 use kube::{
-    Api, Client, ResourceExt,
+    Api, Client, Resource, ResourceExt,
     api::DynamicObject,
-    core::PartialObjectMeta,
-    runtime::{WatchStreamExt, reflector::ObjectRef, watcher},
+    runtime::{
+        WatchStreamExt,
+        reflector::{ObjectRef, Store, store::Writer},
+        watcher,
+    },
 };
 use meshfed_api::MeshFederation;
 use meshfed_core::{
-    member::{OWNED_KINDS, OwnedKind},
+    member::{OWNED_KINDS, ObjectKey, OwnedKind},
     plan::{FIELD_MANAGER, LABEL_FEDERATION, LABEL_FEDERATION_NAMESPACE, MANAGED_BY, label_value},
 };
 use prometheus_client::metrics::gauge::Gauge;
-use tokio::{sync::mpsc, task::JoinHandle};
+use serde_json::Value;
+use tokio::{
+    sync::{Notify, mpsc},
+    task::JoinHandle,
+    time::Instant,
+};
+
+use crate::apply::{api_resource, as_json, key_of};
+
+/// How long a read waits for a cache to be listed or to show meshfed's own writes before it lists the kind instead.
+const CACHE_WAIT: Duration = Duration::from_secs(2);
 
 /// The running member watches, and which federation uses which member.
 pub struct MemberWatches {
@@ -40,10 +60,16 @@ type Names = Arc<Mutex<HashMap<(String, String), String>>>;
 
 #[derive(Default)]
 struct State {
-    /// By member id, the Secret version the watches were built from and their task.
-    running: HashMap<String, (String, JoinHandle<()>)>,
+    /// By member id, the Secret version the watches were built from, their cache and their task.
+    running: HashMap<String, Running>,
     /// By federation (`namespace/name`), the ids of the members it uses.
     users: HashMap<String, BTreeSet<String>>,
+}
+
+struct Running {
+    version: String,
+    cache: Arc<MemberCache>,
+    task: JoinHandle<()>,
 }
 
 impl MemberWatches {
@@ -53,22 +79,32 @@ impl MemberWatches {
         (Self { triggers, state: Mutex::default(), names: Names::default(), gauge }, rx)
     }
 
-    /// Makes sure `member`'s watches run on `client`, built from Secret version `version`, for `federation`.
-    pub fn ensure(&self, federation: &str, member: &str, version: &str, client: &Client) {
+    /// Makes sure `member`'s watches run on `client`, built from Secret version `version`, for `federation`;
+    /// returns their cache.
+    pub fn ensure(&self, federation: &str, member: &str, version: &str, client: &Client) -> Arc<MemberCache> {
         if let Some((namespace, name)) = federation.split_once('/') {
             let key = (namespace.to_string(), label_value(name));
             self.names.lock().expect("names lock").insert(key, name.to_string());
         }
         let mut state = self.state.lock().expect("watches lock");
         state.users.entry(federation.into()).or_default().insert(member.into());
-        if state.running.get(member).is_some_and(|(v, task)| v == version && !task.is_finished()) {
-            return;
+        if let Some(r) = state.running.get(member).filter(|r| r.version == version && !r.task.is_finished()) {
+            return r.cache.clone();
         }
-        let task = tokio::spawn(watch_member(client.clone(), self.triggers.clone(), self.names.clone()));
-        if let Some((_, old)) = state.running.insert(member.to_string(), (version.to_string(), task)) {
-            old.abort();
+        let (cache, writers) = MemberCache::new();
+        let task = tokio::spawn(watch_member(
+            client.clone(),
+            cache.clone(),
+            writers,
+            self.triggers.clone(),
+            self.names.clone(),
+        ));
+        let running = Running { version: version.to_string(), cache: cache.clone(), task };
+        if let Some(old) = state.running.insert(member.to_string(), running) {
+            old.task.abort();
         }
         self.gauge.set(state.running.len() as i64);
+        cache
     }
 
     /// Records that `federation` now uses exactly `members` (none once it is gone), and stops the watches of
@@ -84,10 +120,10 @@ impl MemberWatches {
             state.users.insert(federation.into(), members);
         }
         let State { running, users } = &mut *state;
-        running.retain(|member, (_, task)| {
+        running.retain(|member, r| {
             let used = users.values().any(|m| m.contains(member));
             if !used {
-                task.abort();
+                r.task.abort();
             }
             used
         });
@@ -97,42 +133,295 @@ impl MemberWatches {
 
 impl Drop for MemberWatches {
     fn drop(&mut self) {
-        for (_, task) in self.state.lock().expect("watches lock").running.values() {
-            task.abort();
+        for r in self.state.lock().expect("watches lock").running.values() {
+            r.task.abort();
         }
     }
 }
 
-async fn watch_member(client: Client, triggers: mpsc::UnboundedSender<ObjectRef<MeshFederation>>, names: Names) {
+/// What one member's watches have seen of everything meshfed owns there, kind by kind.
+pub struct MemberCache {
+    /// In the order of [`OWNED_KINDS`].
+    kinds: Vec<KindCache>,
+    /// Woken on every watch event.
+    changed: Notify,
+    /// meshfed's own writes that the caches do not show yet.
+    expected: Mutex<HashMap<ObjectKey, Expected>>,
+}
+
+struct KindCache {
+    store: Store<DynamicObject>,
+    state: Mutex<Listing>,
+}
+
+/// Where a kind's watch stands.
+#[derive(Clone, Copy, PartialEq)]
+enum Listing {
+    /// Its first list is under way.
+    Pending,
+    /// Its cache holds what the member holds (as of its last event).
+    Ready,
+    /// Its first list failed (a kind the member does not serve, a credential that may not watch it): not cached.
+    Failed,
+}
+
+/// A write a cache must show before it is read: the object at this resourceVersion or later, or (`gone`) no object.
+struct Expected {
+    version: u64,
+    gone: bool,
+}
+
+impl MemberCache {
+    fn new() -> (Arc<Self>, Vec<Writer<DynamicObject>>) {
+        let writers: Vec<_> = OWNED_KINDS.iter().map(|kind| Writer::new(api_resource(kind))).collect();
+        let kinds = writers.iter().map(|w| KindCache { store: w.as_reader(), state: Mutex::new(Listing::Pending) });
+        let cache = Self { kinds: kinds.collect(), changed: Notify::new(), expected: Mutex::default() };
+        (Arc::new(cache), writers)
+    }
+
+    /// Records that meshfed wrote `key` and the member answered with `now` (`None`: the object is gone). An object
+    /// without meshfed's `managed-by` label leaves the watches' view, so its cache must no longer hold it.
+    pub fn wrote(&self, key: &ObjectKey, now: Option<&DynamicObject>) {
+        let owned = now.is_some_and(|o| o.labels().get(MANAGED_BY).is_some_and(|v| v == FIELD_MANAGER));
+        let version = now.and_then(resource_version).unwrap_or(u64::MAX);
+        let deleting = now.is_some_and(|o| o.meta().deletion_timestamp.is_some());
+        let expected = Expected { version, gone: !owned || deleting };
+        self.expected.lock().expect("expected lock").insert(key.clone(), expected);
+    }
+
+    /// What the member holds of `kind` with every one of `labels`, as JSON by key, once the cache is listed and shows
+    /// meshfed's own writes; `None` when it does not within [`CACHE_WAIT`] (the kind is to be listed).
+    pub async fn held(&self, kind: &OwnedKind, labels: &BTreeMap<String, String>) -> Option<Vec<(ObjectKey, Value)>> {
+        let index = OWNED_KINDS.iter().position(|k| k == kind)?;
+        let cached = &self.kinds[index];
+        let deadline = Instant::now() + CACHE_WAIT;
+        loop {
+            let changed = self.changed.notified();
+            match *cached.state.lock().expect("listing lock") {
+                Listing::Failed => return None,
+                Listing::Ready if self.shows_writes(kind, &cached.store) => break,
+                _ => {}
+            }
+            tokio::time::timeout_at(deadline, changed).await.ok()?;
+        }
+        let matches = |o: &DynamicObject| labels.iter().all(|(k, v)| o.labels().get(k) == Some(v));
+        let found = cached.store.state_filter(|o| matches(o));
+        Some(found.into_iter().map(|o| (key_of(kind, &o), as_json(kind, DynamicObject::clone(&o)))).collect())
+    }
+
+    /// Takes an event of the watch of the kind at `index` (`None`: the watch failed) into its cache.
+    fn saw(&self, index: usize, writer: &mut Writer<DynamicObject>, event: Option<&watcher::Event<DynamicObject>>) {
+        let mut listing = self.kinds[index].state.lock().expect("listing lock");
+        match event {
+            Some(event) => {
+                writer.apply_watcher_event(event);
+                if matches!(event, watcher::Event::InitDone) {
+                    *listing = Listing::Ready;
+                }
+            }
+            // A cache that was listed stays readable while its watch recovers: it still shows meshfed's writes.
+            None if *listing == Listing::Pending => *listing = Listing::Failed,
+            None => {}
+        }
+        drop(listing);
+        self.changed.notify_waiters();
+    }
+
+    /// Whether the cache of `kind` shows every write meshfed made of that kind; forgets the writes it shows.
+    fn shows_writes(&self, kind: &OwnedKind, store: &Store<DynamicObject>) -> bool {
+        let mut expected = self.expected.lock().expect("expected lock");
+        expected.retain(|key, e| {
+            key.kind != *kind || {
+                let name = ObjectRef::new_with(&key.name, api_resource(kind));
+                let cached = store.get(&match &key.namespace {
+                    Some(ns) => name.within(ns),
+                    None => name,
+                });
+                !cached.map_or(e.gone, |o| resource_version(&o).is_some_and(|v| v >= e.version))
+            }
+        });
+        !expected.keys().any(|key| key.kind == *kind)
+    }
+}
+
+fn resource_version(obj: &DynamicObject) -> Option<u64> {
+    obj.meta().resource_version.as_ref()?.parse().ok()
+}
+
+async fn watch_member(
+    client: Client,
+    cache: Arc<MemberCache>,
+    writers: Vec<Writer<DynamicObject>>,
+    triggers: mpsc::UnboundedSender<ObjectRef<MeshFederation>>,
+    names: Names,
+) {
     let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"));
-    let mut all = select_all(OWNED_KINDS.iter().map(|kind| owners(&client, kind, &config, names.clone())));
-    while let Some(owner) = all.next().await {
-        if triggers.send(owner).is_err() {
+    let watches =
+        OWNED_KINDS.iter().zip(writers).enumerate().map(|(index, (kind, writer))| {
+            watch_kind(&client, kind, index, writer, &cache, &config, &triggers, &names)
+        });
+    join_all(watches).await;
+}
+
+/// Keeps the cache of `kind` (at `index`) and sends the federation of every object that changes, until the
+/// controller stops listening.
+#[allow(clippy::too_many_arguments)]
+async fn watch_kind(
+    client: &Client,
+    kind: &OwnedKind,
+    index: usize,
+    mut writer: Writer<DynamicObject>,
+    cache: &MemberCache,
+    config: &watcher::Config,
+    triggers: &mpsc::UnboundedSender<ObjectRef<MeshFederation>>,
+    names: &Names,
+) {
+    let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind));
+    let mut events = watcher(api, config.clone()).default_backoff().boxed();
+    while let Some(event) = events.next().await {
+        let event = event.map(|e| e.modify(|o| o.metadata.managed_fields = None));
+        cache.saw(index, &mut writer, event.as_ref().ok());
+        if let Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o)) = &event
+            && let Some(owner) = owner(o, names)
+            && triggers.send(owner).is_err()
+        {
             return;
         }
     }
 }
 
-/// The federations that the objects of `kind` meshfed owns in a member belong to, as they change.
-fn owners(
-    client: &Client,
-    kind: &OwnedKind,
-    config: &watcher::Config,
-    names: Names,
-) -> futures::stream::BoxStream<'static, ObjectRef<MeshFederation>> {
-    let api = Api::<PartialObjectMeta<DynamicObject>>::all_with(client.clone(), &crate::apply::api_resource(kind));
-    watcher(api, config.clone())
-        .default_backoff()
-        .touched_objects()
-        .filter_map(move |obj| {
-            let owner = obj.ok().and_then(|obj| {
-                let labels = obj.labels();
-                let key = (labels.get(LABEL_FEDERATION_NAMESPACE)?.clone(), labels.get(LABEL_FEDERATION)?.clone());
-                // A short name is its own label; a long one is known from the reconcile that reached this member.
-                let name = names.lock().expect("names lock").get(&key).cloned().unwrap_or_else(|| key.1.clone());
-                Some(ObjectRef::new(&name).within(&key.0))
-            });
-            futures::future::ready(owner)
-        })
-        .boxed()
+/// The federation an object meshfed owns belongs to, from its labels.
+fn owner(obj: &DynamicObject, names: &Names) -> Option<ObjectRef<MeshFederation>> {
+    let labels = obj.labels();
+    let key = (labels.get(LABEL_FEDERATION_NAMESPACE)?.clone(), labels.get(LABEL_FEDERATION)?.clone());
+    // A short name is its own label; a long one is known from the reconcile that reached this member.
+    let name = names.lock().expect("names lock").get(&key).cloned().unwrap_or_else(|| key.1.clone());
+    Some(ObjectRef::new(&name).within(&key.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use meshfed_core::{member::SECRET, plan::FederationRef};
+    use watcher::Event;
+
+    use super::*;
+
+    const SECRETS: usize = 7;
+
+    fn labels(cluster: &str) -> BTreeMap<String, String> {
+        FederationRef { namespace: "mesh".into(), name: "prod".into() }.owned_labels(cluster)
+    }
+
+    fn secret(name: &str, version: u64, cluster: &str) -> DynamicObject {
+        let mut o = DynamicObject::new(name, &api_resource(&SECRET)).within("istio-system");
+        o.metadata.resource_version = Some(version.to_string());
+        o.metadata.labels = Some(labels(cluster));
+        o
+    }
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey { kind: SECRET, namespace: Some("istio-system".into()), name: name.into() }
+    }
+
+    /// The names and versions a read returns, or `None` when it gives up.
+    async fn read(cache: &MemberCache, cluster: &str) -> Option<Vec<(String, String)>> {
+        let held = cache.held(&SECRET, &labels(cluster)).await?;
+        Some(
+            held.into_iter()
+                .map(|(k, v)| (k.name, v["metadata"]["resourceVersion"].as_str().unwrap().into()))
+                .collect(),
+        )
+    }
+
+    fn listed(objects: &[DynamicObject]) -> (Arc<MemberCache>, Writer<DynamicObject>) {
+        assert_eq!(OWNED_KINDS[SECRETS], SECRET);
+        let (cache, writers) = MemberCache::new();
+        let mut writer = writers.into_iter().nth(SECRETS).unwrap();
+        cache.saw(SECRETS, &mut writer, Some(&Event::Init));
+        for o in objects {
+            cache.saw(SECRETS, &mut writer, Some(&Event::InitApply(o.clone())));
+        }
+        cache.saw(SECRETS, &mut writer, Some(&Event::InitDone));
+        (cache, writer)
+    }
+
+    fn pair(name: &str, version: &str) -> (String, String) {
+        (name.into(), version.into())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_returns_only_the_clusters_objects_and_never_a_cache_older_than_meshfeds_own_writes() {
+        let (cache, mut writer) = listed(&[secret("a", 5, "west"), secret("b", 6, "west"), secret("c", 6, "east")]);
+        assert_eq!(read(&cache, "west").await, Some(vec![pair("a", "5"), pair("b", "6")]));
+
+        // meshfed rewrites a (the member answers with version 7) and deletes b: until the watch shows both, a read
+        // waits, and gives up (the kind is then listed) rather than return what meshfed already changed.
+        cache.wrote(&key("a"), Some(&secret("a", 7, "west")));
+        cache.wrote(&key("b"), None);
+        let started = Instant::now();
+        assert_eq!(read(&cache, "west").await, None);
+        assert_eq!(started.elapsed(), CACHE_WAIT);
+
+        // The events come while a read waits: it returns as soon as the cache shows both writes.
+        let events = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            cache.saw(SECRETS, &mut writer, Some(&Event::Apply(secret("a", 7, "west"))));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            cache.saw(SECRETS, &mut writer, Some(&Event::Delete(secret("b", 8, "west"))));
+        };
+        let started = Instant::now();
+        let (held, ()) = tokio::join!(read(&cache, "west"), events);
+        assert_eq!(held, Some(vec![pair("a", "7")]));
+        assert_eq!(started.elapsed(), Duration::from_millis(200));
+
+        // A later change by someone else (version 9) shows too; the writes it follows are forgotten.
+        cache.saw(SECRETS, &mut writer, Some(&Event::Apply(secret("a", 9, "west"))));
+        assert_eq!(read(&cache, "west").await, Some(vec![pair("a", "9")]));
+        assert!(cache.expected.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_object_released_or_held_by_finalizers_is_shown_as_the_member_answered() {
+        let (cache, mut writer) = listed(&[secret("a", 5, "west"), secret("b", 5, "west")]);
+        // Released: meshfed's labels are gone, so the watch drops it.
+        let mut released = secret("a", 6, "west");
+        released.metadata.labels = None;
+        cache.wrote(&key("a"), Some(&released));
+        // Deleted while a finalizer holds it: it stays, marked, at a later version.
+        let mut deleting = secret("b", 7, "west");
+        deleting.metadata.deletion_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH));
+        cache.wrote(&key("b"), Some(&deleting));
+        assert_eq!(read(&cache, "west").await, None, "a at 5 and b at 5 are older than the writes");
+
+        cache.saw(SECRETS, &mut writer, Some(&Event::Delete(released)));
+        cache.saw(SECRETS, &mut writer, Some(&Event::Apply(deleting)));
+        assert_eq!(read(&cache, "west").await, Some(vec![pair("b", "7")]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_read_waits_for_the_first_list_and_gives_up_at_once_on_a_watch_that_failed_it() {
+        let (cache, writers) = MemberCache::new();
+        let mut writer = writers.into_iter().nth(SECRETS).unwrap();
+        let list = async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cache.saw(SECRETS, &mut writer, Some(&Event::Init));
+            cache.saw(SECRETS, &mut writer, Some(&Event::InitApply(secret("a", 5, "west"))));
+            cache.saw(SECRETS, &mut writer, Some(&Event::InitDone));
+        };
+        let (held, ()) = tokio::join!(read(&cache, "west"), list);
+        assert_eq!(held, Some(vec![pair("a", "5")]));
+
+        // Another kind whose first list fails (not served, or not allowed): read at once by a list instead.
+        let (cache, writers) = MemberCache::new();
+        let mut writer = writers.into_iter().nth(SECRETS).unwrap();
+        cache.saw(SECRETS, &mut writer, None);
+        let started = Instant::now();
+        assert_eq!(read(&cache, "west").await, None);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+        // A later list that works makes the cache readable.
+        cache.saw(SECRETS, &mut writer, Some(&Event::Init));
+        cache.saw(SECRETS, &mut writer, Some(&Event::InitDone));
+        assert_eq!(read(&cache, "west").await, Some(vec![]));
+    }
 }

@@ -111,7 +111,9 @@ fn parse_timeline(line: &str) -> Option<Reconciled> {
     let fields = v["fields"].as_object()?;
     // The reconcile's steps, or one member's part in a step (the other fields, as they come).
     let steps = match fields.get("steps") {
-        Some(steps) => steps.as_str()?.to_string(),
+        Some(steps) => {
+            format!("{} ready={}", steps.as_str()?, fields.get("ready").and_then(|r| r.as_str()).unwrap_or("?"))
+        }
         None => fields.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "),
     };
     Some(Reconciled {
