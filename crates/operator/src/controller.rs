@@ -359,8 +359,10 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
         status.clusters.iter().filter_map(|c| Some(member_id(&fref.namespace, c.kubeconfig_secret_ref.as_ref()?)));
     ctx.watches.used_by(&key, in_use.collect());
     timeline.mark("plan_status");
-    report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
+    let said = report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
     timeline.mark("status");
+    publish(ctx, fed, said).await;
+    timeline.mark("events");
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
     timeline.log(ready.map_or("", |c| &c.reason));
     let ready = ready.is_some_and(|c| c.status == "True");
@@ -582,9 +584,7 @@ async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics.members_failed(reports.iter().flat_map(|r| &r.failure));
     let pending: Vec<_> = reports.iter().filter(|r| r.failure.is_some()).cloned().collect();
     if pending.is_empty() {
-        for said in released_announcements(fed, &reports) {
-            publish(ctx, fed, said).await;
-        }
+        publish(ctx, fed, released_announcements(fed, &reports)).await;
         info!("members cleaned up; releasing the finalizer");
         let key = fref.to_string();
         ctx.metrics.forget(&key);
@@ -593,7 +593,8 @@ async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
     }
     let status = plan::deletion_status(fed.status.as_ref(), fed.meta().generation, &pending, ctx.settings.clock.now());
     ctx.metrics.observe_status(&fref.to_string(), &status);
-    report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
+    let said = report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
+    publish(ctx, fed, said).await;
     Err(Error::CleanupPending(pending.iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(", ")))
 }
 
@@ -741,16 +742,16 @@ async fn cleanup_member(ctx: &Context, fed: &MeshFederation, name: String, secre
     }
     report
 }
-/// Patches the status when it differs from what the federation already shows.
+/// Patches the status when it differs from what the federation already shows; returns what is to be said about
+/// the change as Events, after `extra`.
 async fn report(
     fed: &MeshFederation,
     ctx: &Context,
     status: &meshfed_api::MeshFederationStatus,
-    extra: Vec<plan::Announcement>,
-) -> Result<(), Error> {
+    mut extra: Vec<plan::Announcement>,
+) -> Result<Vec<plan::Announcement>, Error> {
     if !plan::status_changed(fed.status.as_ref(), status) {
-        join_all(extra.into_iter().map(|said| publish(ctx, fed, said))).await;
-        return Ok(());
+        return Ok(extra);
     }
     let api: Api<MeshFederation> = Api::namespaced(ctx.hub.clone(), &fed.namespace().unwrap_or_default());
     let patch = json!({
@@ -762,13 +763,18 @@ async fn report(
     api.patch_status(&fed.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
         .await
         .map_err(Error::Status)?;
-    let said = plan::announcements(fed.status.as_ref(), status).into_iter().chain(extra);
-    join_all(said.map(|said| publish(ctx, fed, said))).await;
-    Ok(())
+    let mut said = plan::announcements(fed.status.as_ref(), status);
+    said.append(&mut extra);
+    Ok(said)
+}
+
+/// Publishes Events on the federation, concurrently.
+async fn publish(ctx: &Context, fed: &MeshFederation, said: Vec<plan::Announcement>) {
+    join_all(said.into_iter().map(|said| publish_one(ctx, fed, said))).await;
 }
 
 /// Publishes one Event on the federation; one about a cluster relates to its kubeconfig Secret.
-async fn publish(ctx: &Context, fed: &MeshFederation, said: plan::Announcement) {
+async fn publish_one(ctx: &Context, fed: &MeshFederation, said: plan::Announcement) {
     let secondary = said.kubeconfig.map(|secret| ObjectReference {
         api_version: Some("v1".into()),
         kind: Some("Secret".into()),
