@@ -361,8 +361,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     timeline.mark("plan_status");
     let said = report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
     timeline.mark("status");
-    publish(ctx, fed, said).await;
-    timeline.mark("events");
+    publish(ctx, fed, said);
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
     timeline.log(ready.map_or("", |c| &c.reason));
     let ready = ready.is_some_and(|c| c.status == "True");
@@ -584,7 +583,7 @@ async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
     ctx.metrics.members_failed(reports.iter().flat_map(|r| &r.failure));
     let pending: Vec<_> = reports.iter().filter(|r| r.failure.is_some()).cloned().collect();
     if pending.is_empty() {
-        publish(ctx, fed, released_announcements(fed, &reports)).await;
+        publish(ctx, fed, released_announcements(fed, &reports));
         info!("members cleaned up; releasing the finalizer");
         let key = fref.to_string();
         ctx.metrics.forget(&key);
@@ -594,7 +593,7 @@ async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
     let status = plan::deletion_status(fed.status.as_ref(), fed.meta().generation, &pending, ctx.settings.clock.now());
     ctx.metrics.observe_status(&fref.to_string(), &status);
     let said = report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
-    publish(ctx, fed, said).await;
+    publish(ctx, fed, said);
     Err(Error::CleanupPending(pending.iter().map(|p| p.name.clone()).collect::<Vec<_>>().join(", ")))
 }
 
@@ -768,29 +767,37 @@ async fn report(
     Ok(said)
 }
 
-/// Publishes Events on the federation, concurrently.
-async fn publish(ctx: &Context, fed: &MeshFederation, said: Vec<plan::Announcement>) {
-    join_all(said.into_iter().map(|said| publish_one(ctx, fed, said))).await;
-}
-
-/// Publishes one Event on the federation; one about a cluster relates to its kubeconfig Secret.
-async fn publish_one(ctx: &Context, fed: &MeshFederation, said: plan::Announcement) {
-    let secondary = said.kubeconfig.map(|secret| ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Secret".into()),
-        namespace: fed.namespace(),
-        name: Some(secret.name),
-        ..Default::default()
-    });
-    let event = KubeEvent {
-        type_: if said.warning { EventType::Warning } else { EventType::Normal },
-        reason: said.reason,
-        note: Some(plan::event_note(said.note)),
-        action: "Reconcile".into(),
-        secondary,
-    };
-    // An Event that cannot be written is not worth failing a reconcile over.
-    if let Err(e) = ctx.recorder.publish(&event, &fed.object_ref(&())).await {
-        warn!(error = %e, "cannot publish an Event");
+/// Publishes Events on the federation, concurrently and in the background: a reconcile does not wait for them. One
+/// about a cluster relates to its kubeconfig Secret.
+fn publish(ctx: &Context, fed: &MeshFederation, said: Vec<plan::Announcement>) {
+    if said.is_empty() {
+        return;
     }
+    let events: Vec<KubeEvent> = said
+        .into_iter()
+        .map(|said| KubeEvent {
+            type_: if said.warning { EventType::Warning } else { EventType::Normal },
+            reason: said.reason,
+            note: Some(plan::event_note(said.note)),
+            action: "Reconcile".into(),
+            secondary: said.kubeconfig.map(|secret| ObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Secret".into()),
+                namespace: fed.namespace(),
+                name: Some(secret.name),
+                ..Default::default()
+            }),
+        })
+        .collect();
+    let (recorder, regarding) = (ctx.recorder.clone(), fed.object_ref(&()));
+    let published = async move {
+        join_all(events.iter().map(|event| async {
+            // An Event that cannot be written is not worth failing a reconcile over.
+            if let Err(e) = recorder.publish(event, &regarding).await {
+                warn!(error = %e, "cannot publish an Event");
+            }
+        }))
+        .await;
+    };
+    tokio::spawn(published.in_current_span());
 }
