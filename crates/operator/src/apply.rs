@@ -1,7 +1,8 @@
 //! The one path for everything meshfed owns in a member, for every kind of [`OWNED_KINDS`] alike (built-in or CRD):
-//! observe (from the member's watch caches, or a list by label where a cache cannot answer), take the claim, apply (server-side, field manager `meshfed`, only where
-//! the member does not already hold the plan, so a steady state writes nothing) and prune (what is labelled for this
-//! federation and cluster that the plan does not want; cleanup is the prune of an empty plan).
+//! observe (by label, from the member's watch caches, or a list where a cache cannot answer), take the claim, apply
+//! (server-side, field manager `meshfed`, only where the member does not already hold the plan, so a steady state
+//! writes nothing) and prune (what is labelled for this federation and cluster that the plan does not want; cleanup
+//! is the prune of an empty plan).
 
 use meshfed_core::conditions::Reason;
 use std::{
