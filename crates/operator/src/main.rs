@@ -87,9 +87,20 @@ enum Command {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+fn main() -> anyhow::Result<()> {
+    // glibc gives each thread that allocates an arena of its own (up to 8 per core) and keeps what was freed in each:
+    // most of the operator's resident memory, growing with the members, was freed memory held in those arenas. One
+    // arena, set before the runtime starts its threads, holds it in one place (10 members: 34 -> 28 MiB).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: sets a parameter of glibc's allocator, before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+    }
+    tokio::runtime::Runtime::new()?.block_on(command(Cli::parse().command))
+}
+
+async fn command(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Crd => print!("{}", meshfed_api::crd_yaml()),
         Command::Render { file, cluster } => render(&file, cluster.as_deref())?,
         Command::Check { name, namespace, wait, lease_namespace, output } => {
@@ -158,6 +169,7 @@ async fn main() -> anyhow::Result<()> {
             let settings = Settings { member_timeout: Duration::from_secs(member_timeout), ..Settings::default() };
             let metrics = Metrics::default();
             let controller = controller::run(hub.clone(), settings, metrics.clone());
+            let trim = release_freed_memory(metrics.clone());
             let controller = async {
                 if !leader_elect {
                     return controller.await;
@@ -169,11 +181,32 @@ async fn main() -> anyhow::Result<()> {
             tokio::select! {
                 r = controller => r?,
                 r = metrics.serve(metrics_addr) => r?,
+                () = trim => {}
                 _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; stopping"),
             }
         }
     }
     Ok(())
+}
+
+/// Gives the memory that reconciles freed back to the system, a few seconds after they ran: glibc returns only
+/// the free top of its heap by itself, and keeps the freed pages below it (20 members: 43 -> 39 MiB once converged).
+/// Idle, it only reads a counter.
+async fn release_freed_memory(metrics: Metrics) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    let mut trimmed_after = 0;
+    loop {
+        tick.tick().await;
+        let finished = metrics.reconciles_finished.get();
+        if finished != trimmed_after {
+            trimmed_after = finished;
+            #[cfg(all(target_os = "linux", target_env = "gnu"))]
+            // SAFETY: malloc_trim only returns free pages of glibc's allocator to the system.
+            unsafe {
+                libc::malloc_trim(0);
+            }
+        }
+    }
 }
 
 /// `meshfed render`: the federation in `file`, member by member, as YAML documents.
