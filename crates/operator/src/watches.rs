@@ -323,14 +323,15 @@ mod tests {
         ObjectKey { kind: SECRET, namespace: Some("istio-system".into()), name: name.into() }
     }
 
-    /// The names and versions a read returns, or `None` when it gives up.
+    /// The names and versions a read returns, by name, or `None` when it gives up.
     async fn read(cache: &MemberCache, cluster: &str) -> Option<Vec<(String, String)>> {
         let held = cache.held(&SECRET, &labels(cluster)).await?;
-        Some(
-            held.into_iter()
-                .map(|(k, v)| (k.name, v["metadata"]["resourceVersion"].as_str().unwrap().into()))
-                .collect(),
-        )
+        let mut read: Vec<(String, String)> = held
+            .into_iter()
+            .map(|(k, v)| (k.name, v["metadata"]["resourceVersion"].as_str().unwrap().into()))
+            .collect();
+        read.sort();
+        Some(read)
     }
 
     fn listed(objects: &[DynamicObject]) -> (Arc<MemberCache>, Writer<DynamicObject>) {
