@@ -255,29 +255,24 @@ async fn watch_member(
     triggers: mpsc::UnboundedSender<ObjectRef<MeshFederation>>,
     names: Names,
 ) {
-    let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"));
     let watches =
-        OWNED_KINDS.iter().zip(writers).enumerate().map(|(index, (kind, writer))| {
-            watch_kind(&client, kind, index, writer, &cache, &config, &triggers, &names)
-        });
+        writers.into_iter().enumerate().map(|(index, w)| watch_kind(&client, index, w, &cache, &triggers, &names));
     join_all(watches).await;
 }
 
-/// Keeps the cache of `kind` (at `index`) and sends the federation of every object that changes, until the
-/// controller stops listening.
-#[allow(clippy::too_many_arguments)]
+/// Keeps the cache of the kind at `index` of [`OWNED_KINDS`] and sends the federation of every object that changes,
+/// until the controller stops listening.
 async fn watch_kind(
     client: &Client,
-    kind: &OwnedKind,
     index: usize,
     mut writer: Writer<DynamicObject>,
     cache: &MemberCache,
-    config: &watcher::Config,
     triggers: &mpsc::UnboundedSender<ObjectRef<MeshFederation>>,
     names: &Names,
 ) {
-    let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind));
-    let mut events = watcher(api, config.clone()).default_backoff().boxed();
+    let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource(&OWNED_KINDS[index]));
+    let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"));
+    let mut events = watcher(api, config).default_backoff().boxed();
     while let Some(event) = events.next().await {
         let event = event.map(|e| e.modify(|o| o.metadata.managed_fields = None));
         cache.saw(index, &mut writer, event.as_ref().ok());
