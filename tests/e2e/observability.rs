@@ -123,6 +123,11 @@ async fn the_documented_metrics_are_served_and_follow_the_members_and_logs_name_
     assert!(m.sum("meshfed_member_writes_total") > 0);
     assert!(m.sum("meshfed_status_writes_total") >= 1);
     assert_eq!(m.value("meshfed_member_watches", &[]), Some(2.0));
+    // A reconcile of the converged federation reads its members from the watches' caches: it lists nothing.
+    let lists = m.sum("meshfed_member_lists_total");
+    f.poke_and_wait("prod").await?;
+    let after = Scrape::from(port).await?;
+    assert_eq!(after.sum("meshfed_member_lists_total"), lists, "a steady reconcile listed:\n{}", after.0);
     let root = unix(status.trust.as_ref().unwrap().root_not_after.as_ref());
     assert_eq!(m.value("meshfed_root_expiry_timestamp_seconds", &[FED]), Some(root));
     for c in &status.clusters {

@@ -26,7 +26,11 @@ use meshfed_core::{
 use serde_json::Value;
 use tracing::info;
 
-use crate::{members::Member, metrics::Metrics, watches::MemberCache};
+use crate::{
+    members::Member,
+    metrics::{KindLabels, Metrics},
+    watches::MemberCache,
+};
 
 /// Who writes where: every write to a member is counted by cluster and kind, and recorded in the member's cache so
 /// that the next read waits for it.
@@ -97,6 +101,7 @@ pub(crate) fn key_of(kind: &OwnedKind, obj: &DynamicObject) -> ObjectKey {
 pub async fn observe(
     client: &Client,
     cache: &MemberCache,
+    metrics: &Metrics,
     fref: &FederationRef,
     cluster: &str,
     by_name: &[ObjectKey],
@@ -109,6 +114,7 @@ pub async fn observe(
             if let Some(held) = cache.held(kind, labels).await {
                 return Ok(Ok(held));
             }
+            metrics.member_lists.get_or_create(&KindLabels { kind: kind.kind.into() }).inc();
             match Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind)).list(lp).await {
                 Ok(found) => Ok(Ok(found.items.into_iter().map(|o| (key_of(kind, &o), as_json(kind, o))).collect())),
                 Err(kube::Error::Api(e)) if e.code == 404 => Ok(Err(*kind)),

@@ -677,7 +677,7 @@ async fn observe_member(
         let (version, identity, observed, nodes, ranges) = futures::join!(
             probe,
             identity,
-            apply::observe(&member.client, &cache, fref, name, &by_name),
+            apply::observe(&member.client, &cache, &ctx.metrics, fref, name, &by_name),
             nodes,
             ranges
         );

@@ -38,6 +38,11 @@ pub struct WriteLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct FederationLabels {
     /// `namespace/name` of the federation.
     pub federation: String,
@@ -75,6 +80,7 @@ pub struct Metrics {
     pub intermediate_expiry: Family<MemberLabels, Gauge>,
     pub token_expiry: Family<MemberLabels, Gauge>,
     pub member_watches: Gauge,
+    pub member_lists: Family<KindLabels, Counter>,
     ready: Arc<AtomicBool>,
     writes_total: Arc<AtomicU64>,
     /// The clusters each federation has series for, so that the series of a cluster that left are removed.
@@ -100,6 +106,11 @@ impl Default for Metrics {
         let intermediate_expiry = Family::<MemberLabels, Gauge>::default();
         let token_expiry = Family::<MemberLabels, Gauge>::default();
         let member_watches = Gauge::default();
+        let member_lists = Family::<KindLabels, Counter>::default();
+        // Every kind is served from the start, at zero: a steady state stays there.
+        for kind in meshfed_core::member::OWNED_KINDS {
+            let _ = member_lists.get_or_create(&KindLabels { kind: kind.kind.into() });
+        }
         registry.register("reconciles", "Reconciles of MeshFederations", reconciles.clone());
         registry.register("reconcile_failures", "Failed reconciles, by error category", failures.clone());
         registry.register("reconcile_duration_seconds", "Duration of one reconcile", reconcile_duration.clone());
@@ -144,6 +155,11 @@ impl Default for Metrics {
             "Member clusters whose owned objects meshfed watches for drift",
             member_watches.clone(),
         );
+        registry.register(
+            "member_lists",
+            "Lists of a member's objects, by kind, where its watch's cache could not answer (not listed yet, its list failed, or not showing meshfed's own writes within 2 s)",
+            member_lists.clone(),
+        );
         Self {
             registry: Arc::new(registry),
             reconciles,
@@ -159,6 +175,7 @@ impl Default for Metrics {
             intermediate_expiry,
             token_expiry,
             member_watches,
+            member_lists,
             ready: Arc::default(),
             writes_total: Arc::default(),
             clusters: Arc::default(),

@@ -257,6 +257,7 @@ async fn main() -> Result<()> {
     let m = scrape().await?;
     let (writes, status_writes, reconciles) =
         (m.sum("meshfed_member_writes_total"), m.sum("meshfed_status_writes_total"), m.sum("meshfed_reconciles_total"));
+    let lists = m.sum("meshfed_member_lists_total");
     let (_, peak_converge) = op.memory()?;
 
     // Force resyncs: every annotation change is a watch event and a reconcile with nothing to do.
@@ -312,6 +313,10 @@ async fn main() -> Result<()> {
     println!("member writes to converge:       {writes} ({:.1} per member)", writes as f64 / members as f64);
     println!("status writes to converge:       {status_writes}");
     println!("reconciles to converge:          {reconciles}");
+    println!(
+        "lists (caches could not answer): {lists} to converge, {} in the resyncs",
+        after.sum("meshfed_member_lists_total") - lists
+    );
     println!(
         "writes in {} resyncs (steady):    {} member, {} status",
         args.resyncs,
