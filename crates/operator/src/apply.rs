@@ -96,8 +96,8 @@ pub(crate) fn key_of(kind: &OwnedKind, obj: &DynamicObject) -> ObjectKey {
 }
 
 /// Reads what the member holds of `fref` for `cluster`: every owned kind by label, from `cache` or else listed, and
-/// `by_name` read whatever their labels; and which kinds the member does not serve (a CRD that is not installed
-/// lists as not found).
+/// `by_name` whatever their labels (from `cache` when meshfed labelled them, else read); and which kinds the member
+/// does not serve (a CRD that is not installed lists as not found).
 pub async fn observe(
     client: &Client,
     cache: &MemberCache,
@@ -123,6 +123,10 @@ pub async fn observe(
         }
     });
     let reads = by_name.iter().map(|key| async move {
+        // One that meshfed labelled is in its watch's cache; one it did not label (yet) is read.
+        if let Some(held) = cache.object(key).await {
+            return Ok(Some((key.clone(), held)));
+        }
         let found =
             api(client, key).get_opt(&key.name).await.map_err(|e| read_failure(&format!("reading {key}"), e))?;
         Ok::<_, Failure>(found.map(|o| (key.clone(), as_json(&key.kind, o))))

@@ -192,21 +192,33 @@ impl MemberCache {
     /// What the member holds of `kind` with every one of `labels`, as JSON by key, once the cache is listed and shows
     /// meshfed's own writes; `None` when it does not within [`CACHE_WAIT`] (the kind is to be listed).
     pub async fn held(&self, kind: &OwnedKind, labels: &BTreeMap<String, String>) -> Option<Vec<(ObjectKey, Value)>> {
-        let index = OWNED_KINDS.iter().position(|k| k == kind)?;
-        let cached = &self.kinds[index];
+        let store = self.answering(kind).await?;
+        let found = store.state_filter(|o| labels.iter().all(|(k, v)| o.labels().get(k) == Some(v)));
+        Some(found.into_iter().map(|o| (key_of(kind, &o), as_json(kind, DynamicObject::clone(&o)))).collect())
+    }
+
+    /// Object `key` as JSON, when the cache holds it (it carries meshfed's `managed-by` label), is listed and shows
+    /// meshfed's own writes; `None` otherwise (it is to be read).
+    pub async fn object(&self, key: &ObjectKey) -> Option<Value> {
+        let store = self.answering(&key.kind).await?;
+        let found = store.get(&object_ref(key))?;
+        Some(as_json(&key.kind, DynamicObject::clone(&found)))
+    }
+
+    /// The cache of `kind`, once it is listed and shows meshfed's own writes; `None` when it does not within
+    /// [`CACHE_WAIT`].
+    async fn answering(&self, kind: &OwnedKind) -> Option<&Store<DynamicObject>> {
+        let cached = &self.kinds[OWNED_KINDS.iter().position(|k| k == kind)?];
         let deadline = Instant::now() + CACHE_WAIT;
         loop {
             let changed = self.changed.notified();
             match *cached.state.lock().expect("listing lock") {
                 Listing::Failed => return None,
-                Listing::Ready if self.shows_writes(kind, &cached.store) => break,
+                Listing::Ready if self.shows_writes(kind, &cached.store) => return Some(&cached.store),
                 _ => {}
             }
             tokio::time::timeout_at(deadline, changed).await.ok()?;
         }
-        let matches = |o: &DynamicObject| labels.iter().all(|(k, v)| o.labels().get(k) == Some(v));
-        let found = cached.store.state_filter(|o| matches(o));
-        Some(found.into_iter().map(|o| (key_of(kind, &o), as_json(kind, DynamicObject::clone(&o)))).collect())
     }
 
     /// Takes an event of the watch of the kind at `index` (`None`: the watch failed) into its cache.
@@ -232,15 +244,19 @@ impl MemberCache {
         let mut expected = self.expected.lock().expect("expected lock");
         expected.retain(|key, e| {
             key.kind != *kind || {
-                let name = ObjectRef::new_with(&key.name, api_resource(kind));
-                let cached = store.get(&match &key.namespace {
-                    Some(ns) => name.within(ns),
-                    None => name,
-                });
+                let cached = store.get(&object_ref(key));
                 !cached.map_or(e.gone, |o| resource_version(&o).is_some_and(|v| v >= e.version))
             }
         });
         !expected.keys().any(|key| key.kind == *kind)
+    }
+}
+
+fn object_ref(key: &ObjectKey) -> ObjectRef<DynamicObject> {
+    let name = ObjectRef::new_with(&key.name, api_resource(&key.kind));
+    match &key.namespace {
+        Some(ns) => name.within(ns),
+        None => name,
     }
 }
 
@@ -374,6 +390,18 @@ mod tests {
         cache.saw(SECRETS, &mut writer, Some(&Event::Apply(secret("a", 9, "west"))));
         assert_eq!(read(&cache, "west").await, Some(vec![pair("a", "9")]));
         assert!(cache.expected.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_object_is_read_by_name_from_the_cache_only_when_it_holds_it_as_meshfed_wrote_it() {
+        let (cache, mut writer) = listed(&[secret("a", 5, "west")]);
+        let version = |v: Option<Value>| v.map(|v| v["metadata"]["resourceVersion"].clone());
+        assert_eq!(version(cache.object(&key("a")).await), Some("5".into()));
+        assert_eq!(cache.object(&key("cacerts")).await, None, "not in the cache: it may be there unlabelled");
+        cache.wrote(&key("a"), Some(&secret("a", 7, "west")));
+        assert_eq!(cache.object(&key("a")).await, None, "older than meshfed's write");
+        cache.saw(SECRETS, &mut writer, Some(&Event::Apply(secret("a", 7, "west"))));
+        assert_eq!(version(cache.object(&key("a")).await), Some("7".into()));
     }
 
     #[tokio::test(start_paused = true)]
