@@ -1,7 +1,8 @@
 //! Federations that cannot hurt each other, against real local clusters: a member's Istio namespace belongs to one
 //! federation (its claim, in the member), a second federation naming it is refused there and writes nothing, racing
 //! federations leave one claim, deletion never hangs on a member that holds nothing, a member gone for good can be
-//! released, and a moved Istio namespace leaves nothing behind.
+//! released, and a moved Istio namespace leaves nothing behind. Federations share a member each in its own Istio
+//! namespace and revision; one that asks for another's revision is refused there before it writes anything.
 
 use std::{
     collections::BTreeMap,
@@ -20,12 +21,18 @@ use kube::{
 use meshfed_api::MeshFederation;
 use meshfed_core::member::OWNED_KINDS;
 use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready, put_kubeconfig};
+use meshfed_operator::apply::api_resource;
 use meshfed_testenv::Options;
 
 const WAIT: Duration = Duration::from_secs(60);
 
 /// A federation named `name` over `clusters` (`name:network`), in Istio namespace `istio`.
 fn federation(name: &str, istio: &str, clusters: &[&str]) -> String {
+    federation_of_revision(name, istio, "default", clusters)
+}
+
+/// A federation named `name` over `clusters` (`name:network`), in Istio namespace `istio` with revision `revision`.
+fn federation_of_revision(name: &str, istio: &str, revision: &str, clusters: &[&str]) -> String {
     let members: String = clusters
         .iter()
         .map(|c| {
@@ -36,17 +43,30 @@ fn federation(name: &str, istio: &str, clusters: &[&str]) -> String {
         })
         .collect();
     format!(
-        "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  meshID: {name}\n  istio: {{namespace: {istio}}}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n{members}"
+        "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  meshID: {name}\n  istio: {{namespace: {istio}, revision: {revision}}}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n{members}"
     )
 }
 
 /// Every object meshfed owns in a member (any federation) and that is not being deleted (a namespace stays
 /// terminating without kube-controller-manager), with its resourceVersion.
 async fn owned_versions(member: &Client) -> anyhow::Result<BTreeMap<String, String>> {
-    let lp = ListParams::default().labels("app.kubernetes.io/managed-by=meshfed");
+    versions(member, MANAGED).await
+}
+
+const MANAGED: &str = "app.kubernetes.io/managed-by=meshfed";
+
+/// What [`owned_versions`] finds of federation `name` (in the hub's test namespace).
+async fn versions_of(member: &Client, name: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    versions(member, &format!("{MANAGED},meshfed.io/federation={name},meshfed.io/federation-namespace={NAMESPACE}"))
+        .await
+}
+
+/// Every object of an owned kind with labels `selector` that is not being deleted, with its resourceVersion.
+async fn versions(member: &Client, selector: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    let lp = ListParams::default().labels(selector);
     let mut out = BTreeMap::new();
     for kind in OWNED_KINDS {
-        let ar = meshfed_operator::apply::api_resource(kind);
+        let ar = api_resource(kind);
         for o in Api::<DynamicObject>::all_with(member.clone(), &ar).list(&lp).await?.items {
             if o.metadata.deletion_timestamp.is_some() {
                 continue;
@@ -131,6 +151,54 @@ async fn a_second_federation_is_refused_on_a_claimed_member_and_writes_nothing_t
     let samples = samples.load(Ordering::Relaxed);
     assert!(samples > 10, "prod was sampled ({samples} samples)");
     assert_eq!(not_ready.load(Ordering::Relaxed), 0, "prod stayed Ready=True at every one of {samples} samples");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn federations_share_members_each_in_its_own_istio_namespace_and_revision() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let both = ["east:n1", "west:n2"];
+    f.apply(&federation_of_revision("alpha", "istio-alpha", "alpha", &both)).await?;
+    f.apply(&federation_of_revision("beta", "istio-beta", "beta", &both)).await?;
+    futures::try_join!(f.wait_for("alpha", WAIT, is_ready), f.wait_for("beta", WAIT, is_ready))?;
+    let (east, west) = (f.member("east").await?, f.member("west").await?);
+    for member in [&east, &west] {
+        let istios = Api::<DynamicObject>::all_with(member.clone(), &api_resource(&meshfed_core::member::ISTIO));
+        for (revision, namespace) in [("alpha", "istio-alpha"), ("beta", "istio-beta")] {
+            let istio = istios.get(revision).await?;
+            assert_eq!(istio.data["spec"]["namespace"], namespace);
+            assert_eq!(istio.labels()["meshfed.io/federation"], revision);
+        }
+    }
+    let alpha = [versions_of(&east, "alpha").await?, versions_of(&west, "alpha").await?];
+    assert!(alpha[0].contains_key("Secret istio-alpha/cacerts"), "{:?}", alpha[0]);
+
+    // gamma asks for alpha's revision in its own namespace: refused on east before it writes anything there.
+    f.apply(&federation_of_revision("gamma", "istio-gamma", "alpha", &["east:n1"])).await?;
+    let refused = |fed: &MeshFederation| member_reason(fed, "east").as_deref() == Some("OwnedByAnotherFederation");
+    let gamma = f.wait_for("gamma", WAIT, refused).await?;
+    let east_status = gamma.status.as_ref().unwrap().clusters.iter().find(|c| c.name == "east").unwrap();
+    assert!(east_status.reachable, "a member that refuses a write is still reachable, also while it backs off");
+    let message = &condition(&east_status.conditions, "Ready").unwrap().message;
+    assert!(message.contains("Istio alpha belongs to federation mesh-system/alpha"), "{message}");
+    let gamma_east = versions_of(&east, "gamma").await?;
+    assert_eq!(
+        gamma_east.keys().collect::<Vec<_>>(),
+        ["ConfigMap kube-system/meshfed-claim.istio-gamma"],
+        "only its claim"
+    );
+
+    // Deleting beta and gamma cleans their own objects and touches nothing of alpha's.
+    f.delete("beta").await?;
+    f.delete("gamma").await?;
+    f.wait_gone("beta", Duration::from_secs(20)).await?;
+    f.wait_gone("gamma", Duration::from_secs(20)).await?;
+    for (member, alpha) in [&east, &west].into_iter().zip(alpha) {
+        let left = [versions_of(member, "beta").await?, versions_of(member, "gamma").await?];
+        assert!(left.iter().all(BTreeMap::is_empty), "beta and gamma leave nothing: {left:?}");
+        assert_eq!(versions_of(member, "alpha").await?, alpha, "alpha's objects stay as they were");
+    }
+    assert!(is_ready(&f.federations().get("alpha").await?));
     Ok(())
 }
 

@@ -70,6 +70,16 @@ pub struct IstioSpec {
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub namespace: String,
 
+    /// The Istio revision of the federation's control plane: the name of the Sail `Istio` resource in every member.
+    /// `default` (the default) keeps the usual injection label `istio-injection=enabled` working; with another
+    /// revision, workloads (and the east-west gateway) select the control plane with the label `istio.io/rev:
+    /// <revision>` and istiod's Service is `istiod-<revision>`. Federations that share a cluster (each in its own
+    /// Istio namespace) need different revisions, and each its own `meshConfig.discoverySelectors` in `values`.
+    /// Changing it replaces the control plane in every member, as a changed namespace does.
+    #[serde(default = "default_revision")]
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub revision: String,
+
     /// The Istio version written into each member's Sail `Istio` resource, for example `v1.28.0`. Unset: the Sail
     /// operator's default.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,12 +94,16 @@ pub struct IstioSpec {
 
 impl Default for IstioSpec {
     fn default() -> Self {
-        Self { namespace: default_istio_namespace(), version: None, values: None }
+        Self { namespace: default_istio_namespace(), revision: default_revision(), version: None, values: None }
     }
 }
 
 fn default_istio_namespace() -> String {
     "istio-system".into()
+}
+
+fn default_revision() -> String {
+    "default".into()
 }
 
 /// The mesh's trust: one shared root, one intermediate CA per member (Istio's plugged-in CA, Secret `cacerts`).

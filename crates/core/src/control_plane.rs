@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use meshfed_api::{ClusterRole, ClusterSpec, MeshFederationSpec};
+use meshfed_api::{ClusterRole, ClusterSpec, IstioSpec, MeshFederationSpec};
 use serde_json::{Value, json};
 
 use crate::{
@@ -12,9 +12,17 @@ use crate::{
     plan::{Failure, FederationRef},
 };
 
-/// The name of the `Istio` resource in every member. It is cluster-scoped, and `default` keeps Istio's usual
-/// injection labels working (`istio-injection=enabled` selects the revision named `default`).
-pub const ISTIO_NAME: &str = "default";
+/// The revision whose istiod Service is plain `istiod` and which `istio-injection=enabled` selects.
+pub const DEFAULT_REVISION: &str = "default";
+
+/// The name of istiod's Service in the Istio namespace: `istiod` for the default revision, else
+/// `istiod-<revision>` (as the Sail operator names it).
+pub fn istiod_service(istio: &IstioSpec) -> String {
+    match istio.revision.as_str() {
+        DEFAULT_REVISION => "istiod".into(),
+        revision => format!("istiod-{revision}"),
+    }
+}
 /// On a Remote's Istio namespace: the Primary whose istiod serves it.
 pub const CONTROL_PLANE_CLUSTERS_ANNOTATION: &str = "topology.istio.io/controlPlaneClusters";
 
@@ -64,7 +72,7 @@ pub fn istio(
     let mut body = json!({
         "apiVersion": "sailoperator.io/v1",
         "kind": "Istio",
-        "metadata": {"name": ISTIO_NAME, "labels": fref.owned_labels(&cluster.name)},
+        "metadata": {"name": spec.istio.revision, "labels": fref.owned_labels(&cluster.name)},
         "spec": {"namespace": spec.istio.namespace, "values": values},
     });
     if let Some(version) = &spec.istio.version {
@@ -103,7 +111,8 @@ pub fn istio_ready(observed: Option<&Value>) -> Result<(), Failure> {
         Some(c) if current => Err(Failure::new(
             Reason::IstioNotReady,
             format!(
-                "the Sail operator reports Istio {ISTIO_NAME} not ready ({}): {}",
+                "the Sail operator reports Istio {} not ready ({}): {}",
+                istio["metadata"]["name"].as_str().unwrap_or_default(),
                 c["reason"].as_str().unwrap_or_default(),
                 c["message"].as_str().unwrap_or_default()
             ),
@@ -139,6 +148,16 @@ mod tests {
         assert_eq!(values["global"]["externalIstiod"], true);
         assert_eq!(values["global"]["multiCluster"]["clusterName"], "east");
         assert!(istio["spec"]["profile"].is_null() && istio["spec"]["version"].is_null());
+        assert_eq!(istio["metadata"]["name"], "default", "the default revision");
+    }
+
+    #[test]
+    fn the_revision_names_the_istio_resource_and_istiods_service() {
+        let mut s = spec();
+        assert_eq!(istiod_service(&s.istio), "istiod");
+        s.istio.revision = "mesh1".into();
+        assert_eq!(istio(&fed(), &s, &s.clusters[0], &BTreeMap::new()).unwrap()["metadata"]["name"], "mesh1");
+        assert_eq!(istiod_service(&s.istio), "istiod-mesh1");
     }
 
     #[test]

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 
 use crate::{
     conditions::Reason,
+    control_plane,
     plan::{Failure, FederationRef, NETWORK_LABEL},
     topology::Topology,
 };
@@ -114,6 +115,10 @@ pub fn gateway_objects(fref: &FederationRef, spec: &MeshFederationSpec, cluster:
     let mut pod_labels = selector();
     pod_labels.insert(NETWORK_LABEL.into(), cluster.network.clone());
     pod_labels.insert("sidecar.istio.io/inject".into(), "true".into());
+    if spec.istio.revision != control_plane::DEFAULT_REVISION {
+        // The injector of another revision than `default` selects pods by this label.
+        pod_labels.insert("istio.io/rev".into(), spec.istio.revision.clone());
+    }
     let host_network = gw.expose == ExposeMode::HostNetwork;
     let container_ports: Vec<Value> = ports
         .iter()
@@ -206,7 +211,7 @@ pub fn istio_gateway_configs(
             "metadata": meta(ISTIOD_GATEWAY),
             "spec": {"selector": selector, "servers": [server(15012, "tls-istiod"), server(15017, "tls-istiodwebhook")]},
         })));
-        let istiod = format!("istiod.{ns}.svc.cluster.local");
+        let istiod = format!("{}.{ns}.svc.cluster.local", control_plane::istiod_service(&spec.istio));
         let route = |port: i32, to: i32| json!({"match": [{"port": port, "sniHosts": ["*"]}], "route": [{"destination": {"host": istiod, "port": {"number": to}}}]});
         out.push((
             "VirtualService",
@@ -383,6 +388,27 @@ mod tests {
         assert_eq!(needs, [true, false, false], "only the Primary that serves a Remote");
         let split = spec(&format!("{EAST}\n{}", west.replace("n1", "n2")));
         assert!(split.clusters.iter().all(|c| needs_gateway(&split, c)), "several networks: every cluster");
+    }
+
+    #[test]
+    fn another_revision_than_default_is_selected_by_the_gateway_pods_and_istiods_route() {
+        let remote = "- {name: r, network: n1, role: Remote, controlPlane: east, kubeconfigSecretRef: {name: r}}";
+        let mut s = spec(&format!("{EAST}\n{remote}"));
+        let fref = FederationRef { namespace: "ns".into(), name: "f".into() };
+        let pod_labels = |s: &MeshFederationSpec| {
+            let deployment = gateway_objects(&fref, s, &s.clusters[0]).deployment;
+            deployment.spec.unwrap().template.metadata.unwrap().labels.unwrap()
+        };
+        let istiod_host = |s: &MeshFederationSpec| {
+            let configs = istio_gateway_configs(&fref, s, &s.clusters[0]);
+            let (_, vs) = configs.into_iter().find(|(kind, _)| *kind == "VirtualService").unwrap();
+            vs["spec"]["tls"][0]["route"][0]["destination"]["host"].clone()
+        };
+        assert_eq!(pod_labels(&s).get("istio.io/rev"), None, "the default revision injects by the usual labels");
+        assert_eq!(istiod_host(&s), "istiod.istio-system.svc.cluster.local");
+        s.istio.revision = "mesh1".into();
+        assert_eq!(pod_labels(&s).get("istio.io/rev").map(String::as_str), Some("mesh1"));
+        assert_eq!(istiod_host(&s), "istiod-mesh1.istio-system.svc.cluster.local");
     }
 
     #[test]

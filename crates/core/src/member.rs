@@ -214,9 +214,9 @@ pub fn published_roots_key(namespace: &str) -> ObjectKey {
     ObjectKey { kind: CONFIG_MAP, namespace: Some(namespace.into()), name: "istio-ca-root-cert".into() }
 }
 
-/// The key of a member's Sail `Istio`.
-pub fn istio_key() -> ObjectKey {
-    ObjectKey { kind: ISTIO, namespace: None, name: control_plane::ISTIO_NAME.into() }
+/// The key of a member's Sail `Istio` of `revision`.
+pub fn istio_key(revision: &str) -> ObjectKey {
+    ObjectKey { kind: ISTIO, namespace: None, name: revision.into() }
 }
 
 /// The key of the Istio namespace `namespace`.
@@ -381,7 +381,7 @@ pub fn member_plan(
                 control_plane::istio_ready(facts.istio).err()
             }
             Err(waiting) => {
-                plan.keep.insert(istio_key());
+                plan.keep.insert(istio_key(&spec.istio.revision));
                 Some(waiting)
             }
         }
@@ -648,7 +648,7 @@ mod tests {
         // A Remote holds no remote secrets, so it keeps none either.
         let remote = member_plan(&fed(), "hub", &s, &s.clusters[2], MemberFacts::default());
         // A Remote whose Primary's gateway has no address yet keeps its control plane as it is.
-        assert_eq!(remote.keep, BTreeSet::from([cacerts_key("istio-system"), istio_key()]));
+        assert_eq!(remote.keep, BTreeSet::from([cacerts_key("istio-system"), istio_key("default")]));
     }
 
     #[test]
@@ -665,7 +665,7 @@ mod tests {
             || MemberFacts { gateways: BTreeMap::from([("west".into(), Ok(west.clone()))]), ..Default::default() };
         let istio_of = |s: &MeshFederationSpec| {
             let p = member_plan(&fed(), "hub", s, &s.clusters[0], facts());
-            p.objects.into_iter().find(|d| d.key == istio_key()).unwrap()
+            p.objects.into_iter().find(|d| d.key == istio_key("default")).unwrap()
         };
         let (before, after) = (istio_of(&on_nodes), istio_of(&balanced));
         assert!(!before.body["spec"]["values"]["global"]["meshNetworks"].is_null());
@@ -681,7 +681,7 @@ mod tests {
         let s = spec();
         let istio = |s: &MeshFederationSpec| {
             let p = member_plan(&fed(), "hub", s, &s.clusters[0], MemberFacts::default());
-            p.objects.into_iter().find(|d| d.key == istio_key()).unwrap()
+            p.objects.into_iter().find(|d| d.key == istio_key("default")).unwrap()
         };
         let mut moved = s.clone();
         moved.istio.namespace = "mesh".into();

@@ -180,6 +180,7 @@ pub async fn claim(
             match configmaps.create(&params, &desired).await {
                 Ok(created) => {
                     info!(cluster = %w.cluster, claim = %key, "claimed the Istio namespace");
+                    w.cache.wrote(&key, Some(&created.metadata));
                     created
                 }
                 Err(kube::Error::Api(e)) if e.code == 409 => {
@@ -207,41 +208,40 @@ pub async fn claim(
 }
 
 /// Makes the member hold every object of `plan`, writing only what differs from `held` (updated with what was
-/// written): stage by stage ([`member::apply_stage`]), the objects of a stage concurrently. A failure stops before
-/// the next stage, once every write of its own stage has ended.
+/// written): stage by stage ([`member::apply_stage`]), the objects of a stage concurrently. An object that belongs to
+/// another federation stops the plan before anything is written; a failure stops before the next stage, once every
+/// write of its own stage has ended.
 pub async fn apply_plan(
     w: &Writer<'_>,
     fref: &FederationRef,
     plan: &MemberPlan,
     held: &mut Holdings,
 ) -> Result<(), Failure> {
+    let writes = plan
+        .objects
+        .iter()
+        .map(|desired| match member::write_for(fref, held.get(&desired.key), desired) {
+            Ok(write) => Ok((desired, write)),
+            Err(Foreign { owner }) => Err(Failure::new(
+                Reason::OwnedByAnotherFederation,
+                format!("{} belongs to federation {owner}; meshfed leaves it alone", desired.key),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     for stage in 0..member::APPLY_STAGES {
-        let writes: Vec<_> = plan
-            .objects
+        let stage_writes = writes
             .iter()
-            .filter(|d| member::apply_stage(&d.key.kind) == stage)
-            .map(|desired| {
-                let write = member::write_for(fref, held.get(&desired.key), desired).map_err(|Foreign { owner }| {
-                    Failure::new(
-                        Reason::OwnedByAnotherFederation,
-                        format!("{} belongs to federation {owner}; meshfed leaves it alone", desired.key),
-                    )
-                });
-                async move {
-                    match write? {
-                        Write::Nothing => return Ok(None),
-                        Write::Recreate => delete(w, &desired.key).await?,
-                        Write::Apply => {}
-                    }
-                    Ok(Some((desired.key.clone(), apply(w, &desired.key, &desired.body).await?)))
+            .filter(|(desired, write)| member::apply_stage(&desired.key.kind) == stage && *write != Write::Nothing)
+            .map(|(desired, write)| async move {
+                if *write == Write::Recreate {
+                    delete(w, &desired.key).await?;
                 }
-            })
-            .collect();
+                Ok::<_, Failure>((desired.key.clone(), apply(w, &desired.key, &desired.body).await?))
+            });
         let mut failure = None;
-        for done in join_all(writes).await {
+        for done in join_all(stage_writes).await {
             match done {
-                Ok(Some((key, now))) => _ = held.insert(key, now),
-                Ok(None) => {}
+                Ok((key, now)) => _ = held.insert(key, now),
                 Err(f) => _ = failure.get_or_insert(f),
             }
         }
@@ -272,7 +272,7 @@ async fn apply(w: &Writer<'_>, key: &ObjectKey, body: &Value) -> Result<Value, F
         .patch(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
         .await
         .map_err(|e| write_failure(&format!("applying {key}"), e))?;
-    w.cache.wrote(key, Some(&now));
+    w.cache.wrote(key, Some(&now.metadata));
     Ok(as_json(&key.kind, now))
 }
 
@@ -286,7 +286,7 @@ async fn delete(w: &Writer<'_>, key: &ObjectKey) -> Result<(), Failure> {
         Err(kube::Error::Api(s)) if s.code == 404 => None,
         Err(e) => return Err(write_failure(&format!("deleting {key}"), e)),
     };
-    w.cache.wrote(key, last.as_ref());
+    w.cache.wrote(key, last.as_ref().map(|o| &o.metadata));
     Ok(())
 }
 

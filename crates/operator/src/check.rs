@@ -226,7 +226,7 @@ async fn member_findings(
     out.push(found(
         "control plane",
         name,
-        match istios.get_opt(control_plane::ISTIO_NAME).await {
+        match istios.get_opt(&spec.istio.revision).await {
             Ok(istio) => {
                 let istio = istio.map(|i| serde_json::to_value(i).unwrap_or_default());
                 control_plane::istio_ready(istio.as_ref())

@@ -313,7 +313,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
                 // No token step and no second wave for it: its failure goes into the backoff now.
                 let (r, gone) = (reports.iter().find(|r| r.name == name), reached.remove(&name));
                 if let (Some(r), Some(gone)) = (r, gone) {
-                    ctx.backoff.record(&fref.to_string(), &gone.member, r.failure.as_ref(), base, max);
+                    ctx.backoff.record(&fref.to_string(), &gone.member, r, base, max);
                 }
             }
             let (ttl, timeout) = (valid.durations.token_ttl, ctx.settings.member_timeout);
@@ -331,7 +331,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
                     None => {}
                 }
                 if let Some(m) = reached.get(&r.name) {
-                    ctx.backoff.record(&fref.to_string(), &m.member, r.failure.as_ref(), base, max);
+                    ctx.backoff.record(&fref.to_string(), &m.member, r, base, max);
                 }
             }
             reports.extend(leaving);
@@ -516,7 +516,7 @@ async fn apply_wave(
             remote_secrets,
             gateways: gateways.clone(),
             unserved: r.unserved.clone(),
-            istio: r.held.get(&member::istio_key()),
+            istio: r.held.get(&member::istio_key(&spec.istio.revision)),
         };
         let plan = member::member_plan(fref, &ctx.hub_id, spec, cluster, facts);
         async move {
@@ -626,8 +626,8 @@ async fn observe_member(
     };
     let key = fref.to_string();
     let cache = ctx.watches.ensure(&key, &member.id, &member.version, &member.client);
-    if let Some(last) = ctx.backoff.waiting(&key, &member) {
-        report.failure = Some(last);
+    if let Some((last, reached)) = ctx.backoff.waiting(&key, &member) {
+        (report.failure, report.version) = (Some(last), reached);
         return (report, None);
     }
     // One round trip for everything that does not depend on the rest: the probe, the identity, what the member
@@ -655,6 +655,8 @@ async fn observe_member(
             member::namespace_key(ns),
             member::cacerts_key(ns),
             member::published_roots_key(ns),
+            // Cluster-wide by its revision: another federation's is seen as such, never taken over.
+            member::istio_key(&spec.istio.revision),
         ];
         // A gateway exposed on its nodes is dialled at their addresses.
         let cluster = spec.clusters.iter().find(|c| c.name == name);
@@ -705,8 +707,8 @@ async fn observe_member(
         Ok((held, unserved, nodes, ranges)) => (report, Some(Reached { member, cache, held, unserved, nodes, ranges })),
         Err(f) => {
             warn!(cluster = %name, reason = %f.reason, "{}", f.message);
-            ctx.backoff.record(&key, &member, Some(&f), ctx.settings.retry_after, ctx.settings.member_backoff_max);
             report.failure = Some(f);
+            ctx.backoff.record(&key, &member, &report, ctx.settings.retry_after, ctx.settings.member_backoff_max);
             (report, None)
         }
     }
@@ -725,11 +727,12 @@ async fn cleanup_member(ctx: &Context, fed: &MeshFederation, name: String, secre
             Err(f) => report.failure = Some(f),
         }
         let (base, max) = (ctx.settings.retry_after, ctx.settings.member_backoff_max);
-        ctx.backoff.record(&fref.to_string(), &member, report.failure.as_ref(), base, max);
+        ctx.backoff.record(&fref.to_string(), &member, &report, base, max);
     }
     if report.failure.is_some() {
         let previous = fed.status.as_ref().and_then(|s| s.clusters.iter().find(|c| c.name == name));
-        let never_reached = previous.is_none_or(|c| c.last_seen.is_none());
+        // The status may not show yet that the last reconcile reached it: a report from the backoff says so too.
+        let never_reached = report.version.is_none() && previous.is_none_or(|c| c.last_seen.is_none());
         if never_reached {
             info!(cluster = %name, "never reached: it holds nothing of the federation");
             report.failure = None;

@@ -21,7 +21,10 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 use meshfed_api::SecretKeyRef;
-use meshfed_core::{kubeconfig, plan::Failure};
+use meshfed_core::{
+    kubeconfig,
+    plan::{Failure, MemberReport},
+};
 
 /// A member's client, with the checked kubeconfig it was built from (whose server and CA peers use too).
 #[derive(Clone)]
@@ -170,7 +173,8 @@ pub fn multiplexed_client(config: Config) -> Result<Client, kube::Error> {
 
 /// Backoff for members that fail, per federation (a failure such as a claim held by another federation is one
 /// federation's own): after `n` failures in a row a member is not contacted again for
-/// `base * 2^(n-1)`, at most `max`, and keeps reporting its last failure meanwhile. A success, or a change of its
+/// `base * 2^(n-1)`, at most `max`, and keeps reporting its last failure meanwhile (and, when that contact reached it,
+/// its Kubernetes version: a member that refused a write is still reachable). A success, or a change of its
 /// kubeconfig Secret, ends it. Reconciles that other members trigger meanwhile do not wait on it.
 #[derive(Default)]
 pub struct Backoff {
@@ -182,22 +186,24 @@ struct Failing {
     failures: u32,
     retry_at: Instant,
     last: Failure,
+    /// The member's Kubernetes version, when the failing contact reached it.
+    reached: Option<String>,
 }
 
 impl Backoff {
     /// The failure to report to `federation` instead of contacting `member` (built from Secret `version`), while
-    /// it waits.
-    pub fn waiting(&self, federation: &str, member: &Member) -> Option<Failure> {
+    /// it waits, and the member's Kubernetes version when that failure came from a member that answered.
+    pub fn waiting(&self, federation: &str, member: &Member) -> Option<(Failure, Option<String>)> {
         let failing = self.failing.lock().expect("backoff lock");
         let f = failing.get(&(federation.to_string(), member.id.clone()))?;
-        (f.version == member.version && Instant::now() < f.retry_at).then(|| f.last.clone())
+        (f.version == member.version && Instant::now() < f.retry_at).then(|| (f.last.clone(), f.reached.clone()))
     }
 
-    /// Records how contacting `member` for `federation` went.
-    pub fn record(&self, federation: &str, member: &Member, outcome: Option<&Failure>, base: Duration, max: Duration) {
+    /// Records how contacting `member` for `federation` went, as `report` says.
+    pub fn record(&self, federation: &str, member: &Member, report: &MemberReport, base: Duration, max: Duration) {
         let mut failing = self.failing.lock().expect("backoff lock");
         let key = (federation.to_string(), member.id.clone());
-        let Some(failure) = outcome else {
+        let Some(failure) = &report.failure else {
             failing.remove(&key);
             return;
         };
@@ -206,7 +212,9 @@ impl Backoff {
             _ => 1,
         };
         let retry_at = Instant::now() + delay(failures, base, max);
-        let entry = Failing { version: member.version.clone(), failures, retry_at, last: failure.clone() };
+        let last = failure.clone();
+        let entry =
+            Failing { version: member.version.clone(), failures, retry_at, last, reached: report.version.clone() };
         failing.insert(key, entry);
     }
 }
@@ -237,18 +245,28 @@ mod tests {
         let backoff = Backoff::default();
         let (base, max) = (Duration::from_millis(500), Duration::from_secs(60));
         let down = Failure::new(Reason::Unreachable, "connection refused");
+        let mut report =
+            MemberReport::new("east", &SecretKeyRef { name: "east".into(), key: "kubeconfig".into() }, false);
+        report.failure = Some(down.clone());
         let east = member("uid/1");
         assert_eq!(backoff.waiting("ns/prod", &east), None, "a member that never failed is tried");
-        backoff.record("ns/prod", &east, Some(&down), base, max);
-        assert_eq!(backoff.waiting("ns/prod", &east), Some(down.clone()), "it reports its last failure while it waits");
+        backoff.record("ns/prod", &east, &report, base, max);
+        assert_eq!(backoff.waiting("ns/prod", &east), Some((down.clone(), None)), "it reports its last failure");
         assert_eq!(backoff.waiting("ns/staging", &east), None, "to the federation that saw it fail only");
         assert_eq!(backoff.waiting("ns/prod", &member("uid/2")), None, "a changed kubeconfig Secret is tried at once");
         tokio::time::sleep(base).await;
         assert_eq!(backoff.waiting("ns/prod", &east), None, "tried again once the wait is over");
-        backoff.record("ns/prod", &east, Some(&down), base, max);
+        report.version = Some("v1.34.2".into());
+        backoff.record("ns/prod", &east, &report, base, max);
         tokio::time::sleep(base).await;
-        assert!(backoff.waiting("ns/prod", &east).is_some(), "the second failure in a row waits twice as long");
-        backoff.record("ns/prod", &east, None, base, max);
+        let waiting = backoff.waiting("ns/prod", &east);
+        assert_eq!(
+            waiting,
+            Some((down, Some("v1.34.2".into()))),
+            "twice as long; a member that answered stays reached"
+        );
+        report.failure = None;
+        backoff.record("ns/prod", &east, &report, base, max);
         assert_eq!(backoff.waiting("ns/prod", &east), None, "a success ends the backoff");
     }
 

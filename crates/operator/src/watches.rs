@@ -20,7 +20,7 @@ use std::{
 use futures::{StreamExt, future::join_all};
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::DynamicObject,
+    api::{DynamicObject, ObjectMeta},
     runtime::{
         WatchStreamExt,
         reflector::{ObjectRef, Store, store::Writer},
@@ -181,10 +181,11 @@ impl MemberCache {
 
     /// Records that meshfed wrote `key` and the member answered with `now` (`None`: the object is gone). An object
     /// without meshfed's `managed-by` label leaves the watches' view, so its cache must no longer hold it.
-    pub fn wrote(&self, key: &ObjectKey, now: Option<&DynamicObject>) {
-        let owned = now.is_some_and(|o| o.labels().get(MANAGED_BY).is_some_and(|v| v == FIELD_MANAGER));
-        let version = now.and_then(resource_version).unwrap_or(u64::MAX);
-        let deleting = now.is_some_and(|o| o.meta().deletion_timestamp.is_some());
+    pub fn wrote(&self, key: &ObjectKey, now: Option<&ObjectMeta>) {
+        let owned =
+            now.is_some_and(|m| m.labels.as_ref().and_then(|l| l.get(MANAGED_BY)).is_some_and(|v| v == FIELD_MANAGER));
+        let version = now.and_then(|m| m.resource_version.as_ref()?.parse().ok()).unwrap_or(u64::MAX);
+        let deleting = now.is_some_and(|m| m.deletion_timestamp.is_some());
         let expected = Expected { version, gone: !owned || deleting };
         self.expected.lock().expect("expected lock").insert(key.clone(), expected);
     }
@@ -368,7 +369,7 @@ mod tests {
 
         // meshfed rewrites a (the member answers with version 7) and deletes b: until the watch shows both, a read
         // waits, and gives up (the kind is then listed) rather than return what meshfed already changed.
-        cache.wrote(&key("a"), Some(&secret("a", 7, "west")));
+        cache.wrote(&key("a"), Some(&secret("a", 7, "west").metadata));
         cache.wrote(&key("b"), None);
         let started = Instant::now();
         assert_eq!(read(&cache, "west").await, None);
@@ -398,7 +399,7 @@ mod tests {
         let version = |v: Option<Value>| v.map(|v| v["metadata"]["resourceVersion"].clone());
         assert_eq!(version(cache.object(&key("a")).await), Some("5".into()));
         assert_eq!(cache.object(&key("cacerts")).await, None, "not in the cache: it may be there unlabelled");
-        cache.wrote(&key("a"), Some(&secret("a", 7, "west")));
+        cache.wrote(&key("a"), Some(&secret("a", 7, "west").metadata));
         assert_eq!(cache.object(&key("a")).await, None, "older than meshfed's write");
         cache.saw(SECRETS, &mut writer, Some(&Event::Apply(secret("a", 7, "west"))));
         assert_eq!(version(cache.object(&key("a")).await), Some("7".into()));
@@ -410,12 +411,12 @@ mod tests {
         // Released: meshfed's labels are gone, so the watch drops it.
         let mut released = secret("a", 6, "west");
         released.metadata.labels = None;
-        cache.wrote(&key("a"), Some(&released));
+        cache.wrote(&key("a"), Some(&released.metadata));
         // Deleted while a finalizer holds it: it stays, marked, at a later version.
         let mut deleting = secret("b", 7, "west");
         deleting.metadata.deletion_timestamp =
             Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(jiff::Timestamp::UNIX_EPOCH));
-        cache.wrote(&key("b"), Some(&deleting));
+        cache.wrote(&key("b"), Some(&deleting.metadata));
         assert_eq!(read(&cache, "west").await, None, "a at 5 and b at 5 are older than the writes");
 
         cache.saw(SECRETS, &mut writer, Some(&Event::Delete(released)));
