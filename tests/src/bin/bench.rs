@@ -1,7 +1,7 @@
 //! The benchmark: convergence time against its floor, where the time goes, API writes to converge, API writes of
 //! resyncs when nothing changed (the goal is zero), and the operator's CPU and memory; for N primaries on N
-//! networks, optionally serving R remotes, in one federation or in F federations (each over its own members: a
-//! cluster runs one Istio control plane, so it belongs to one federation).
+//! networks, optionally serving R remotes, in one federation or in F federations: each over its own members, or with
+//! `--shared` all over the same members, each federation in its own Istio namespace and revision.
 //!
 //! It runs the real `meshfed` binary as its own process against a local hub and local members, reads its
 //! `/metrics`, its timeline (one log line per reconcile, with the steps it took and why it ran), and its CPU and
@@ -35,9 +35,12 @@ struct Args {
     /// How many remote clusters (per federation), served by the primaries in turn (each on its primary's network).
     #[arg(long, default_value_t = 0)]
     remotes: usize,
-    /// How many federations, each over its own members.
+    /// How many federations, each over its own members (or, with `--shared`, all over the same ones).
     #[arg(long, default_value_t = 1)]
     federations: usize,
+    /// The federations share their members, each in its own Istio namespace and revision.
+    #[arg(long)]
+    shared: bool,
     /// How many resyncs to force once converged, to count the writes of a steady state.
     #[arg(long, default_value_t = 5)]
     resyncs: u64,
@@ -134,15 +137,20 @@ async fn main() -> Result<()> {
     // Per federation: its name, primaries and remotes.
     let federations: Vec<(String, Vec<String>, Vec<String>)> = (0..args.federations)
         .map(|j| {
-            let (name, prefix) = match args.federations {
-                1 => ("bench".to_string(), String::new()),
-                _ => (format!("bench-{j}"), format!("f{j}")),
+            let (name, prefix) = match (args.federations, args.shared) {
+                (1, _) => ("bench".to_string(), String::new()),
+                (_, true) => (format!("bench-{j}"), String::new()),
+                (_, false) => (format!("bench-{j}"), format!("f{j}")),
             };
             let primaries = (0..args.members).map(|i| format!("{prefix}p{i}")).collect();
             (name, primaries, (0..args.remotes).map(|i| format!("{prefix}r{i}")).collect())
         })
         .collect();
-    let refs: Vec<&str> = federations.iter().flat_map(|(_, p, r)| p.iter().chain(r)).map(String::as_str).collect();
+    let mut refs: Vec<&str> = federations.iter().flat_map(|(_, p, r)| p.iter().chain(r)).map(String::as_str).collect();
+    // Every federation's own cluster counts as one member, whether or not federations share the clusters.
+    let members = refs.len();
+    refs.sort();
+    refs.dedup();
     let started = Instant::now();
     let f = Fixture::clusters(&refs, Options::default()).await?;
     println!("{} members + hub up in {:.1?}", refs.len(), started.elapsed());
@@ -226,6 +234,10 @@ async fn main() -> Result<()> {
     until("the operator's metrics", Duration::from_secs(30), every, async || scrape().await.is_ok()).await?;
 
     let yaml = |name: &str, primaries: &[String], remotes: &[String]| {
+        let istio = match args.shared {
+            true => format!("  istio: {{namespace: istio-{name}, revision: {name}}}\n"),
+            false => String::new(),
+        };
         let clusters: String = primaries
             .iter()
             .map(|n| format!("  - {{name: {n}, network: net-{n}, kubeconfigSecretRef: {{name: {n}-kubeconfig}}}}\n"))
@@ -237,7 +249,7 @@ async fn main() -> Result<()> {
             }))
             .collect();
         format!(
-            "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  meshID: {name}\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n{clusters}"
+            "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  meshID: {name}\n{istio}  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n{clusters}"
         )
     };
     let names: Vec<&String> = federations.iter().map(|(name, _, _)| name).collect();
@@ -278,7 +290,6 @@ async fn main() -> Result<()> {
     let (rss, hwm) = op.memory()?;
     let sockets = op.sockets()?;
 
-    let members = refs.len();
     let ms = |d: Duration| format!("{:.1} ms", d.as_secs_f64() * 1e3);
     println!("\ntimeline of the convergence (reconciles that ended by Ready, time since apply):");
     for r in timeline.lock().expect("timeline lock").iter() {
@@ -292,9 +303,9 @@ async fn main() -> Result<()> {
         "members:                         {members} ({} primaries, {} remotes per federation)",
         args.members, args.remotes
     );
-    println!("federations:                     {}", names.len());
+    println!("federations:                     {} (over {} clusters)", names.len(), refs.len());
     println!("one write (median of 30):        {} (p90 {})", ms(write), ms(latencies[latencies.len() * 9 / 10]));
-    println!("writes at once (this machine):   {} each, over {} writes", ms(per_write), 10 * members);
+    println!("writes at once (this machine):   {} each, over {} writes", ms(per_write), 10 * refs.len());
     // The floor: the dependent writes one after another, or all of meshfed's writes at this machine's throughput,
     // whichever is longer.
     let (chain, total) = (write * CRITICAL_WRITES, per_write * (writes + status_writes) as u32);
