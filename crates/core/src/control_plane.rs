@@ -23,6 +23,7 @@ pub fn istiod_service(istio: &IstioSpec) -> String {
         revision => format!("istiod-{revision}"),
     }
 }
+
 /// On a Remote's Istio namespace: the Primary whose istiod serves it.
 pub const CONTROL_PLANE_CLUSTERS_ANNOTATION: &str = "topology.istio.io/controlPlaneClusters";
 

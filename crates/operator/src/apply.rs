@@ -23,6 +23,7 @@ use meshfed_core::{
     member::{self, ClaimHolder, Foreign, MemberPlan, OWNED_KINDS, ObjectKey, OwnedKind, Prune, Write, claim_holder},
     plan::{FIELD_MANAGER, Failure, FederationRef},
 };
+use serde::Deserialize;
 use serde_json::Value;
 use tracing::info;
 
@@ -41,9 +42,10 @@ pub struct Writer<'a> {
     pub cache: &'a MemberCache,
 }
 
-/// What a member holds, by key, as JSON: everything labelled for one federation and cluster, and the objects read
-/// by name whatever their labels (the Istio namespace and `cacerts`, which may predate meshfed, and the claim).
-pub type Holdings = BTreeMap<ObjectKey, Value>;
+/// What a member holds, by key, as JSON (shared with the member's watch caches): everything labelled for one
+/// federation and cluster, and the objects read by name whatever their labels (the Istio namespace and `cacerts`,
+/// which may predate meshfed, the claim, the `Istio`).
+pub type Holdings = BTreeMap<ObjectKey, Arc<Value>>;
 
 /// A member that answered this reconcile: its client, what it holds of the federation, the kinds of the table its
 /// API does not serve (CRDs not installed), and the nodes its gateway may run on (read where the gateway's address
@@ -87,12 +89,16 @@ pub(crate) fn as_json(kind: &OwnedKind, mut obj: DynamicObject) -> Value {
     v
 }
 
-pub(crate) fn key_of(kind: &OwnedKind, obj: &DynamicObject) -> ObjectKey {
-    ObjectKey {
-        kind: *kind,
-        namespace: obj.metadata.namespace.clone(),
-        name: obj.metadata.name.clone().unwrap_or_default(),
-    }
+/// The key of an object of `kind`, as JSON.
+pub(crate) fn key_of(kind: &OwnedKind, obj: &Value) -> ObjectKey {
+    let meta = |field: &str| obj["metadata"][field].as_str().map(String::from);
+    ObjectKey { kind: *kind, namespace: meta("namespace"), name: meta("name").unwrap_or_default() }
+}
+
+/// An object of `kind` as shared JSON, keyed.
+fn keyed(kind: &OwnedKind, obj: DynamicObject) -> (ObjectKey, Arc<Value>) {
+    let json = as_json(kind, obj);
+    (key_of(kind, &json), Arc::new(json))
 }
 
 /// Reads what the member holds of `fref` for `cluster`: every owned kind by label, from `cache` or else listed, and
@@ -116,7 +122,7 @@ pub async fn observe(
             }
             metrics.member_lists.get_or_create(&KindLabels { kind: kind.kind.into() }).inc();
             match Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind)).list(lp).await {
-                Ok(found) => Ok(Ok(found.items.into_iter().map(|o| (key_of(kind, &o), as_json(kind, o))).collect())),
+                Ok(found) => Ok(Ok(found.items.into_iter().map(|o| keyed(kind, o)).collect())),
                 Err(kube::Error::Api(e)) if e.code == 404 => Ok(Err(*kind)),
                 Err(e) => Err(read_failure(&format!("listing {}s", kind.kind), e)),
             }
@@ -129,7 +135,7 @@ pub async fn observe(
         }
         let found =
             api(client, key).get_opt(&key.name).await.map_err(|e| read_failure(&format!("reading {key}"), e))?;
-        Ok::<_, Failure>(found.map(|o| (key.clone(), as_json(&key.kind, o))))
+        Ok::<_, Failure>(found.map(|o| (key.clone(), Arc::new(as_json(&key.kind, o)))))
     });
     let (lists, reads) = futures::try_join!(try_join_all(lists), try_join_all(reads))?;
     let (lists, unserved): (Vec<Result<Vec<_>, _>>, Vec<_>) = lists.into_iter().partition(Result::is_ok);
@@ -172,7 +178,7 @@ pub async fn claim(
     let desired = member::claim(fref, hub, spec, w.cluster);
     let key = member::claim_key(&spec.istio.namespace);
     let current = match held.get(&key) {
-        Some(v) => serde_json::from_value::<ConfigMap>(v.clone()).unwrap_or_default(),
+        Some(v) => ConfigMap::deserialize(v.as_ref()).unwrap_or_default(),
         None => {
             let configmaps: Api<ConfigMap> = Api::namespaced(w.client.clone(), member::CLAIM_NAMESPACE);
             w.metrics.wrote(w.cluster, "ConfigMap", "create");
@@ -190,7 +196,7 @@ pub async fn claim(
             }
         }
     };
-    held.insert(key.clone(), serde_json::to_value(&current).unwrap_or_default());
+    held.insert(key.clone(), Arc::new(serde_json::to_value(&current).unwrap_or_default()));
     match claim_holder(&current.metadata, fref, hub, w.cluster) {
         // Under another name of this federation: the cluster was renamed; the plan relabels the claim.
         ClaimHolder::Us | ClaimHolder::UsAs(_) => Ok(()),
@@ -220,7 +226,7 @@ pub async fn apply_plan(
     let writes = plan
         .objects
         .iter()
-        .map(|desired| match member::write_for(fref, held.get(&desired.key), desired) {
+        .map(|desired| match member::write_for(fref, held.get(&desired.key).map(Arc::as_ref), desired) {
             Ok(write) => Ok((desired, write)),
             Err(Foreign { owner }) => Err(Failure::new(
                 Reason::OwnedByAnotherFederation,
@@ -255,7 +261,7 @@ pub async fn apply_plan(
 /// Deletes (or, for a namespace meshfed did not create, releases) what `held` has of `fref` and this writer's cluster
 /// that `plan` does not want.
 pub async fn prune(w: &Writer<'_>, fref: &FederationRef, plan: &MemberPlan, held: &Holdings) -> Result<(), Failure> {
-    for p in member::to_prune(fref, w.cluster, plan, held) {
+    for p in member::to_prune(fref, w.cluster, plan, held.iter().map(|(k, v)| (k, v.as_ref()))) {
         match p {
             Prune::Delete(key) => delete(w, &key).await?,
             Prune::Release(key, body) => _ = apply(w, &key, &body).await?,
@@ -265,7 +271,7 @@ pub async fn prune(w: &Writer<'_>, fref: &FederationRef, plan: &MemberPlan, held
 }
 
 /// Server-side applies `body` as object `key`; returns the object as it is now.
-async fn apply(w: &Writer<'_>, key: &ObjectKey, body: &Value) -> Result<Value, Failure> {
+async fn apply(w: &Writer<'_>, key: &ObjectKey, body: &Value) -> Result<Arc<Value>, Failure> {
     w.metrics.wrote(w.cluster, key.kind.kind, "apply");
     info!(cluster = %w.cluster, object = %key, "applying");
     let now = api(w.client, key)
@@ -273,7 +279,7 @@ async fn apply(w: &Writer<'_>, key: &ObjectKey, body: &Value) -> Result<Value, F
         .await
         .map_err(|e| write_failure(&format!("applying {key}"), e))?;
     w.cache.wrote(key, Some(&now.metadata));
-    Ok(as_json(&key.kind, now))
+    Ok(Arc::new(as_json(&key.kind, now)))
 }
 
 /// Deletes object `key`; one that is already gone counts as deleted.
@@ -302,5 +308,5 @@ pub fn read_failure(what: &str, e: kube::Error) -> Failure {
 
 /// A held object as its typed form, if the member holds it.
 pub fn typed<K: serde::de::DeserializeOwned>(held: &Holdings, key: &ObjectKey) -> Option<K> {
-    held.get(key).and_then(|v| serde_json::from_value(v.clone()).ok())
+    held.get(key).and_then(|v| K::deserialize(v.as_ref()).ok())
 }

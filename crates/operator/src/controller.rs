@@ -516,7 +516,7 @@ async fn apply_wave(
             remote_secrets,
             gateways: gateways.clone(),
             unserved: r.unserved.clone(),
-            istio: r.held.get(&member::istio_key(&spec.istio.revision)),
+            istio: r.held.get(&member::istio_key(&spec.istio.revision)).map(Arc::as_ref),
         };
         let plan = member::member_plan(fref, &ctx.hub_id, spec, cluster, facts);
         async move {

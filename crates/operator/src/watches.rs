@@ -3,7 +3,8 @@
 //! resync, and a reconcile reads what a member holds from the watches' caches instead of listing every kind again.
 //!
 //! One watch per owned kind per member, filtered by meshfed's `managed-by` label, each keeping a cache of what it
-//! saw (without `managedFields`); every event is mapped by the object's federation labels to that federation. A
+//! saw, as JSON without `managedFields`, made once per event and shared by every reconcile that reads it; every event
+//! is mapped by the object's federation labels to that federation. A
 //! member's watches start when a reconcile first reaches it, restart when its kubeconfig Secret changes, and stop
 //! when no federation uses the member any more.
 //!
@@ -12,6 +13,7 @@
 //! that is not installed, a lagging watch) is listed instead, as before the caches.
 
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
     time::Duration,
@@ -19,11 +21,11 @@ use std::{
 
 use futures::{StreamExt, future::join_all};
 use kube::{
-    Api, Client, Resource, ResourceExt,
-    api::{DynamicObject, ObjectMeta},
+    Api, Client,
+    api::{ApiResource, DynamicObject, ObjectMeta},
     runtime::{
         WatchStreamExt,
-        reflector::{ObjectRef, Store, store::Writer},
+        reflector::{Lookup, ObjectRef, Store, store::Writer},
         watcher,
     },
 };
@@ -150,8 +152,58 @@ pub struct MemberCache {
 }
 
 struct KindCache {
-    store: Store<DynamicObject>,
+    store: Store<Cached>,
     state: Mutex<Listing>,
+}
+
+/// An object as a watch last showed it, as JSON ([`as_json`]): made once per event, shared by every read.
+#[derive(Clone)]
+struct Cached(Arc<Value>);
+
+impl Cached {
+    fn meta(&self, field: &str) -> Option<Cow<'_, str>> {
+        self.0["metadata"][field].as_str().map(Cow::Borrowed)
+    }
+
+    fn label(&self, key: &str) -> Option<&str> {
+        self.0["metadata"]["labels"][key].as_str()
+    }
+}
+
+impl Lookup for Cached {
+    type DynamicType = ApiResource;
+
+    fn kind(dyntype: &ApiResource) -> Cow<'_, str> {
+        dyntype.kind.as_str().into()
+    }
+
+    fn group(dyntype: &ApiResource) -> Cow<'_, str> {
+        dyntype.group.as_str().into()
+    }
+
+    fn version(dyntype: &ApiResource) -> Cow<'_, str> {
+        dyntype.version.as_str().into()
+    }
+
+    fn plural(dyntype: &ApiResource) -> Cow<'_, str> {
+        dyntype.plural.as_str().into()
+    }
+
+    fn name(&self) -> Option<Cow<'_, str>> {
+        self.meta("name")
+    }
+
+    fn namespace(&self) -> Option<Cow<'_, str>> {
+        self.meta("namespace")
+    }
+
+    fn resource_version(&self) -> Option<Cow<'_, str>> {
+        self.meta("resourceVersion")
+    }
+
+    fn uid(&self) -> Option<Cow<'_, str>> {
+        self.meta("uid")
+    }
 }
 
 /// Where a kind's watch stands.
@@ -172,7 +224,7 @@ struct Expected {
 }
 
 impl MemberCache {
-    fn new() -> (Arc<Self>, Vec<Writer<DynamicObject>>) {
+    fn new() -> (Arc<Self>, Vec<Writer<Cached>>) {
         let writers: Vec<_> = OWNED_KINDS.iter().map(|kind| Writer::new(api_resource(kind))).collect();
         let kinds = writers.iter().map(|w| KindCache { store: w.as_reader(), state: Mutex::new(Listing::Pending) });
         let cache = Self { kinds: kinds.collect(), changed: Notify::new(), expected: Mutex::default() };
@@ -192,23 +244,26 @@ impl MemberCache {
 
     /// What the member holds of `kind` with every one of `labels`, as JSON by key, once the cache is listed and shows
     /// meshfed's own writes; `None` when it does not within [`CACHE_WAIT`] (the kind is to be listed).
-    pub async fn held(&self, kind: &OwnedKind, labels: &BTreeMap<String, String>) -> Option<Vec<(ObjectKey, Value)>> {
+    pub async fn held(
+        &self,
+        kind: &OwnedKind,
+        labels: &BTreeMap<String, String>,
+    ) -> Option<Vec<(ObjectKey, Arc<Value>)>> {
         let store = self.answering(kind).await?;
-        let found = store.state_filter(|o| labels.iter().all(|(k, v)| o.labels().get(k) == Some(v)));
-        Some(found.into_iter().map(|o| (key_of(kind, &o), as_json(kind, DynamicObject::clone(&o)))).collect())
+        let found = store.state_filter(|o| labels.iter().all(|(k, v)| o.label(k) == Some(v)));
+        Some(found.into_iter().map(|o| (key_of(kind, &o.0), o.0.clone())).collect())
     }
 
     /// Object `key` as JSON, when the cache holds it (it carries meshfed's `managed-by` label), is listed and shows
     /// meshfed's own writes; `None` otherwise (it is to be read).
-    pub async fn object(&self, key: &ObjectKey) -> Option<Value> {
+    pub async fn object(&self, key: &ObjectKey) -> Option<Arc<Value>> {
         let store = self.answering(&key.kind).await?;
-        let found = store.get(&object_ref(key))?;
-        Some(as_json(&key.kind, DynamicObject::clone(&found)))
+        Some(store.get(&object_ref(key))?.0.clone())
     }
 
     /// The cache of `kind`, once it is listed and shows meshfed's own writes; `None` when it does not within
     /// [`CACHE_WAIT`].
-    async fn answering(&self, kind: &OwnedKind) -> Option<&Store<DynamicObject>> {
+    async fn answering(&self, kind: &OwnedKind) -> Option<&Store<Cached>> {
         let cached = &self.kinds[OWNED_KINDS.iter().position(|k| k == kind)?];
         let deadline = Instant::now() + CACHE_WAIT;
         loop {
@@ -223,11 +278,19 @@ impl MemberCache {
     }
 
     /// Takes an event of the watch of the kind at `index` (`None`: the watch failed) into its cache.
-    fn saw(&self, index: usize, writer: &mut Writer<DynamicObject>, event: Option<&watcher::Event<DynamicObject>>) {
+    fn saw(&self, index: usize, writer: &mut Writer<Cached>, event: Option<watcher::Event<DynamicObject>>) {
+        let json = |o| Cached(Arc::new(as_json(&OWNED_KINDS[index], o)));
+        let event = event.map(|e| match e {
+            watcher::Event::Apply(o) => watcher::Event::Apply(json(o)),
+            watcher::Event::Delete(o) => watcher::Event::Delete(json(o)),
+            watcher::Event::Init => watcher::Event::Init,
+            watcher::Event::InitApply(o) => watcher::Event::InitApply(json(o)),
+            watcher::Event::InitDone => watcher::Event::InitDone,
+        });
         let mut listing = self.kinds[index].state.lock().expect("listing lock");
         match event {
             Some(event) => {
-                writer.apply_watcher_event(event);
+                writer.apply_watcher_event(&event);
                 if matches!(event, watcher::Event::InitDone) {
                     *listing = Listing::Ready;
                 }
@@ -241,19 +304,19 @@ impl MemberCache {
     }
 
     /// Whether the cache of `kind` shows every write meshfed made of that kind; forgets the writes it shows.
-    fn shows_writes(&self, kind: &OwnedKind, store: &Store<DynamicObject>) -> bool {
+    fn shows_writes(&self, kind: &OwnedKind, store: &Store<Cached>) -> bool {
         let mut expected = self.expected.lock().expect("expected lock");
         expected.retain(|key, e| {
             key.kind != *kind || {
                 let cached = store.get(&object_ref(key));
-                !cached.map_or(e.gone, |o| resource_version(&o).is_some_and(|v| v >= e.version))
+                !cached.map_or(e.gone, |o| o.meta("resourceVersion").and_then(|v| v.parse().ok()) >= Some(e.version))
             }
         });
         !expected.keys().any(|key| key.kind == *kind)
     }
 }
 
-fn object_ref(key: &ObjectKey) -> ObjectRef<DynamicObject> {
+fn object_ref(key: &ObjectKey) -> ObjectRef<Cached> {
     let name = ObjectRef::new_with(&key.name, api_resource(&key.kind));
     match &key.namespace {
         Some(ns) => name.within(ns),
@@ -261,14 +324,10 @@ fn object_ref(key: &ObjectKey) -> ObjectRef<DynamicObject> {
     }
 }
 
-fn resource_version(obj: &DynamicObject) -> Option<u64> {
-    obj.meta().resource_version.as_ref()?.parse().ok()
-}
-
 async fn watch_member(
     client: Client,
     cache: Arc<MemberCache>,
-    writers: Vec<Writer<DynamicObject>>,
+    writers: Vec<Writer<Cached>>,
     triggers: mpsc::UnboundedSender<ObjectRef<MeshFederation>>,
     names: Names,
 ) {
@@ -282,7 +341,7 @@ async fn watch_member(
 async fn watch_kind(
     client: &Client,
     index: usize,
-    mut writer: Writer<DynamicObject>,
+    mut writer: Writer<Cached>,
     cache: &MemberCache,
     triggers: &mpsc::UnboundedSender<ObjectRef<MeshFederation>>,
     names: &Names,
@@ -291,10 +350,13 @@ async fn watch_kind(
     let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"));
     let mut events = watcher(api, config).default_backoff().boxed();
     while let Some(event) = events.next().await {
-        let event = event.map(|e| e.modify(|o| o.metadata.managed_fields = None));
-        cache.saw(index, &mut writer, event.as_ref().ok());
-        if let Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o)) = &event
-            && let Some(owner) = owner(o, names)
+        let owner = match &event {
+            Ok(watcher::Event::Apply(o) | watcher::Event::Delete(o) | watcher::Event::InitApply(o)) => owner(o, names),
+            _ => None,
+        };
+        // Into the cache first: the reconcile it triggers reads it.
+        cache.saw(index, &mut writer, event.ok());
+        if let Some(owner) = owner
             && triggers.send(owner).is_err()
         {
             return;
@@ -304,7 +366,7 @@ async fn watch_kind(
 
 /// The federation an object meshfed owns belongs to, from its labels.
 fn owner(obj: &DynamicObject, names: &Names) -> Option<ObjectRef<MeshFederation>> {
-    let labels = obj.labels();
+    let labels = obj.metadata.labels.as_ref()?;
     let key = (labels.get(LABEL_FEDERATION_NAMESPACE)?.clone(), labels.get(LABEL_FEDERATION)?.clone());
     // A short name is its own label; a long one is known from the reconcile that reached this member.
     let name = names.lock().expect("names lock").get(&key).cloned().unwrap_or_else(|| key.1.clone());
@@ -346,15 +408,15 @@ mod tests {
         Some(read)
     }
 
-    fn listed(objects: &[DynamicObject]) -> (Arc<MemberCache>, Writer<DynamicObject>) {
+    fn listed(objects: &[DynamicObject]) -> (Arc<MemberCache>, Writer<Cached>) {
         assert_eq!(OWNED_KINDS[SECRETS], SECRET);
         let (cache, writers) = MemberCache::new();
         let mut writer = writers.into_iter().nth(SECRETS).unwrap();
-        cache.saw(SECRETS, &mut writer, Some(&Event::Init));
+        cache.saw(SECRETS, &mut writer, Some(Event::Init));
         for o in objects {
-            cache.saw(SECRETS, &mut writer, Some(&Event::InitApply(o.clone())));
+            cache.saw(SECRETS, &mut writer, Some(Event::InitApply(o.clone())));
         }
-        cache.saw(SECRETS, &mut writer, Some(&Event::InitDone));
+        cache.saw(SECRETS, &mut writer, Some(Event::InitDone));
         (cache, writer)
     }
 
@@ -378,9 +440,9 @@ mod tests {
         // The events come while a read waits: it returns as soon as the cache shows both writes.
         let events = async {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            cache.saw(SECRETS, &mut writer, Some(&Event::Apply(secret("a", 7, "west"))));
+            cache.saw(SECRETS, &mut writer, Some(Event::Apply(secret("a", 7, "west"))));
             tokio::time::sleep(Duration::from_millis(100)).await;
-            cache.saw(SECRETS, &mut writer, Some(&Event::Delete(secret("b", 8, "west"))));
+            cache.saw(SECRETS, &mut writer, Some(Event::Delete(secret("b", 8, "west"))));
         };
         let started = Instant::now();
         let (held, ()) = tokio::join!(read(&cache, "west"), events);
@@ -388,7 +450,7 @@ mod tests {
         assert_eq!(started.elapsed(), Duration::from_millis(200));
 
         // A later change by someone else (version 9) shows too; the writes it follows are forgotten.
-        cache.saw(SECRETS, &mut writer, Some(&Event::Apply(secret("a", 9, "west"))));
+        cache.saw(SECRETS, &mut writer, Some(Event::Apply(secret("a", 9, "west"))));
         assert_eq!(read(&cache, "west").await, Some(vec![pair("a", "9")]));
         assert!(cache.expected.lock().unwrap().is_empty());
     }
@@ -396,12 +458,12 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_object_is_read_by_name_from_the_cache_only_when_it_holds_it_as_meshfed_wrote_it() {
         let (cache, mut writer) = listed(&[secret("a", 5, "west")]);
-        let version = |v: Option<Value>| v.map(|v| v["metadata"]["resourceVersion"].clone());
+        let version = |v: Option<Arc<Value>>| v.map(|v| v["metadata"]["resourceVersion"].clone());
         assert_eq!(version(cache.object(&key("a")).await), Some("5".into()));
         assert_eq!(cache.object(&key("cacerts")).await, None, "not in the cache: it may be there unlabelled");
         cache.wrote(&key("a"), Some(&secret("a", 7, "west").metadata));
         assert_eq!(cache.object(&key("a")).await, None, "older than meshfed's write");
-        cache.saw(SECRETS, &mut writer, Some(&Event::Apply(secret("a", 7, "west"))));
+        cache.saw(SECRETS, &mut writer, Some(Event::Apply(secret("a", 7, "west"))));
         assert_eq!(version(cache.object(&key("a")).await), Some("7".into()));
     }
 
@@ -419,8 +481,8 @@ mod tests {
         cache.wrote(&key("b"), Some(&deleting.metadata));
         assert_eq!(read(&cache, "west").await, None, "a at 5 and b at 5 are older than the writes");
 
-        cache.saw(SECRETS, &mut writer, Some(&Event::Delete(released)));
-        cache.saw(SECRETS, &mut writer, Some(&Event::Apply(deleting)));
+        cache.saw(SECRETS, &mut writer, Some(Event::Delete(released)));
+        cache.saw(SECRETS, &mut writer, Some(Event::Apply(deleting)));
         assert_eq!(read(&cache, "west").await, Some(vec![pair("b", "7")]));
     }
 
@@ -430,9 +492,9 @@ mod tests {
         let mut writer = writers.into_iter().nth(SECRETS).unwrap();
         let list = async {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            cache.saw(SECRETS, &mut writer, Some(&Event::Init));
-            cache.saw(SECRETS, &mut writer, Some(&Event::InitApply(secret("a", 5, "west"))));
-            cache.saw(SECRETS, &mut writer, Some(&Event::InitDone));
+            cache.saw(SECRETS, &mut writer, Some(Event::Init));
+            cache.saw(SECRETS, &mut writer, Some(Event::InitApply(secret("a", 5, "west"))));
+            cache.saw(SECRETS, &mut writer, Some(Event::InitDone));
         };
         let (held, ()) = tokio::join!(read(&cache, "west"), list);
         assert_eq!(held, Some(vec![pair("a", "5")]));
@@ -445,8 +507,8 @@ mod tests {
         assert_eq!(read(&cache, "west").await, None);
         assert_eq!(started.elapsed(), Duration::ZERO);
         // A later list that works makes the cache readable.
-        cache.saw(SECRETS, &mut writer, Some(&Event::Init));
-        cache.saw(SECRETS, &mut writer, Some(&Event::InitDone));
+        cache.saw(SECRETS, &mut writer, Some(Event::Init));
+        cache.saw(SECRETS, &mut writer, Some(Event::InitDone));
         assert_eq!(read(&cache, "west").await, Some(vec![]));
     }
 }
