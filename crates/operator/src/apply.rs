@@ -133,9 +133,13 @@ pub async fn observe(
         if let Some(held) = cache.object(key).await {
             return Ok(Some((key.clone(), held)));
         }
-        let found =
-            api(client, key).get_opt(&key.name).await.map_err(|e| read_failure(&format!("reading {key}"), e))?;
-        Ok::<_, Failure>(found.map(|o| (key.clone(), Arc::new(as_json(&key.kind, o)))))
+        let found = match api(client, key).get_opt(&key.name).await {
+            Ok(found) => found,
+            // A kind the member does not serve (a CRD not installed) holds nothing.
+            Err(kube::Error::Api(e)) if e.code == 404 => None,
+            Err(e) => return Err(read_failure(&format!("reading {key}"), e)),
+        };
+        Ok(found.map(|o| (key.clone(), Arc::new(as_json(&key.kind, o)))))
     });
     let (lists, reads) = futures::try_join!(try_join_all(lists), try_join_all(reads))?;
     let (lists, unserved): (Vec<Result<Vec<_>, _>>, Vec<_>) = lists.into_iter().partition(Result::is_ok);
