@@ -11,9 +11,17 @@ use std::{
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
-use meshfed_core::remote;
+use kube::{
+    Api, Client,
+    api::{DynamicObject, ListParams},
+};
+use meshfed_core::{
+    member::OWNED_KINDS,
+    plan::{FIELD_MANAGER, MANAGED_BY},
+    remote,
+};
 use meshfed_e2e::{Fixture, Scrape, example, http_get, is_ready};
+use meshfed_operator::apply::api_resource;
 use meshfed_testenv::Options;
 use serde_json::Value;
 
@@ -78,6 +86,17 @@ async fn settled(port: u16, done: impl Fn(&Scrape) -> bool) -> anyhow::Result<Sc
     }
 }
 
+/// How many kinds of the table `member` holds objects of, labelled as meshfed's.
+async fn kinds_held(member: &Client) -> anyhow::Result<usize> {
+    let owned = ListParams::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}")).limit(1);
+    let mut held = 0;
+    for kind in OWNED_KINDS {
+        let api = Api::<DynamicObject>::all_with(member.clone(), &api_resource(kind));
+        held += usize::from(!api.list(&owned).await?.items.is_empty());
+    }
+    Ok(held)
+}
+
 fn unix(rfc3339: Option<&String>) -> f64 {
     rfc3339.expect("a timestamp in status").parse::<Timestamp>().unwrap().as_second() as f64
 }
@@ -123,6 +142,10 @@ async fn the_documented_metrics_are_served_and_follow_the_members_and_logs_name_
     assert!(m.sum("meshfed_member_writes_total") > 0);
     assert!(m.sum("meshfed_status_writes_total") >= 1);
     assert_eq!(m.value("meshfed_member_watches", &[]), Some(2.0));
+    // Only the kinds a member holds are watched (a multi-network primary holds no VirtualService).
+    let held = kinds_held(&f.member("east").await?).await? + kinds_held(&f.member("west").await?).await?;
+    assert!(held < 2 * OWNED_KINDS.len(), "{held} kinds held");
+    settled(port, |m| m.value("meshfed_kind_watches", &[]) == Some(held as f64)).await?;
     // A reconcile of the converged federation reads its members from the watches' caches: it lists nothing.
     let lists = m.sum("meshfed_member_lists_total");
     f.poke_and_wait("prod").await?;

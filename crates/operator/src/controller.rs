@@ -128,7 +128,7 @@ pub async fn run(hub: Client, settings: Settings, metrics: Metrics) -> anyhow::R
         .uid
         .unwrap_or_default();
     metrics.set_ready();
-    let (watches, triggers) = MemberWatches::new(metrics.member_watches.clone());
+    let (watches, triggers) = MemberWatches::new(metrics.member_watches.clone(), metrics.kind_watches.clone());
     let triggers = futures::stream::unfold(triggers, |mut rx| async { rx.recv().await.map(|t| (t, rx)) });
     let recorder = Recorder::new(hub.clone(), Reporter { controller: "meshfed".into(), instance: None });
     let ctx = Arc::new(Context {

@@ -80,6 +80,7 @@ pub struct Metrics {
     pub intermediate_expiry: Family<MemberLabels, Gauge>,
     pub token_expiry: Family<MemberLabels, Gauge>,
     pub member_watches: Gauge,
+    pub kind_watches: Gauge,
     pub member_lists: Family<KindLabels, Counter>,
     ready: Arc<AtomicBool>,
     writes_total: Arc<AtomicU64>,
@@ -106,6 +107,7 @@ impl Default for Metrics {
         let intermediate_expiry = Family::<MemberLabels, Gauge>::default();
         let token_expiry = Family::<MemberLabels, Gauge>::default();
         let member_watches = Gauge::default();
+        let kind_watches = Gauge::default();
         let member_lists = Family::<KindLabels, Counter>::default();
         // Every kind is served from the start, at zero: a steady state stays there.
         for kind in meshfed_core::member::OWNED_KINDS {
@@ -156,6 +158,11 @@ impl Default for Metrics {
             member_watches.clone(),
         );
         registry.register(
+            "kind_watches",
+            "Watches open on member clusters: one per kind a member holds of meshfed's, or is written",
+            kind_watches.clone(),
+        );
+        registry.register(
             "member_lists",
             "Lists of a member's objects, by kind, where its watch's cache could not answer (not listed yet, its list failed, or not showing meshfed's own writes within 2 s)",
             member_lists.clone(),
@@ -175,6 +182,7 @@ impl Default for Metrics {
             intermediate_expiry,
             token_expiry,
             member_watches,
+            kind_watches,
             member_lists,
             ready: Arc::default(),
             writes_total: Arc::default(),

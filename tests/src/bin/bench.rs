@@ -1,6 +1,6 @@
 //! The benchmark: convergence time against its floor, where the time goes, API writes to converge, API writes of
 //! resyncs when nothing changed (the goal is zero), and the operator's CPU and memory; for N primaries on N
-//! networks, optionally serving R remotes, in one federation or in F federations: each over its own members, or with
+//! networks (or all on one), optionally serving R remotes, in one federation or in F federations: each over its own members, or with
 //! `--shared` all over the same members, each federation in its own Istio namespace and revision.
 //!
 //! It runs the real `meshfed` binary as its own process against a local hub and local members, reads its
@@ -41,6 +41,9 @@ struct Args {
     /// The federations share their members, each in its own Istio namespace and revision.
     #[arg(long)]
     shared: bool,
+    /// Every cluster on one network (no gateways but the primaries' that serve remotes).
+    #[arg(long)]
+    one_network: bool,
     /// How many resyncs to force once converged, to count the writes of a steady state.
     #[arg(long, default_value_t = 5)]
     resyncs: u64,
@@ -240,13 +243,18 @@ async fn main() -> Result<()> {
             true => format!("  istio: {{namespace: istio-{name}, revision: {name}}}\n"),
             false => String::new(),
         };
+        let network = |p: &str| if args.one_network { "net".to_string() } else { format!("net-{p}") };
         let clusters: String = primaries
             .iter()
-            .map(|n| format!("  - {{name: {n}, network: net-{n}, kubeconfigSecretRef: {{name: {n}-kubeconfig}}}}\n"))
+            .map(|n| {
+                let net = network(n);
+                format!("  - {{name: {n}, network: {net}, kubeconfigSecretRef: {{name: {n}-kubeconfig}}}}\n")
+            })
             .chain(remotes.iter().enumerate().map(|(i, n)| {
                 let p = &primaries[i % primaries.len()];
+                let net = network(p);
                 format!(
-                    "  - {{name: {n}, network: net-{p}, role: Remote, controlPlane: {p}, kubeconfigSecretRef: {{name: {n}-kubeconfig}}}}\n"
+                    "  - {{name: {n}, network: {net}, role: Remote, controlPlane: {p}, kubeconfigSecretRef: {{name: {n}-kubeconfig}}}}\n"
                 )
             }))
             .collect();
@@ -346,5 +354,7 @@ async fn main() -> Result<()> {
         rss / members as f64
     );
     println!("operator sockets:                {sockets} ({:.1} per member)", sockets as f64 / members as f64);
+    let watches = after.sum("meshfed_kind_watches");
+    println!("watches open on members:         {watches} ({:.1} per cluster)", watches as f64 / refs.len() as f64);
     Ok(())
 }
