@@ -237,7 +237,8 @@ enum Listing {
     Pending,
     /// Its cache holds what the member holds (as of its last event).
     Ready,
-    /// Its first list failed (a kind the member does not serve, a credential that may not watch it): not cached.
+    /// Its first list failed (a kind the member does not serve, a credential that may not watch it), or the member's
+    /// watches were stopped: not cached.
     Failed,
     /// Not watched: the member held nothing of the kind and meshfed expected no write of it to show, so its cache
     /// (empty) answers until meshfed writes the kind again.
@@ -279,10 +280,13 @@ impl MemberCache {
         }
     }
 
-    /// Stops every watch.
+    /// Stops every watch for good: a reconcile that still holds the cache lists instead, and its writes start no
+    /// watch again.
     fn stop(&self) {
         for kind in &self.kinds {
-            if let Some(task) = kind.watch.lock().expect("watch lock").task.take() {
+            let mut watch = kind.watch.lock().expect("watch lock");
+            watch.listing = Listing::Failed;
+            if let Some(task) = watch.task.take() {
                 task.abort();
             }
         }
@@ -634,5 +638,12 @@ mod tests {
         assert_eq!(read(&cache, "west").await, Some(vec![]));
         cache.settle();
         assert_eq!(listing(&cache, SECRETS), Listing::Idle);
+
+        // Once the member's watches are stopped (no federation uses it), a reconcile that still writes there (its
+        // cleanup) lists, and starts no watch again.
+        cache.stop();
+        cache.wrote(&key("a"), None);
+        assert_eq!(listing(&cache, SECRETS), Listing::Failed);
+        assert_eq!(read(&cache, "west").await, None);
     }
 }
