@@ -6,9 +6,10 @@
 //! saw, as JSON without `managedFields`, made once per event and shared by every reconcile that reads it; every event
 //! is mapped by the object's federation labels to that federation. A
 //! member's watches start when a reconcile first reaches it, restart when its kubeconfig Secret changes, and stop
-//! when no federation uses the member any more. A kind the member holds nothing of, once the reconciles that use the
-//! member are done writing it, is not watched (a Remote without a gateway needs half of the table): its cache answers
-//! that the member holds none, and meshfed's next write of the kind starts its watch again ([`MemberCache::settle`]).
+//! when no federation uses the member any more. Once a reconcile that uses the member is done writing there, a kind
+//! the member holds nothing of is no longer watched (a Remote on one network holds 7 of the 14 kinds): its cache
+//! answers that the member holds none, and meshfed's next write of the kind starts its watch again
+//! ([`MemberCache::settle`]).
 //!
 //! A cache is read only once it shows every write meshfed made there ([`MemberCache::wrote`]): a reconcile never
 //! plans on a cache older than its own writes. A kind whose cache is not ready in time (a watch that fails, a CRD
@@ -82,6 +83,7 @@ impl MemberWatches {
         (Self { triggers, state: Mutex::default(), names: Names::default(), gauges: (members, kinds) }, rx)
     }
 
+    /// Sets the gauges from the running watches.
     fn count(&self, running: &HashMap<String, Running>) {
         self.gauges.0.set(running.len() as i64);
         self.gauges.1.set(running.values().map(|r| r.cache.watched()).sum::<usize>() as i64);
