@@ -107,7 +107,8 @@ impl MemberWatches {
         if let Some(old) = state.running.insert(member.to_string(), running) {
             old.cache.stop();
         }
-        self.count(&state.running);
+        // The kinds are counted once the reconcile is done (in `used_by`), not once per member reached.
+        self.gauges.0.set(state.running.len() as i64);
         cache
     }
 
@@ -498,14 +499,19 @@ mod tests {
         Some(read)
     }
 
-    fn listed(objects: &[DynamicObject]) -> Arc<MemberCache> {
+    /// The watch of Secrets lists `objects`.
+    fn lists(cache: &MemberCache, objects: &[DynamicObject]) {
         assert_eq!(OWNED_KINDS[SECRETS], SECRET);
-        let cache = MemberCache::new(None);
         cache.saw(SECRETS, Some(Event::Init));
         for o in objects {
             cache.saw(SECRETS, Some(Event::InitApply(o.clone())));
         }
         cache.saw(SECRETS, Some(Event::InitDone));
+    }
+
+    fn listed(objects: &[DynamicObject]) -> Arc<MemberCache> {
+        let cache = MemberCache::new(None);
+        lists(&cache, objects);
         cache
     }
 
@@ -580,9 +586,7 @@ mod tests {
         let cache = MemberCache::new(None);
         let list = async {
             tokio::time::sleep(Duration::from_millis(300)).await;
-            cache.saw(SECRETS, Some(Event::Init));
-            cache.saw(SECRETS, Some(Event::InitApply(secret("a", 5, "west"))));
-            cache.saw(SECRETS, Some(Event::InitDone));
+            lists(&cache, &[secret("a", 5, "west")]);
         };
         let (held, ()) = tokio::join!(read(&cache, "west"), list);
         assert_eq!(held, Some(vec![pair("a", "5")]));
@@ -594,8 +598,7 @@ mod tests {
         assert_eq!(read(&cache, "west").await, None);
         assert_eq!(started.elapsed(), Duration::ZERO);
         // A later list that works makes the cache readable.
-        cache.saw(SECRETS, Some(Event::Init));
-        cache.saw(SECRETS, Some(Event::InitDone));
+        lists(&cache, &[]);
         assert_eq!(read(&cache, "west").await, Some(vec![]));
     }
 
@@ -620,9 +623,7 @@ mod tests {
         assert_eq!(listing(&cache, SECRETS), Listing::Pending);
         let list = async {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            cache.saw(SECRETS, Some(Event::Init));
-            cache.saw(SECRETS, Some(Event::InitApply(secret("a", 5, "west"))));
-            cache.saw(SECRETS, Some(Event::InitDone));
+            lists(&cache, &[secret("a", 5, "west")]);
         };
         let (held, ()) = tokio::join!(read(&cache, "west"), list);
         assert_eq!(held, Some(vec![pair("a", "5")]));
