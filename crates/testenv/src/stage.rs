@@ -10,7 +10,7 @@ use std::{
 };
 
 use anyhow::{Context, Result};
-use futures::{StreamExt, stream::select};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Node, Secret, Service};
 use kube::{
     Api, Client, ResourceExt,
@@ -83,11 +83,11 @@ fn istio_resource() -> ApiResource {
 }
 
 /// A running play of the cloud and the Sail operator in one cluster; it stops when dropped.
-pub struct Stage(JoinHandle<()>);
+pub struct Stage(Vec<JoinHandle<()>>);
 
 impl Drop for Stage {
     fn drop(&mut self) {
-        self.0.abort();
+        self.0.iter().for_each(JoinHandle::abort);
     }
 }
 
@@ -105,32 +105,38 @@ impl Cluster {
     pub async fn play_cloud_and_sail(&self, load_balancer_ip: &str, play_istiod: bool) -> Result<Stage> {
         let client = self.client().await?;
         let istios = Api::<DynamicObject>::all_with(client.clone(), &istio_resource());
-        let services = Api::<Service>::all(client.clone());
-        let ip = load_balancer_ip.to_string();
-        let task = tokio::spawn(async move {
-            let istio_events = watcher(istios.clone(), watcher::Config::default())
+        let istio_events = watcher(istios, watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+            .map(|o| o.map(|i| Played::Istio(Box::new(i))))
+            .boxed();
+        let service_events = watcher(Api::<Service>::all(client.clone()), watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+            .map(|o| o.map(|s| Played::Service(Box::new(s))))
+            .boxed();
+        let mut played = vec![istio_events, service_events];
+        if play_istiod {
+            let cacerts = watcher::Config::default().fields("metadata.name=cacerts");
+            let cacerts_events = watcher(Api::<Secret>::all(client.clone()), cacerts)
                 .default_backoff()
                 .applied_objects()
-                .map(|o| o.map(|i| Played::Istio(Box::new(i))));
-            let service_events = watcher(services, watcher::Config::default())
-                .default_backoff()
-                .applied_objects()
-                .map(|o| o.map(|s| Played::Service(Box::new(s))));
-            let cacerts = Api::<Secret>::all(client.clone());
-            let cacerts_events = watcher(cacerts, watcher::Config::default().fields("metadata.name=cacerts"))
-                .default_backoff()
-                .applied_objects()
-                .map(|o| o.map(|s| Played::Cacerts(Box::new(s))))
-                .filter(move |_| futures::future::ready(play_istiod));
-            let mut events = select(select(istio_events, service_events), cacerts_events).boxed();
-            while let Some(event) = events.next().await {
-                let Ok(event) = event else { continue };
-                if let Err(e) = play(&client, &istios, event, &ip).await {
-                    tracing::debug!("stage: {e:#}");
+                .map(|o| o.map(|s| Played::Cacerts(Box::new(s))));
+            played.push(cacerts_events.boxed());
+        }
+        // The cloud, the Sail operator and istiod are separate controllers: each answers its own events at once.
+        let tasks = played.into_iter().map(|mut events| {
+            let (client, ip) = (client.clone(), load_balancer_ip.to_string());
+            tokio::spawn(async move {
+                while let Some(event) = events.next().await {
+                    let Ok(event) = event else { continue };
+                    if let Err(e) = play(&client, event, &ip).await {
+                        tracing::debug!("stage: {e:#}");
+                    }
                 }
-            }
+            })
         });
-        Ok(Stage(task))
+        Ok(Stage(tasks.collect()))
     }
 }
 
@@ -140,7 +146,7 @@ enum Played {
     Cacerts(Box<Secret>),
 }
 
-async fn play(client: &Client, istios: &Api<DynamicObject>, event: Played, ip: &str) -> Result<()> {
+async fn play(client: &Client, event: Played, ip: &str) -> Result<()> {
     let status = |body| Patch::Merge(body);
     match event {
         Played::Istio(istio) => {
@@ -157,6 +163,7 @@ async fn play(client: &Client, istios: &Api<DynamicObject>, event: Played, ip: &
                     {"type": "Ready", "status": "True", "reason": "Healthy", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"},
                 ],
             }});
+            let istios = Api::<DynamicObject>::all_with(client.clone(), &istio_resource());
             istios.patch_status(&istio.name_any(), &PatchParams::default(), &status(body)).await?;
         }
         Played::Cacerts(secret) => {
