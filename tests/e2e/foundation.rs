@@ -8,7 +8,7 @@ use kube::{
     Api, Client,
     api::{DynamicObject, ListParams, PostParams},
 };
-use meshfed_core::{member, plan::FederationRef};
+use meshfed_core::{member, federation::FederationRef};
 use meshfed_e2e::{Fixture, condition, example, fed_condition, is_ready, put_kubeconfig};
 use meshfed_testenv::Options;
 
@@ -112,7 +112,7 @@ async fn a_federation_labels_every_member_and_deletion_cleans_them() -> anyhow::
 #[tokio::test(flavor = "multi_thread")]
 async fn a_federation_with_a_200_character_name_converges_repairs_drift_and_is_deleted() -> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west"], Options::default()).await?;
-    // Label values hold 63 characters; this name is labelled in its shortened form (`plan::label_value`).
+    // Label values hold 63 characters; this name is labelled in its shortened form (`federation::label_value`).
     let name = format!("{}prod", "federation-with-a-long-name.".repeat(7));
     assert_eq!(name.len(), 200);
     let fref = FederationRef { namespace: meshfed_e2e::NAMESPACE.into(), name: name.clone() };
@@ -136,7 +136,7 @@ async fn a_federation_with_a_200_character_name_converges_repairs_drift_and_is_d
     f.wait_gone(&name, WAIT).await?;
     for m in ["east", "west"] {
         let client = f.member(m).await?;
-        for kind in member::OWNED_KINDS {
+        for kind in kinds::OWNED_KINDS {
             let ar = meshfed_operator::apply::api_resource(kind);
             let lp = ListParams::default().labels(&fref.selector(m));
             let left = Api::<DynamicObject>::all_with(client.clone(), &ar).list(&lp).await?.items;

@@ -18,7 +18,7 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use meshfed_api::{ClusterRole, MeshFederation};
-use meshfed_core::{member, pki, plan::FederationRef, remote};
+use meshfed_core::{member, pki, federation::FederationRef, remote};
 use meshfed_e2e::{Fixture, NAMESPACE, example, is_ready, until};
 use meshfed_testenv::{Istiod, Options};
 use serde_json::{Value, json};
@@ -1092,12 +1092,12 @@ async fn istioctls_remote_secret_and_meshfeds_both_sync_in_istiod_and_differ_in_
     assert_eq!(printed.metadata.namespace.as_deref(), Some(ISTIO_NAMESPACE));
     assert_eq!(
         printed.metadata.labels,
-        Some(BTreeMap::from([(remote::MULTI_CLUSTER_LABEL.to_string(), "true".to_string())])),
+        Some(BTreeMap::from([(istio::MULTI_CLUSTER_LABEL.to_string(), "true".to_string())])),
         "istioctl's only label"
     );
     assert_eq!(
         printed.metadata.annotations,
-        Some(BTreeMap::from([(remote::CLUSTER_ANNOTATION.to_string(), ISTIOCTL_WEST.to_string())]))
+        Some(BTreeMap::from([(istio::CLUSTER_ANNOTATION.to_string(), ISTIOCTL_WEST.to_string())]))
     );
     assert!(printed.data.is_none(), "istioctl prints stringData only");
     assert_eq!(
@@ -1106,15 +1106,15 @@ async fn istioctls_remote_secret_and_meshfeds_both_sync_in_istiod_and_differ_in_
     );
     let fed = FederationRef { namespace: NAMESPACE.into(), name: "prod".into() };
     let mut labels = fed.owned_labels("east");
-    labels.insert(remote::MULTI_CLUSTER_LABEL.into(), "true".into());
+    labels.insert(istio::MULTI_CLUSTER_LABEL.into(), "true".into());
     assert_eq!(meshfed_secret.metadata.labels, Some(labels), "meshfed's labels: Istio's and its ownership");
     // Besides Istio's annotation, meshfed stamps the digest of what it applied (its drift detection).
     let annotations = meshfed_secret.metadata.annotations.clone().unwrap_or_default();
     assert_eq!(
         annotations.keys().map(String::as_str).collect::<Vec<_>>(),
-        [member::ANNOTATION_APPLIED, remote::CLUSTER_ANNOTATION]
+        [member::ANNOTATION_APPLIED, istio::CLUSTER_ANNOTATION]
     );
-    assert_eq!(annotations[remote::CLUSTER_ANNOTATION], "west");
+    assert_eq!(annotations[istio::CLUSTER_ANNOTATION], "west");
     assert_eq!(meshfed_secret.data.as_ref().map(|d| d.keys().cloned().collect::<Vec<_>>()), Some(vec!["west".into()]));
     let (ours, theirs) = (kubeconfig_in(&meshfed_secret, "west"), kubeconfig_in(&applied, ISTIOCTL_WEST));
     for field in ["server", "certificate-authority-data"] {

@@ -16,7 +16,7 @@ use kube::{
     api::{DynamicObject, ListParams},
 };
 use meshfed_core::{
-    member::OWNED_KINDS,
+    kinds::OWNED_KINDS,
     plan::{FIELD_MANAGER, MANAGED_BY},
     remote,
 };

@@ -225,7 +225,7 @@ async fn a_hub_credential_that_cannot_create_tokens_is_named_with_the_permission
     let create = PostParams::default();
     let role: ClusterRole = serde_json::from_value(serde_json::json!({
         "metadata": {"name": "hub-without-tokens"},
-        "rules": meshfed_core::member::OWNED_KINDS
+        "rules": meshfed_core::kinds::OWNED_KINDS
             .iter()
             .map(|k| serde_json::json!({"apiGroups": [k.group], "resources": [k.plural], "verbs": ["*"]}))
             .chain([serde_json::json!({"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list"]})])

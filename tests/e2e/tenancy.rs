@@ -19,7 +19,7 @@ use kube::{
     api::{DynamicObject, ListParams, Patch, PatchParams},
 };
 use meshfed_api::MeshFederation;
-use meshfed_core::member::OWNED_KINDS;
+use meshfed_core::kinds::OWNED_KINDS;
 use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready, put_kubeconfig};
 use meshfed_operator::apply::api_resource;
 use meshfed_testenv::Options;
@@ -163,7 +163,7 @@ async fn federations_share_members_each_in_its_own_istio_namespace_and_revision(
     futures::try_join!(f.wait_for("alpha", WAIT, is_ready), f.wait_for("beta", WAIT, is_ready))?;
     let (east, west) = (f.member("east").await?, f.member("west").await?);
     for member in [&east, &west] {
-        let istios = Api::<DynamicObject>::all_with(member.clone(), &api_resource(&meshfed_core::member::ISTIO));
+        let istios = Api::<DynamicObject>::all_with(member.clone(), &api_resource(&meshfed_core::kinds::ISTIO));
         for (revision, namespace) in [("alpha", "istio-alpha"), ("beta", "istio-beta")] {
             let istio = istios.get(revision).await?;
             assert_eq!(istio.data["spec"]["namespace"], namespace);

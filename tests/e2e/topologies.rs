@@ -66,7 +66,7 @@ const EXPOSE_ISTIOD: &[&str] = &["Gateway istio-system/istiod-gateway", "Virtual
 /// What `meshfed render` says each member holds for the example `name`, as `Kind namespace/name`.
 fn rendered(name: &str) -> std::collections::BTreeMap<String, BTreeSet<String>> {
     let fed: meshfed_api::MeshFederation = serde_saphyr::from_str(&example(name)).unwrap();
-    let fref = meshfed_core::plan::FederationRef { namespace: "mesh-system".into(), name: "prod".into() };
+    let fref = meshfed_core::federation::FederationRef { namespace: "mesh-system".into(), name: "prod".into() };
     let members = meshfed_core::render::render(&fref, &fed.spec, None).unwrap();
     members
         .into_iter()

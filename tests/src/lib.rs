@@ -264,12 +264,12 @@ impl Fixture {
                 state.insert(format!("{}: {}={} ({})", cluster.name, c.type_, c.status, c.reason));
             }
         }
-        let owned = ListParams::default().labels(&format!("{}={}", plan::MANAGED_BY, plan::FIELD_MANAGER));
+        let owned = ListParams::default().labels(&format!("{}={}", federation::MANAGED_BY, federation::FIELD_MANAGER));
         for m in members {
             let client = self.member(m).await?;
             let mut objects = Vec::new();
             // Every kind meshfed owns, from the one table that drives its observe, prune and watches.
-            for kind in member::OWNED_KINDS {
+            for kind in kinds::OWNED_KINDS {
                 let ar = meshfed_operator::apply::api_resource(kind);
                 for o in Api::<DynamicObject>::all_with(client.clone(), &ar).list(&owned).await?.items {
                     let data = o.data.get("data").and_then(|d| d.as_object());

@@ -6,7 +6,7 @@
 use std::time::Instant;
 
 use meshfed_api::MeshFederationSpec;
-use meshfed_core::{plan::FederationRef, render::render};
+use meshfed_core::{federation::FederationRef, render::render};
 
 fn main() {
     let sizes: Vec<usize> = std::env::args().skip(1).filter_map(|n| n.parse().ok()).collect();

@@ -3,29 +3,15 @@
 
 use std::collections::BTreeMap;
 
-use meshfed_api::{ClusterRole, ClusterSpec, IstioSpec, MeshFederationSpec};
+use meshfed_api::{ClusterRole, ClusterSpec, MeshFederationSpec};
 use serde_json::{Value, json};
 
 use crate::{
     conditions::Reason,
+    federation::{Failure, FederationRef},
     gateway::{self, GatewayAddress},
-    plan::{Failure, FederationRef},
+    topology,
 };
-
-/// The revision whose istiod Service is plain `istiod` and which `istio-injection=enabled` selects.
-pub const DEFAULT_REVISION: &str = "default";
-
-/// The name of istiod's Service in the Istio namespace: `istiod` for the default revision, else
-/// `istiod-<revision>` (as the Sail operator names it).
-pub fn istiod_service(istio: &IstioSpec) -> String {
-    match istio.revision.as_str() {
-        DEFAULT_REVISION => "istiod".into(),
-        revision => format!("istiod-{revision}"),
-    }
-}
-
-/// On a Remote's Istio namespace: the Primary whose istiod serves it.
-pub const CONTROL_PLANE_CLUSTERS_ANNOTATION: &str = "topology.istio.io/controlPlaneClusters";
 
 /// The `Istio` resource of `cluster`, or why it cannot be written yet: a Remote waits for its Primary's gateway
 /// address. `gateways` holds the gateway address of every cluster where it is known.
@@ -46,7 +32,7 @@ pub fn istio(
         ClusterRole::Primary => {
             // istiod takes a new root bundle from its plugged-in CA files only with this; a root rotation needs it.
             computed["pilot"] = json!({"env": {"ISTIO_MULTIROOT_MESH": "true"}});
-            if gateway::serves_remotes(spec, cluster) {
+            if topology::serves_remotes(spec, cluster) {
                 global["externalIstiod"] = true.into();
             }
             if let Some(networks) = gateway::mesh_networks(spec, gateways) {
@@ -155,10 +141,10 @@ mod tests {
     #[test]
     fn the_revision_names_the_istio_resource_and_istiods_service() {
         let mut s = spec();
-        assert_eq!(istiod_service(&s.istio), "istiod");
+        assert_eq!(crate::istio::istiod_service(&s.istio), "istiod");
         s.istio.revision = "mesh1".into();
         assert_eq!(istio(&fed(), &s, &s.clusters[0], &BTreeMap::new()).unwrap()["metadata"]["name"], "mesh1");
-        assert_eq!(istiod_service(&s.istio), "istiod-mesh1");
+        assert_eq!(crate::istio::istiod_service(&s.istio), "istiod-mesh1");
     }
 
     #[test]

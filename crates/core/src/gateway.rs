@@ -12,14 +12,14 @@ use k8s_openapi::{
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use meshfed_api::{ClusterRole, ClusterSpec, ExposeMode, MeshFederationSpec};
+use meshfed_api::{ClusterSpec, ExposeMode, MeshFederationSpec};
 use serde_json::{Value, json};
 
 use crate::{
     conditions::Reason,
-    control_plane,
-    plan::{Failure, FederationRef, NETWORK_LABEL},
-    topology::Topology,
+    federation::{Failure, FederationRef},
+    istio::{self, NETWORK_LABEL},
+    topology::{self, Topology},
 };
 
 /// The name of the gateway's Deployment, Service, PodDisruptionBudget and the `app` label.
@@ -37,18 +37,6 @@ pub const CROSS_NETWORK_GATEWAY: &str = "cross-network-gateway";
 /// The Istio Gateway and VirtualService that expose istiod to Remotes.
 pub const ISTIOD_GATEWAY: &str = "istiod-gateway";
 pub const ISTIOD_VIRTUAL_SERVICE: &str = "istiod-vs";
-
-/// Whether `cluster` serves Remotes: some Remote names it as its control plane.
-pub fn serves_remotes(spec: &MeshFederationSpec, cluster: &ClusterSpec) -> bool {
-    cluster.role == ClusterRole::Primary
-        && spec.clusters.iter().any(|c| c.control_plane.as_deref() == Some(cluster.name.as_str()))
-}
-
-/// Whether `cluster` runs an east-west gateway: every cluster of a multi-network federation (other networks reach its
-/// pods through it), and a Primary that serves Remotes (they reach its istiod through it).
-pub fn needs_gateway(spec: &MeshFederationSpec, cluster: &ClusterSpec) -> bool {
-    Topology::of(spec).multi_network || serves_remotes(spec, cluster)
-}
 
 /// Whether istiod learns the gateway's address from the gateway Service itself (its load balancer status, or the
 /// node selector annotation of a NodePort), or only from `meshNetworks`: a fixed address or a host-network gateway.
@@ -115,7 +103,7 @@ pub fn gateway_objects(fref: &FederationRef, spec: &MeshFederationSpec, cluster:
     let mut pod_labels = selector();
     pod_labels.insert(NETWORK_LABEL.into(), cluster.network.clone());
     pod_labels.insert("sidecar.istio.io/inject".into(), "true".into());
-    if spec.istio.revision != control_plane::DEFAULT_REVISION {
+    if spec.istio.revision != istio::DEFAULT_REVISION {
         // The injector of another revision than `default` selects pods by this label.
         pod_labels.insert("istio.io/rev".into(), spec.istio.revision.clone());
     }
@@ -205,13 +193,13 @@ pub fn istio_gateway_configs(
             }),
         ));
     }
-    if serves_remotes(spec, cluster) {
+    if topology::serves_remotes(spec, cluster) {
         let server = |number: i32, name: &str| json!({"port": {"number": number, "name": name, "protocol": "tls"}, "tls": {"mode": "PASSTHROUGH"}, "hosts": ["*"]});
         out.push(("Gateway", json!({
             "metadata": meta(ISTIOD_GATEWAY),
             "spec": {"selector": selector, "servers": [server(15012, "tls-istiod"), server(15017, "tls-istiodwebhook")]},
         })));
-        let istiod = format!("{}.{ns}.svc.cluster.local", control_plane::istiod_service(&spec.istio));
+        let istiod = format!("{}.{ns}.svc.cluster.local", istio::istiod_service(&spec.istio));
         let route = |port: i32, to: i32| json!({"match": [{"port": port, "sniHosts": ["*"]}], "route": [{"destination": {"host": istiod, "port": {"number": to}}}]});
         out.push((
             "VirtualService",
@@ -382,12 +370,12 @@ mod tests {
         let remote = "- {name: r, network: n1, role: Remote, controlPlane: east, kubeconfigSecretRef: {name: r}}";
         let west = "- {name: west, network: n1, kubeconfigSecretRef: {name: w}}";
         let flat = spec(&format!("{EAST}\n{west}"));
-        assert!(flat.clusters.iter().all(|c| !needs_gateway(&flat, c)), "one network, no Remotes: none");
+        assert!(flat.clusters.iter().all(|c| !crate::topology::needs_gateway(&flat, c)), "one network, no Remotes: none");
         let served = spec(&format!("{EAST}\n{west}\n{remote}"));
-        let needs: Vec<bool> = served.clusters.iter().map(|c| needs_gateway(&served, c)).collect();
+        let needs: Vec<bool> = served.clusters.iter().map(|c| crate::topology::needs_gateway(&served, c)).collect();
         assert_eq!(needs, [true, false, false], "only the Primary that serves a Remote");
         let split = spec(&format!("{EAST}\n{}", west.replace("n1", "n2")));
-        assert!(split.clusters.iter().all(|c| needs_gateway(&split, c)), "several networks: every cluster");
+        assert!(split.clusters.iter().all(|c| crate::topology::needs_gateway(&split, c)), "several networks: every cluster");
     }
 
     #[test]

@@ -7,7 +7,10 @@
 
 pub mod conditions;
 pub mod control_plane;
+pub mod federation;
 pub mod gateway;
+pub mod istio;
+pub mod kinds;
 pub mod kubeconfig;
 pub mod member;
 pub mod pki;
@@ -15,6 +18,7 @@ pub mod plan;
 pub mod remote;
 pub mod render;
 pub mod rotation;
+pub mod status;
 pub mod topology;
 pub mod trust;
 pub mod validate;

@@ -19,98 +19,15 @@ use serde_json::{Value, json};
 use crate::{
     conditions::Reason,
     control_plane,
-    gateway::{self, GatewayAddress},
-    pki,
-    plan::{
+    federation::{
         ANNOTATION_CREATED, Failure, FederationRef, LABEL_CLUSTER, LABEL_FEDERATION, LABEL_FEDERATION_NAMESPACE,
-        NETWORK_LABEL, created_by_meshfed, holds,
+        created_by_meshfed,
     },
-    remote,
+    gateway::{self, GatewayAddress},
+    istio::{self, NETWORK_LABEL},
+    kinds::*,
+    pki, remote, topology,
 };
-
-/// A kind of object meshfed writes in members: its API coordinates and scope.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct OwnedKind {
-    /// The API group (`""` for the core group).
-    pub group: &'static str,
-    pub version: &'static str,
-    pub kind: &'static str,
-    /// The resource name in URLs.
-    pub plural: &'static str,
-    pub namespaced: bool,
-}
-
-impl OwnedKind {
-    /// `group/version`, or `version` for the core group, as in an object's `apiVersion`.
-    pub fn api_version(&self) -> String {
-        if self.group.is_empty() { self.version.into() } else { format!("{}/{}", self.group, self.version) }
-    }
-}
-
-const fn kind(group: &'static str, version: &'static str, kind: &'static str, plural: &'static str) -> OwnedKind {
-    OwnedKind { group, version, kind, plural, namespaced: true }
-}
-
-const fn cluster_scoped(mut k: OwnedKind) -> OwnedKind {
-    k.namespaced = false;
-    k
-}
-
-pub const CONFIG_MAP: OwnedKind = kind("", "v1", "ConfigMap", "configmaps");
-pub const NAMESPACE: OwnedKind = cluster_scoped(kind("", "v1", "Namespace", "namespaces"));
-pub const SERVICE_ACCOUNT: OwnedKind = kind("", "v1", "ServiceAccount", "serviceaccounts");
-pub const CLUSTER_ROLE: OwnedKind =
-    cluster_scoped(kind("rbac.authorization.k8s.io", "v1", "ClusterRole", "clusterroles"));
-pub const CLUSTER_ROLE_BINDING: OwnedKind =
-    cluster_scoped(kind("rbac.authorization.k8s.io", "v1", "ClusterRoleBinding", "clusterrolebindings"));
-pub const SECRET: OwnedKind = kind("", "v1", "Secret", "secrets");
-pub const ROLE: OwnedKind = kind("rbac.authorization.k8s.io", "v1", "Role", "roles");
-pub const ROLE_BINDING: OwnedKind = kind("rbac.authorization.k8s.io", "v1", "RoleBinding", "rolebindings");
-pub const SERVICE: OwnedKind = kind("", "v1", "Service", "services");
-pub const DEPLOYMENT: OwnedKind = kind("apps", "v1", "Deployment", "deployments");
-pub const POD_DISRUPTION_BUDGET: OwnedKind = kind("policy", "v1", "PodDisruptionBudget", "poddisruptionbudgets");
-/// The Sail operator's Istio control plane (a CRD).
-pub const ISTIO: OwnedKind = cluster_scoped(kind("sailoperator.io", "v1", "Istio", "istios"));
-/// Istio's Gateway and VirtualService (CRDs, installed with Istio).
-pub const GATEWAY: OwnedKind = kind("networking.istio.io", "v1", "Gateway", "gateways");
-pub const VIRTUAL_SERVICE: OwnedKind = kind("networking.istio.io", "v1", "VirtualService", "virtualservices");
-
-/// Every kind meshfed writes in a member, in the order it applies them; prune and cleanup go in reverse, so the
-/// claim (a ConfigMap) is taken first and given back last, a namespace goes after what it holds, and the Istio
-/// configuration goes before the control plane that serves it.
-pub const OWNED_KINDS: &[OwnedKind] = &[
-    CONFIG_MAP,
-    NAMESPACE,
-    SERVICE_ACCOUNT,
-    CLUSTER_ROLE,
-    CLUSTER_ROLE_BINDING,
-    ROLE,
-    ROLE_BINDING,
-    SECRET,
-    SERVICE,
-    DEPLOYMENT,
-    POD_DISRUPTION_BUDGET,
-    ISTIO,
-    GATEWAY,
-    VIRTUAL_SERVICE,
-];
-
-/// Identifies one object in a member.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct ObjectKey {
-    pub kind: OwnedKind,
-    pub namespace: Option<String>,
-    pub name: String,
-}
-
-impl std::fmt::Display for ObjectKey {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.namespace {
-            Some(ns) => write!(f, "{} {ns}/{}", self.kind.kind, self.name),
-            None => write!(f, "{} {}", self.kind.kind, self.name),
-        }
-    }
-}
 
 /// One object a member should hold: the complete body meshfed applies (with `apiVersion` and `kind`).
 #[derive(Debug, Clone, PartialEq)]
@@ -159,6 +76,17 @@ impl Desired {
     }
 }
 
+/// Whether `observed` already holds everything in `desired` (a JSON subset: objects by key, lists item by item), so
+/// that applying `desired` would change nothing and can be skipped.
+pub fn holds(observed: &serde_json::Value, desired: &serde_json::Value) -> bool {
+    use serde_json::Value::{Array, Object};
+    match (desired, observed) {
+        (Object(d), Object(o)) => d.iter().all(|(k, dv)| o.get(k).is_some_and(|ov| holds(ov, dv))),
+        (Array(d), Array(o)) => d.len() == o.len() && d.iter().zip(o).all(|(dv, ov)| holds(ov, dv)),
+        (d, o) => d == o,
+    }
+}
+
 /// On every object meshfed applies: a digest of what it applied (all but `data`). An apply leaves the fields it no
 /// longer sets in place only if meshfed skips it, and a member's object cannot show which fields are gone from the
 /// plan; so a plan that drops a field (a Remote's `remotePilotAddress`, a gateway's `meshNetworks`) changes this
@@ -198,46 +126,13 @@ pub struct MemberPlan {
     pub control_plane: Option<Failure>,
 }
 
-/// The Secret key of a remote secret held in `namespace` for `target`.
-pub fn remote_secret_key(namespace: &str, target: &str) -> ObjectKey {
-    ObjectKey { kind: SECRET, namespace: Some(namespace.into()), name: remote::remote_secret_name(target) }
-}
-
-/// The key of a member's `cacerts` in `namespace`.
-pub fn cacerts_key(namespace: &str) -> ObjectKey {
-    ObjectKey { kind: SECRET, namespace: Some(namespace.into()), name: pki::CACERTS_SECRET.into() }
-}
-
-/// The ConfigMap in which istiod publishes the roots workloads trust (`root-cert.pem`), in the Istio namespace;
-/// read, never written.
-pub fn published_roots_key(namespace: &str) -> ObjectKey {
-    ObjectKey { kind: CONFIG_MAP, namespace: Some(namespace.into()), name: "istio-ca-root-cert".into() }
-}
-
-/// The key of a member's Sail `Istio` of `revision`.
-pub fn istio_key(revision: &str) -> ObjectKey {
-    ObjectKey { kind: ISTIO, namespace: None, name: revision.into() }
-}
-
-/// The key of the Istio namespace `namespace`.
-pub fn namespace_key(namespace: &str) -> ObjectKey {
-    ObjectKey { kind: NAMESPACE, namespace: None, name: namespace.into() }
-}
-
 // ---------------------------------------------------------------------------------------------------------------
 // The claim
 // ---------------------------------------------------------------------------------------------------------------
 
-/// Where claims live: a namespace every cluster has.
-pub const CLAIM_NAMESPACE: &str = "kube-system";
 /// On a claim: the identity of the hub whose federation holds it (its `kube-system` namespace's UID), so that two
 /// hubs with a federation of the same namespace and name do not both take one member.
 pub const ANNOTATION_HUB: &str = "meshfed.io/hub";
-
-/// The claim on a member's Istio namespace `namespace`: ConfigMap `meshfed-claim.<namespace>` in `kube-system`.
-pub fn claim_key(namespace: &str) -> ObjectKey {
-    ObjectKey { kind: CONFIG_MAP, namespace: Some(CLAIM_NAMESPACE.into()), name: format!("meshfed-claim.{namespace}") }
-}
 
 /// The claim that says `cluster` of `fref`, in the hub `hub`, holds the member's Istio namespace. meshfed creates it
 /// (create, not apply: of two racing writers one wins) before it writes anything else there.
@@ -341,7 +236,7 @@ pub fn member_plan(
     }
     let known: BTreeMap<String, GatewayAddress> =
         facts.gateways.iter().filter_map(|(c, g)| Some((c.clone(), g.as_ref().ok()?.clone()))).collect();
-    if gateway::needs_gateway(spec, cluster) {
+    if topology::needs_gateway(spec, cluster) {
         let gw = gateway::gateway_objects(fref, spec, cluster);
         plan.objects.push(Desired::of(&gw.service_account));
         plan.objects.push(Desired::of(&gw.role));
@@ -425,7 +320,7 @@ pub fn istio_namespace(
         annotations.insert(ANNOTATION_CREATED.into(), "true".into());
     }
     if let Some(primary) = &cluster.control_plane {
-        annotations.insert(control_plane::CONTROL_PLANE_CLUSTERS_ANNOTATION.into(), primary.clone());
+        annotations.insert(istio::CONTROL_PLANE_CLUSTERS_ANNOTATION.into(), primary.clone());
     }
     Namespace {
         metadata: ObjectMeta {
@@ -552,7 +447,17 @@ pub fn labelled_for(object: &Value, fref: &FederationRef, cluster: &str) -> bool
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::plan::{LABEL_CLUSTER, MANAGED_BY};
+
+    #[test]
+    fn holds_is_a_subset_check_that_sees_changed_values() {
+        let observed = serde_json::json!({"metadata": {"name": "a", "uid": "1", "labels": {"x": "1", "y": "2"}}, "spec": {"l": [1, 2]}});
+        assert!(holds(&observed, &serde_json::json!({"metadata": {"labels": {"x": "1"}}})));
+        assert!(!holds(&observed, &serde_json::json!({"metadata": {"labels": {"x": "2"}}})));
+        assert!(!holds(&observed, &serde_json::json!({"metadata": {"labels": {"z": "1"}}})));
+        assert!(!holds(&observed, &serde_json::json!({"spec": {"l": [1]}})));
+    }
+
+    use crate::federation::{LABEL_CLUSTER, MANAGED_BY};
 
     fn spec() -> MeshFederationSpec {
         serde_saphyr::from_str(
@@ -913,7 +818,7 @@ mod tests {
         observed["type"] = "Opaque".into();
         assert_eq!(write_for(&fed(), Some(&observed), &desired), Ok(Write::Nothing));
         let mut unlabelled = observed.clone();
-        unlabelled["metadata"]["labels"].as_object_mut().unwrap().remove(remote::MULTI_CLUSTER_LABEL);
+        unlabelled["metadata"]["labels"].as_object_mut().unwrap().remove(istio::MULTI_CLUSTER_LABEL);
         assert_eq!(write_for(&fed(), Some(&unlabelled), &desired), Ok(Write::Apply));
         let mut extra = observed.clone();
         extra["data"]["north"] = "eA==".into();

@@ -38,20 +38,16 @@ use kube::config::Kubeconfig;
 use meshfed_api::{ClusterRole as Role, ClusterSpec, MeshFederationSpec};
 use serde::{Deserialize, Serialize};
 
-use crate::plan::FederationRef;
+use crate::{
+    federation::FederationRef,
+    istio::{CLUSTER_ANNOTATION, MULTI_CLUSTER_LABEL, remote_secret_name},
+};
 
 /// The reader ServiceAccount in every member's Istio namespace. Istio's charts use `istio-reader-service-account`;
 /// meshfed keeps its own so that it never fights a chart over an object.
 pub const READER_SERVICE_ACCOUNT: &str = "meshfed-reader";
 /// The prefix of the reader ClusterRole's and ClusterRoleBinding's name (see [`reader_cluster_role_name`]).
 pub const READER_CLUSTER_ROLE_PREFIX: &str = "meshfed-reader";
-/// The prefix of a remote secret's name; the target cluster's name follows.
-pub const REMOTE_SECRET_PREFIX: &str = "istio-remote-secret-";
-/// The label by which istiod finds remote secrets; its value is `"true"`.
-pub const MULTI_CLUSTER_LABEL: &str = "istio/multiCluster";
-/// The annotation naming the cluster a remote secret gives access to (written by istioctl; istiod does not need it).
-pub const CLUSTER_ANNOTATION: &str = "networking.istio.io/cluster";
-
 /// The longest name Kubernetes accepts for an object (a DNS-1123 subdomain), in bytes.
 const MAX_NAME_LEN: usize = 253;
 
@@ -208,11 +204,6 @@ fn rule(groups: &[&str], resources: &[&str], verbs: &[&str]) -> PolicyRule {
 // ---------------------------------------------------------------------------------------------------------------
 // Placement and pruning
 // ---------------------------------------------------------------------------------------------------------------
-
-/// The name of the remote secret that gives access to `target`: `istio-remote-secret-<target>`.
-pub fn remote_secret_name(target: &str) -> String {
-    format!("{REMOTE_SECRET_PREFIX}{target}")
-}
 
 /// Which cluster holds a remote secret for which: every cluster of the spec is a key (holder), mapped to the
 /// clusters it holds remote secrets for, in spec order. A Primary holds one for every other cluster of the
@@ -1196,7 +1187,7 @@ mod tests {
                     times
                 }
             };
-            let mut report = crate::plan::MemberReport::new("west", &kubeconfig, false);
+            let mut report = crate::status::MemberReport::new("west", &kubeconfig, false);
             report.token_refresh_at = Some(times.refresh_at);
             let next = now + SignedDuration::try_from(crate::plan::next_deadline(&[report], DAY, now, resync)).unwrap();
             let mut sample = now;

@@ -11,8 +11,8 @@ use serde_json::Value;
 use crate::{
     gateway::{self, GatewayAddress},
     member::{self, MemberFacts},
-    pki,
-    plan::FederationRef,
+    federation::FederationRef,
+    pki, topology,
     remote::{self, ReaderToken, RemoteTarget},
     validate::{Problem, validate},
 };
@@ -31,7 +31,7 @@ pub fn render(
     let gateways: BTreeMap<String, _> = spec
         .clusters
         .iter()
-        .filter(|c| gateway::needs_gateway(spec, c))
+        .filter(|c| topology::needs_gateway(spec, c))
         .map(|c| {
             let address = c.east_west_gateway.address.clone().unwrap_or(format!("<gateway address of {}>", c.name));
             (c.name.clone(), Ok(GatewayAddress { addresses: vec![address], port: gateway::CROSS_NETWORK_PORT }))

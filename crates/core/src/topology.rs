@@ -1,8 +1,8 @@
-//! The topology, derived from the clusters' roles and networks; never declared.
+//! The topology, derived from the clusters' roles and networks; never declared; and what it asks of each cluster.
 
 use std::{collections::BTreeSet, fmt};
 
-use meshfed_api::{ClusterRole, MeshFederationSpec};
+use meshfed_api::{ClusterRole, ClusterSpec, MeshFederationSpec};
 
 /// Which of the four Istio multi-cluster topologies a federation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,4 +29,16 @@ impl fmt::Display for Topology {
         let network = if self.multi_network { "MultiNetwork" } else { "SingleNetwork" };
         write!(f, "{control}/{network}")
     }
+}
+
+/// Whether `cluster` serves Remotes: some Remote names it as its control plane.
+pub fn serves_remotes(spec: &MeshFederationSpec, cluster: &ClusterSpec) -> bool {
+    cluster.role == ClusterRole::Primary
+        && spec.clusters.iter().any(|c| c.control_plane.as_deref() == Some(cluster.name.as_str()))
+}
+
+/// Whether `cluster` runs an east-west gateway: every cluster of a multi-network federation (other networks reach its
+/// pods through it), and a Primary that serves Remotes (they reach its istiod through it).
+pub fn needs_gateway(spec: &MeshFederationSpec, cluster: &ClusterSpec) -> bool {
+    Topology::of(spec).multi_network || serves_remotes(spec, cluster)
 }

@@ -11,7 +11,7 @@ use meshfed_api::{MeshFederationSpec, TrustStatus};
 use crate::{
     conditions::Reason,
     pki::{self, CaMaterial, CacertsBundle, CacertsVerdict, CertSummary, IntermediateProfile, Root},
-    plan::{FIELD_MANAGER, Failure, FederationRef, LABEL_FEDERATION, MANAGED_BY},
+    federation::{FIELD_MANAGER, Failure, FederationRef, LABEL_FEDERATION, MANAGED_BY},
     rotation::{self, Action, MemberRoots},
     validate::Durations,
 };
@@ -28,7 +28,7 @@ pub fn root_secret_name(federation: &str) -> String {
     if federation.len() + SUFFIX.len() <= MAX_NAME {
         return format!("{federation}{SUFFIX}");
     }
-    let short = crate::plan::label_value(federation);
+    let short = crate::federation::label_value(federation);
     let hash = &short[short.len() - 16..];
     let mut keep = MAX_NAME - SUFFIX.len() - hash.len() - 1;
     while !federation.is_char_boundary(keep) {

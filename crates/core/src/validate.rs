@@ -6,7 +6,10 @@ use std::{collections::BTreeMap, fmt, time::Duration};
 use ipnet::IpNet;
 use meshfed_api::{ClusterRole, ExposeMode, MeshFederationSpec};
 
-use crate::{conditions::Reason, topology::Topology};
+use crate::{
+    conditions::Reason,
+    topology::{self, Topology},
+};
 
 /// One broken rule: a stable reason and a message that says what to change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,7 +161,7 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
                 ),
             );
         }
-        if expose == ExposeMode::NodePort && crate::gateway::serves_remotes(spec, c) {
+        if expose == ExposeMode::NodePort && topology::serves_remotes(spec, c) {
             problem(
                 Reason::ExposeModeUnsupported,
                 format!(

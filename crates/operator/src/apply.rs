@@ -180,11 +180,11 @@ pub async fn claim(
     held: &mut Holdings,
 ) -> Result<(), Failure> {
     let desired = member::claim(fref, hub, spec, w.cluster);
-    let key = member::claim_key(&spec.istio.namespace);
+    let key = kinds::claim_key(&spec.istio.namespace);
     let current = match held.get(&key) {
         Some(v) => ConfigMap::deserialize(v.as_ref()).unwrap_or_default(),
         None => {
-            let configmaps: Api<ConfigMap> = Api::namespaced(w.client.clone(), member::CLAIM_NAMESPACE);
+            let configmaps: Api<ConfigMap> = Api::namespaced(w.client.clone(), kinds::CLAIM_NAMESPACE);
             w.metrics.wrote(w.cluster, "ConfigMap", "create");
             let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
             match configmaps.create(&params, &desired).await {

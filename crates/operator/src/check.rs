@@ -21,7 +21,7 @@ use meshfed_core::{
     control_plane, gateway,
     member::{self, ClaimHolder},
     pki::{self, CA_CERT, ROOT_CERT},
-    plan::FederationRef,
+    federation::FederationRef,
     remote, trust,
     validate::validate,
 };
@@ -168,8 +168,8 @@ async fn member_findings(
     let ns = &spec.istio.namespace;
     let version = client.apiserver_version().await.map_err(|e| format!("unreachable: {e}"))?;
     let mut out = vec![found("members", name, Ok(format!("reachable, Kubernetes {}", version.git_version)))];
-    let claim_key = member::claim_key(ns);
-    let claim = Api::<ConfigMap>::namespaced(client.clone(), member::CLAIM_NAMESPACE)
+    let claim_key = kinds::claim_key(ns);
+    let claim = Api::<ConfigMap>::namespaced(client.clone(), kinds::CLAIM_NAMESPACE)
         .get_opt(&claim_key.name)
         .await
         .map_err(|e| e.to_string())?;
@@ -186,7 +186,7 @@ async fn member_findings(
         },
     ));
     let namespace = Api::<Namespace>::all(client.clone()).get_opt(ns).await.map_err(|e| e.to_string())?;
-    let network = namespace.as_ref().and_then(|n| n.labels().get(meshfed_core::plan::NETWORK_LABEL).cloned());
+    let network = namespace.as_ref().and_then(|n| n.labels().get(meshfed_core::istio::NETWORK_LABEL).cloned());
     out.push(found(
         "networks",
         name,
@@ -222,7 +222,7 @@ async fn member_findings(
             )),
         },
     ));
-    let istios = Api::<DynamicObject>::all_with(client.clone(), &api_resource(&member::ISTIO));
+    let istios = Api::<DynamicObject>::all_with(client.clone(), &api_resource(&kinds::ISTIO));
     out.push(found(
         "control plane",
         name,
@@ -239,7 +239,7 @@ async fn member_findings(
             Err(e) => Err(e.to_string()),
         },
     ));
-    if gateway::needs_gateway(spec, cluster) {
+    if topology::needs_gateway(spec, cluster) {
         let service = Api::<Service>::namespaced(client.clone(), ns)
             .get_opt(gateway::GATEWAY_NAME)
             .await
@@ -269,7 +269,7 @@ async fn remote_access(
     target: &str,
     now: Timestamp,
 ) -> Result<String, String> {
-    let name = remote::remote_secret_name(target);
+    let name = istio::remote_secret_name(target);
     let secret = Api::<Secret>::namespaced(holder.clone(), &spec.istio.namespace)
         .get_opt(&name)
         .await

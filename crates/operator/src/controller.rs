@@ -272,7 +272,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
                 Ok(Some(root)) => Ok(root),
                 // No root yet: made now, unless members hold intermediates of one that is gone.
                 Ok(None) => {
-                    let key = member::cacerts_key(&spec.istio.namespace);
+                    let key = kinds::cacerts_key(&spec.istio.namespace);
                     // From a root the user brought to a generated one, the members move by a rotation.
                     let brought = meshfed_core::trust::root_was_brought(previous.and_then(|p| p.trust.as_ref()));
                     let held_by: Vec<String> = reached
@@ -343,7 +343,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     if let Some(overlaps) = overlapping {
         validation = Err(overlaps);
     }
-    let status = plan::federation_status(
+    let status = status::federation_status(
         previous,
         fed.meta().generation,
         spec,
@@ -414,13 +414,13 @@ fn gateway_states(
     reached: &BTreeMap<String, Reached>,
 ) -> BTreeMap<String, Result<GatewayAddress, Failure>> {
     let key = ObjectKey {
-        kind: member::SERVICE,
+        kind: kinds::SERVICE,
         namespace: Some(spec.istio.namespace.clone()),
         name: gateway::GATEWAY_NAME.into(),
     };
     spec.clusters
         .iter()
-        .filter(|c| gateway::needs_gateway(spec, c))
+        .filter(|c| topology::needs_gateway(spec, c))
         .filter_map(|c| {
             let r = reached.get(&c.name)?;
             let service = apply::typed::<Service>(&r.held, &key);
@@ -441,7 +441,7 @@ fn plan_cacerts(
     now: Timestamp,
 ) -> (TrustStatus, PlannedCacerts, Option<Timestamp>) {
     let (key, published) =
-        (member::cacerts_key(&spec.istio.namespace), member::published_roots_key(&spec.istio.namespace));
+        (kinds::cacerts_key(&spec.istio.namespace), kinds::published_roots_key(&spec.istio.namespace));
     let observed: BTreeMap<String, (Option<Secret>, Option<ConfigMap>)> = reached
         .iter()
         .map(|(name, r)| (name.clone(), (apply::typed(&r.held, &key), apply::typed(&r.held, &published))))
@@ -509,14 +509,14 @@ async fn apply_wave(
                 Some((t.clone(), remote::remote_secret(fref, spec, cluster, &token.target, &token.token)))
             })
             .collect();
-        let namespace = apply::typed::<Namespace>(&r.held, &member::namespace_key(&spec.istio.namespace));
+        let namespace = apply::typed::<Namespace>(&r.held, &kinds::namespace_key(&spec.istio.namespace));
         let facts = MemberFacts {
             namespace: namespace.as_ref(),
             cacerts: cacerts.get(name).and_then(|c| c.as_ref().ok()).map(|(data, _)| data.clone()),
             remote_secrets,
             gateways: gateways.clone(),
             unserved: r.unserved.clone(),
-            istio: r.held.get(&member::istio_key(&spec.istio.revision)).map(Arc::as_ref),
+            istio: r.held.get(&kinds::istio_key(&spec.istio.revision)).map(Arc::as_ref),
         };
         let plan = member::member_plan(fref, &ctx.hub_id, spec, cluster, facts);
         async move {
@@ -568,9 +568,9 @@ fn record_failures(reports: &mut [MemberReport], results: Vec<WaveResult>) -> Ve
 }
 
 /// The clusters released by annotation in this reconcile, each with what meshfed left behind there.
-fn released_announcements(fed: &MeshFederation, reports: &[MemberReport]) -> Vec<plan::Announcement> {
+fn released_announcements(fed: &MeshFederation, reports: &[MemberReport]) -> Vec<status::Announcement> {
     let fref = federation_ref(fed);
-    reports.iter().filter(|r| r.released).map(|r| plan::released(&fref, &r.name, &r.kubeconfig)).collect()
+    reports.iter().filter(|r| r.released).map(|r| status::released(&fref, &r.name, &r.kubeconfig)).collect()
 }
 
 /// Removes what meshfed wrote in every member; keeps the finalizer while any member could not be cleaned.
@@ -590,7 +590,7 @@ async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Action, Error> {
         ctx.watches.used_by(&key, Default::default());
         return Ok(Action::await_change());
     }
-    let status = plan::deletion_status(fed.status.as_ref(), fed.meta().generation, &pending, ctx.settings.clock.now());
+    let status = status::deletion_status(fed.status.as_ref(), fed.meta().generation, &pending, ctx.settings.clock.now());
     ctx.metrics.observe_status(&fref.to_string(), &status);
     let said = report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
     publish(ctx, fed, said);
@@ -651,16 +651,16 @@ async fn observe_member(
         };
         let ns = &spec.istio.namespace;
         let by_name = [
-            member::claim_key(ns),
-            member::namespace_key(ns),
-            member::cacerts_key(ns),
-            member::published_roots_key(ns),
+            kinds::claim_key(ns),
+            kinds::namespace_key(ns),
+            kinds::cacerts_key(ns),
+            kinds::published_roots_key(ns),
             // Cluster-wide by its revision: another federation's is seen as such, never taken over.
-            member::istio_key(&spec.istio.revision),
+            kinds::istio_key(&spec.istio.revision),
         ];
         // A gateway exposed on its nodes is dialled at their addresses.
         let cluster = spec.clusters.iter().find(|c| c.name == name);
-        let gw = cluster.filter(|c| take_claim && gateway::needs_gateway(spec, c)).map(|c| &c.east_west_gateway);
+        let gw = cluster.filter(|c| take_claim && topology::needs_gateway(spec, c)).map(|c| &c.east_west_gateway);
         let nodes = async {
             match gw {
                 Some(gw)
@@ -688,7 +688,7 @@ async fn observe_member(
         report.identity = identity?.metadata.uid;
         let ((mut held, unserved), nodes) = (observed?, nodes?);
         let reads_ms = asked.elapsed().as_secs_f64() * 1e3;
-        let observed_ns = held.get(&member::namespace_key(ns));
+        let observed_ns = held.get(&kinds::namespace_key(ns));
         if take_claim && observed_ns.is_some_and(|n| !n["metadata"]["deletionTimestamp"].is_null()) {
             return Err(Failure::new(
                 Reason::NamespaceTerminating,
@@ -736,7 +736,7 @@ async fn cleanup_member(ctx: &Context, fed: &MeshFederation, name: String, secre
         if never_reached {
             info!(cluster = %name, "never reached: it holds nothing of the federation");
             report.failure = None;
-        } else if plan::release_requested(fed.annotations().get(RELEASE_ANNOTATION), &name) {
+        } else if federation::release_requested(fed.annotations().get(RELEASE_ANNOTATION), &name) {
             warn!(cluster = %name, "released by annotation without cleanup");
             report.failure = None;
             report.released = true;
@@ -750,9 +750,9 @@ async fn report(
     fed: &MeshFederation,
     ctx: &Context,
     status: &meshfed_api::MeshFederationStatus,
-    mut extra: Vec<plan::Announcement>,
-) -> Result<Vec<plan::Announcement>, Error> {
-    if !plan::status_changed(fed.status.as_ref(), status) {
+    mut extra: Vec<status::Announcement>,
+) -> Result<Vec<status::Announcement>, Error> {
+    if !status::status_changed(fed.status.as_ref(), status) {
         return Ok(extra);
     }
     let api: Api<MeshFederation> = Api::namespaced(ctx.hub.clone(), &fed.namespace().unwrap_or_default());
@@ -765,14 +765,14 @@ async fn report(
     api.patch_status(&fed.name_any(), &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(patch))
         .await
         .map_err(Error::Status)?;
-    let mut said = plan::announcements(fed.status.as_ref(), status);
+    let mut said = status::announcements(fed.status.as_ref(), status);
     said.append(&mut extra);
     Ok(said)
 }
 
 /// Publishes Events on the federation, concurrently and in the background: a reconcile does not wait for them. One
 /// about a cluster relates to its kubeconfig Secret.
-fn publish(ctx: &Context, fed: &MeshFederation, said: Vec<plan::Announcement>) {
+fn publish(ctx: &Context, fed: &MeshFederation, said: Vec<status::Announcement>) {
     if said.is_empty() {
         return;
     }
@@ -781,7 +781,7 @@ fn publish(ctx: &Context, fed: &MeshFederation, said: Vec<plan::Announcement>) {
         .map(|said| KubeEvent {
             type_: if said.warning { EventType::Warning } else { EventType::Normal },
             reason: said.reason,
-            note: Some(plan::event_note(said.note)),
+            note: Some(status::event_note(said.note)),
             action: "Reconcile".into(),
             secondary: said.kubeconfig.map(|secret| ObjectReference {
                 api_version: Some("v1".into()),

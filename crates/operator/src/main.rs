@@ -212,7 +212,7 @@ async fn release_freed_memory(metrics: Metrics) {
 /// `meshfed render`: the federation in `file`, member by member, as YAML documents.
 fn render(file: &std::path::Path, cluster: Option<&str>) -> anyhow::Result<()> {
     let fed: meshfed_api::MeshFederation = meshfed_core::yaml::from_slice(&std::fs::read(file)?)?;
-    let fref = meshfed_core::plan::FederationRef {
+    let fref = meshfed_core::federation::FederationRef {
         namespace: fed.metadata.namespace.clone().unwrap_or_else(|| "default".into()),
         name: fed.metadata.name.clone().unwrap_or_default(),
     };

@@ -110,7 +110,7 @@ impl Default for Metrics {
         let kind_watches = Gauge::default();
         let member_lists = Family::<KindLabels, Counter>::default();
         // Every kind is served from the start, at zero: a steady state stays there.
-        for kind in meshfed_core::member::OWNED_KINDS {
+        for kind in meshfed_core::kinds::OWNED_KINDS {
             let _ = member_lists.get_or_create(&KindLabels { kind: kind.kind.into() });
         }
         registry.register("reconciles", "Reconciles of MeshFederations", reconciles.clone());
@@ -229,7 +229,7 @@ impl Metrics {
     }
 
     /// Counts the failures of one reconcile's members, by reason.
-    pub fn members_failed<'a>(&self, failures: impl IntoIterator<Item = &'a meshfed_core::plan::Failure>) {
+    pub fn members_failed<'a>(&self, failures: impl IntoIterator<Item = &'a meshfed_core::federation::Failure>) {
         for f in failures {
             self.member_failures.get_or_create(&ReasonLabels { reason: f.reason.to_string() }).inc();
         }

@@ -12,7 +12,7 @@ use kube::{Api, api::PostParams};
 use meshfed_api::{ClusterSpec, MeshFederationSpec};
 use meshfed_core::{
     member::{self, ObjectKey},
-    plan::Failure,
+    federation::Failure,
     remote::{self, ReaderIdentity, ReaderToken, RemoteTarget, TokenTimes},
 };
 use tracing::info;
@@ -71,14 +71,14 @@ async fn token_for(
     let remote_target = RemoteTarget::from_kubeconfig(target, &member.kubeconfig).ok_or_else(|| {
         Failure::new(Reason::KubeconfigInvalid, "the kubeconfig names no server for its current context")
     })?;
-    let key = member::remote_secret_key(ns, &target.name);
+    let key = kinds::remote_secret_key(ns, &target.name);
     let kept: Vec<ReaderToken> = reached
         .values()
         .filter_map(|r| apply::typed::<Secret>(&r.held, &key))
         .filter_map(|s| remote::token_in_remote_secret(&s, &target.name))
         .collect();
     let sa_key = ObjectKey {
-        kind: member::SERVICE_ACCOUNT,
+        kind: kinds::SERVICE_ACCOUNT,
         namespace: Some(ns.clone()),
         name: remote::READER_SERVICE_ACCOUNT.into(),
     };

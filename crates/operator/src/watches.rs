@@ -471,7 +471,7 @@ fn owner(obj: &DynamicObject, names: &Names) -> Option<ObjectRef<MeshFederation>
 
 #[cfg(test)]
 mod tests {
-    use meshfed_core::{member::SECRET, plan::FederationRef};
+    use meshfed_core::{kinds::SECRET, federation::FederationRef};
     use watcher::Event;
 
     use super::*;

@@ -162,7 +162,7 @@ async fn main() -> Result<()> {
     // schema, its storage) on first use, which is not meshfed's time: every kind is listed once first.
     let warm = refs.iter().map(|m| async {
         let client = f.member(m).await?;
-        for kind in meshfed_core::member::OWNED_KINDS {
+        for kind in meshfed_core::kinds::OWNED_KINDS {
             let ar = meshfed_operator::apply::api_resource(kind);
             Api::<DynamicObject>::all_with(client.clone(), &ar).list(&ListParams::default()).await?;
         }
