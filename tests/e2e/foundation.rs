@@ -8,7 +8,10 @@ use kube::{
     Api, Client,
     api::{DynamicObject, ListParams, PostParams},
 };
-use meshfed_core::{member, federation::FederationRef};
+use meshfed_core::{
+    federation::{self, FederationRef},
+    kinds,
+};
 use meshfed_e2e::{Fixture, condition, example, fed_condition, is_ready, put_kubeconfig};
 use meshfed_testenv::Options;
 
@@ -137,7 +140,7 @@ async fn a_federation_with_a_200_character_name_converges_repairs_drift_and_is_d
     for m in ["east", "west"] {
         let client = f.member(m).await?;
         for kind in kinds::OWNED_KINDS {
-            let ar = meshfed_operator::apply::api_resource(kind);
+            let ar = meshfed_operator::member::kinds::api_resource(kind);
             let lp = ListParams::default().labels(&fref.selector(m));
             let left = Api::<DynamicObject>::all_with(client.clone(), &ar).list(&lp).await?.items;
             // Without kube-controller-manager a namespace stays Terminating: being deleted is cleaned up.

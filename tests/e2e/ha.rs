@@ -19,9 +19,9 @@ use kube::{
 };
 use meshfed_e2e::{Fixture, OPERATOR_NAMESPACE, example, is_ready};
 use meshfed_operator::{
-    controller::{self, Settings},
     leader,
     metrics::Metrics,
+    reconcile::{self, Settings},
 };
 use meshfed_testenv::Options;
 
@@ -33,7 +33,7 @@ async fn replica(f: &Fixture, identity: &'static str, metrics: Metrics) -> anyho
     let hub = f.chart_credentials().await?;
     let settings = Settings { retry_after: Duration::from_secs(1), ..Settings::default() };
     Ok(tokio::spawn(async move {
-        let work = controller::run(hub.clone(), settings, metrics);
+        let work = reconcile::run(hub.clone(), settings, metrics);
         if let Err(e) = leader::run_as_leader(hub, OPERATOR_NAMESPACE, identity, LEASE, work).await {
             eprintln!("replica {identity} stopped: {e:#}");
         }
@@ -132,7 +132,7 @@ async fn a_leader_whose_lease_renewals_fail_stops_writing_before_the_other_repli
         let settings = Settings { retry_after: Duration::from_secs(1), ..Settings::default() };
         let (m, s) = (metrics.clone(), stopped.clone());
         let task = tokio::spawn(async move {
-            let work = controller::run(hub.clone(), settings, m.clone());
+            let work = reconcile::run(hub.clone(), settings, m.clone());
             let result = leader::run_as_leader(hub, OPERATOR_NAMESPACE, id, LEASE, work).await;
             *s.lock().unwrap() = Some((Instant::now(), m.member_writes_total()));
             eprintln!("replica {id} stopped: {result:?}");

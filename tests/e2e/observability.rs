@@ -16,12 +16,12 @@ use kube::{
     api::{DynamicObject, ListParams},
 };
 use meshfed_core::{
+    federation::{FIELD_MANAGER, MANAGED_BY},
     kinds::OWNED_KINDS,
-    plan::{FIELD_MANAGER, MANAGED_BY},
     remote,
 };
 use meshfed_e2e::{Fixture, Scrape, example, http_get, is_ready};
-use meshfed_operator::apply::api_resource;
+use meshfed_operator::member::kinds::api_resource;
 use meshfed_testenv::Options;
 use serde_json::Value;
 

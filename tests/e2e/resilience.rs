@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use k8s_openapi::api::core::v1::Secret;
-use kube::Api;
+use kube::{Api, api::DynamicObject};
+use meshfed_core::kinds::ISTIO;
 use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready, until};
-use meshfed_operator::metrics::Metrics;
+use meshfed_operator::{member::kinds::api_resource, metrics::Metrics};
 use meshfed_testenv::Options;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -105,5 +106,45 @@ async fn an_operator_killed_at_any_point_of_a_convergence_ends_in_the_same_state
         );
         println!("killed after {killed_at} of {writes} member writes: same end state");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_that_cannot_be_reached_changes_nothing_in_the_others() -> Result<()> {
+    // West's gateway sits behind an address meshfed cannot see: east's istiod knows it only from `meshNetworks`.
+    let mut f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let federation = example("multi-primary-multi-network")
+        .replace("name: west-kubeconfig}", "name: west-kubeconfig}, eastWestGateway: {address: 192.0.2.20}");
+    assert!(federation.contains("192.0.2.20"), "the example names west's kubeconfig as expected");
+    f.apply(&federation).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let istios = Api::<DynamicObject>::all_with(f.member("east").await?, &api_resource(&ISTIO));
+    let before = istios.get("default").await?;
+    let networks = |istio: &DynamicObject| istio.data["spec"]["values"]["global"]["meshNetworks"].to_string();
+    assert!(networks(&before).contains("192.0.2.20"), "east's meshNetworks has west's gateway: {}", networks(&before));
+
+    f.env.cluster_mut("west").stop();
+    // Reconciles with west down, east's Istio sampled throughout: never rewritten, west's gateway always in it.
+    let sampling = async {
+        let mut samples = 0;
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            let now = istios.get("default").await?;
+            assert_eq!(now.metadata.resource_version, before.metadata.resource_version, "east's Istio was rewritten");
+            samples += 1;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::Ok(samples)
+    };
+    let reconciles = async {
+        for _ in 0..2 {
+            f.poke_and_wait("prod").await?;
+        }
+        anyhow::Ok(())
+    };
+    let (samples, ()) = futures::try_join!(sampling, reconciles)?;
+    let fed = f.federations().get("prod").await?;
+    assert!(!cluster_ready(&fed, "west") && cluster_ready(&fed, "east"), "the reconciles saw west down");
+    println!("{samples} samples of east's Istio over two reconciles with west down: unchanged");
     Ok(())
 }

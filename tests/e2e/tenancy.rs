@@ -20,8 +20,8 @@ use kube::{
 };
 use meshfed_api::MeshFederation;
 use meshfed_core::kinds::OWNED_KINDS;
-use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready, put_kubeconfig};
-use meshfed_operator::apply::api_resource;
+use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready, put_kubeconfig, until};
+use meshfed_operator::member::kinds::api_resource;
 use meshfed_testenv::Options;
 
 const WAIT: Duration = Duration::from_secs(60);
@@ -293,5 +293,54 @@ async fn a_moved_istio_namespace_leaves_nothing_in_the_old_one() -> anyhow::Resu
         let secrets = Api::<Secret>::namespaced(member, "istio-mesh").list(&ListParams::default()).await?.items;
         assert!(secrets.iter().any(|s| s.name_any().starts_with("istio-remote-secret-")), "{m}: remote secrets moved");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_same_named_federation_in_another_hub_never_cleans_up_a_member_it_does_not_hold() -> anyhow::Result<()> {
+    // Hub A is the fixture's; hub B is one more cluster of the environment, running a controller of its own.
+    let f = Fixture::start(&["east", "west", "hub-b"], Options::default()).await?;
+    f.apply(&example("multi-primary-multi-network")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let hub_b_cluster = f.env.cluster("hub-b");
+    hub_b_cluster.install_crds(&meshfed_api::crd_yaml()).await?;
+    let hub_b = hub_b_cluster.client().await?;
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
+    Api::<Namespace>::all(hub_b.clone()).create(&Default::default(), &ns).await?;
+    for m in ["east", "west"] {
+        put_kubeconfig(&hub_b, m, f.env.cluster(m).kubeconfig()).await?;
+    }
+    let settings = meshfed_operator::reconcile::Settings {
+        member_timeout: Duration::from_secs(5),
+        retry_after: Duration::from_secs(1),
+        member_backoff_max: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let controller_b = tokio::spawn(meshfed_operator::reconcile::run(hub_b.clone(), settings, Default::default()));
+    let before = (owned_versions(&f.member("east").await?).await?, owned_versions(&f.member("west").await?).await?);
+
+    // The same federation (one GitOps repository synced to two hubs): B is refused on both members.
+    let feds_b: Api<MeshFederation> = Api::namespaced(hub_b.clone(), NAMESPACE);
+    let prod: MeshFederation = serde_saphyr::from_str(&example("multi-primary-multi-network"))?;
+    feds_b.create(&Default::default(), &prod).await?;
+    let refused = |fed: &MeshFederation| {
+        ["east", "west"].iter().all(|m| member_reason(fed, m).as_deref() == Some("ClusterClaimed"))
+    };
+    let every = Duration::from_millis(100);
+    let claimed = async || feds_b.get("prod").await.is_ok_and(|fed| refused(&fed));
+    until("hub B's federation reports both members claimed", WAIT, every, claimed).await?;
+    let fed_b = feds_b.get("prod").await?;
+    let message = &condition(&fed_b.status.as_ref().unwrap().clusters[0].conditions, "Ready").unwrap().message;
+    assert!(message.contains("another hub"), "the refusal names the other hub: {message}");
+
+    // Deleting B's federation runs B's cleanup, which finds A's claim and touches nothing.
+    feds_b.delete("prod", &Default::default()).await?;
+    let gone = async || feds_b.get_opt("prod").await.is_ok_and(|fed| fed.is_none());
+    until("hub B's federation is deleted, holding on to no member it never held", WAIT, every, gone).await?;
+    controller_b.abort();
+    let after = (owned_versions(&f.member("east").await?).await?, owned_versions(&f.member("west").await?).await?);
+    assert_eq!(after, before, "hub A's objects in its members are untouched");
+    f.poke_and_wait("prod").await?;
+    assert!(is_ready(&f.federations().get("prod").await?), "hub A's federation stays ready");
     Ok(())
 }

@@ -14,9 +14,9 @@ use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, DynamicObject, ListParams},
 };
-use meshfed_core::member::{ISTIO, OWNED_KINDS};
+use meshfed_core::kinds::{ISTIO, OWNED_KINDS};
 use meshfed_e2e::{Fixture, condition, example, fed_condition, is_ready, load_balancer_ip};
-use meshfed_operator::apply::api_resource;
+use meshfed_operator::member::kinds::api_resource;
 use meshfed_testenv::{Options, add_node};
 use serde_json::{Value, json};
 

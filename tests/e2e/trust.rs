@@ -70,8 +70,8 @@ async fn put_hub_secret(f: &Fixture, name: &str, data: &[(&str, Vec<u8>)]) {
 async fn a_generated_root_gives_every_member_an_intermediate_that_istio_accepts() -> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
     // A second replica (no leader election yet) races the first one to make the root: one root must come out.
-    let (hub, settings) = (f.hub.clone(), meshfed_operator::controller::Settings::default());
-    let second = tokio::spawn(meshfed_operator::controller::run(hub, settings, Default::default()));
+    let (hub, settings) = (f.hub.clone(), meshfed_operator::reconcile::Settings::default());
+    let second = tokio::spawn(meshfed_operator::reconcile::run(hub, settings, Default::default()));
     let yaml = example("multi-primary-multi-network").replace(
         "  clusters:\n",
         "  clusters:\n  - {name: north, network: network3, kubeconfigSecretRef: {name: north-kubeconfig}}\n",

@@ -19,10 +19,10 @@ use kube::{
     api::{DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams},
 };
 use meshfed_api::MeshFederation;
-use meshfed_core::{member, plan};
+use meshfed_core::{federation, kinds};
 use meshfed_operator::{
-    controller::{self, Clock, Settings},
     metrics::Metrics,
+    reconcile::{self, Clock, Settings},
 };
 use meshfed_testenv::{Env, Options, Stage};
 use tokio::task::JoinHandle;
@@ -68,7 +68,7 @@ impl Fixture {
         };
         let hub = self.chart_credentials().await?;
         Ok(tokio::spawn(async move {
-            if let Err(e) = controller::run(hub, settings, metrics).await {
+            if let Err(e) = reconcile::run(hub, settings, metrics).await {
                 eprintln!("controller stopped: {e:#}");
             }
         }))
@@ -270,7 +270,7 @@ impl Fixture {
             let mut objects = Vec::new();
             // Every kind meshfed owns, from the one table that drives its observe, prune and watches.
             for kind in kinds::OWNED_KINDS {
-                let ar = meshfed_operator::apply::api_resource(kind);
+                let ar = meshfed_operator::member::kinds::api_resource(kind);
                 for o in Api::<DynamicObject>::all_with(client.clone(), &ar).list(&owned).await?.items {
                     let data = o.data.get("data").and_then(|d| d.as_object());
                     match data {

@@ -172,6 +172,7 @@ names! {
         IntermediateParametersChanged,
         // Remote access
         TokenRequestFailed,
+        TokenNotRefreshed,
         // Gateways
         AwaitingLoadBalancer,
         AwaitingGatewayService,

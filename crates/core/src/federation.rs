@@ -109,4 +109,3 @@ impl Failure {
         Self { reason, message: message.into() }
     }
 }
-

@@ -370,12 +370,18 @@ mod tests {
         let remote = "- {name: r, network: n1, role: Remote, controlPlane: east, kubeconfigSecretRef: {name: r}}";
         let west = "- {name: west, network: n1, kubeconfigSecretRef: {name: w}}";
         let flat = spec(&format!("{EAST}\n{west}"));
-        assert!(flat.clusters.iter().all(|c| !crate::topology::needs_gateway(&flat, c)), "one network, no Remotes: none");
+        assert!(
+            flat.clusters.iter().all(|c| !crate::topology::needs_gateway(&flat, c)),
+            "one network, no Remotes: none"
+        );
         let served = spec(&format!("{EAST}\n{west}\n{remote}"));
         let needs: Vec<bool> = served.clusters.iter().map(|c| crate::topology::needs_gateway(&served, c)).collect();
         assert_eq!(needs, [true, false, false], "only the Primary that serves a Remote");
         let split = spec(&format!("{EAST}\n{}", west.replace("n1", "n2")));
-        assert!(split.clusters.iter().all(|c| crate::topology::needs_gateway(&split, c)), "several networks: every cluster");
+        assert!(
+            split.clusters.iter().all(|c| crate::topology::needs_gateway(&split, c)),
+            "several networks: every cluster"
+        );
     }
 
     #[test]

@@ -28,7 +28,6 @@ pub const MULTI_CLUSTER_LABEL: &str = "istio/multiCluster";
 /// The annotation naming the cluster a remote secret gives access to (written by istioctl; istiod does not need it).
 pub const CLUSTER_ANNOTATION: &str = "networking.istio.io/cluster";
 
-
 /// The name of the remote secret that gives access to `target`: `istio-remote-secret-<target>`.
 pub fn remote_secret_name(target: &str) -> String {
     format!("{REMOTE_SECRET_PREFIX}{target}")

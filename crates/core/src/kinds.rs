@@ -2,6 +2,10 @@
 //! Observation, apply, prune, watches, metrics, the member permissions and the tests' end state all follow this table:
 //! a new member-side kind is one entry here and one planning rule in [`crate::member`].
 
+use std::{collections::BTreeMap, sync::Arc};
+
+use serde_json::Value;
+
 use crate::{istio, pki};
 
 /// A kind of object meshfed writes in members: its API coordinates and scope.
@@ -122,3 +126,12 @@ pub fn claim_key(namespace: &str) -> ObjectKey {
     ObjectKey { kind: CONFIG_MAP, namespace: Some(CLAIM_NAMESPACE.into()), name: format!("meshfed-claim.{namespace}") }
 }
 
+/// What a member holds, by key, as JSON (shared with the member's watch caches): everything labelled for one
+/// federation and cluster, and the objects read by name whatever their labels (the Istio namespace and `cacerts`,
+/// which may predate meshfed, the claim, the `Istio`).
+pub type Holdings = BTreeMap<ObjectKey, Arc<Value>>;
+
+/// A held object as its typed form, if the member holds it.
+pub fn typed<K: serde::de::DeserializeOwned>(held: &Holdings, key: &ObjectKey) -> Option<K> {
+    held.get(key).and_then(|v| K::deserialize(v.as_ref()).ok())
+}

@@ -1,12 +1,286 @@
-//! The federation plan: from the spec, the previous status and what was observed of every member, the decisions of
-//! one reconcile. Pure: the clock comes in as an argument.
+//! The federation plan: from the spec, the previous status and what was observed of every member (reached or not),
+//! the decisions of one reconcile: which members are refused and why, which leave, the trust and token decisions,
+//! the gateway every member is dialled at, each member's [`MemberPlan`] (the one `meshfed render` shows), and the
+//! next requeue. The operator observes, calls these in order, and applies what they return; it decides nothing.
+//! Pure: the clock comes in as an argument.
 
-use std::time::Duration;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+    time::Duration,
+};
 
 use jiff::Timestamp;
-use meshfed_api::{MeshFederationSpec, MeshFederationStatus, SecretKeyRef};
+use k8s_openapi::{
+    ByteString,
+    api::core::v1::{ConfigMap, Namespace, Node, Secret, Service},
+};
+use meshfed_api::{ClusterSpec, MeshFederationSpec, MeshFederationStatus, SecretKeyRef};
 
-use crate::status::MemberReport;
+use crate::{
+    conditions::Reason,
+    federation::{Failure, FederationRef},
+    gateway::{self, GatewayAddress},
+    kinds::{self, Holdings, OwnedKind, typed},
+    member::{self, ClaimHolder, MemberFacts, MemberPlan},
+    pki::{self, Root},
+    remote::{self, Token},
+    status::MemberReport,
+    topology,
+    trust::{self, TrustPlan},
+    validate::Durations,
+};
+
+/// What one reconcile saw of a member that answered.
+#[derive(Debug, Clone, Default)]
+pub struct Observation {
+    /// What it holds of the federation, and the objects read by name.
+    pub held: Holdings,
+    /// Kinds of the owned-kinds table its API does not serve (their CRDs are not installed).
+    pub unserved: BTreeSet<OwnedKind>,
+    /// The nodes its gateway may run on (read where the gateway is dialled at a node's address).
+    pub nodes: Vec<Node>,
+    /// The pod and service ranges its API shows (read where another cluster shares its network).
+    pub ranges: Vec<String>,
+}
+
+/// Refuses the same cluster listed twice under two Secrets (one `kube-system` UID) among the members that answered
+/// (a report with an identity and no failure): the later one in the spec gets `DuplicateCluster` and is not written.
+/// Returns the names refused.
+pub fn refuse_duplicates(reports: &mut [MemberReport]) -> BTreeSet<String> {
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    let mut refused = BTreeSet::new();
+    for r in reports.iter_mut().filter(|r| !r.leaving && r.failure.is_none()) {
+        let Some(identity) = r.identity.clone() else { continue };
+        match seen.get(&identity) {
+            Some(first) => {
+                r.failure = Some(Failure::new(
+                    Reason::DuplicateCluster,
+                    format!(
+                        "this is the same cluster as {first} (kube-system namespace UID {identity}); remove one of the two"
+                    ),
+                ));
+                refused.insert(r.name.clone());
+            }
+            None => _ = seen.insert(identity, r.name.clone()),
+        }
+    }
+    refused
+}
+
+/// The members that hold an intermediate CA labelled for this federation: asked when the federation has no root
+/// yet, which is minted only when none does (a root that is gone while members still trust it is reported, never
+/// replaced behind the user's back). From a root the user brought to a generated one the members move by a
+/// rotation, so then none counts.
+pub fn intermediates_held(
+    spec: &MeshFederationSpec,
+    fref: &FederationRef,
+    previous: Option<&MeshFederationStatus>,
+    observed: &BTreeMap<String, Observation>,
+) -> Vec<String> {
+    if trust::root_was_brought(previous.and_then(|p| p.trust.as_ref())) {
+        return Vec::new();
+    }
+    let key = kinds::cacerts_key(&spec.istio.namespace);
+    observed
+        .iter()
+        .filter(|(name, o)| o.held.get(&key).is_some_and(|s| member::labelled_for(s, fref, name)))
+        .map(|(name, _)| name.clone())
+        .collect()
+}
+
+/// The trust plan over what the members that answered show: their `cacerts` and the roots their istiod publishes.
+/// `roots`: the federation's root, and the one a rotation comes from when the hub still holds it.
+pub fn trust_plan<'r>(
+    spec: &MeshFederationSpec,
+    (root, previous_root): (&'r Root, Option<&'r Root>),
+    durations: &Durations,
+    previous: Option<&MeshFederationStatus>,
+    observed: &BTreeMap<String, Observation>,
+    now: Timestamp,
+) -> TrustPlan<'r> {
+    let ns = &spec.istio.namespace;
+    let (key, published) = (kinds::cacerts_key(ns), kinds::published_roots_key(ns));
+    let held: BTreeMap<&String, (Option<Secret>, Option<ConfigMap>)> =
+        observed.iter().map(|(name, o)| (name, (typed(&o.held, &key), typed(&o.held, &published)))).collect();
+    let data = held
+        .iter()
+        .map(|(name, (secret, cm))| {
+            let cacerts = secret.as_ref().and_then(|s| s.data.as_ref());
+            let published =
+                cm.as_ref().map(|cm| cm.data.as_ref().and_then(|d| d.get(pki::ROOT_CERT)).map_or("", |p| p.as_str()));
+            ((*name).clone(), trust::Observed { cacerts, published })
+        })
+        .collect();
+    let previous = previous.and_then(|p| p.trust.as_ref());
+    trust::plan_trust(spec, root, previous_root, durations, previous, &data, now)
+}
+
+/// The gateway of every member that needs one: where other members dial it, from what it shows now (its gateway
+/// Service and nodes), or, for a member not observed in this reconcile (unreachable, refused, or backing off), the
+/// address it last showed (kept in its status). What meshfed writes into one member (a Primary's `meshNetworks`, a
+/// Remote's `remotePilotAddress`) never changes because another member could not be reached.
+pub fn gateways(
+    spec: &MeshFederationSpec,
+    observed: &BTreeMap<String, Observation>,
+    previous: Option<&MeshFederationStatus>,
+) -> BTreeMap<String, Result<GatewayAddress, Failure>> {
+    let key = kinds::ObjectKey {
+        kind: kinds::SERVICE,
+        namespace: Some(spec.istio.namespace.clone()),
+        name: gateway::GATEWAY_NAME.into(),
+    };
+    let last_known = |name: &str| {
+        let c = previous?.clusters.iter().find(|c| c.name == name)?;
+        let addresses = c.gateway_address.as_deref()?.split(',').map(String::from).collect();
+        Some(GatewayAddress { addresses, port: c.gateway_port? })
+    };
+    spec.clusters
+        .iter()
+        .filter(|c| topology::needs_gateway(spec, c))
+        .filter_map(|c| {
+            let state = match observed.get(&c.name) {
+                Some(o) => gateway::gateway_address(c, typed::<Service>(&o.held, &key).as_ref(), &o.nodes),
+                None => Ok(last_known(&c.name)?),
+            };
+            Some((c.name.clone(), state))
+        })
+        .collect()
+}
+
+/// The complete plan of member `cluster`: what it holds now (`seen`), the `cacerts` data the trust plan gives it
+/// (`None`: it keeps what it holds), the reader token of every target it holds a remote secret for (`None`: the
+/// first wave, without remote secrets; a target missing from the map keeps the secret it holds), and the gateways.
+/// `meshfed render` calls this too, with placeholders, so what it shows is what the controller writes.
+pub fn member_plan(
+    fref: &FederationRef,
+    hub: &str,
+    spec: &MeshFederationSpec,
+    cluster: &ClusterSpec,
+    seen: &Observation,
+    cacerts: Option<BTreeMap<String, ByteString>>,
+    tokens: Option<&BTreeMap<String, Result<Token, Failure>>>,
+    gateways: &BTreeMap<String, Result<GatewayAddress, Failure>>,
+) -> MemberPlan {
+    let remote_secrets = remote::remote_secret_targets(spec, cluster)
+        .filter_map(|target| {
+            let token = tokens?.get(&target.name)?.as_ref().ok()?;
+            Some((target.name.clone(), remote::remote_secret(fref, spec, cluster, &token.target, &token.token)))
+        })
+        .collect();
+    let namespace = typed::<Namespace>(&seen.held, &kinds::namespace_key(&spec.istio.namespace));
+    let facts = MemberFacts {
+        namespace: namespace.as_ref(),
+        cacerts,
+        remote_secrets,
+        gateways: gateways.clone(),
+        unserved: seen.unserved.clone(),
+        istio: seen.held.get(&kinds::istio_key(&spec.istio.revision)).map(Arc::as_ref),
+    };
+    member::member_plan(fref, hub, spec, cluster, facts)
+}
+
+/// Puts the reader tokens into the reports: every member that some Primary reads gets its token's times, or why it
+/// has none. One that answered but got no token this time (its writes failed before its reader was in place, or it
+/// waits in its backoff) keeps its last token's facts while that token is before its refresh point; past it, its
+/// remote access is not reported ready, since its peers' copies age towards expiry.
+pub fn record_tokens(
+    spec: &MeshFederationSpec,
+    reports: &mut [MemberReport],
+    tokens: &BTreeMap<String, Result<Token, Failure>>,
+    previous: Option<&MeshFederationStatus>,
+    ttl: Duration,
+    now: Timestamp,
+) {
+    let placement = remote::remote_secret_placement(spec);
+    let read: BTreeSet<&str> = placement.values().flatten().map(String::as_str).collect();
+    let lifetime = jiff::SignedDuration::try_from(ttl).unwrap_or(jiff::SignedDuration::MAX);
+    let fresh_until = |name: &str| {
+        let c = previous?.clusters.iter().find(|c| c.name == name)?;
+        let expires: Timestamp = c.reader_token_expires_at.as_deref()?.parse().ok()?;
+        Some(remote::token_refresh_at(expires.checked_sub(lifetime).unwrap_or(expires), expires))
+    };
+    for r in reports.iter_mut().filter(|r| !r.leaving) {
+        match (tokens.get(&r.name), &r.failure) {
+            (Some(Ok(t)), _) => (r.token_expires_at, r.token_refresh_at) = (Some(t.expires_at), Some(t.refresh_at)),
+            (Some(Err(f)), _) => r.remote_access = Some(f.clone()),
+            (None, Some(f)) if r.version.is_some() && read.contains(r.name.as_str()) => match fresh_until(&r.name) {
+                Some(at) if at > now => r.token_refresh_at = Some(at),
+                _ => {
+                    r.remote_access = Some(Failure::new(
+                        Reason::TokenNotRefreshed,
+                        format!(
+                            "its reader token is past its refresh point and no fresh one could be had, so its peers' copies age towards expiry: {}",
+                            f.message
+                        ),
+                    ))
+                }
+            },
+            (None, _) => {}
+        }
+    }
+}
+
+/// What cleanup does with a member that left the spec, or whose federation is deleted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Leave {
+    /// Prune everything meshfed wrote there for the federation.
+    Clean,
+    /// It is still in the spec under another name (the same cluster: its `kube-system` UID, or the same kubeconfig
+    /// Secret where that member did not answer): the member that stays relabels what it holds; nothing is removed.
+    Renamed(String),
+    /// Its claim names another holder (another federation, or one of the same namespace and name in another hub,
+    /// whose objects carry the same labels): nothing there is the federation's to remove.
+    ClaimedBy(String),
+}
+
+/// What cleanup does with `leaving`, given what it shows (`seen`) and the members that stay (`staying`; none when
+/// the federation is deleted).
+pub fn leave(
+    fref: &FederationRef,
+    hub: &str,
+    spec: &MeshFederationSpec,
+    leaving: &MemberReport,
+    seen: &Observation,
+    staying: &[MemberReport],
+) -> Leave {
+    let same_cluster = |s: &&MemberReport| match (&s.identity, &leaving.identity) {
+        (Some(a), Some(b)) => a == b,
+        _ => s.version.is_none() && s.kubeconfig == leaving.kubeconfig,
+    };
+    if let Some(s) = staying.iter().filter(|s| !s.leaving).find(same_cluster) {
+        return Leave::Renamed(s.name.clone());
+    }
+    let claim = seen.held.get(&kinds::claim_key(&spec.istio.namespace));
+    let meta = claim.and_then(|c| serde_json::from_value(c["metadata"].clone()).ok());
+    match meta.map(|m| member::claim_holder(&m, fref, hub, &leaving.name)) {
+        Some(ClaimHolder::Other { federation, hub: their_hub }) if their_hub == hub => Leave::ClaimedBy(federation),
+        Some(ClaimHolder::Other { federation, hub: their_hub }) => {
+            Leave::ClaimedBy(format!("{federation} in another hub ({their_hub})"))
+        }
+        _ => Leave::Clean,
+    }
+}
+
+/// After a cleanup of `report` that failed: whether the member may be let go all the same. One that was never
+/// reached holds nothing of the federation (the status may not show yet that the last reconcile reached it: a
+/// report from the backoff says so too); one named in the release annotation is let go as it is.
+pub fn let_go_after_failure(
+    report: &mut MemberReport,
+    previous: Option<&MeshFederationStatus>,
+    release_annotation: Option<&String>,
+) {
+    if report.failure.is_none() {
+        return;
+    }
+    let last = previous.and_then(|s| s.clusters.iter().find(|c| c.name == report.name));
+    if report.version.is_none() && last.is_none_or(|c| c.last_seen.is_none()) {
+        report.failure = None;
+    } else if crate::federation::release_requested(release_annotation, &report.name) {
+        report.failure = None;
+        report.released = true;
+    }
+}
 
 /// The members that left the spec but that the status still lists (not cleaned up yet), with their kubeconfig
 /// Secret: every reconcile cleans them up until they hold nothing of the federation.
@@ -40,11 +314,50 @@ pub fn next_deadline(members: &[MemberReport], renew_before: Duration, now: Time
     earliest.map_or(resync, |at| until(at).min(resync)).max(MIN_REQUEUE)
 }
 
+/// How the spec fared, for the requeue: invalid (waits for an edit), refused on what the members show (overlapping
+/// ranges: tried again, since the members may change), or valid with its durations.
+#[derive(Debug, Clone, Copy)]
+pub enum Verdict<'a> {
+    Invalid,
+    RefusedByMembers,
+    Valid(&'a Durations),
+}
+
+/// When to look at the federation again: how long, or `None` to wait for a change of the federation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timing {
+    /// How soon a federation that is not ready is looked at again.
+    pub retry_after: Duration,
+    /// How often a ready federation is checked against its members.
+    pub resync_after: Duration,
+}
+
+/// When the next reconcile is due: an invalid spec waits for its next edit (retrying cannot fix it); a ready
+/// federation at its earliest deadline ([`next_deadline`]); a rotation that waits for workload certificates to
+/// expire when they have (`wake_at`, within retry and resync); anything else that is not ready soon.
+pub fn requeue(
+    verdict: Verdict<'_>,
+    ready: bool,
+    wake_at: Option<Timestamp>,
+    reports: &[MemberReport],
+    now: Timestamp,
+    timing: Timing,
+) -> Option<Duration> {
+    match (verdict, ready, wake_at) {
+        (Verdict::Invalid, _, _) => None,
+        (Verdict::RefusedByMembers, _, _) => Some(timing.retry_after),
+        (Verdict::Valid(d), true, _) => Some(next_deadline(reports, d.renew_before, now, timing.resync_after)),
+        (Verdict::Valid(_), false, Some(at)) => {
+            Some(at.duration_since(now).unsigned_abs().clamp(timing.retry_after, timing.resync_after))
+        }
+        (Verdict::Valid(_), false, None) => Some(timing.retry_after),
+    }
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{federation::Failure, pki::CertSummary};
+    use crate::pki::CertSummary;
 
     fn summary() -> CertSummary {
         CertSummary { fingerprint: "sha256:ab".into(), not_after: "2027-01-01T00:00:00Z".parse().unwrap() }
@@ -60,6 +373,211 @@ mod tests {
         r.version = version.map(Into::into);
         r.failure = failure;
         r
+    }
+
+    fn spec(yaml_clusters: &str) -> MeshFederationSpec {
+        serde_saphyr::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{yaml_clusters}"))
+            .unwrap()
+    }
+
+    fn fref() -> FederationRef {
+        FederationRef { namespace: "mesh-system".into(), name: "prod".into() }
+    }
+
+    /// Two Primaries on two networks, east's gateway at a fixed address (one that istiod knows only from
+    /// `meshNetworks`).
+    fn two_networks() -> MeshFederationSpec {
+        spec(
+            "- {name: east, network: n1, kubeconfigSecretRef: {name: east}, eastWestGateway: {address: 192.0.2.10}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: west}, eastWestGateway: {address: 192.0.2.20}}\n",
+        )
+    }
+
+    fn status_with_gateway(name: &str, address: &str, port: i32) -> MeshFederationStatus {
+        let cluster = meshfed_api::ClusterStatus {
+            name: name.into(),
+            gateway_address: Some(address.into()),
+            gateway_port: Some(port),
+            ..Default::default()
+        };
+        MeshFederationStatus { clusters: vec![cluster], ..Default::default() }
+    }
+
+    fn held(entries: Vec<(kinds::ObjectKey, serde_json::Value)>) -> Observation {
+        Observation { held: entries.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(), ..Default::default() }
+    }
+
+    #[test]
+    fn a_member_not_reached_keeps_its_last_known_gateway_in_every_other_members_plan() {
+        let s = two_networks();
+        let previous = status_with_gateway("west", "192.0.2.20", 15443);
+        // Only east answered this time.
+        let observed = BTreeMap::from([("east".to_string(), Observation::default())]);
+        let gateways = gateways(&s, &observed, Some(&previous));
+        assert_eq!(gateways["west"], Ok(GatewayAddress { addresses: vec!["192.0.2.20".into()], port: 15443 }));
+        // So east's `Istio` keeps west's network in `meshNetworks`.
+        let plan = member_plan(&fref(), "hub", &s, &s.clusters[0], &observed["east"], None, None, &gateways);
+        let istio = plan.objects.iter().find(|d| d.key.kind == kinds::ISTIO).expect("east's Istio");
+        let networks = &istio.body["spec"]["values"]["meshConfig"]["meshNetworks"];
+        let networks =
+            if networks.is_null() { &istio.body["spec"]["values"]["global"]["meshNetworks"] } else { networks };
+        assert!(networks.to_string().contains("192.0.2.20"), "west's gateway stays in east's meshNetworks: {networks}");
+        // Without a last known address, a member not reached is not invented.
+        assert!(!super::gateways(&s, &observed, None).contains_key("west"));
+    }
+
+    #[test]
+    fn the_same_cluster_listed_twice_is_refused_in_its_later_listing_only() {
+        let mut reports = [report("a", Some("v"), None), report("b", Some("v"), None), report("c", None, None)];
+        reports[0].identity = Some("uid-1".into());
+        reports[1].identity = Some("uid-1".into());
+        reports[2].identity = Some("uid-1".into());
+        reports[2].failure = Some(Failure::new(Reason::Unreachable, "down"));
+        let refused = refuse_duplicates(&mut reports);
+        assert_eq!(refused, BTreeSet::from(["b".to_string()]));
+        assert_eq!(reports[1].failure.as_ref().unwrap().reason, Reason::DuplicateCluster);
+        assert!(reports[0].failure.is_none());
+        assert_eq!(
+            reports[2].failure.as_ref().unwrap().reason,
+            Reason::Unreachable,
+            "one that did not answer is not judged"
+        );
+    }
+
+    #[test]
+    fn only_intermediates_labelled_for_the_federation_hold_a_root_back() {
+        let s = two_networks();
+        let key = kinds::cacerts_key("istio-system");
+        let ours = serde_json::json!({"metadata": {"labels": fref().owned_labels("east")}});
+        let theirs = serde_json::json!({"metadata": {"name": "cacerts"}});
+        let observed = BTreeMap::from([
+            ("east".to_string(), held(vec![(key.clone(), ours)])),
+            ("west".to_string(), held(vec![(key, theirs)])),
+        ]);
+        assert_eq!(intermediates_held(&s, &fref(), None, &observed), vec!["east".to_string()]);
+        let brought = MeshFederationStatus {
+            trust: Some(meshfed_api::TrustStatus { root_source: Some("secretRef".into()), ..Default::default() }),
+            ..Default::default()
+        };
+        let from_brought = intermediates_held(&s, &fref(), Some(&brought), &observed);
+        assert_eq!(from_brought.is_empty(), crate::trust::root_was_brought(brought.trust.as_ref()));
+    }
+
+    #[test]
+    fn a_renamed_cluster_is_not_cleaned_up_and_another_hubs_claim_is_not_touched() {
+        let s = spec("- {name: east2, network: n1, kubeconfigSecretRef: {name: east}}\n");
+        let mut old = report("east", Some("v"), None);
+        old.leaving = true;
+        old.identity = Some("uid-east".into());
+        let mut new = report("east2", Some("v"), None);
+        new.identity = Some("uid-east".into());
+        let nothing = Observation::default();
+        assert_eq!(
+            leave(&fref(), "hub-a", &s, &old, &nothing, std::slice::from_ref(&new)),
+            Leave::Renamed("east2".into())
+        );
+        // The new name did not answer: the same kubeconfig Secret says it is the same cluster.
+        let (mut silent, mut old_same_secret) = (report("east2", None, None), old.clone());
+        silent.kubeconfig = SecretKeyRef { name: "east".into(), key: "kubeconfig".into() };
+        old_same_secret.kubeconfig = silent.kubeconfig.clone();
+        assert_eq!(leave(&fref(), "hub-a", &s, &old_same_secret, &nothing, &[silent]), Leave::Renamed("east2".into()));
+        // Another cluster: cleaned, unless its claim names another hub's federation of the same name.
+        let mut other = new.clone();
+        other.identity = Some("uid-west".into());
+        assert_eq!(leave(&fref(), "hub-a", &s, &old, &nothing, std::slice::from_ref(&other)), Leave::Clean);
+        let claim = crate::member::claim(&fref(), "hub-b", &s, "east");
+        let claimed = held(vec![(kinds::claim_key("istio-system"), serde_json::to_value(&claim).unwrap())]);
+        assert!(
+            matches!(leave(&fref(), "hub-a", &s, &old, &claimed, &[other.clone()]), Leave::ClaimedBy(h) if h.contains("hub-b"))
+        );
+        let ours = crate::member::claim(&fref(), "hub-a", &s, "east");
+        let ours = held(vec![(kinds::claim_key("istio-system"), serde_json::to_value(&ours).unwrap())]);
+        assert_eq!(leave(&fref(), "hub-a", &s, &old, &ours, &[other]), Leave::Clean);
+    }
+
+    #[test]
+    fn a_member_whose_writes_fail_is_not_reported_with_remote_access_once_its_token_is_due() {
+        let s = two_networks();
+        let ttl = Duration::from_secs(24 * 3600);
+        let failed = || {
+            let mut r = report("west", Some("v"), Some(Failure::new(Reason::WriteFailed, "quota exceeded")));
+            r.identity = Some("uid".into());
+            r
+        };
+        let previous = |expires: Timestamp| {
+            let cluster = meshfed_api::ClusterStatus {
+                name: "west".into(),
+                reader_token_expires_at: Some(expires.to_string()),
+                ..Default::default()
+            };
+            MeshFederationStatus { clusters: vec![cluster], ..Default::default() }
+        };
+        // Issued an hour ago: before its refresh point, its facts stand.
+        let mut reports = [failed()];
+        let fresh = previous(now() + jiff::SignedDuration::from_hours(23));
+        record_tokens(&s, &mut reports, &BTreeMap::new(), Some(&fresh), ttl, now());
+        assert!(reports[0].remote_access.is_none());
+        assert!(reports[0].token_refresh_at.is_some_and(|at| at > now()));
+        // Issued 20 hours ago, past its refresh point (2/3 of its life): not ready, and says why.
+        let mut reports = [failed()];
+        let due = previous(now() + jiff::SignedDuration::from_hours(4));
+        record_tokens(&s, &mut reports, &BTreeMap::new(), Some(&due), ttl, now());
+        let f = reports[0].remote_access.as_ref().expect("remote access not ready");
+        assert_eq!(f.reason, Reason::TokenNotRefreshed);
+        assert!(f.message.contains("quota exceeded"), "{}", f.message);
+        // A token had this time: its times, whatever else failed.
+        let mut reports = [failed()];
+        let target = remote::RemoteTarget {
+            cluster: "west".into(),
+            server: "https://w".into(),
+            ca_data_base64: None,
+            tls_server_name: None,
+        };
+        let (expires_at, refresh_at) =
+            (now() + jiff::SignedDuration::from_hours(24), now() + jiff::SignedDuration::from_hours(16));
+        let token = Token { target, token: remote::ReaderToken::new("t"), expires_at, refresh_at };
+        record_tokens(&s, &mut reports, &BTreeMap::from([("west".to_string(), Ok(token))]), Some(&due), ttl, now());
+        assert!(reports[0].remote_access.is_none());
+        assert_eq!(reports[0].token_expires_at, Some(expires_at));
+    }
+
+    #[test]
+    fn the_next_reconcile_follows_the_verdict_readiness_and_a_waiting_rotation() {
+        let timing = Timing { retry_after: Duration::from_secs(5), resync_after: Duration::from_secs(300) };
+        let durations = crate::validate::validate(&two_networks()).unwrap().durations;
+        let up = [report("east", Some("v"), None)];
+        assert_eq!(
+            requeue(Verdict::Invalid, false, None, &up, now(), timing),
+            None,
+            "an invalid spec waits for an edit"
+        );
+        assert_eq!(requeue(Verdict::RefusedByMembers, false, None, &up, now(), timing), Some(timing.retry_after));
+        let ready = requeue(Verdict::Valid(&durations), true, None, &up, now(), timing);
+        assert_eq!(ready, Some(next_deadline(&up, durations.renew_before, now(), timing.resync_after)));
+        let in_a_minute = now() + jiff::SignedDuration::from_mins(1);
+        assert_eq!(
+            requeue(Verdict::Valid(&durations), false, Some(in_a_minute), &up, now(), timing),
+            Some(Duration::from_secs(60))
+        );
+        let in_a_day = now() + jiff::SignedDuration::from_hours(24);
+        assert_eq!(
+            requeue(Verdict::Valid(&durations), false, Some(in_a_day), &up, now(), timing),
+            Some(timing.resync_after)
+        );
+        assert_eq!(requeue(Verdict::Valid(&durations), false, None, &up, now(), timing), Some(timing.retry_after));
+    }
+
+    #[test]
+    fn a_failed_cleanup_lets_go_only_of_members_never_reached_or_released() {
+        let failing = || report("west", Some("v"), Some(Failure::new(Reason::WriteFailed, "refused")));
+        let mut r = failing();
+        let_go_after_failure(&mut r, None, None);
+        assert!(r.failure.is_some(), "reached now: it may hold objects");
+        let mut r = report("west", None, Some(Failure::new(Reason::Unreachable, "down")));
+        let_go_after_failure(&mut r, None, None);
+        assert!(r.failure.is_none(), "never reached: holds nothing");
+        let mut r = failing();
+        let_go_after_failure(&mut r, None, Some(&"east, west".to_string()));
+        assert!(r.failure.is_none() && r.released);
     }
 
     #[test]

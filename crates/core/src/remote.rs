@@ -413,6 +413,16 @@ impl fmt::Debug for ReaderToken {
     }
 }
 
+/// A reader token for one target, with how to reach the target and when the token expires.
+#[derive(Debug, Clone)]
+pub struct Token {
+    pub target: RemoteTarget,
+    pub token: ReaderToken,
+    pub expires_at: Timestamp,
+    /// When it falls due for refresh, by the hub's clock.
+    pub refresh_at: Timestamp,
+}
+
 /// The TokenRequest to post to `serviceaccounts/meshfed-reader/token` in the target's Istio namespace: a token
 /// for the API server's own audience, bound to no object, asking for `ttl` (whole seconds, rounded down; the API
 /// server refuses less than 10 minutes, which validation already rules out, and may grant less than asked).

@@ -9,11 +9,12 @@ use meshfed_api::MeshFederationSpec;
 use serde_json::Value;
 
 use crate::{
-    gateway::{self, GatewayAddress},
-    member::{self, MemberFacts},
     federation::FederationRef,
-    pki, topology,
-    remote::{self, ReaderToken, RemoteTarget},
+    gateway::{self, GatewayAddress},
+    pki,
+    plan::{self, Observation},
+    remote::{self, ReaderToken, RemoteTarget, Token},
+    topology,
     validate::{Problem, validate},
 };
 
@@ -44,7 +45,7 @@ pub fn render(
         .iter()
         .filter(|c| only.is_none_or(|o| o == c.name))
         .map(|cluster| {
-            let remote_secrets = remote::remote_secret_targets(spec, cluster)
+            let tokens = remote::remote_secret_targets(spec, cluster)
                 .map(|target| {
                     let server = target.api_server.clone().unwrap_or(format!("<API server of {}>", target.name));
                     let to = RemoteTarget {
@@ -53,17 +54,13 @@ pub fn render(
                         ca_data_base64: None,
                         tls_server_name: None,
                     };
-                    let token = ReaderToken::new(REDACTED);
-                    (target.name.clone(), remote::remote_secret(fref, spec, cluster, &to, &token))
+                    let (token, never) = (ReaderToken::new(REDACTED), jiff::Timestamp::UNIX_EPOCH);
+                    let token = Token { target: to, token, expires_at: never, refresh_at: never };
+                    (target.name.clone(), Ok(token))
                 })
                 .collect();
-            let facts = MemberFacts {
-                cacerts: Some(cacerts.clone().into()),
-                remote_secrets,
-                gateways: gateways.clone(),
-                ..Default::default()
-            };
-            let plan = member::member_plan(fref, "<hub>", spec, cluster, facts);
+            let (seen, cacerts) = (Observation::default(), Some(cacerts.clone().into()));
+            let plan = plan::member_plan(fref, "<hub>", spec, cluster, &seen, cacerts, Some(&tokens), &gateways);
             let objects = plan.objects.into_iter().map(|d| redact(d.body)).collect();
             (cluster.name.clone(), objects)
         })

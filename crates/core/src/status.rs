@@ -774,6 +774,4 @@ mod tests {
         let exact = "x".repeat(EVENT_NOTE_MAX_BYTES);
         assert_eq!(event_note(exact.clone()), exact, "a note that fits is not touched");
     }
-
-
 }

@@ -10,8 +10,8 @@ use meshfed_api::{MeshFederationSpec, TrustStatus};
 
 use crate::{
     conditions::Reason,
-    pki::{self, CaMaterial, CacertsBundle, CacertsVerdict, CertSummary, IntermediateProfile, Root},
     federation::{FIELD_MANAGER, Failure, FederationRef, LABEL_FEDERATION, MANAGED_BY},
+    pki::{self, CaMaterial, CacertsBundle, CacertsVerdict, CertSummary, IntermediateProfile, Root},
     rotation::{self, Action, MemberRoots},
     validate::Durations,
 };

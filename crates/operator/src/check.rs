@@ -18,16 +18,17 @@ use kube::{
 };
 use meshfed_api::{ClusterSpec, ExposeMode, MeshFederation, MeshFederationSpec};
 use meshfed_core::{
-    control_plane, gateway,
+    control_plane,
+    federation::FederationRef,
+    gateway, istio, kinds,
     member::{self, ClaimHolder},
     pki::{self, CA_CERT, ROOT_CERT},
-    federation::FederationRef,
-    remote, trust,
+    remote, topology, trust,
     validate::validate,
 };
 use serde::Serialize;
 
-use crate::{apply::api_resource, members::ClientPool};
+use crate::member::{client::ClientPool, kinds::api_resource};
 
 /// One verdict: in which area, about what (a member, or a holder -> target pair), and why.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -246,7 +247,7 @@ async fn member_findings(
             .map_err(|e| e.to_string())?;
         let gw = &cluster.east_west_gateway;
         let nodes = if matches!(gw.expose, ExposeMode::NodePort | ExposeMode::HostNetwork) {
-            crate::apply::nodes(client, gw.node_selector.as_ref()).await.map_err(|f| f.message)?
+            crate::member::read::nodes(client, gw.node_selector.as_ref()).await.map_err(|f| f.message)?
         } else {
             Vec::new()
         };

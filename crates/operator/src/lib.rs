@@ -1,15 +1,13 @@
-//! The meshfed hub controller. `meshfed run` runs [`controller::run`]; tests and the demo run it in-process.
+//! The meshfed hub controller. `meshfed run` runs [`reconcile::run`]; tests and the demo run it in-process.
 
-pub mod apply;
 pub mod check;
-pub mod controller;
 pub mod leader;
-pub mod members;
+pub mod member;
 pub mod metrics;
-pub mod remote_access;
+pub mod reconcile;
+pub mod remote;
 pub mod table;
 pub mod trust;
-pub mod watches;
 
 /// What can fail in a reconcile, with a stable category for logs and metrics.
 #[derive(Debug, thiserror::Error)]

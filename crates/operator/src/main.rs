@@ -2,10 +2,9 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use meshfed_operator::{
-    check,
-    controller::{self, Settings},
-    leader,
+    check, leader,
     metrics::Metrics,
+    reconcile::{self, Settings},
     table,
 };
 use tracing_subscriber::{EnvFilter, fmt};
@@ -165,10 +164,10 @@ async fn command(command: Command) -> anyhow::Result<()> {
             } else {
                 logs.init()
             }
-            let hub = meshfed_operator::members::multiplexed_client(kube::Config::infer().await?)?;
+            let hub = meshfed_operator::member::client::multiplexed_client(kube::Config::infer().await?)?;
             let settings = Settings { member_timeout: Duration::from_secs(member_timeout), ..Settings::default() };
             let metrics = Metrics::default();
-            let controller = controller::run(hub.clone(), settings, metrics.clone());
+            let controller = reconcile::run(hub.clone(), settings, metrics.clone());
             let trim = release_freed_memory(metrics.clone());
             let controller = async {
                 if !leader_elect {

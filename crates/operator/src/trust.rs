@@ -5,11 +5,11 @@ use jiff::Timestamp;
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{Api, Client, Resource, ResourceExt, api::PostParams};
 use meshfed_api::{ClusterSpec, MeshFederation, MeshFederationSpec};
-use meshfed_core::conditions::Reason;
 use meshfed_core::{
-    pki::{self, IntermediateProfile, Root},
-    plan::{FIELD_MANAGER, Failure, FederationRef},
-    trust::{self, ROTATE_ROOT_ANNOTATION},
+    conditions::Reason,
+    federation::{FIELD_MANAGER, Failure, FederationRef},
+    pki::{self, CertSummary, IntermediateProfile, Root},
+    trust::{self, CacertsPlan, ROTATE_ROOT_ANNOTATION},
     validate::Durations,
 };
 use std::collections::BTreeMap;
@@ -184,4 +184,37 @@ pub fn issue(
     tokio::task::block_in_place(|| pki::issue_intermediate(root, &profile, durations.intermediate_validity, now))
         .map(|bundle| trust::issued(bundle, other_roots))
         .map_err(|e| Failure::new(e.reason(), e.to_string()))
+}
+
+/// Per member, the `cacerts` data it should hold and its intermediate, or why it has none.
+pub type PlannedCacerts = BTreeMap<String, Result<(BTreeMap<String, ByteString>, CertSummary), Failure>>;
+
+/// Carries out the trust plan's `cacerts` steps: the data a member keeps, or a new intermediate issued as the plan
+/// says, with why each was decided logged.
+pub fn carry_out(
+    spec: &MeshFederationSpec,
+    durations: &Durations,
+    planned: BTreeMap<String, Result<CacertsPlan<'_>, Failure>>,
+    now: Timestamp,
+) -> PlannedCacerts {
+    let carried = planned.into_iter().map(|(name, step)| {
+        let cluster = spec.clusters.iter().find(|c| c.name == name).expect("planned for a member of the spec");
+        let held = step.and_then(|step| match step {
+            CacertsPlan::Hold { data, summary, why } => {
+                if let Some(why) = why {
+                    info!(cluster = %name, "cacerts: {why}");
+                }
+                Ok((data, summary))
+            }
+            CacertsPlan::Issue { why, other_roots, signer } => {
+                info!(cluster = %name, "cacerts: {why}");
+                let data = issue(signer, spec, cluster, durations, now, &other_roots)?;
+                let summary =
+                    pki::summarize(&data[pki::CA_CERT].0).map_err(|e| Failure::new(e.reason(), e.to_string()))?;
+                Ok((data, summary))
+            }
+        });
+        (name, held)
+    });
+    carried.collect()
 }

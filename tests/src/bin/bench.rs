@@ -163,7 +163,7 @@ async fn main() -> Result<()> {
     let warm = refs.iter().map(|m| async {
         let client = f.member(m).await?;
         for kind in meshfed_core::kinds::OWNED_KINDS {
-            let ar = meshfed_operator::apply::api_resource(kind);
+            let ar = meshfed_operator::member::kinds::api_resource(kind);
             Api::<DynamicObject>::all_with(client.clone(), &ar).list(&ListParams::default()).await?;
         }
         anyhow::Ok(())

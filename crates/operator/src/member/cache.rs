@@ -1,23 +1,11 @@
-//! Watches in the members on what meshfed owns there, for two uses: drift (a deleted `cacerts`, an edited remote
-//! secret, a removed network label) triggers a reconcile of the owning federation at once instead of at the next
-//! resync, and a reconcile reads what a member holds from the watches' caches instead of listing every kind again.
-//!
-//! One watch per owned kind per member, filtered by meshfed's `managed-by` label, each keeping a cache of what it
-//! saw, as JSON without `managedFields`, made once per event and shared by every reconcile that reads it; every event
-//! is mapped by the object's federation labels to that federation. A
-//! member's watches start when a reconcile first reaches it, restart when its kubeconfig Secret changes, and stop
-//! when no federation uses the member any more. Once a reconcile that uses the member is done writing there, a kind
-//! the member holds nothing of is no longer watched (a Remote on one network holds 7 of the 14 kinds): its cache
-//! answers that the member holds none, and meshfed's next write of the kind starts its watch again
-//! ([`MemberCache::settle`]).
-//!
-//! A cache is read only once it shows every write meshfed made there ([`MemberCache::wrote`]): a reconcile never
-//! plans on a cache older than its own writes. A kind whose cache is not ready in time (a watch that fails, a CRD
-//! that is not installed, a lagging watch) is listed instead, as before the caches.
+//! One member's cache of what meshfed owns there, kept by one watch per kind of the owned-kinds table (started and
+//! stopped by [`super::watches::MemberWatches`]): a reconcile reads a member from it instead of listing every kind,
+//! once it shows every write meshfed made there ([`MemberCache::wrote`]); a kind the member holds nothing of is not
+//! watched until meshfed writes it ([`MemberCache::settle`]).
 
 use std::{
     borrow::Cow,
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeMap, HashMap},
     sync::{Arc, Mutex, Weak},
     time::Duration,
 };
@@ -34,10 +22,9 @@ use kube::{
 };
 use meshfed_api::MeshFederation;
 use meshfed_core::{
-    member::{OWNED_KINDS, ObjectKey, OwnedKind},
-    plan::{FIELD_MANAGER, LABEL_FEDERATION, LABEL_FEDERATION_NAMESPACE, MANAGED_BY, label_value},
+    federation::{FIELD_MANAGER, LABEL_FEDERATION, LABEL_FEDERATION_NAMESPACE, MANAGED_BY},
+    kinds::{OWNED_KINDS, ObjectKey, OwnedKind},
 };
-use prometheus_client::metrics::gauge::Gauge;
 use serde_json::Value;
 use tokio::{
     sync::{Notify, mpsc},
@@ -45,109 +32,13 @@ use tokio::{
     time::Instant,
 };
 
-use crate::apply::{api_resource, as_json, key_of};
+use super::kinds::{api_resource, as_json, key_of};
+
+/// The federations' names by their labels (namespace, federation label value).
+pub(super) type Names = Arc<Mutex<HashMap<(String, String), String>>>;
 
 /// How long a read waits for a cache to be listed or to show meshfed's own writes before it lists the kind instead.
 const CACHE_WAIT: Duration = Duration::from_secs(2);
-
-/// The running member watches, and which federation uses which member.
-pub struct MemberWatches {
-    triggers: mpsc::UnboundedSender<ObjectRef<MeshFederation>>,
-    state: Mutex<State>,
-    /// The federations' names by their labels (namespace, [`LABEL_FEDERATION`] value): a name over 63 characters
-    /// is labelled in a shortened form, which a watch event maps back to the federation here.
-    names: Names,
-    /// How many members are watched, and how many kinds in all (as of the last reconcile).
-    gauges: (Gauge, Gauge),
-}
-
-type Names = Arc<Mutex<HashMap<(String, String), String>>>;
-
-#[derive(Default)]
-struct State {
-    /// By member id, the Secret version the watches were built from, their cache and their task.
-    running: HashMap<String, Running>,
-    /// By federation (`namespace/name`), the ids of the members it uses.
-    users: HashMap<String, BTreeSet<String>>,
-}
-
-struct Running {
-    version: String,
-    cache: Arc<MemberCache>,
-}
-
-impl MemberWatches {
-    /// The watches, and the stream of federations their events point at (for `Controller::reconcile_on`).
-    pub fn new(members: Gauge, kinds: Gauge) -> (Self, mpsc::UnboundedReceiver<ObjectRef<MeshFederation>>) {
-        let (triggers, rx) = mpsc::unbounded_channel();
-        (Self { triggers, state: Mutex::default(), names: Names::default(), gauges: (members, kinds) }, rx)
-    }
-
-    /// Sets the gauges from the running watches.
-    fn count(&self, running: &HashMap<String, Running>) {
-        self.gauges.0.set(running.len() as i64);
-        self.gauges.1.set(running.values().map(|r| r.cache.watched()).sum::<usize>() as i64);
-    }
-
-    /// Makes sure `member`'s watches run on `client`, built from Secret version `version`, for `federation`;
-    /// returns their cache.
-    pub fn ensure(&self, federation: &str, member: &str, version: &str, client: &Client) -> Arc<MemberCache> {
-        if let Some((namespace, name)) = federation.split_once('/') {
-            let key = (namespace.to_string(), label_value(name));
-            self.names.lock().expect("names lock").insert(key, name.to_string());
-        }
-        let mut state = self.state.lock().expect("watches lock");
-        state.users.entry(federation.into()).or_default().insert(member.into());
-        if let Some(r) = state.running.get(member).filter(|r| r.version == version && r.cache.running()) {
-            return r.cache.clone();
-        }
-        let source = Source { client: client.clone(), triggers: self.triggers.clone(), names: self.names.clone() };
-        let cache = MemberCache::new(Some(source));
-        let running = Running { version: version.to_string(), cache: cache.clone() };
-        if let Some(old) = state.running.insert(member.to_string(), running) {
-            old.cache.stop();
-        }
-        // The kinds are counted once the reconcile is done (in `used_by`), not once per member reached.
-        self.gauges.0.set(state.running.len() as i64);
-        cache
-    }
-
-    /// Records that `federation` now uses exactly `members` (none once it is gone), after a reconcile: stops the
-    /// watches of members that no federation uses, and of kinds its members hold nothing of.
-    pub fn used_by(&self, federation: &str, members: BTreeSet<String>) {
-        let mut state = self.state.lock().expect("watches lock");
-        for m in &members {
-            if let Some(r) = state.running.get(m) {
-                r.cache.settle();
-            }
-        }
-        if members.is_empty() {
-            state.users.remove(federation);
-            if let Some((namespace, name)) = federation.split_once('/') {
-                self.names.lock().expect("names lock").remove(&(namespace.to_string(), label_value(name)));
-            }
-        } else {
-            state.users.insert(federation.into(), members);
-        }
-        let State { running, users } = &mut *state;
-        running.retain(|member, r| {
-            let used = users.values().any(|m| m.contains(member));
-            if !used {
-                r.cache.stop();
-            }
-            used
-        });
-        self.count(running);
-    }
-}
-
-impl Drop for MemberWatches {
-    fn drop(&mut self) {
-        for r in self.state.lock().expect("watches lock").running.values() {
-            r.cache.stop();
-        }
-    }
-}
 
 /// What one member's watches have seen of everything meshfed owns there, kind by kind.
 pub struct MemberCache {
@@ -165,10 +56,10 @@ pub struct MemberCache {
 
 /// What a member's watches start from: its client, where they send the federations of the objects that change, and
 /// the federations' names by label.
-struct Source {
-    client: Client,
-    triggers: mpsc::UnboundedSender<ObjectRef<MeshFederation>>,
-    names: Names,
+pub(super) struct Source {
+    pub client: Client,
+    pub triggers: mpsc::UnboundedSender<ObjectRef<MeshFederation>>,
+    pub names: Names,
 }
 
 struct KindCache {
@@ -256,7 +147,7 @@ struct Expected {
 
 impl MemberCache {
     /// A cache whose watches run from `source`, every kind's started.
-    fn new(source: Option<Source>) -> Arc<Self> {
+    pub(super) fn new(source: Option<Source>) -> Arc<Self> {
         let kinds = OWNED_KINDS.iter().map(|kind| {
             let writer = Writer::new(api_resource(kind));
             let watch = Watch { listing: Listing::Pending, task: None };
@@ -285,7 +176,7 @@ impl MemberCache {
 
     /// Stops every watch for good: a reconcile that still holds the cache lists instead, and its writes start no
     /// watch again.
-    fn stop(&self) {
+    pub(super) fn stop(&self) {
         for kind in &self.kinds {
             let mut watch = kind.watch.lock().expect("watch lock");
             watch.listing = Listing::Failed;
@@ -296,12 +187,12 @@ impl MemberCache {
     }
 
     /// How many kinds are watched.
-    fn watched(&self) -> usize {
+    pub(super) fn watched(&self) -> usize {
         self.kinds.iter().filter(|k| k.watch.lock().expect("watch lock").task.is_some()).count()
     }
 
     /// Whether every watch that should run runs (a watch ends only when the controller stops listening).
-    fn running(&self) -> bool {
+    pub(super) fn running(&self) -> bool {
         self.kinds.iter().all(|k| !k.watch.lock().expect("watch lock").task.as_ref().is_some_and(|t| t.is_finished()))
     }
 
@@ -471,7 +362,7 @@ fn owner(obj: &DynamicObject, names: &Names) -> Option<ObjectRef<MeshFederation>
 
 #[cfg(test)]
 mod tests {
-    use meshfed_core::{kinds::SECRET, federation::FederationRef};
+    use meshfed_core::{federation::FederationRef, kinds::SECRET};
     use watcher::Event;
 
     use super::*;

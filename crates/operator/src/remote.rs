@@ -3,7 +3,10 @@
 //! member's TokenRequest API. The remote secrets themselves are planned and written on the member path.
 
 use meshfed_core::conditions::Reason;
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 use futures::future::join_all;
 use jiff::Timestamp;
@@ -11,33 +14,23 @@ use k8s_openapi::api::core::v1::{Secret, ServiceAccount};
 use kube::{Api, api::PostParams};
 use meshfed_api::{ClusterSpec, MeshFederationSpec};
 use meshfed_core::{
-    member::{self, ObjectKey},
     federation::Failure,
-    remote::{self, ReaderIdentity, ReaderToken, RemoteTarget, TokenTimes},
+    kinds::{self, ObjectKey},
+    kinds::{Holdings, typed},
+    remote::{self, ReaderIdentity, ReaderToken, RemoteTarget, Token, TokenTimes},
 };
 use tracing::info;
 
-use crate::{
-    apply::{self, Holdings, Reached},
-    members::Member,
-    metrics::Metrics,
-};
+use crate::{member::client::Member, metrics::Metrics, reconcile::Reached};
 
-/// A reader token for one target, with how to reach the target and when the token expires.
-pub struct Token {
-    pub target: RemoteTarget,
-    pub token: ReaderToken,
-    pub expires_at: Timestamp,
-    /// When it falls due for refresh, by the hub's clock.
-    pub refresh_at: Timestamp,
-}
-
-/// The token of every member of `spec` that some holder reads and that answered (`reached`: its client and what it
-/// holds, after its reader ServiceAccount was put in place), or why it has none.
+/// The token of every member of `spec` that some holder reads and that is among `targets` (members that answered
+/// and hold their reader ServiceAccount, or just had it written), or why it has none. `reached` has what every
+/// member that answered holds (the tokens holders keep are read from it).
 pub async fn tokens(
     metrics: &Metrics,
     spec: &MeshFederationSpec,
     reached: &BTreeMap<String, Reached>,
+    targets: &BTreeSet<String>,
     ttl: Duration,
     now: Timestamp,
     timeout: Duration,
@@ -45,9 +38,9 @@ pub async fn tokens(
     let placement = remote::remote_secret_placement(spec);
     let read = spec.clusters.iter().filter(|c| placement.values().any(|targets| targets.contains(&c.name)));
     let work = read.filter_map(|target| {
-        let r = reached.get(&target.name)?;
+        let r = reached.get(&target.name).filter(|_| targets.contains(&target.name))?;
         Some(async move {
-            let token = token_for(metrics, spec, target, &r.member, &r.held, reached, ttl, now, timeout).await;
+            let token = token_for(metrics, spec, target, &r.member, &r.seen.held, reached, ttl, now, timeout).await;
             (target.name.clone(), token)
         })
     });
@@ -74,7 +67,7 @@ async fn token_for(
     let key = kinds::remote_secret_key(ns, &target.name);
     let kept: Vec<ReaderToken> = reached
         .values()
-        .filter_map(|r| apply::typed::<Secret>(&r.held, &key))
+        .filter_map(|r| typed::<Secret>(&r.seen.held, &key))
         .filter_map(|s| remote::token_in_remote_secret(&s, &target.name))
         .collect();
     let sa_key = ObjectKey {
@@ -82,7 +75,7 @@ async fn token_for(
         namespace: Some(ns.clone()),
         name: remote::READER_SERVICE_ACCOUNT.into(),
     };
-    let uid = apply::typed::<ServiceAccount>(held, &sa_key).and_then(|sa| sa.metadata.uid);
+    let uid = typed::<ServiceAccount>(held, &sa_key).and_then(|sa| sa.metadata.uid);
     let reader = ReaderIdentity { namespace: ns, uid: uid.as_deref() };
     let member_clock = member.clock_offset();
     if let Some((token, times)) = remote::choose_token(&kept, &reader, ttl, now, member_clock) {

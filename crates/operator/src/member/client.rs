@@ -21,10 +21,7 @@ use kube::{
     config::{KubeConfigOptions, Kubeconfig},
 };
 use meshfed_api::SecretKeyRef;
-use meshfed_core::{
-    kubeconfig,
-    plan::{Failure, MemberReport},
-};
+use meshfed_core::{federation::Failure, kubeconfig, status::MemberReport};
 
 /// A member's client, with the checked kubeconfig it was built from (whose server and CA peers use too).
 #[derive(Clone)]

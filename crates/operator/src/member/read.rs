@@ -1,0 +1,99 @@
+//! Observe: what a member holds of a federation, for every kind of the owned-kinds table alike, from the member's
+//! watch caches or a list where a cache cannot answer; and the nodes and ranges the topology needs.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
+
+use futures::future::try_join_all;
+use k8s_openapi::api::{core::v1::Node, networking::v1::ServiceCIDR};
+use kube::{
+    Api, Client,
+    api::{DynamicObject, ListParams},
+};
+use meshfed_core::{
+    conditions::Reason,
+    federation::{Failure, FederationRef},
+    kinds::{Holdings, OWNED_KINDS, ObjectKey, OwnedKind},
+};
+
+use super::{
+    cache::MemberCache,
+    kinds::{api, api_resource, as_json, keyed},
+};
+use crate::metrics::{KindLabels, Metrics};
+
+/// Reads what the member holds of `fref` for `cluster`: every owned kind by label, from `cache` or else listed, and
+/// `by_name` whatever their labels (from `cache` when meshfed labelled them, else read); and which kinds the member
+/// does not serve (a CRD that is not installed lists as not found).
+pub async fn observe(
+    client: &Client,
+    cache: &MemberCache,
+    metrics: &Metrics,
+    fref: &FederationRef,
+    cluster: &str,
+    by_name: &[ObjectKey],
+) -> Result<(Holdings, BTreeSet<OwnedKind>), Failure> {
+    let labels = fref.owned_labels(cluster);
+    let lp = ListParams::default().labels(&fref.selector(cluster));
+    let lists = OWNED_KINDS.iter().map(|kind| {
+        let (lp, labels) = (&lp, &labels);
+        async move {
+            if let Some(held) = cache.held(kind, labels).await {
+                return Ok(Ok(held));
+            }
+            metrics.member_lists.get_or_create(&KindLabels { kind: kind.kind.into() }).inc();
+            match Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind)).list(lp).await {
+                Ok(found) => Ok(Ok(found.items.into_iter().map(|o| keyed(kind, o)).collect())),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(Err(*kind)),
+                Err(e) => Err(read_failure(&format!("listing {}s", kind.kind), e)),
+            }
+        }
+    });
+    let reads = by_name.iter().map(|key| async move {
+        // One that meshfed labelled is in its watch's cache; one it did not label (yet) is read.
+        if let Some(held) = cache.object(key).await {
+            return Ok(Some((key.clone(), held)));
+        }
+        let found = match api(client, key).get_opt(&key.name).await {
+            Ok(found) => found,
+            // A kind the member does not serve (a CRD not installed) holds nothing.
+            Err(kube::Error::Api(e)) if e.code == 404 => None,
+            Err(e) => return Err(read_failure(&format!("reading {key}"), e)),
+        };
+        Ok(found.map(|o| (key.clone(), Arc::new(as_json(&key.kind, o)))))
+    });
+    let (lists, reads) = futures::try_join!(try_join_all(lists), try_join_all(reads))?;
+    let (lists, unserved): (Vec<Result<Vec<_>, _>>, Vec<_>) = lists.into_iter().partition(Result::is_ok);
+    let held = lists.into_iter().flatten().flatten().chain(reads.into_iter().flatten()).collect();
+    Ok((held, unserved.into_iter().filter_map(Result::err).collect()))
+}
+
+/// The pod and service ranges the member's API shows: its nodes' `podCIDRs` and its `ServiceCIDR`s. A list the
+/// credential may not read, or an API that does not serve it, shows nothing.
+pub async fn ranges(client: &Client) -> Vec<String> {
+    let lp = ListParams::default();
+    let (nodes, services) = (Api::<Node>::all(client.clone()), Api::<ServiceCIDR>::all(client.clone()));
+    let (nodes, services) = futures::join!(nodes.list(&lp), services.list(&lp));
+    let pods =
+        nodes.into_iter().flat_map(|l| l.items).flat_map(|n| n.spec.and_then(|s| s.pod_cidrs).unwrap_or_default());
+    let services =
+        services.into_iter().flat_map(|l| l.items).flat_map(|c| c.spec.and_then(|s| s.cidrs).unwrap_or_default());
+    pods.chain(services).collect()
+}
+
+/// The member's schedulable nodes that match `selector` (all nodes without one).
+pub async fn nodes(client: &Client, selector: Option<&BTreeMap<String, String>>) -> Result<Vec<Node>, Failure> {
+    let labels = selector.into_iter().flatten().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",");
+    let found = Api::<Node>::all(client.clone())
+        .list(&ListParams::default().labels(&labels))
+        .await
+        .map_err(|e| read_failure("listing the nodes the gateway may run on", e))?;
+    Ok(found.items)
+}
+
+/// A failed read from a member's API, as a per-member failure.
+pub fn read_failure(what: &str, e: kube::Error) -> Failure {
+    Failure::new(Reason::ReadFailed, format!("{what}: {e}"))
+}

@@ -1,0 +1,173 @@
+//! Apply and prune: the one write path for every kind of the owned-kinds table alike. Server-side apply with field
+//! manager `meshfed`, only where the member does not already hold the plan (so a steady state writes nothing); the
+//! prune deletes what is labelled for this federation and cluster that the plan does not want (cleanup is the prune
+//! of an empty plan); the claim is created, never applied.
+
+use std::sync::Arc;
+
+use futures::future::join_all;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams, PostParams},
+};
+use meshfed_core::{
+    conditions::Reason,
+    federation::{FIELD_MANAGER, Failure, FederationRef},
+    kinds::{self, Holdings, ObjectKey},
+    member::{self, ClaimHolder, Foreign, MemberPlan, Prune, Write, claim_holder},
+};
+use serde::Deserialize;
+use serde_json::Value;
+use tracing::info;
+
+use super::{
+    cache::MemberCache,
+    kinds::{api, as_json},
+    read::read_failure,
+};
+use crate::metrics::Metrics;
+
+/// Who writes where: every write to a member is counted by cluster and kind, and recorded in the member's cache so
+/// that the next read waits for it.
+pub struct Writer<'a> {
+    pub cluster: &'a str,
+    pub metrics: &'a Metrics,
+    pub client: &'a Client,
+    pub cache: &'a MemberCache,
+}
+
+/// Takes the claim on the member's Istio namespace for `cluster` of `fref`, unless it is taken: creates it (of two
+/// racing writers, one wins), or reads who holds it. Writes nothing when the claim is another federation's.
+pub async fn claim(
+    w: &Writer<'_>,
+    fref: &FederationRef,
+    hub: &str,
+    spec: &meshfed_api::MeshFederationSpec,
+    held: &mut Holdings,
+) -> Result<(), Failure> {
+    let desired = member::claim(fref, hub, spec, w.cluster);
+    let key = kinds::claim_key(&spec.istio.namespace);
+    let current = match held.get(&key) {
+        Some(v) => ConfigMap::deserialize(v.as_ref()).unwrap_or_default(),
+        None => {
+            let configmaps: Api<ConfigMap> = Api::namespaced(w.client.clone(), kinds::CLAIM_NAMESPACE);
+            w.metrics.wrote(w.cluster, "ConfigMap", "create");
+            let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+            match configmaps.create(&params, &desired).await {
+                Ok(created) => {
+                    info!(cluster = %w.cluster, claim = %key, "claimed the Istio namespace");
+                    w.cache.wrote(&key, Some(&created.metadata));
+                    created
+                }
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    configmaps.get(&key.name).await.map_err(|e| read_failure(&format!("reading the claim {key}"), e))?
+                }
+                Err(e) => return Err(write_failure(&format!("creating the claim {key}"), e)),
+            }
+        }
+    };
+    held.insert(key.clone(), Arc::new(serde_json::to_value(&current).unwrap_or_default()));
+    match claim_holder(&current.metadata, fref, hub, w.cluster) {
+        // Under another name of this federation: the cluster was renamed; the plan relabels the claim.
+        ClaimHolder::Us | ClaimHolder::UsAs(_) => Ok(()),
+        ClaimHolder::Other { federation, hub: their_hub } => {
+            let whose = if their_hub == hub { String::new() } else { format!(" in another hub ({their_hub})") };
+            Err(Failure::new(
+                Reason::ClusterClaimed,
+                format!(
+                    "the Istio namespace {} of this cluster belongs to federation {federation}{whose}; meshfed writes nothing here until that federation lets it go (its {key})",
+                    spec.istio.namespace
+                ),
+            ))
+        }
+    }
+}
+
+/// Makes the member hold every object of `plan`, writing only what differs from `held` (updated with what was
+/// written): stage by stage ([`member::apply_stage`]), the objects of a stage concurrently. An object that belongs to
+/// another federation stops the plan before anything is written; a failure stops before the next stage, once every
+/// write of its own stage has ended.
+pub async fn apply_plan(
+    w: &Writer<'_>,
+    fref: &FederationRef,
+    plan: &MemberPlan,
+    held: &mut Holdings,
+) -> Result<(), Failure> {
+    let writes = plan
+        .objects
+        .iter()
+        .map(|desired| match member::write_for(fref, held.get(&desired.key).map(Arc::as_ref), desired) {
+            Ok(write) => Ok((desired, write)),
+            Err(Foreign { owner }) => Err(Failure::new(
+                Reason::OwnedByAnotherFederation,
+                format!("{} belongs to federation {owner}; meshfed leaves it alone", desired.key),
+            )),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    for stage in 0..member::APPLY_STAGES {
+        let stage_writes = writes
+            .iter()
+            .filter(|(desired, write)| member::apply_stage(&desired.key.kind) == stage && *write != Write::Nothing)
+            .map(|(desired, write)| async move {
+                if *write == Write::Recreate {
+                    delete(w, &desired.key).await?;
+                }
+                Ok::<_, Failure>((desired.key.clone(), apply(w, &desired.key, &desired.body).await?))
+            });
+        let mut failure = None;
+        for done in join_all(stage_writes).await {
+            match done {
+                Ok((key, now)) => _ = held.insert(key, now),
+                Err(f) => _ = failure.get_or_insert(f),
+            }
+        }
+        if let Some(f) = failure {
+            return Err(f);
+        }
+    }
+    Ok(())
+}
+
+/// Deletes (or, for a namespace meshfed did not create, releases) what `held` has of `fref` and this writer's cluster
+/// that `plan` does not want.
+pub async fn prune(w: &Writer<'_>, fref: &FederationRef, plan: &MemberPlan, held: &Holdings) -> Result<(), Failure> {
+    for p in member::to_prune(fref, w.cluster, plan, held.iter().map(|(k, v)| (k, v.as_ref()))) {
+        match p {
+            Prune::Delete(key) => delete(w, &key).await?,
+            Prune::Release(key, body) => _ = apply(w, &key, &body).await?,
+        }
+    }
+    Ok(())
+}
+
+/// Server-side applies `body` as object `key`; returns the object as it is now.
+async fn apply(w: &Writer<'_>, key: &ObjectKey, body: &Value) -> Result<Arc<Value>, Failure> {
+    w.metrics.wrote(w.cluster, key.kind.kind, "apply");
+    info!(cluster = %w.cluster, object = %key, "applying");
+    let now = api(w.client, key)
+        .patch(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
+        .await
+        .map_err(|e| write_failure(&format!("applying {key}"), e))?;
+    w.cache.wrote(key, Some(&now.metadata));
+    Ok(Arc::new(as_json(&key.kind, now)))
+}
+
+/// Deletes object `key`; one that is already gone counts as deleted.
+async fn delete(w: &Writer<'_>, key: &ObjectKey) -> Result<(), Failure> {
+    w.metrics.wrote(w.cluster, key.kind.kind, "delete");
+    info!(cluster = %w.cluster, object = %key, "deleting");
+    let last = match api(w.client, key).delete(&key.name, &Default::default()).await {
+        // Gone, unless finalizers hold it: then it stays, marked for deletion, until they let it go.
+        Ok(done) => done.left().filter(|o| o.metadata.deletion_timestamp.is_some()),
+        Err(kube::Error::Api(s)) if s.code == 404 => None,
+        Err(e) => return Err(write_failure(&format!("deleting {key}"), e)),
+    };
+    w.cache.wrote(key, last.as_ref().map(|o| &o.metadata));
+    Ok(())
+}
+
+/// A failed write to a member's API, as a per-member failure.
+fn write_failure(what: &str, e: kube::Error) -> Failure {
+    Failure::new(Reason::WriteFailed, format!("{what}: {e}"))
+}

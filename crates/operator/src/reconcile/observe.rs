@@ -1,0 +1,146 @@
+//! Observe: reach each member within its deadline and read what the plan needs: its version and identity, its
+//! claim (taken here, before anything else is written), what it holds of the federation, and the nodes and ranges
+//! the topology asks about.
+
+use std::{sync::Arc, time::Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use kube::Api;
+use meshfed_api::{ExposeMode, MeshFederationSpec, SecretKeyRef};
+use meshfed_core::{
+    conditions::Reason,
+    federation::{Failure, FederationRef},
+    kinds,
+    plan::Observation,
+    status::MemberReport,
+    topology,
+};
+use tracing::{debug, warn};
+
+use super::{Context, within};
+use crate::member::{
+    cache::MemberCache,
+    client::Member,
+    read,
+    write::{self, Writer},
+};
+
+/// A member that answered this reconcile: how to reach it, its watch cache, and what was seen there.
+pub struct Reached {
+    pub member: Member,
+    pub cache: Arc<MemberCache>,
+    pub seen: Observation,
+}
+
+/// Reaches member `name` through its kubeconfig `secret` within the member deadline: its version and identity,
+/// then (when `take_claim`) its claim, and what it holds of the federation. Failures land in the report.
+pub(super) async fn observe_member(
+    ctx: &Context,
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    name: &str,
+    secret: &SecretKeyRef,
+    take_claim: bool,
+) -> (MemberReport, Option<Reached>) {
+    let mut report = MemberReport::new(name, secret, !take_claim);
+    let timeout = ctx.settings.member_timeout;
+    let started = Instant::now();
+    let member = match ctx.pool.member(&ctx.hub, &fref.namespace, secret, timeout).await {
+        Ok(m) => m,
+        Err(f) => {
+            report.failure = Some(f);
+            return (report, None);
+        }
+    };
+    let key = fref.to_string();
+    let cache = ctx.watches.ensure(&key, &member.id, &member.version, &member.client);
+    if let Some((last, reached)) = ctx.backoff.waiting(&key, &member) {
+        (report.failure, report.version) = (Some(last), reached);
+        return (report, None);
+    }
+    // One round trip for everything that does not depend on the rest: the probe, the identity, what the member
+    // holds, and the nodes and ranges the topology needs; then the claim, which depends on what is held.
+    let client_ms = started.elapsed().as_secs_f64() * 1e3;
+    let run = async {
+        let asked = Instant::now();
+        let probe = async {
+            let version = member
+                .probe()
+                .await
+                .map_err(|e| Failure::new(Reason::Unreachable, format!("{}: {e}", member.server)))?;
+            ctx.metrics.member_answered(&key, name, asked.elapsed());
+            Ok(version)
+        };
+        let identity = async {
+            Api::<Namespace>::all(member.client.clone())
+                .get("kube-system")
+                .await
+                .map_err(|e| read::read_failure("reading namespace kube-system (the cluster's identity)", e))
+        };
+        let ns = &spec.istio.namespace;
+        let by_name = [
+            kinds::claim_key(ns),
+            kinds::namespace_key(ns),
+            kinds::cacerts_key(ns),
+            kinds::published_roots_key(ns),
+            // Cluster-wide by its revision: another federation's is seen as such, never taken over.
+            kinds::istio_key(&spec.istio.revision),
+        ];
+        // A gateway exposed on its nodes is dialled at their addresses.
+        let cluster = spec.clusters.iter().find(|c| c.name == name);
+        let gw = cluster.filter(|c| take_claim && topology::needs_gateway(spec, c)).map(|c| &c.east_west_gateway);
+        let nodes = async {
+            match gw {
+                Some(gw)
+                    if gw.address.is_none() && matches!(gw.expose, ExposeMode::NodePort | ExposeMode::HostNetwork) =>
+                {
+                    read::nodes(&member.client, gw.node_selector.as_ref()).await
+                }
+                _ => Ok(Vec::new()),
+            }
+        };
+        // Clusters that share a network route pods directly: their ranges must not overlap.
+        let shares_network =
+            cluster.is_some_and(|c| spec.clusters.iter().any(|o| o.name != c.name && o.network == c.network));
+        let ranges =
+            async { if take_claim && shares_network { read::ranges(&member.client).await } else { Vec::new() } };
+        let (version, identity, observed, nodes, ranges) = futures::join!(
+            probe,
+            identity,
+            read::observe(&member.client, &cache, &ctx.metrics, fref, name, &by_name),
+            nodes,
+            ranges
+        );
+        // The probe's failure says best what is wrong with a member that does not answer.
+        report.version = Some(version?.git_version);
+        report.identity = identity?.metadata.uid;
+        let ((mut held, unserved), nodes) = (observed?, nodes?);
+        let reads_ms = asked.elapsed().as_secs_f64() * 1e3;
+        let observed_ns = held.get(&kinds::namespace_key(ns));
+        if take_claim && observed_ns.is_some_and(|n| !n["metadata"]["deletionTimestamp"].is_null()) {
+            return Err(Failure::new(
+                Reason::NamespaceTerminating,
+                format!("namespace {ns} is being deleted; waiting for it to go"),
+            ));
+        }
+        if take_claim {
+            let w = Writer { cluster: name, metrics: &ctx.metrics, client: &member.client, cache: &cache };
+            write::claim(&w, fref, &ctx.hub_id, spec, &mut held).await?;
+        }
+        let claim_ms = asked.elapsed().as_secs_f64() * 1e3 - reads_ms;
+        debug!(target: "meshfed::timeline", cluster = %name, client_ms, reads_ms, claim_ms, "observed");
+        Ok((held, unserved, nodes, ranges))
+    };
+    match within(timeout, run).await {
+        Ok((held, unserved, nodes, ranges)) => {
+            let seen = Observation { held, unserved, nodes, ranges };
+            (report, Some(Reached { member, cache, seen }))
+        }
+        Err(f) => {
+            warn!(cluster = %name, reason = %f.reason, "{}", f.message);
+            report.failure = Some(f);
+            ctx.backoff.record(&key, &member, &report, ctx.settings.retry_after, ctx.settings.member_backoff_max);
+            (report, None)
+        }
+    }
+}
