@@ -8,10 +8,7 @@ use kube::{
     Api, Client,
     api::{DynamicObject, ListParams, PostParams},
 };
-use meshfed_core::{
-    federation::{self, FederationRef},
-    kinds,
-};
+use meshfed_core::{federation::FederationRef, kinds};
 use meshfed_e2e::{Fixture, condition, example, fed_condition, is_ready, put_kubeconfig};
 use meshfed_testenv::Options;
 

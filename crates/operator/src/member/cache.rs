@@ -556,9 +556,25 @@ mod tests {
         lists(&cache, &[secret("a", 5, "west")]);
         assert_eq!(listing(&cache, SECRETS), Listing::Pending);
         assert!(cache.kinds[SECRETS].store.is_empty());
+        // The same events from the task that is the kind's current watch are written: the filter lets them through.
+        let me = cache.clone();
+        let current = tokio::spawn(async move {
+            tokio::task::yield_now().await;
+            lists(&me, &[secret("a", 5, "west")]);
+        });
+        let replaced = cache.kinds[SECRETS].watch.lock().expect("watch lock").task.replace(current);
+        replaced.into_iter().for_each(|t| t.abort());
+        for _ in 0..100 {
+            if !cache.kinds[SECRETS].store.is_empty() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(cache.kinds[SECRETS].store.state().len(), 1, "the current watch's list is in the cache");
         cache.stop();
-        lists(&cache, &[secret("a", 5, "west")]);
+        lists(&cache, &[secret("a", 6, "west")]);
         assert_eq!(listing(&cache, SECRETS), Listing::Failed);
-        assert!(cache.kinds[SECRETS].store.is_empty());
+        let held = cache.kinds[SECRETS].store.get(&object_ref(&key("a"))).expect("still the current watch's");
+        assert_eq!(held.meta("resourceVersion").as_deref(), Some("5"), "a stopped watch's list changes nothing");
     }
 }
