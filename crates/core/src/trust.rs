@@ -2,7 +2,7 @@
 //! and the hub Secret of a generated root. Issuing an intermediate (key generation) is the one step left to the
 //! caller, which [`CacertsPlan::Issue`] asks for; [`issued`] then gives the data to write.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, fmt};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
@@ -12,6 +12,7 @@ use crate::{
     conditions::Reason,
     pki::{self, CaMaterial, CacertsBundle, CacertsVerdict, CertSummary, IntermediateProfile, Root},
     plan::{FIELD_MANAGER, Failure, FederationRef, LABEL_FEDERATION, MANAGED_BY},
+    redact,
     rotation::{self, Action, MemberRoots},
     validate::Durations,
 };
@@ -83,14 +84,33 @@ pub fn root_secret(fref: &FederationRef, material: &CaMaterial, request: Option<
     }
 }
 
-/// What one member's `cacerts` should become.
-#[derive(Debug, Clone)]
+/// What one member's `cacerts` should become. Its `Debug` shows the keys of `data`, never their values.
+#[derive(Clone)]
 pub enum CacertsPlan<'r> {
     /// Hold this data (kept as it is, or with only its trusted roots changed); its intermediate is `summary`.
     Hold { data: BTreeMap<String, ByteString>, summary: CertSummary, why: Option<String> },
     /// Issue a new intermediate from `signer` (the federation's root, or during a rotation the root it rotates
     /// from), whose `root-cert.pem` trusts `other_roots` (PEM) besides the signer.
     Issue { why: String, other_roots: String, signer: &'r Root },
+}
+
+impl fmt::Debug for CacertsPlan<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Hold { data, summary, why } => f
+                .debug_struct("Hold")
+                .field("data", &redact::SecretData(data))
+                .field("summary", summary)
+                .field("why", why)
+                .finish(),
+            Self::Issue { why, other_roots, signer } => f
+                .debug_struct("Issue")
+                .field("why", why)
+                .field("other_roots", other_roots)
+                .field("signer", signer)
+                .finish(),
+        }
+    }
 }
 
 /// The trust plan of a federation: per member of the spec that answered, its `cacerts` plan (or why it has none),
@@ -103,11 +123,21 @@ pub struct TrustPlan<'r> {
 }
 
 /// What a member shows of its trust: its `cacerts` data (`None`: it has none), and the roots its control plane
-/// publishes to workloads (istiod's `istio-ca-root-cert`; `None`: no control plane publishes any there).
-#[derive(Debug, Clone, Copy, Default)]
+/// publishes to workloads (istiod's `istio-ca-root-cert`; `None`: no control plane publishes any there). Its
+/// `Debug` shows the keys of `cacerts`, never their values.
+#[derive(Clone, Copy, Default)]
 pub struct Observed<'a> {
     pub cacerts: Option<&'a BTreeMap<String, ByteString>>,
     pub published: Option<&'a str>,
+}
+
+impl fmt::Debug for Observed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Observed")
+            .field("cacerts", &self.cacerts.map(redact::SecretData))
+            .field("published", &self.published)
+            .finish()
+    }
 }
 
 /// How long after the last member got its intermediate from a new root the old root stays trusted, beyond the
