@@ -242,7 +242,7 @@ fn cross_trust(spec: &MeshFederationSpec, observed: &BTreeMap<String, Observed<'
     }
 }
 
-/// What one member shows: its findings, and the roots its `cacerts` trusts.
+/// What one member shows: its findings, and what it holds of its trust (judged with its peers by [`trust_findings`]).
 async fn member_findings(
     client: &Client,
     fref: &FederationRef,
