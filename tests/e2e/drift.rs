@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::{core::v1::Namespace, core::v1::Secret, rbac::v1::ClusterRole};
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Namespace, core::v1::Secret, rbac::v1::ClusterRole};
 use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams},
@@ -39,8 +39,17 @@ async fn drift_of_every_owned_kind_is_repaired_within_seconds_without_touching_t
     let east_secrets: Api<Secret> = Api::namespaced(east.clone(), "istio-system");
     let west_secrets: Api<Secret> = Api::namespaced(west.clone(), "istio-system");
 
+    // An autoscaler scales the gateway through the scale subresource, as a HorizontalPodAutoscaler does: its
+    // count is not drift. The reconcile that repairs cacerts below reads and compares the Deployment too.
+    let deployments: Api<Deployment> = Api::namespaced(east.clone(), "istio-system");
+    let scale = serde_json::json!({"spec": {"replicas": 3}});
+    let by_autoscaler = PatchParams { field_manager: Some("e2e-autoscaler".into()), ..Default::default() };
+    deployments.patch_scale("istio-eastwestgateway", &by_autoscaler, &Patch::Merge(&scale)).await?;
+
     east_secrets.delete("cacerts", &Default::default()).await?;
     repaired("a deleted cacerts", || async { east_secrets.get_opt("cacerts").await.unwrap().is_some() }).await;
+    let replicas = deployments.get("istio-eastwestgateway").await?.spec.and_then(|s| s.replicas);
+    assert_eq!(replicas, Some(3), "meshfed set back the replica count an autoscaler chose");
     // Its new intermediate is announced, like the first one was: the same Event about east, seen twice.
     f.wait_for_event("prod", |e| {
         e.reason.as_deref() == Some("IntermediateIssued")

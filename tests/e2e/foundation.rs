@@ -175,6 +175,19 @@ async fn invalid_federations_get_a_precise_reason_and_write_nothing() -> anyhow:
             "clusters \"east\" (10.0.4.0/24) and \"west\" (10.0.0.0/16)",
         ),
         ("same-kubeconfig", base.replace("{name: west-kubeconfig}", "{name: east-kubeconfig}"), "DuplicateKubeconfig", "use the same kubeconfig"),
+        (
+            "gw-port",
+            base.replace("    kubeconfigSecretRef: {name: west-kubeconfig}", "    eastWestGateway: {address: \"203.0.113.7:15443\"}\n    kubeconfigSecretRef: {name: west-kubeconfig}"),
+            "InvalidGatewayAddress",
+            "eastWestGateway.address \"203.0.113.7:15443\" is not an IP address or a DNS name",
+        ),
+        (
+            "api-credential",
+            base.replace("    kubeconfigSecretRef: {name: west-kubeconfig}", "    apiServer: https://admin:s3cret@west.example:6443\n    kubeconfigSecretRef: {name: west-kubeconfig}"),
+            "InvalidAPIServer",
+            "carries user info (a user name or password before @ in https://west.example:6443)",
+        ),
+        ("ttl-long", base.replace("tokenTTL: 24h", "tokenTTL: 1193047h"), "InvalidDuration", "must be at most 2^32 seconds"),
     ];
     for (name, yaml, reason, message) in &cases {
         f.apply(&yaml.replace("name: prod", &format!("name: {name}"))).await?;
@@ -186,6 +199,7 @@ async fn invalid_federations_get_a_precise_reason_and_write_nothing() -> anyhow:
         assert_eq!((stalled.status.as_str(), stalled.reason.as_str()), ("True", *reason));
         assert_eq!(meshfed_e2e::kstatus(&fed), "Failed");
         assert!(valid.message.contains(message), "{name}: {:?} lacks {message:?}", valid.message);
+        assert!(!valid.message.contains("s3cret"), "{name}: a credential in the status: {}", valid.message);
         assert_eq!(fed_condition(&fed, "Ready").unwrap().status, "False");
     }
     // What a schema can say, the API server refuses before meshfed sees it.
@@ -198,6 +212,17 @@ async fn invalid_federations_get_a_precise_reason_and_write_nothing() -> anyhow:
         (
             base.replace("      generate:", "      secretRef: {name: corp-root}\n      generate:"),
             "set exactly one of trust.root.generate and trust.root.secretRef",
+        ),
+        (
+            base.replace("namespace: istio-system", "namespace: kube-system"),
+            "istio.namespace may not be a namespace of Kubernetes itself",
+        ),
+        (
+            base.replace(
+                "namespace: istio-system",
+                &format!("namespace: istio-system\n    revision: {}", "r".repeat(57)),
+            ),
+            "spec.istio.revision",
         ),
     ] {
         let err = f.apply(&yaml.replace("name: prod", "name: cel")).await.unwrap_err();

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
-use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use kube::{CustomResource, CustomResourceExt, KubeSchema, core::Rule};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -64,10 +64,12 @@ pub struct MeshFederationSpec {
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct IstioSpec {
-    /// The namespace Istio lives in, in every member. meshfed creates it when missing and labels it with the
-    /// cluster's network. Default: `istio-system`.
+    /// The namespace Istio lives in, in every member. meshfed creates it when missing, labels it with the
+    /// cluster's network and writes `cacerts`, the east-west gateway and RBAC into it, so it may not be a namespace
+    /// of Kubernetes itself (`default`, `kube-system`, `kube-public`, `kube-node-lease`). Default: `istio-system`.
     #[serde(default = "default_istio_namespace")]
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[x_kube(validation = not_a_system_namespace())]
     pub namespace: String,
 
     /// The Istio revision of the federation's control plane: the name of the Sail `Istio` resource in every member.
@@ -75,9 +77,10 @@ pub struct IstioSpec {
     /// revision, workloads (and the east-west gateway) select the control plane with the label `istio.io/rev:
     /// <revision>` and istiod's Service is `istiod-<revision>`. Federations that share a cluster (each in its own
     /// Istio namespace) need different revisions, and each its own `meshConfig.discoverySelectors` in `values`.
-    /// Changing it replaces the control plane in every member, as a changed namespace does.
+    /// Changing it replaces the control plane in every member, as a changed namespace does. At most 56 characters,
+    /// so that `istiod-<revision>` is a Service name (at most 63).
     #[serde(default = "default_revision")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(length(min = 1, max = MAX_REVISION_LEN), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub revision: String,
 
     /// The Istio version written into each member's Sail `Istio` resource, for example `v1.28.0`. Unset: the Sail
@@ -96,6 +99,20 @@ impl Default for IstioSpec {
     fn default() -> Self {
         Self { namespace: default_istio_namespace(), revision: default_revision(), version: None, values: None }
     }
+}
+
+/// The namespaces of Kubernetes itself, in every cluster: none of them can be a federation's Istio namespace.
+pub const SYSTEM_NAMESPACES: [&str; 4] = ["default", "kube-system", "kube-public", "kube-node-lease"];
+
+/// The longest `istio.revision`: istiod's Service is `istiod-<revision>`, and a Service name has at most 63
+/// characters.
+pub const MAX_REVISION_LEN: usize = 63 - "istiod-".len();
+
+fn not_a_system_namespace() -> Rule {
+    let names = SYSTEM_NAMESPACES.map(|n| format!("'{n}'")).join(", ");
+    Rule::new(format!("!(self in [{names}])")).message(
+        "istio.namespace may not be a namespace of Kubernetes itself; use a namespace of its own, such as istio-system",
+    )
 }
 
 fn default_istio_namespace() -> String {

@@ -74,6 +74,10 @@ impl Reason {
                 | InvalidCIDR
                 | OverlappingCIDRs
                 | ExposeModeUnsupported
+                | SystemNamespace
+                | RevisionTooLong
+                | InvalidGatewayAddress
+                | InvalidAPIServer
                 | KubeconfigSecretMissing
                 | KubeconfigKeyMissing
                 | KubeconfigInvalid
@@ -124,6 +128,10 @@ names! {
         InvalidCIDR,
         OverlappingCIDRs,
         ExposeModeUnsupported,
+        SystemNamespace,
+        RevisionTooLong,
+        InvalidGatewayAddress,
+        InvalidAPIServer,
         // Reaching a member
         Unreachable,
         Timeout,

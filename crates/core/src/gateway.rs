@@ -146,10 +146,11 @@ pub fn gateway_objects(fref: &FederationRef, spec: &MeshFederationSpec, cluster:
             "metadata": service_meta,
             "spec": {"type": service_type, "selector": selector(), "ports": service_ports},
         })),
+        // No `replicas`, as Istio's gateway chart with autoscaling: the Deployment defaults to 1, and a
+        // HorizontalPodAutoscaler (or a person) owns the count without meshfed setting it back.
         deployment: from(json!({
             "metadata": meta(GATEWAY_NAME),
             "spec": {
-                "replicas": 1,
                 "selector": {"matchLabels": selector()},
                 "template": {
                     "metadata": {
@@ -382,6 +383,15 @@ mod tests {
             split.clusters.iter().all(|c| crate::topology::needs_gateway(&split, c)),
             "several networks: every cluster"
         );
+    }
+
+    #[test]
+    fn the_gateway_deployment_leaves_its_replica_count_to_an_autoscaler() {
+        let s = spec(EAST);
+        let fref = FederationRef { namespace: "ns".into(), name: "f".into() };
+        let deployment = serde_json::to_value(gateway_objects(&fref, &s, &s.clusters[0]).deployment).unwrap();
+        assert_eq!(deployment["spec"]["template"]["spec"]["containers"][0]["name"], "istio-proxy");
+        assert_eq!(deployment["spec"].get("replicas"), None, "{deployment:#}");
     }
 
     #[test]

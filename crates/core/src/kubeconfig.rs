@@ -23,6 +23,10 @@ pub enum KubeconfigError {
         "cluster {cluster:?} sets `certificate-authority`, a file path on the hub; meshfed refuses it: use certificate-authority-data"
     )]
     CaFile { cluster: String },
+    #[error(
+        "cluster {cluster:?} sets `insecure-skip-tls-verify`, so the hub would not authenticate the member's API server while it sends it intermediate CA keys; meshfed refuses it: give the server's CA in certificate-authority-data"
+    )]
+    Insecure { cluster: String },
     #[error("the kubeconfig has no current-context, or it names no cluster with a server")]
     NoServer,
 }
@@ -32,12 +36,13 @@ impl KubeconfigError {
     pub fn reason(&self) -> Reason {
         match self {
             Self::Malformed(_) | Self::Mismatched | Self::NoServer => Reason::KubeconfigInvalid,
-            Self::Refused { .. } | Self::CaFile { .. } => Reason::KubeconfigRefused,
+            Self::Refused { .. } | Self::CaFile { .. } | Self::Insecure { .. } => Reason::KubeconfigRefused,
         }
     }
 }
 
-/// Parses a kubeconfig and refuses it if any user or cluster in it would run a command or read a file on the hub.
+/// Parses a kubeconfig and refuses it if any user or cluster in it would run a command or read a file on the hub,
+/// or would not verify the server's certificate.
 /// Returns the parsed kubeconfig and the server of its current context.
 ///
 /// The document is read as [`crate::yaml`] reads what others hold: at most [`yaml::MAX_DOCUMENT_BYTES`], within the
@@ -70,6 +75,11 @@ pub fn check(yaml: &str) -> Result<(Kubeconfig, String), KubeconfigError> {
     if let Some(c) = kc.clusters.iter().find(|c| c.cluster.as_ref().is_some_and(|c| c.certificate_authority.is_some()))
     {
         return Err(KubeconfigError::CaFile { cluster: c.name.clone() });
+    }
+    if let Some(c) =
+        kc.clusters.iter().find(|c| c.cluster.as_ref().is_some_and(|c| c.insecure_skip_tls_verify == Some(true)))
+    {
+        return Err(KubeconfigError::Insecure { cluster: c.name.clone() });
     }
     let server = current_server(&kc).ok_or(KubeconfigError::NoServer)?;
     Ok((kc, server))
@@ -122,6 +132,17 @@ mod tests {
         }
         let err = check(&kubeconfig("    token: abc\n", "    certificate-authority: /etc/ca.pem\n")).unwrap_err();
         assert_eq!(err, KubeconfigError::CaFile { cluster: "k".into() });
+    }
+
+    #[test]
+    fn a_kubeconfig_that_skips_tls_verification_is_refused() {
+        let insecure = "    insecure-skip-tls-verify: true\n";
+        let err = check(&kubeconfig("    token: abc\n", insecure)).unwrap_err();
+        assert_eq!(err, KubeconfigError::Insecure { cluster: "k".into() });
+        assert_eq!(err.reason(), "KubeconfigRefused");
+        assert!(err.to_string().contains("`insecure-skip-tls-verify`"), "{err}");
+        let verified = "    insecure-skip-tls-verify: false\n    certificate-authority-data: Zm9v\n";
+        assert!(check(&kubeconfig("    token: abc\n", verified)).is_ok());
     }
 
     #[test]

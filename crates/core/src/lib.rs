@@ -15,6 +15,7 @@ pub mod kubeconfig;
 pub mod member;
 pub mod pki;
 pub mod plan;
+pub mod redact;
 pub mod remote;
 pub mod render;
 pub mod rotation;

@@ -26,11 +26,11 @@ use crate::{
     gateway::{self, GatewayAddress},
     istio::{self, NETWORK_LABEL},
     kinds::*,
-    pki, remote, topology,
+    pki, redact, remote, topology,
 };
 
 /// One object a member should hold: the complete body meshfed applies (with `apiVersion` and `kind`).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct Desired {
     pub key: ObjectKey,
     pub body: Value,
@@ -41,6 +41,17 @@ pub struct Desired {
     /// Fields (JSON pointers) that cannot change in place: when the member's object differs there, meshfed deletes
     /// and recreates it (the Sail `Istio`'s immutable `spec.namespace`, a Service's type).
     pub recreate_on: &'static [&'static str],
+}
+
+impl std::fmt::Debug for Desired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Desired")
+            .field("key", &self.key)
+            .field("body", &redact::body(&self.body))
+            .field("exact_data", &self.exact_data)
+            .field("recreate_on", &self.recreate_on)
+            .finish()
+    }
 }
 
 impl Desired {
@@ -187,8 +198,9 @@ pub fn claim_holder(observed: &ObjectMeta, fref: &FederationRef, hub: &str, clus
 // The plan of one member
 // ---------------------------------------------------------------------------------------------------------------
 
-/// What one member's plan needs beyond the spec, decided by the federation-wide pass.
-#[derive(Debug, Clone, Default)]
+/// What one member's plan needs beyond the spec, decided by the federation-wide pass. Its `Debug` shows the keys of
+/// `cacerts` and of the remote secrets, never their values.
+#[derive(Clone, Default)]
 pub struct MemberFacts<'a> {
     /// The member's Istio namespace as it is now (meshfed marks a namespace it creates, to delete only those).
     pub namespace: Option<&'a Namespace>,
@@ -204,6 +216,21 @@ pub struct MemberFacts<'a> {
     pub unserved: BTreeSet<OwnedKind>,
     /// The member's `Istio` as it is now, with the status the Sail operator writes.
     pub istio: Option<&'a Value>,
+}
+
+impl std::fmt::Debug for MemberFacts<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let remote_secrets: BTreeMap<_, _> =
+            self.remote_secrets.iter().map(|(t, s)| (t, redact::SecretObject(s))).collect();
+        f.debug_struct("MemberFacts")
+            .field("namespace", &self.namespace)
+            .field("cacerts", &self.cacerts.as_ref().map(redact::SecretData))
+            .field("remote_secrets", &remote_secrets)
+            .field("gateways", &self.gateways)
+            .field("unserved", &self.unserved)
+            .field("istio", &self.istio)
+            .finish()
+    }
 }
 
 /// The complete plan of `cluster` (which the spec lists) in `hub`: the claim, the Istio namespace labelled with the

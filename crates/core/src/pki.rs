@@ -466,13 +466,37 @@ pub fn inspect_cacerts(
     }
 }
 
-fn check_cacerts(
+/// Whether istiod takes a `cacerts` (`observed`, its data; `None`: no Secret) as its CA, whichever root it chains
+/// to (ISTIO-FACTS.md section 1): all four keys present and readable, `ca-key.pem` the key of `ca-cert.pem`,
+/// `ca-cert.pem` signed by a certificate of `root-cert.pem` (meshfed issues no deeper chains) and not expired at
+/// `now`. Returns the intermediate's summary, or the first problem, in the order [`inspect_cacerts`] checks.
+pub fn usable_cacerts(
     observed: Option<&BTreeMap<String, ByteString>>,
-    root: &Root,
-    profile: &IntermediateProfile<'_>,
-    renew_before: Duration,
     now: Timestamp,
 ) -> Result<CertSummary, ReissueReason> {
+    let (ca_der, root_certs, _) = read_cacerts(observed)?;
+    let ca = parse_cert(&ca_der).map_err(|detail| ReissueReason::Malformed { key: CA_CERT, detail })?;
+    let signed = |root: &Vec<u8>| parse_cert(root).is_ok_and(|r| ca.verify_signature(Some(r.public_key())).is_ok());
+    if !root_certs.iter().any(signed) {
+        return Err(ReissueReason::ChainMismatch {
+            key: ROOT_CERT,
+            detail: format!("holds no certificate that signed {CA_CERT}"),
+        });
+    }
+    let summary = summary_of(&ca_der, &ca);
+    if now > summary.not_after {
+        return Err(ReissueReason::Expired { not_after: summary.not_after });
+    }
+    Ok(summary)
+}
+
+/// The DER of a complete, readable `cacerts`' intermediate, trusted roots and chain, once its key is shown to be
+/// the intermediate's.
+type CacertsDer = (Vec<u8>, Vec<Vec<u8>>, Vec<Vec<u8>>);
+
+/// Reads a `cacerts`: all four keys present, each readable, `ca-cert.pem` exactly one certificate, `ca-key.pem` its
+/// key.
+fn read_cacerts(observed: Option<&BTreeMap<String, ByteString>>) -> Result<CacertsDer, ReissueReason> {
     let data = observed.ok_or(ReissueReason::Missing)?;
     let missing: Vec<_> = CACERTS_KEYS.into_iter().filter(|k| !data.contains_key(*k)).collect();
     if !missing.is_empty() {
@@ -491,6 +515,18 @@ fn check_cacerts(
         KeyProblem::Malformed(detail) => malformed(CA_KEY, detail),
         KeyProblem::Mismatch => ReissueReason::KeyMismatch,
     })?;
+    Ok((ca_der, root_certs, chain))
+}
+
+fn check_cacerts(
+    observed: Option<&BTreeMap<String, ByteString>>,
+    root: &Root,
+    profile: &IntermediateProfile<'_>,
+    renew_before: Duration,
+    now: Timestamp,
+) -> Result<CertSummary, ReissueReason> {
+    let (ca_der, root_certs, chain) = read_cacerts(observed)?;
+    let ca = parse_cert(&ca_der).map_err(|detail| ReissueReason::Malformed { key: CA_CERT, detail })?;
 
     let root_cert = parse_cert(&root.cert_der).map_err(|_| ReissueReason::NotChainedToRoot)?;
     ca.verify_signature(Some(root_cert.public_key())).map_err(|_| ReissueReason::NotChainedToRoot)?;
@@ -1375,6 +1411,39 @@ mod tests {
         let mut data = data;
         data.insert(ROOT_CERT.into(), ByteString(new.cert_pem().as_bytes().to_vec()));
         assert_eq!(reason(inspect_cacerts(Some(&data), &new, &EAST, HOUR, now())), "NotChainedToRoot");
+    }
+
+    #[test]
+    fn istiod_takes_a_complete_unexpired_bundle_whose_roots_include_its_signer_whichever_root_that_is() {
+        let (a, b) = (root(KeyAlgorithm::ECDSAP256), root(KeyAlgorithm::ECDSAP256));
+        let bundle = issue_intermediate(&a, &EAST, 10 * HOUR, now()).unwrap();
+        let summary = summarize(&bundle.ca_cert_pem).unwrap();
+        let with_roots = |roots: String| {
+            let mut data = bundle.secret_data();
+            data.insert(ROOT_CERT.into(), ByteString(roots.into_bytes()));
+            data
+        };
+        for roots in [
+            a.cert_pem().to_string(),
+            format!("{}{}", a.cert_pem(), b.cert_pem()),
+            format!("{}{}", b.cert_pem(), a.cert_pem()),
+        ] {
+            assert_eq!(usable_cacerts(Some(&with_roots(roots)), now()), Ok(summary.clone()));
+        }
+        let unusable = |data: &BTreeMap<String, ByteString>, at| usable_cacerts(Some(data), at).unwrap_err().reason();
+        assert_eq!(unusable(&with_roots(b.cert_pem().into()), now()), "CacertsChainMismatch");
+        let expired = now() + SignedDuration::from_hours(11);
+        assert_eq!(unusable(&bundle.secret_data(), expired), "IntermediateExpired");
+        for key in [CA_KEY, CERT_CHAIN] {
+            let mut data = bundle.secret_data();
+            data.remove(key);
+            assert_eq!(unusable(&data, now()), "CacertsIncomplete", "{key}");
+        }
+        let mut data = bundle.secret_data();
+        let other = issue_intermediate(&a, &EAST, 10 * HOUR, now()).unwrap();
+        data.insert(CA_KEY.into(), ByteString(other.ca_key_pem.into_bytes()));
+        assert_eq!(unusable(&data, now()), "IntermediateKeyMismatch");
+        assert_eq!(usable_cacerts(None, now()), Err(ReissueReason::Missing));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! and the hub Secret of a generated root. Issuing an intermediate (key generation) is the one step left to the
 //! caller, which [`CacertsPlan::Issue`] asks for; [`issued`] then gives the data to write.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, fmt};
 
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::{ByteString, api::core::v1::Secret, apimachinery::pkg::apis::meta::v1::ObjectMeta};
@@ -12,6 +12,7 @@ use crate::{
     conditions::Reason,
     federation::{FIELD_MANAGER, Failure, FederationRef, LABEL_FEDERATION, MANAGED_BY},
     pki::{self, CaMaterial, CacertsBundle, CacertsVerdict, CertSummary, IntermediateProfile, Root},
+    redact,
     rotation::{self, Action, MemberRoots},
     validate::Durations,
 };
@@ -83,14 +84,33 @@ pub fn root_secret(fref: &FederationRef, material: &CaMaterial, request: Option<
     }
 }
 
-/// What one member's `cacerts` should become.
-#[derive(Debug, Clone)]
+/// What one member's `cacerts` should become. Its `Debug` shows the keys of `data`, never their values.
+#[derive(Clone)]
 pub enum CacertsPlan<'r> {
     /// Hold this data (kept as it is, or with only its trusted roots changed); its intermediate is `summary`.
     Hold { data: BTreeMap<String, ByteString>, summary: CertSummary, why: Option<String> },
     /// Issue a new intermediate from `signer` (the federation's root, or during a rotation the root it rotates
     /// from), whose `root-cert.pem` trusts `other_roots` (PEM) besides the signer.
     Issue { why: String, other_roots: String, signer: &'r Root },
+}
+
+impl fmt::Debug for CacertsPlan<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Hold { data, summary, why } => f
+                .debug_struct("Hold")
+                .field("data", &redact::SecretData(data))
+                .field("summary", summary)
+                .field("why", why)
+                .finish(),
+            Self::Issue { why, other_roots, signer } => f
+                .debug_struct("Issue")
+                .field("why", why)
+                .field("other_roots", other_roots)
+                .field("signer", signer)
+                .finish(),
+        }
+    }
 }
 
 /// The trust plan of a federation: per member of the spec that answered, its `cacerts` plan (or why it has none),
@@ -103,11 +123,21 @@ pub struct TrustPlan<'r> {
 }
 
 /// What a member shows of its trust: its `cacerts` data (`None`: it has none), and the roots its control plane
-/// publishes to workloads (istiod's `istio-ca-root-cert`; `None`: no control plane publishes any there).
-#[derive(Debug, Clone, Copy, Default)]
+/// publishes to workloads (istiod's `istio-ca-root-cert`; `None`: no control plane publishes any there). Its
+/// `Debug` shows the keys of `cacerts`, never their values.
+#[derive(Clone, Copy, Default)]
 pub struct Observed<'a> {
     pub cacerts: Option<&'a BTreeMap<String, ByteString>>,
     pub published: Option<&'a str>,
+}
+
+impl fmt::Debug for Observed<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Observed")
+            .field("cacerts", &self.cacerts.map(redact::SecretData))
+            .field("published", &self.published)
+            .finish()
+    }
 }
 
 /// How long after the last member got its intermediate from a new root the old root stays trusted, beyond the
@@ -246,7 +276,8 @@ struct Signers<'r, 'p> {
 
 /// One member's `cacerts`: outside a rotation (`step` is `None`), kept or reissued as [`pki::inspect_cacerts`]
 /// says; in one, the rotation's step for it. An intermediate that expires soon is renewed in every phase, from the
-/// root that signed it (its peers trust that one already); one that is missing or unreadable is issued afresh.
+/// root that signed it (its peers trust that one already); one that istiod would not take
+/// ([`pki::usable_cacerts`]: incomplete, unreadable, a key that does not match, expired) is issued afresh.
 fn member_cacerts<'r>(
     data: Option<&BTreeMap<String, ByteString>>,
     signers: &Signers<'r, '_>,
@@ -258,11 +289,8 @@ fn member_cacerts<'r>(
     let root = signers.root;
     let get = |key| data.and_then(|d| d.get(key)).map_or(&[][..], |b: &ByteString| &b.0[..]);
     let (ca_cert, trusted) = (get(pki::CA_CERT), get(pki::ROOT_CERT));
-    let current = || {
-        data.and_then(|d| d.get(pki::CA_CERT))
-            .ok_or_else(|| Failure::new(Reason::CacertsUnreadable, "cacerts has no ca-cert.pem"))
-            .and_then(|c| pki::summarize(&c.0).map_err(|e| Failure::new(e.reason(), e.to_string())))
-    };
+    // What istiod would take, whatever root signed it.
+    let current = || pki::usable_cacerts(data, now).map_err(|r| Failure::new(r.reason(), r.to_string()));
     let with_roots = |roots: String, why: &str| -> Result<CacertsPlan<'r>, Failure> {
         let mut d = data.cloned().unwrap_or_default();
         d.insert(pki::ROOT_CERT.into(), ByteString(roots.into_bytes()));
@@ -279,8 +307,9 @@ fn member_cacerts<'r>(
             CacertsVerdict::Reissue(reason) => issue(&reason.to_string(), root, &[]),
         },
         Some(_) if current().is_err() => {
-            let why = "issuing an intermediate for a member that holds no usable one";
-            issue(why, signers.fresh, &[signers.peers_roots, root.cert_pem().as_bytes()])
+            let unusable = current().err().map(|f| f.message).unwrap_or_default();
+            let why = format!("issuing an intermediate for a member that holds no usable one ({unusable})");
+            issue(&why, signers.fresh, &[signers.peers_roots, root.cert_pem().as_bytes()])
         }
         Some(Action::Keep) => {
             let summary = current()?;
@@ -491,6 +520,32 @@ mod tests {
         let plan = plan_trust(&s, &new, None, &durations, Some(&previous), &observed, now());
         let failure = plan.cacerts["a"].as_ref().unwrap_err();
         assert_eq!(failure.reason, Reason::IntermediateExpiring, "{failure:?}");
+    }
+
+    #[test]
+    fn a_member_whose_cacerts_istiod_would_refuse_is_issued_afresh_during_a_rotation() {
+        let (s, old, new) = (spec(), root(), root());
+        let durations = validate(&s).unwrap().durations;
+        // The new root is being added to every member; a's bundle lost its key, b's is a partial bundle.
+        let mut a = cacerts(&old, "a", 1000 * HOUR, new.cert_pem());
+        a.remove(pki::CA_KEY);
+        let mut b = cacerts(&old, "b", 1000 * HOUR, "");
+        b.remove(pki::CERT_CHAIN);
+        let c = cacerts(&old, "c", 1000 * HOUR, new.cert_pem());
+        let observed = BTreeMap::from([
+            ("a".to_string(), Observed { cacerts: Some(&a), published: None }),
+            ("b".to_string(), Observed { cacerts: Some(&b), published: None }),
+            ("c".to_string(), Observed { cacerts: Some(&c), published: None }),
+        ]);
+        let plan = plan_trust(&s, &new, Some(&old), &durations, Some(&rotating_from(&old)), &observed, now());
+        assert!(plan.status.rotation_phase.as_deref().unwrap().starts_with("DistributingRoot"));
+        for (member, missing) in [("a", pki::CA_KEY), ("b", pki::CERT_CHAIN)] {
+            match &plan.cacerts[member] {
+                Ok(CacertsPlan::Issue { why, .. }) => assert!(why.contains(missing), "{member}: {why}"),
+                other => panic!("{member} holds no usable cacerts and must be issued one: {other:?}"),
+            }
+        }
+        assert!(matches!(plan.cacerts["c"], Ok(CacertsPlan::Hold { why: None, .. })), "{:?}", plan.cacerts["c"]);
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! The rules that need the whole federation, beyond what the CRD's schema and CEL rules check. A federation that
 //! breaks any of them gets `Valid=False` and nothing is written to any member.
 
-use std::{collections::BTreeMap, fmt, time::Duration};
+use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
 
 use ipnet::IpNet;
-use meshfed_api::{ClusterRole, ExposeMode, MeshFederationSpec};
+use meshfed_api::{ClusterRole, ExposeMode, MAX_REVISION_LEN, MeshFederationSpec, SYSTEM_NAMESPACES};
 
 use crate::{
     conditions::Reason,
@@ -27,6 +27,9 @@ impl fmt::Display for Problem {
 /// The TokenRequest API refuses lifetimes under ten minutes. A token is refreshed with a third of its lifetime
 /// left, so ten minutes also leave 3 min 20 s to retry a member that does not answer (every 60 s at most).
 pub const MIN_TOKEN_TTL: Duration = Duration::from_secs(600);
+
+/// The TokenRequest API refuses lifetimes over 2^32 seconds (about 136 years).
+pub const MAX_TOKEN_TTL: Duration = Duration::from_secs(1 << 32);
 
 /// An intermediate is renewed `renewBefore` ahead of its expiry, at a reconcile scheduled for then; ten minutes
 /// leave room for ten retries of a member that does not answer (every 60 s at most) before it expires.
@@ -53,6 +56,26 @@ pub struct Validated {
 pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
     let mut problems = Vec::new();
     let mut problem = |reason, message: String| problems.push(Problem { reason, message });
+
+    let namespace = &spec.istio.namespace;
+    if SYSTEM_NAMESPACES.contains(&namespace.as_str()) {
+        problem(
+            Reason::SystemNamespace,
+            format!(
+                "istio.namespace {namespace:?} is a namespace of Kubernetes itself; meshfed labels the Istio namespace with a network and writes cacerts, the east-west gateway and RBAC into it: use a namespace of its own, such as istio-system"
+            ),
+        );
+    }
+    let revision = &spec.istio.revision;
+    if revision.len() > MAX_REVISION_LEN {
+        problem(
+            Reason::RevisionTooLong,
+            format!(
+                "istio.revision {revision:?} has {} characters; istiod's Service is istiod-<revision>, which a Service name of at most 63 characters cannot hold: use at most {MAX_REVISION_LEN}",
+                revision.len()
+            ),
+        );
+    }
 
     let mut seen = BTreeMap::new();
     for c in &spec.clusters {
@@ -148,6 +171,17 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
             ),
         );
     }
+    if let Some(t) = token_ttl
+        && t > MAX_TOKEN_TTL
+    {
+        problem(
+            Reason::InvalidDuration,
+            format!(
+                "remoteAccess.tokenTTL ({}) must be at most 2^32 seconds (about 136 years), the longest token the TokenRequest API issues",
+                spec.remote_access.token_ttl
+            ),
+        );
+    }
 
     let topology = Topology::of(spec);
     for c in spec.clusters.iter().filter(|c| c.east_west_gateway.address.is_none()) {
@@ -171,6 +205,24 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
             );
         }
     }
+    for c in &spec.clusters {
+        if let Some(address) = &c.east_west_gateway.address
+            && !is_address(address)
+        {
+            problem(
+                Reason::InvalidGatewayAddress,
+                format!(
+                    "cluster {:?} eastWestGateway.address {address:?} is not an IP address or a DNS name (such as 203.0.113.7 or gw.example.com): give the address alone, without scheme, port or path; peers dial the gateway's own ports there (15443, and 15012 and 15017 for Remotes)",
+                    c.name
+                ),
+            );
+        }
+        if let Some(server) = &c.api_server
+            && let Some(why) = api_server_problem(server)
+        {
+            problem(Reason::InvalidAPIServer, format!("cluster {:?} apiServer {why}", c.name));
+        }
+    }
     cidr_problems(spec, &mut problem);
 
     match (problems.is_empty(), intermediate_validity, renew_before, token_ttl, workload_ttl) {
@@ -188,6 +240,50 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
         }
         _ => Err(problems),
     }
+}
+
+/// Whether `address` is what a gateway address must be: an IP address, or a DNS name (lowercase, as a Service's
+/// `externalName` must be: a Remote's istiod Service becomes one for a name) whose last label is not all digits.
+fn is_address(address: &str) -> bool {
+    if address.parse::<IpAddr>().is_ok() {
+        return true;
+    }
+    let label = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    address.len() <= 253
+        && address.split('.').all(label)
+        && !address.rsplit('.').next().is_some_and(|l| l.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// What is wrong with an `apiServer`, as the rest of a sentence, if anything. It goes into every peer's remote
+/// secret as the `server` istiod dials: an `https://` URL with a host, and no credential (user info) or query. A
+/// path is fine (API proxies such as Rancher's serve a cluster under one). The value is not repeated when it holds
+/// user info.
+fn api_server_problem(server: &str) -> Option<String> {
+    let Some(rest) = server.strip_prefix("https://") else {
+        return Some(format!("{server:?} is not an https:// URL such as https://east.example:6443"));
+    };
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if let Some((_, host)) = authority.rsplit_once('@') {
+        return Some(format!(
+            "carries user info (a user name or password before @ in https://{host}): it would be copied into every peer's remote secret; remove it, peers authenticate with meshfed's reader tokens"
+        ));
+    }
+    let Some(uri) = server.parse::<http::Uri>().ok().filter(|u| u.host().is_some_and(|h| !h.is_empty())) else {
+        return Some(if authority.is_empty() || authority.starts_with(':') {
+            format!("{server:?} names no host; write it like https://east.example:6443")
+        } else {
+            format!("{server:?} is not a URL such as https://east.example:6443")
+        });
+    };
+    if uri.query().is_some() {
+        return Some(format!("{server:?} has a query (?...), which a Kubernetes API server URL does not take"));
+    }
+    None
 }
 
 /// Clusters on one network route pods to each other directly, so their declared pod and service ranges must not
@@ -394,6 +490,112 @@ mod tests {
         // On two networks the same ranges are fine: the gateways route between them.
         let split = spec(&format!("{EAST}\n{WEST}"));
         assert!(observed_overlaps(&split, &seen(&["10.244.0.0/16"], &["10.244.3.0/24"])).is_empty());
+    }
+
+    /// `EAST` with `field` (a JSON member) set.
+    fn east_with(field: &str) -> String {
+        EAST.replace(r#""kubeconfigSecretRef""#, &format!(r#"{field}, "kubeconfigSecretRef""#))
+    }
+
+    #[test]
+    fn a_gateway_address_is_an_ip_or_a_dns_name_alone() {
+        for good in ["203.0.113.7", "2001:db8::7", "gw.example.com", "gw-1.eu-west-1.elb.amazonaws.com", "proxy"] {
+            let s = spec(&east_with(&format!(r#""eastWestGateway": {{"address": "{good}"}}"#)));
+            assert!(validate(&s).is_ok(), "{good}: {:?}", validate(&s));
+        }
+        for bad in [
+            "203.0.113.7:15443",
+            "gw.example.com:15443",
+            "[2001:db8::7]:15443",
+            "https://gw.example.com",
+            "gw.example.com/",
+            "gw.example.com/path",
+            "not an address!",
+            "GW.example.com",
+            "gw..example.com",
+            "-gw.example.com",
+            "1.2.3.999",
+            "",
+        ] {
+            let s = spec(&east_with(&format!(r#""eastWestGateway": {{"address": "{bad}"}}"#)));
+            let problems = validate(&s).expect_err(bad);
+            assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+            assert_eq!(problems[0].reason, Reason::InvalidGatewayAddress, "{bad}");
+            let message = &problems[0].message;
+            assert!(
+                message.contains(&format!("{bad:?}")) && message.contains("without scheme, port or path"),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_api_server_is_an_https_url_with_a_host_and_no_credential() {
+        for good in [
+            "https://east.example:6443",
+            "https://203.0.113.7",
+            "https://[2001:db8::7]:6443",
+            "https://rancher.example/k8s/clusters/c-1",
+        ] {
+            let s = spec(&east_with(&format!(r#""apiServer": "{good}""#)));
+            assert!(validate(&s).is_ok(), "{good}: {:?}", validate(&s));
+        }
+        for (bad, says) in [
+            ("https://", "names no host"),
+            ("https://:6443", "names no host"),
+            ("http://east.example:6443", "not an https:// URL"),
+            ("https://east example", "is not a URL"),
+            ("east.example:6443", "not an https:// URL"),
+            ("https://east.example:6443?x=1", "has a query"),
+        ] {
+            let problems = validate(&spec(&east_with(&format!(r#""apiServer": "{bad}""#)))).expect_err(bad);
+            assert_eq!(problems.len(), 1, "{bad}: {problems:?}");
+            assert_eq!(problems[0].reason, Reason::InvalidAPIServer, "{bad}");
+            assert!(problems[0].message.contains(says), "{bad}: {}", problems[0].message);
+        }
+        // A credential in the URL is refused, and not repeated in the message (it goes into the status).
+        let problems =
+            validate(&spec(&east_with(r#""apiServer": "https://admin:s3cret@east.example:6443""#))).unwrap_err();
+        assert_eq!(problems[0].reason, Reason::InvalidAPIServer);
+        let message = &problems[0].message;
+        assert!(message.contains("user info") && message.contains("https://east.example:6443"), "{message}");
+        assert!(!message.contains("s3cret") && !message.contains("admin"), "{message}");
+    }
+
+    #[test]
+    fn the_istio_namespace_may_not_be_one_of_kubernetes_itself() {
+        for ns in ["kube-system", "default", "kube-public", "kube-node-lease"] {
+            let problems = validate(&spec_with(EAST, &format!("istio: {{namespace: {ns}}}"))).expect_err(ns);
+            assert_eq!(problems.len(), 1, "{ns}: {problems:?}");
+            assert_eq!(problems[0].reason, Reason::SystemNamespace, "{ns}");
+            assert!(problems[0].message.contains(&format!("istio.namespace {ns:?}")), "{}", problems[0].message);
+        }
+        assert!(validate(&spec_with(EAST, "istio: {namespace: istio-mesh1}")).is_ok());
+    }
+
+    #[test]
+    fn a_revision_too_long_for_istiods_service_name_is_refused() {
+        let revision = |n: usize| spec_with(EAST, &format!("istio: {{revision: {}}}", "r".repeat(n)));
+        assert!(validate(&revision(56)).is_ok(), "istiod-<56 characters> is 63");
+        for n in [57, 63] {
+            let problems = validate(&revision(n)).unwrap_err();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].reason, Reason::RevisionTooLong);
+            assert!(problems[0].message.contains(&format!("has {n} characters")), "{}", problems[0].message);
+            assert!(problems[0].message.contains("at most 56"), "{}", problems[0].message);
+        }
+    }
+
+    #[test]
+    fn a_token_lifetime_the_token_request_api_refuses_is_refused() {
+        // 2^32 seconds is 1193046h 28m 16s.
+        assert!(validate(&spec_with(EAST, "remoteAccess: {tokenTTL: 1193046h 28m 16s}")).is_ok());
+        for ttl in ["1193046h 28m 17s", "200years"] {
+            let problems = validate(&spec_with(EAST, &format!("remoteAccess: {{tokenTTL: {ttl}}}"))).unwrap_err();
+            assert_eq!(problems.len(), 1, "{problems:?}");
+            assert_eq!(problems[0].reason, Reason::InvalidDuration);
+            assert!(problems[0].message.contains("at most 2^32 seconds"), "{}", problems[0].message);
+        }
     }
 
     #[test]

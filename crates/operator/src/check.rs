@@ -7,6 +7,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use futures::future::join_all;
 use jiff::Timestamp;
+use k8s_openapi::ByteString;
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Namespace, Secret, Service},
     discovery::v1::EndpointSlice,
@@ -16,15 +17,18 @@ use kube::{
     api::{DynamicObject, ListParams},
     config::KubeConfigOptions,
 };
-use meshfed_api::{ClusterSpec, ExposeMode, MeshFederation, MeshFederationSpec};
+use meshfed_api::{ClusterSpec, ExposeMode, MeshFederation, MeshFederationSpec, TrustStatus};
 use meshfed_core::{
     control_plane,
     federation::FederationRef,
     gateway, istio, kinds,
     member::{self, ClaimHolder},
-    pki::{self, CA_CERT, ROOT_CERT},
-    remote, topology, trust,
-    validate::validate,
+    pki::{self, CA_CERT, CertSummary, ROOT_CERT, Root},
+    remote,
+    rotation::Phase,
+    topology,
+    trust::{self, CacertsPlan, Observed},
+    validate::{Durations, validate},
 };
 use serde::Serialize;
 
@@ -66,60 +70,62 @@ pub async fn check(hub: &Client, namespace: &str, name: &str, now: Timestamp) ->
             )),
         },
     ));
-    if let Err(problems) = validate(spec) {
-        let why = problems.iter().map(|p| format!("{}: {}", p.reason, p.message)).collect::<Vec<_>>().join("; ");
-        out.push(found("spec", name, Err(why)));
-        return Ok(out);
-    }
-    let root = root_pem(hub, &fref, spec, now).await;
+    let valid = match validate(spec) {
+        Ok(valid) => valid,
+        Err(problems) => {
+            let why = problems.iter().map(|p| format!("{}: {}", p.reason, p.message)).collect::<Vec<_>>().join("; ");
+            out.push(found("spec", name, Err(why)));
+            return Ok(out);
+        }
+    };
+    let root = root(hub, &fref, spec, now).await;
     out.push(found(
         "trust",
         "root",
-        root.as_ref().map(|(fp, days)| format!("{fp}, expires in {days} days")).map_err(Clone::clone),
+        root.as_ref()
+            .map(|r| format!("{}, expires in {} days", r.summary().fingerprint, days_left(r.summary(), now)))
+            .map_err(Clone::clone),
     ));
+    let previous_root = match &root {
+        Ok(r) => crate::trust::previous_root(hub, &fref, &fed, r, now).await,
+        Err(_) => None,
+    };
     let hub_id = Api::<Namespace>::all(hub.clone()).get("kube-system").await?.uid().unwrap_or_default();
     let pool = ClientPool::default();
     let pool = &pool;
-    let (hub_id, root_ref, fref) = (&hub_id, root.as_ref().ok(), &fref);
+    let (hub_id, fref) = (&hub_id, &fref);
     let members = join_all(spec.clusters.iter().map(|c| async move {
         let member = pool
             .member(hub, namespace, &c.kubeconfig_secret_ref, TIMEOUT)
             .await
             .map_err(|f| format!("{}: {}", f.reason, f.message))?;
-        let seen = member_findings(&member.client, fref, hub_id, spec, c, root_ref, now);
+        let seen = member_findings(&member.client, fref, hub_id, spec, c);
         match tokio::time::timeout(TIMEOUT, seen).await {
-            Ok(Ok((findings, roots))) => Ok((member.client, findings, roots)),
+            Ok(Ok((findings, held))) => Ok((member.client, findings, held)),
             Ok(Err(e)) => Err(e),
             Err(_) => Err(format!("did not answer within {TIMEOUT:?}")),
         }
     }))
     .await;
-    let mut trusted: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut held: BTreeMap<String, Held> = BTreeMap::new();
     let mut clients = BTreeMap::new();
     for (c, seen) in spec.clusters.iter().zip(members) {
         match seen {
-            Ok((client, findings, roots)) => {
+            Ok((client, findings, trust)) => {
                 out.extend(findings);
-                trusted.insert(c.name.clone(), roots);
+                held.insert(c.name.clone(), trust);
                 clients.insert(c.name.clone(), client);
             }
             Err(e) => out.push(found("members", &c.name, Err(e))),
         }
     }
-    let sets: Vec<&Vec<String>> = trusted.values().collect();
-    if let [first, rest @ ..] = sets.as_slice() {
-        let same = rest.iter().all(|s| s == first);
-        let listing = || trusted.iter().map(|(m, r)| format!("{m}: {}", r.join(","))).collect::<Vec<_>>().join("; ");
-        out.push(found(
-            "trust",
-            "root set",
-            if same {
-                Ok(format!("every member trusts {}", first.join(", ")))
-            } else {
-                Err(format!("members trust different roots ({})", listing()))
-            },
-        ));
-    }
+    let observed = held
+        .iter()
+        .map(|(name, h)| (name.clone(), Observed { cacerts: h.cacerts.as_ref(), published: h.published.as_deref() }))
+        .collect();
+    let trust_status = fed.status.as_ref().and_then(|s| s.trust.as_ref());
+    let roots = root.as_ref().ok().map(|r| (r, previous_root.as_ref()));
+    out.extend(trust_findings(spec, roots, &valid.durations, trust_status, &observed, now));
     let placement = remote::remote_secret_placement(spec);
     let pairs: Vec<(&String, &String, &Client)> = placement
         .iter()
@@ -133,13 +139,8 @@ pub async fn check(hub: &Client, namespace: &str, name: &str, now: Timestamp) ->
     Ok(out)
 }
 
-/// The federation's root: its fingerprint and days until it expires.
-async fn root_pem(
-    hub: &Client,
-    fref: &FederationRef,
-    spec: &MeshFederationSpec,
-    now: Timestamp,
-) -> Result<(String, i64), String> {
+/// The federation's root, read from the hub as the operator reads it (nothing is generated or written here).
+async fn root(hub: &Client, fref: &FederationRef, spec: &MeshFederationSpec, now: Timestamp) -> Result<Root, String> {
     let name = match &spec.trust.root.secret_ref {
         Some(byo) => byo.name.clone(),
         None => trust::root_secret_name(&fref.name),
@@ -149,22 +150,108 @@ async fn root_pem(
         .await
         .map_err(|e| format!("reading Secret {name}: {e}"))?
         .ok_or_else(|| format!("the root CA Secret {name} does not exist"))?;
-    let root =
-        pki::load_root_secret(&secret.data.unwrap_or_default(), now).map_err(|e| format!("Secret {name}: {e}"))?;
-    let summary = root.summary();
-    Ok((summary.fingerprint.clone(), summary.not_after.duration_since(now).as_hours() / 24))
+    pki::load_root_secret(&secret.data.unwrap_or_default(), now).map_err(|e| format!("Secret {name}: {e}"))
 }
 
-/// What one member shows: its findings, and the roots its `cacerts` trusts.
+/// Whole days until a certificate expires.
+fn days_left(summary: &CertSummary, now: Timestamp) -> i64 {
+    summary.not_after.duration_since(now).as_hours() / 24
+}
+
+/// What a member holds of its trust: its `cacerts` data (`None`: no Secret) and the roots its control plane
+/// publishes (istiod's `istio-ca-root-cert`; `None`: no such ConfigMap), as the operator observes them.
+#[derive(Default)]
+struct Held {
+    cacerts: Option<BTreeMap<String, ByteString>>,
+    published: Option<String>,
+}
+
+/// The members' trust, judged as the operator and istiod judge it, one finding per member that answered
+/// (`observed`) and one for the federation:
+/// - a member passes while the operator's trust plan ([`trust::plan_trust`], from `roots`: the federation's root
+///   and the one a rotation comes from, and the status `previous`) keeps its `cacerts`, or, during a root rotation,
+///   while its next step for it replaces a `cacerts` that istiod still takes ([`pki::usable_cacerts`]); it fails
+///   when the plan replaces it outside a rotation, when istiod would refuse it, or when the plan cannot go on;
+/// - the federation passes when every member trusts the root that signed each member's intermediate: the roots a
+///   member trusts, in whatever order, may differ during a rotation.
+///
+/// Without the federation's root (`roots` is `None`; the root's own finding says why) a member passes on istiod's
+/// judgement alone.
+fn trust_findings(
+    spec: &MeshFederationSpec,
+    roots: Option<(&Root, Option<&Root>)>,
+    durations: &Durations,
+    previous: Option<&TrustStatus>,
+    observed: &BTreeMap<String, Observed<'_>>,
+    now: Timestamp,
+) -> Vec<Finding> {
+    let plan = roots.map(|(root, from)| trust::plan_trust(spec, root, from, durations, previous, observed, now));
+    let rotation = plan.as_ref().and_then(|p| Phase::named_in(p.status.rotation_phase.as_deref()?));
+    let kept = |s: &CertSummary| format!("intermediate {} expires in {} days", s.fingerprint, days_left(s, now));
+    let step = |s: &CertSummary, phase: Phase, why: &str| format!("{}; root rotation {phase}: next, {why}", kept(s));
+    let mut out = Vec::new();
+    for c in spec.clusters.iter().filter(|c| observed.contains_key(&c.name)) {
+        let usable = pki::usable_cacerts(observed[&c.name].cacerts, now).map_err(|e| e.to_string());
+        let verdict = match (plan.as_ref().and_then(|p| p.cacerts.get(&c.name)), rotation) {
+            (None, _) => usable.map(|s| kept(&s)),
+            (Some(Err(failure)), _) => Err(failure.message.clone()),
+            (Some(Ok(CacertsPlan::Hold { summary, why, .. })), _) => Ok(match (why, rotation) {
+                (Some(why), Some(phase)) => step(summary, phase, why),
+                _ => kept(summary),
+            }),
+            (Some(Ok(CacertsPlan::Issue { why, .. })), Some(phase)) => usable.map(|s| step(&s, phase, why)),
+            (Some(Ok(CacertsPlan::Issue { why, .. })), None) => {
+                usable.and_then(|_| Err(format!("{why}: the operator issues it a new intermediate")))
+            }
+        };
+        out.push(found("trust", &c.name, verdict));
+    }
+    if !observed.is_empty() {
+        out.push(found("trust", "root set", cross_trust(spec, observed)));
+    }
+    out
+}
+
+/// Whether every member that answered trusts the root that signed each one's intermediate (the certificate of its
+/// own `root-cert.pem` that signed its `ca-cert.pem`; a member with none is judged by its own finding).
+fn cross_trust(spec: &MeshFederationSpec, observed: &BTreeMap<String, Observed<'_>>) -> Result<String, String> {
+    let get = |o: &Observed<'_>, key: &str| o.cacerts.and_then(|d| d.get(key)).map(|b| b.0.clone()).unwrap_or_default();
+    let members: Vec<(&str, &Observed<'_>)> =
+        spec.clusters.iter().filter_map(|c| Some((c.name.as_str(), observed.get(&c.name)?))).collect();
+    let mut signers = Vec::new();
+    let mut missing = Vec::new();
+    for (name, o) in &members {
+        let intermediate = get(o, CA_CERT);
+        let Some((signer, _)) = pki::certificates(&get(o, ROOT_CERT))
+            .into_iter()
+            .find(|(_, pem)| pki::issued_by(&intermediate, pem.as_bytes()))
+        else {
+            continue;
+        };
+        for (peer, p) in &members {
+            if !pki::fingerprints(&get(p, ROOT_CERT)).contains(&signer) {
+                missing.push(format!("{peer} does not trust {signer}, which signed the intermediate of {name}"));
+            }
+        }
+        if !signers.contains(&signer) {
+            signers.push(signer);
+        }
+    }
+    if missing.is_empty() {
+        Ok(format!("every member trusts the roots that signed the intermediates: {}", signers.join(", ")))
+    } else {
+        Err(format!("members trust different roots: {}", missing.join("; ")))
+    }
+}
+
+/// What one member shows: its findings, and what it holds of its trust (judged with its peers by [`trust_findings`]).
 async fn member_findings(
     client: &Client,
     fref: &FederationRef,
     hub_id: &str,
     spec: &MeshFederationSpec,
     cluster: &ClusterSpec,
-    root: Option<&(String, i64)>,
-    now: Timestamp,
-) -> Result<(Vec<Finding>, Vec<String>), String> {
+) -> Result<(Vec<Finding>, Held), String> {
     let name = cluster.name.as_str();
     let ns = &spec.istio.namespace;
     let version = client.apiserver_version().await.map_err(|e| format!("unreachable: {e}"))?;
@@ -199,30 +286,13 @@ async fn member_findings(
     ));
     let cacerts =
         Api::<Secret>::namespaced(client.clone(), ns).get_opt(pki::CACERTS_SECRET).await.map_err(|e| e.to_string())?;
-    let data = cacerts.and_then(|s| s.data).unwrap_or_default();
-    let roots: Vec<String> = data.get(ROOT_CERT).map(|b| pki::fingerprints(&b.0)).unwrap_or_default();
-    let intermediate = data.get(CA_CERT).map(|c| c.0.clone());
-    let chains = |root_fp: &str| {
-        let bundle = data.get(ROOT_CERT).map(|b| b.0.as_slice()).unwrap_or_default();
-        let root_pem = pki::certificates(bundle).into_iter().find(|(fp, _)| fp == root_fp).map(|(_, pem)| pem);
-        intermediate.as_ref().zip(root_pem).is_some_and(|(i, r)| pki::issued_by(i, r.as_bytes()))
-    };
-    out.push(found(
-        "trust",
-        name,
-        match (intermediate.as_ref().map(pki::summarize), root) {
-            (None, _) => Err("no cacerts with an intermediate".into()),
-            (Some(Err(e)), _) => Err(format!("cacerts: {e}")),
-            (Some(Ok(_)), Some((fp, _))) if !chains(fp) => {
-                Err(format!("its intermediate does not chain to the federation's root {fp}"))
-            }
-            (Some(Ok(s)), _) => Ok(format!(
-                "intermediate {} expires in {} days",
-                s.fingerprint,
-                s.not_after.duration_since(now).as_hours() / 24
-            )),
-        },
-    ));
+    let published = kinds::published_roots_key(ns);
+    let published = Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt(&published.name)
+        .await
+        .map_err(|e| e.to_string())?
+        .map(|cm| cm.data.and_then(|mut d| d.remove(ROOT_CERT)).unwrap_or_default());
+    let held = Held { cacerts: cacerts.and_then(|s| s.data), published };
     let istios = Api::<DynamicObject>::all_with(client.clone(), &api_resource(&kinds::ISTIO));
     out.push(found(
         "control plane",
@@ -259,7 +329,7 @@ async fn member_findings(
                 .map_err(|f| f.message),
         ));
     }
-    Ok((out, roots))
+    Ok((out, held))
 }
 
 /// Uses `holder`'s remote secret for `target` as istiod does: its kubeconfig must authenticate against the target
@@ -332,4 +402,153 @@ pub fn report(findings: &[Finding]) -> String {
         .iter()
         .map(|f| format!("{:<4}  {:<13}  {:<16}  {}\n", if f.ok { "ok" } else { "FAIL" }, f.area, f.subject, f.detail))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use jiff::SignedDuration;
+    use meshfed_api::KeyAlgorithm;
+    use meshfed_core::pki::IntermediateProfile;
+
+    use super::*;
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    fn spec() -> MeshFederationSpec {
+        serde_saphyr::from_str(
+            "meshID: m\ntrust: {root: {generate: {}}}\nclusters:\n- {name: east, network: n1, kubeconfigSecretRef: {name: east}}\n- {name: west, network: n2, kubeconfigSecretRef: {name: west}}\n",
+        )
+        .unwrap()
+    }
+
+    fn now() -> Timestamp {
+        "2026-11-24T00:00:00Z".parse().unwrap()
+    }
+
+    fn root() -> Root {
+        let material = pki::generate_root(KeyAlgorithm::ECDSAP256, 1000 * 24 * HOUR, now() - HOUR * 24).unwrap();
+        pki::load_root_secret(&material.secret_data(), now()).unwrap()
+    }
+
+    /// `cluster`'s `cacerts` from `signer`, issued at `at` for `validity`, whose `root-cert.pem` holds `roots`.
+    fn cacerts(
+        signer: &Root,
+        cluster: &str,
+        at: Timestamp,
+        validity: Duration,
+        roots: &[&Root],
+    ) -> BTreeMap<String, ByteString> {
+        let profile =
+            IntermediateProfile { cluster, istio_namespace: "istio-system", algorithm: KeyAlgorithm::ECDSAP256 };
+        let mut data = trust::issued(pki::issue_intermediate(signer, &profile, validity, at).unwrap(), "");
+        let bundle: String = roots.iter().map(|r| r.cert_pem()).collect();
+        data.insert(ROOT_CERT.into(), ByteString(bundle.into_bytes()));
+        data
+    }
+
+    fn status(root: &Root) -> TrustStatus {
+        TrustStatus { root_fingerprint: Some(root.summary().fingerprint.clone()), ..Default::default() }
+    }
+
+    /// The trust findings for `east` and `west` holding these, as `subject: detail` for each failure, and whether
+    /// each of the two and the root set passed.
+    fn judge(
+        roots: (&Root, Option<&Root>),
+        previous: &TrustStatus,
+        east: &BTreeMap<String, ByteString>,
+        west: &BTreeMap<String, ByteString>,
+    ) -> (Vec<bool>, Vec<String>) {
+        let s = spec();
+        let durations = validate(&s).unwrap().durations;
+        let observed = BTreeMap::from([
+            ("east".to_string(), Observed { cacerts: Some(east), published: None }),
+            ("west".to_string(), Observed { cacerts: Some(west), published: None }),
+        ]);
+        let findings = trust_findings(&s, Some(roots), &durations, Some(previous), &observed, now());
+        let subjects: Vec<&str> = findings.iter().map(|f| f.subject.as_str()).collect();
+        assert_eq!(subjects, ["east", "west", "root set"]);
+        (
+            findings.iter().map(|f| f.ok).collect(),
+            findings.iter().map(|f| format!("{}: {}", f.subject, f.detail)).collect(),
+        )
+    }
+
+    #[test]
+    fn a_converged_federation_passes() {
+        let r = root();
+        let (east, west) =
+            (cacerts(&r, "east", now(), 8760 * HOUR, &[&r]), cacerts(&r, "west", now(), 8760 * HOUR, &[&r]));
+        let (ok, details) = judge((&r, None), &status(&r), &east, &west);
+        assert_eq!(ok, [true, true, true], "{details:#?}");
+        assert!(details[0].contains("expires in 365 days"), "{details:#?}");
+    }
+
+    #[test]
+    fn a_cacerts_istiod_would_refuse_fails() {
+        let r = root();
+        let west = cacerts(&r, "west", now(), 8760 * HOUR, &[&r]);
+        let good = || cacerts(&r, "east", now(), 8760 * HOUR, &[&r]);
+        let expired = cacerts(&r, "east", now() - SignedDuration::from_hours(4 * 24), 24 * HOUR, &[&r]);
+        let mut no_key = good();
+        no_key.remove(pki::CA_KEY);
+        let mut no_chain = good();
+        no_chain.remove(pki::CERT_CHAIN);
+        let mut other_key = good();
+        other_key.insert(pki::CA_KEY.into(), cacerts(&r, "east", now(), 8760 * HOUR, &[&r])[pki::CA_KEY].clone());
+        for (what, east, says) in [
+            ("expired", expired, "the intermediate CA expired at"),
+            ("without ca-key.pem", no_key, "has no ca-key.pem"),
+            ("without cert-chain.pem", no_chain, "has no cert-chain.pem"),
+            ("with another key", other_key, "ca-key.pem in Secret cacerts is not the key of ca-cert.pem"),
+        ] {
+            let (ok, details) = judge((&r, None), &status(&r), &east, &west);
+            assert_eq!(ok[..2], [false, true], "{what}: {details:#?}");
+            assert!(details[0].contains(says), "{what}: {details:#?}");
+        }
+    }
+
+    #[test]
+    fn an_intermediate_of_another_root_fails_and_its_peers_do_not_trust_it() {
+        let (r, foreign) = (root(), root());
+        let east = cacerts(&foreign, "east", now(), 8760 * HOUR, &[&foreign]);
+        let west = cacerts(&r, "west", now(), 8760 * HOUR, &[&r]);
+        let (ok, details) = judge((&r, None), &status(&r), &east, &west);
+        assert_eq!(ok, [false, true, false], "{details:#?}");
+        assert!(details[0].contains("not signed by the federation's root CA"), "{details:#?}");
+        let foreign_fp = &foreign.summary().fingerprint;
+        assert!(
+            details[2].contains(&format!("west does not trust {foreign_fp}, which signed the intermediate of east")),
+            "{details:#?}"
+        );
+    }
+
+    #[test]
+    fn members_mid_rotation_pass_whichever_order_their_roots_are_in() {
+        let (a, b) = (root(), root());
+        // Rotating from a to b: both members trust both, in either order, and still sign with a.
+        let east = cacerts(&a, "east", now(), 8760 * HOUR, &[&a, &b]);
+        let west = cacerts(&a, "west", now(), 8760 * HOUR, &[&b, &a]);
+        let (ok, details) = judge((&b, Some(&a)), &status(&a), &east, &west);
+        assert_eq!(ok, [true, true, true], "{details:#?}");
+        assert!(
+            details[0].contains("root rotation ReissuingIntermediates: next, issuing an intermediate"),
+            "{details:#?}"
+        );
+        // Earlier: west has the new root, east not yet; both sign with a, which both trust.
+        let east = cacerts(&a, "east", now(), 8760 * HOUR, &[&a]);
+        let (ok, details) = judge((&b, Some(&a)), &status(&a), &east, &west);
+        assert_eq!(ok, [true, true, true], "{details:#?}");
+        assert!(details[0].contains("root rotation DistributingRoot: next, adding the new root"), "{details:#?}");
+        // Later: east signs with b, which west trusts too.
+        let east = cacerts(&b, "east", now(), 8760 * HOUR, &[&a, &b]);
+        let (ok, details) = judge((&b, Some(&a)), &status(&a), &east, &west);
+        assert_eq!(ok, [true, true, true], "{details:#?}");
+        // A member that signs with b while a peer does not trust b is a failure, rotation or not.
+        let west = cacerts(&a, "west", now(), 8760 * HOUR, &[&a]);
+        let (ok, details) = judge((&b, Some(&a)), &status(&a), &east, &west);
+        assert!(!ok[2], "{details:#?}");
+        assert!(details[2].contains("west does not trust"), "{details:#?}");
+    }
 }
