@@ -187,6 +187,7 @@ names! {
         ClusterRemoved,
         ClusterReleased,
         IntermediateIssued,
+        UnknownRootRemoved,
         RootRotation,
         RootRotated,
     }

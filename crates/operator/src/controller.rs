@@ -243,6 +243,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     let mut root_status = None;
     let mut overlapping = None;
     let mut wake_at = None;
+    let mut trust_said = Vec::new();
     let reports = match &validation {
         Err(problems) => {
             info!(problems = problems.len(), "federation is invalid; nothing is written to members");
@@ -287,12 +288,14 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
             };
             let cacerts = match &root {
                 Ok(root) => {
-                    let from = trust::previous_root(&ctx.hub, &fref, fed, root, now).await;
+                    let kept = trust::kept_roots(&ctx.hub, &fref, fed, root, now).await;
                     let previous = previous.and_then(|p| p.trust.as_ref());
-                    let roots = (root, from.as_ref());
-                    let (status, cacerts, wake) = plan_cacerts(spec, roots, &valid.durations, previous, &reached, now);
+                    let roots = (root, kept.as_slice());
+                    let (status, cacerts, wake, said) =
+                        plan_cacerts(spec, roots, &valid.durations, previous, &reached, now);
                     root_status = Some(Ok(status));
                     wake_at = wake;
+                    trust_said = said;
                     cacerts
                 }
                 Err(f) => {
@@ -359,7 +362,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
         status.clusters.iter().filter_map(|c| Some(member_id(&fref.namespace, c.kubeconfig_secret_ref.as_ref()?)));
     ctx.watches.used_by(&key, in_use.collect());
     timeline.mark("plan_status");
-    let said = report(fed, ctx, &status, released_announcements(fed, &reports)).await?;
+    let said = report(fed, ctx, &status, [released_announcements(fed, &reports), trust_said].concat()).await?;
     timeline.mark("status");
     publish(ctx, fed, said);
     let ready = status.conditions.iter().find(|c| c.type_ == "Ready");
@@ -430,16 +433,16 @@ fn gateway_states(
 }
 
 /// Each member's `cacerts` data and intermediate (or why it has none), as the trust plan asks: kept, with new trusted
-/// roots, or issued afresh; the trust status; and when a rotation that waits for time wants to be looked at again.
-/// `roots`: the federation's root, and the one a rotation comes from when the hub still holds it.
+/// roots, or issued afresh; the trust status; when a rotation that waits for time wants to be looked at again; and
+/// what to say of roots removed from members. `roots`: the federation's root, and the others the hub keeps.
 fn plan_cacerts(
     spec: &MeshFederationSpec,
-    (root, previous_root): (&Root, Option<&Root>),
+    (root, kept): (&Root, &[Root]),
     durations: &Durations,
     previous: Option<&TrustStatus>,
     reached: &BTreeMap<String, Reached>,
     now: Timestamp,
-) -> (TrustStatus, PlannedCacerts, Option<Timestamp>) {
+) -> (TrustStatus, PlannedCacerts, Option<Timestamp>, Vec<plan::Announcement>) {
     let (key, published) =
         (member::cacerts_key(&spec.istio.namespace), member::published_roots_key(&spec.istio.namespace));
     let observed: BTreeMap<String, (Option<Secret>, Option<ConfigMap>)> = reached
@@ -455,7 +458,7 @@ fn plan_cacerts(
             (n.clone(), meshfed_core::trust::Observed { cacerts, published })
         })
         .collect();
-    let planned = meshfed_core::trust::plan_trust(spec, root, previous_root, durations, previous, &data, now);
+    let planned = meshfed_core::trust::plan_trust(spec, root, kept, durations, previous, &data, now);
     let cacerts = planned
         .cacerts
         .into_iter()
@@ -479,7 +482,7 @@ fn plan_cacerts(
             (name, held)
         })
         .collect();
-    (planned.status, cacerts, planned.wake_at)
+    (planned.status, cacerts, planned.wake_at, planned.announcements)
 }
 
 type CacertsData = BTreeMap<String, ByteString>;
