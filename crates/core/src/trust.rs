@@ -214,12 +214,7 @@ pub fn plan_trust<'r>(
     let new = root.summary();
     let last = previous.and_then(|t| t.root_fingerprint.clone());
     let from = last.clone().filter(|f| *f != new.fingerprint);
-    let mut others: Vec<&Root> = Vec::new();
-    for r in kept.iter().filter(|r| r.summary().fingerprint != new.fingerprint) {
-        if !others.iter().any(|o| o.summary().fingerprint == r.summary().fingerprint) {
-            others.push(r);
-        }
-    }
+    let others: Vec<&Root> = kept.iter().filter(|r| r.summary().fingerprint != new.fingerprint).collect();
     // The roots a member trusts or signs with, among those the hub knows besides `root`.
     let holds = |o: &Observed, r: &Root| {
         pki::fingerprints(o.get(pki::ROOT_CERT)).contains(&r.summary().fingerprint)
