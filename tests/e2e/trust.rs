@@ -131,6 +131,25 @@ async fn a_generated_root_gives_every_member_an_intermediate_that_istio_accepts(
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // A root the federation does not use, appended to east's root-cert.pem, is removed and said.
+    let root_fp = meshfed_core::pki::fingerprints(&root_pem).remove(0);
+    let own_fp = meshfed_core::pki::fingerprints(&own).remove(0);
+    let mut appended = cacerts(&east).await.unwrap();
+    appended.metadata.managed_fields = None;
+    appended.metadata.resource_version = None;
+    appended.data.as_mut().unwrap().get_mut("root-cert.pem").unwrap().0.extend_from_slice(&own);
+    Api::<Secret>::namespaced(east.clone(), "istio-system").replace("cacerts", &Default::default(), &appended).await?;
+    f.poke("prod").await?;
+    let trusts_the_root_alone = async || {
+        let data = cacerts(&east).await.unwrap().data.unwrap();
+        meshfed_core::pki::fingerprints(&data["root-cert.pem"].0) == std::slice::from_ref(&root_fp)
+    };
+    meshfed_e2e::until("the unknown root removed", WAIT, Duration::from_millis(100), trusts_the_root_alone).await?;
+    let said = |e: &k8s_openapi::api::events::v1::Event| {
+        e.reason.as_deref() == Some("UnknownRootRemoved") && e.note.as_deref().is_some_and(|n| n.contains(&own_fp))
+    };
+    f.wait_for_event("prod", said).await?;
+
     // The generated root's Secret is lost: reported, never replaced, and the members keep their intermediates.
     let before = cacerts(&east).await.unwrap();
     Api::<Secret>::namespaced(f.hub.clone(), NAMESPACE).delete("prod-root-ca", &Default::default()).await?;
@@ -377,24 +396,32 @@ async fn a_root_rotation_never_leaves_a_member_distrusting_a_peer_and_holds_for_
 }
 
 /// Follows a rotation to its end (`done`: the trust status says it is the one awaited, and the federation is Ready):
-/// at every sample (100 ms) every one of `members` trusts every signer and the root is never reported missing; once
-/// the rotation waits for the workload certificates of the old intermediates (24 h by default), the controller's
+/// at every sample (100 ms) every one of `members` trusts every signer and every workload certificate of `leaves`
+/// (alive until the clock moves), and the root is never reported missing; once the rotation waits for the workload
+/// certificates of the old intermediates (24 h by default; as a status of the current spec says), the controller's
 /// clock moves past them, and it must have waited.
 async fn rotate_to_the_end(
     f: &Fixture,
     members: &[&str],
+    leaves: &[(String, Vec<u8>, Vec<u8>)],
     done: impl Fn(&meshfed_api::TrustStatus) -> bool,
 ) -> anyhow::Result<meshfed_api::MeshFederation> {
     let deadline = std::time::Instant::now() + WAIT;
     let mut waited = false;
     loop {
-        assert_everyone_trusts_every_signer(&states(f, members).await);
+        let now = states(f, members).await;
+        assert_everyone_trusts_every_signer(&now);
+        if !waited {
+            assert_everyone_trusts_every_leaf(&now, leaves);
+        }
         let fed = f.federations().get("prod").await?;
         let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
         if let Some(c) = fed_condition(&fed, "TrustReady") {
             assert_ne!(c.reason, "RootMissing", "{}", c.message);
         }
-        if !waited && trust.rotation_phase.as_deref().is_some_and(|p| p.starts_with("AwaitingWorkloadCertificates")) {
+        let current = fed.status.as_ref().and_then(|s| s.observed_generation) == fed.metadata.generation;
+        let awaiting = trust.rotation_phase.as_deref().is_some_and(|p| p.starts_with("AwaitingWorkloadCertificates"));
+        if !waited && current && awaiting {
             waited = true;
             f.clock.advance(Duration::from_secs(24 * 3600 + 6 * 60));
             f.poke("prod").await?;
@@ -417,7 +444,7 @@ async fn a_generated_root_is_rotated_on_request_and_every_member_ends_on_the_new
 
     let patch = serde_json::json!({"metadata": {"annotations": {"meshfed.io/rotate-root": "2026-11-22"}}});
     f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    let fed = rotate_to_the_end(&f, &["east", "west"], |t| t.root_fingerprint.as_ref() != Some(&old)).await?;
+    let fed = rotate_to_the_end(&f, &["east", "west"], &[], |t| t.root_fingerprint.as_ref() != Some(&old)).await?;
     let new_root = hub_secret(&f, "prod-root-ca").await.unwrap().data.unwrap()["tls.crt"].0.clone();
     let new = meshfed_core::pki::fingerprints(&new_root).remove(0);
     assert_eq!(fed.status.as_ref().unwrap().trust.as_ref().unwrap().root_fingerprint.as_ref(), Some(&new));
@@ -490,7 +517,7 @@ async fn a_brought_root_is_replaced_by_a_generated_one_through_a_rotation() -> a
     // Switched to a generated root: meshfed makes one (no RootMissing: the old root was never a generated one), and
     // the members move to it by a rotation, every one trusting every signer at every sample.
     f.apply(&generated).await?;
-    let fed = rotate_to_the_end(&f, &["east", "west"], |t| t.root_source.as_deref() == Some("generate")).await?;
+    let fed = rotate_to_the_end(&f, &["east", "west"], &[], |t| t.root_source.as_deref() == Some("generate")).await?;
     let new_root = hub_secret(&f, "prod-root-ca").await.expect("a generated root").data.unwrap()["tls.crt"].0.clone();
     let new = meshfed_core::pki::fingerprints(&new_root).remove(0);
     assert_eq!(fed.status.unwrap().trust.unwrap().root_fingerprint, Some(new.clone()));
@@ -579,11 +606,192 @@ async fn while_a_member_holds_a_rotation_its_peers_are_renewed_and_a_joiner_sign
     // North is back: the rotation runs to the end, every member trusting every signer at every sample.
     f.env.cluster_mut("north").start().await?;
     let members = ["east", "west", "north", "south"];
-    rotate_to_the_end(&f, &members, |t| t.root_fingerprint.as_ref() == Some(&new)).await?;
+    rotate_to_the_end(&f, &members, &[], |t| t.root_fingerprint.as_ref() == Some(&new)).await?;
     for (name, s) in states(&f, &members).await {
         let (ca, roots) = ca_and_roots(&s);
         assert!(meshfed_core::pki::issued_by(ca, &secret["tls.crt"].0), "{name} does not sign with the new root");
         assert_eq!(roots, std::slice::from_ref(&new), "{name} still trusts the old root");
+    }
+    Ok(())
+}
+
+/// A root (`<name>.pem`, `<name>.key`, P-256, 30 days) made with openssl in `dir`: its certificate and key.
+fn corp_root(dir: &Path, name: &str) -> (Vec<u8>, Vec<u8>) {
+    let args = format!(
+        "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout {name}.key -subj /O=Corp/CN=Root-{name} -days 30 -addext basicConstraints=critical,CA:true -addext keyUsage=critical,keyCertSign,cRLSign -out {name}.pem"
+    );
+    let (ok, out) = openssl(dir, &args);
+    assert!(ok, "{out}");
+    (std::fs::read(dir.join(format!("{name}.pem"))).unwrap(), std::fs::read(dir.join(format!("{name}.key"))).unwrap())
+}
+
+/// The example federation with a root brought in Secret `root`, and the members `extra` besides east and west.
+fn brought(root: &str, extra: &[&str]) -> String {
+    let members: String = extra
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            format!("  - {{name: {m}, network: network{}, kubeconfigSecretRef: {{name: {m}-kubeconfig}}}}\n", i + 3)
+        })
+        .collect();
+    example("multi-primary-multi-network").replace(
+        "      generate: {algorithm: ECDSAP256, validity: 87600h}",
+        &format!("      secretRef: {{name: {root}}}"),
+    ) + &members
+}
+
+/// The generated root's certificate, as the hub holds it.
+async fn generated_root(f: &Fixture) -> Vec<u8> {
+    hub_secret(f, "prod-root-ca").await.unwrap().data.unwrap()["tls.crt"].0.clone()
+}
+
+fn phase_of(fed: &meshfed_api::MeshFederation) -> String {
+    fed.status.as_ref().and_then(|s| s.trust.as_ref()?.rotation_phase.clone()).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_given_back_mid_rotation_is_rotated_back_to_and_every_live_workload_certificate_stays_trusted()
+-> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let mut fingerprints = Vec::new();
+    for name in ["a", "b"] {
+        let (cert, key) = corp_root(d, name);
+        fingerprints.push(meshfed_core::pki::fingerprints(&cert).remove(0));
+        put_hub_secret(&f, &format!("root-{name}"), &[("tls.crt", cert), ("tls.key", key)]).await;
+    }
+    let members = ["east", "west"];
+    f.apply(&brought("root-a", &[])).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let mut leaves: Vec<_> = states(&f, &members).await.iter().map(|(m, s)| workload_leaf(d, m, s)).collect();
+
+    // Rotating to b: every member signs with b, and the rotation waits for the workload certificates from a.
+    f.apply(&brought("root-b", &[])).await?;
+    f.wait_for("prod", WAIT, |fed| phase_of(fed).starts_with("AwaitingWorkloadCertificates")).await?;
+    for (m, s) in states(&f, &members).await {
+        assert!(meshfed_core::pki::issued_by(
+            &s.data.as_ref().unwrap()["ca-cert.pem"].0,
+            &std::fs::read(d.join("b.pem"))?
+        ));
+        leaves.push(workload_leaf(d, &format!("{m}-b"), &s));
+    }
+
+    // The change is reverted (Git): a rotation back to a. The certificates workloads hold from b's intermediates
+    // stay trusted by every member until they expire, and the members end on a alone.
+    f.apply(&brought("root-a", &[])).await?;
+    let fed =
+        rotate_to_the_end(&f, &members, &leaves, |t| t.root_fingerprint.as_ref() == Some(&fingerprints[0])).await?;
+    assert_eq!(fed.status.unwrap().trust.unwrap().rotation_phase, None);
+    for (name, s) in states(&f, &members).await {
+        assert_eq!(ca_and_roots(&s).1, &fingerprints[..1], "{name} trusts another root");
+        assert_istio_intermediate(d, &s, &name, &std::fs::read(d.join("a.pem"))?);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_rotation_asked_for_mid_rotation_keeps_the_key_every_member_trusts() -> anyhow::Result<()> {
+    let mut f = Fixture::start(&["east", "west", "north", "south"], Options::default()).await?;
+    let member = |name: &str, network: &str| {
+        format!("  - {{name: {name}, network: {network}, kubeconfigSecretRef: {{name: {name}-kubeconfig}}}}\n")
+    };
+    let three = example("multi-primary-multi-network") + &member("north", "network3");
+    f.apply(&three).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let a = generated_root(&f).await;
+    let fp = |pem: &[u8]| meshfed_core::pki::fingerprints(pem).remove(0);
+
+    // North is down: a rotation to a new root b holds in its first phase; before it is through, another one is
+    // asked for. The generated root's Secret now holds the third root, c, and b as the one it replaced.
+    f.env.cluster_mut("north").stop();
+    let root = async || generated_root(&f).await;
+    let rotate = async |request: &str| {
+        let patch = serde_json::json!({"metadata": {"annotations": {"meshfed.io/rotate-root": request}}});
+        f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&patch)).await.map(|_| ())
+    };
+    let added = async |not: &[u8]| {
+        let r = root().await;
+        r != not && states(&f, &["east", "west"]).await.iter().all(|(_, s)| ca_and_roots(s).1.contains(&fp(&r)))
+    };
+    rotate("first").await?;
+    meshfed_e2e::until("the second root reaches east and west", WAIT, Duration::from_millis(100), async || {
+        added(&a).await
+    })
+    .await?;
+    let b = root().await;
+    rotate("second").await?;
+    meshfed_e2e::until("the third root reaches east and west", WAIT, Duration::from_millis(100), async || {
+        added(&b).await
+    })
+    .await?;
+    let c = root().await;
+
+    // South joins, north still down (it trusts a alone): south is signed by a, and trusts every root.
+    f.apply(&(three + &member("south", "network4"))).await?;
+    let joined = async || cacerts(&f.member("south").await.unwrap()).await.is_some();
+    meshfed_e2e::until("south has cacerts", WAIT, Duration::from_millis(100), joined).await?;
+    let (_, south) = states(&f, &["south"]).await.remove(0);
+    let (ca, roots) = ca_and_roots(&south);
+    assert!(meshfed_core::pki::issued_by(ca, &a), "south signs with a root north does not trust");
+    assert_eq!(roots.iter().collect::<std::collections::BTreeSet<_>>(), [&fp(&a), &fp(&b), &fp(&c)].into());
+    // The status says which keys the hub keeps for it.
+    let fed = f.wait_for("prod", WAIT, |fed| phase_of(fed).contains(&format!(" to {}", fp(&c)))).await?;
+    let phase = phase_of(&fed);
+    assert!(phase.contains(&format!("the hub keeps the key of {}, {}", fp(&a), fp(&b))), "{phase}");
+
+    // North is back: the rotation runs to its end on c; then the hub keeps c alone.
+    f.env.cluster_mut("north").start().await?;
+    let members = ["east", "west", "north", "south"];
+    rotate_to_the_end(&f, &members, &[], |t| t.root_fingerprint.as_ref() == Some(&fp(&c))).await?;
+    for (name, s) in states(&f, &members).await {
+        assert_eq!(ca_and_roots(&s).1, [fp(&c)], "{name} still trusts an old root");
+        assert!(meshfed_core::pki::issued_by(ca_and_roots(&s).0, &c), "{name}");
+    }
+    f.poke_and_wait("prod").await?;
+    let kept = hub_secret(&f, "prod-kept-roots").await.expect("the kept roots").data.unwrap();
+    let kept: Vec<_> = kept.iter().filter(|(k, _)| k.ends_with(".crt")).map(|(_, v)| fp(&v.0)).collect();
+    assert_eq!(kept, [fp(&c)]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_brought_root_renewed_in_place_with_a_new_key_is_rotated_to_with_the_old_key_kept() -> anyhow::Result<()> {
+    let mut f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
+    let dir = tempfile::tempdir()?;
+    let d = dir.path();
+    let (a, a_key) = corp_root(d, "a");
+    put_hub_secret(&f, "corp-root", &[("tls.crt", a.clone()), ("tls.key", a_key)]).await;
+    f.apply(&brought("corp-root", &["north"])).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+
+    // North is down when cert-manager renews the root in its Secret with a new key: the rotation holds.
+    f.env.cluster_mut("north").stop();
+    let (renewed, renewed_key) = corp_root(d, "renewed");
+    put_hub_secret(&f, "corp-root", &[("tls.crt", renewed.clone()), ("tls.key", renewed_key)]).await;
+    f.poke("prod").await?;
+    let fp = |pem: &[u8]| meshfed_core::pki::fingerprints(pem).remove(0);
+    let added =
+        async || states(&f, &["east", "west"]).await.iter().all(|(_, s)| ca_and_roots(s).1.contains(&fp(&renewed)));
+    meshfed_e2e::until("the renewed root reaches east and west", WAIT, Duration::from_millis(100), added).await?;
+
+    // West loses its cacerts: it is signed again by the old root, which north trusts.
+    let west = f.member("west").await?;
+    Api::<Secret>::namespaced(west.clone(), "istio-system").delete("cacerts", &Default::default()).await?;
+    f.poke("prod").await?;
+    let back = async || cacerts(&west).await.is_some();
+    meshfed_e2e::until("west has cacerts again", WAIT, Duration::from_millis(100), back).await?;
+    let (_, s) = states(&f, &["west"]).await.remove(0);
+    let (ca, roots) = ca_and_roots(&s);
+    assert!(meshfed_core::pki::issued_by(ca, &a), "west signs with a root north does not trust");
+    assert_eq!(roots.iter().collect::<std::collections::BTreeSet<_>>(), [&fp(&a), &fp(&renewed)].into());
+
+    // North is back: every member ends on the renewed root.
+    f.env.cluster_mut("north").start().await?;
+    let members = ["east", "west", "north"];
+    rotate_to_the_end(&f, &members, &[], |t| t.root_fingerprint.as_ref() == Some(&fp(&renewed))).await?;
+    for (name, s) in states(&f, &members).await {
+        assert_eq!(ca_and_roots(&s).1, [fp(&renewed)], "{name} still trusts the old root");
     }
     Ok(())
 }

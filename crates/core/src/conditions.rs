@@ -196,6 +196,7 @@ names! {
         ClusterRemoved,
         ClusterReleased,
         IntermediateIssued,
+        UnknownRootRemoved,
         RootRotation,
         RootRotated,
     }

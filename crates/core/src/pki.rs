@@ -200,6 +200,11 @@ impl Root {
         &self.summary
     }
 
+    /// The certificate and key (PKCS#8), as the hub keeps a copy of a root it may still need to sign with.
+    pub fn material(&self) -> CaMaterial {
+        CaMaterial { cert_pem: self.cert_pem.clone(), key_pem: self.issuer.key().serialize_pem() }
+    }
+
     /// Builds a root from a certificate's DER and its key, without the checks of [`load_root`].
     fn assemble(cert_der: Vec<u8>, key: KeyPair) -> Result<Self, PkiError> {
         let cert = parse_cert(&cert_der).map_err(PkiError::RootMalformed)?;

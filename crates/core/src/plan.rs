@@ -90,10 +90,10 @@ pub fn intermediates_held(
 }
 
 /// The trust plan over what the members that answered show: their `cacerts` and the roots their istiod publishes.
-/// `roots`: the federation's root, and the one a rotation comes from when the hub still holds it.
+/// `roots`: the federation's root, and the others the hub keeps for a rotation.
 pub fn trust_plan<'r>(
     spec: &MeshFederationSpec,
-    (root, previous_root): (&'r Root, Option<&'r Root>),
+    (root, kept): (&'r Root, &'r [Root]),
     durations: &Durations,
     previous: Option<&MeshFederationStatus>,
     observed: &BTreeMap<String, Observation>,
@@ -113,7 +113,7 @@ pub fn trust_plan<'r>(
         })
         .collect();
     let previous = previous.and_then(|p| p.trust.as_ref());
-    trust::plan_trust(spec, root, previous_root, durations, previous, &data, now)
+    trust::plan_trust(spec, root, kept, durations, previous, &data, now)
 }
 
 /// The gateway of every member that needs one: where other members dial it, from what it shows now (its gateway

@@ -1,8 +1,10 @@
 //! Root rotation without an outage: the phases, and what each member's `cacerts` should become in each.
 //!
-//! A rotation runs from the root the members were last brought to (the status's `trust.rootFingerprint`) to the
-//! root the spec names now. Its phases are computed afresh from what the members hold (and one time kept in the
-//! status), so a restarted operator resumes where the members are:
+//! A rotation runs from the root the members were last brought to (the status's `trust.rootFingerprint`), and any
+//! other root of the federation they still trust or sign with, to the root the spec names now: a root that changes
+//! mid-rotation (given back, or asked for anew) starts no second rotation, it becomes the target of this one. Its
+//! phases are computed afresh from what the members hold (and one time kept in the status), so a restarted operator
+//! resumes where the members are:
 //! 1. `DistributingRoot`: every member's `root-cert.pem` gets the new root beside the old one; intermediates stay.
 //!    It ends when every member's control plane publishes the new root to its workloads (istiod's ConfigMap
 //!    `istio-ca-root-cert` holds it), not merely when the files hold it.

@@ -86,9 +86,9 @@ pub async fn check(hub: &Client, namespace: &str, name: &str, now: Timestamp) ->
             .map(|r| format!("{}, expires in {} days", r.summary().fingerprint, days_left(r.summary(), now)))
             .map_err(Clone::clone),
     ));
-    let previous_root = match &root {
-        Ok(r) => crate::trust::previous_root(hub, &fref, &fed, r, now).await,
-        Err(_) => None,
+    let kept = match &root {
+        Ok(r) => crate::trust::kept_roots(hub, &fref, &fed, r, now).await,
+        Err(_) => Vec::new(),
     };
     let hub_id = Api::<Namespace>::all(hub.clone()).get("kube-system").await?.uid().unwrap_or_default();
     let pool = ClientPool::default();
@@ -124,7 +124,7 @@ pub async fn check(hub: &Client, namespace: &str, name: &str, now: Timestamp) ->
         .map(|(name, h)| (name.clone(), Observed { cacerts: h.cacerts.as_ref(), published: h.published.as_deref() }))
         .collect();
     let trust_status = fed.status.as_ref().and_then(|s| s.trust.as_ref());
-    let roots = root.as_ref().ok().map(|r| (r, previous_root.as_ref()));
+    let roots = root.as_ref().ok().map(|r| (r, kept.as_slice()));
     out.extend(trust_findings(spec, roots, &valid.durations, trust_status, &observed, now));
     let placement = remote::remote_secret_placement(spec);
     let pairs: Vec<(&String, &String, &Client)> = placement
@@ -179,13 +179,13 @@ struct Held {
 /// judgement alone.
 fn trust_findings(
     spec: &MeshFederationSpec,
-    roots: Option<(&Root, Option<&Root>)>,
+    roots: Option<(&Root, &[Root])>,
     durations: &Durations,
     previous: Option<&TrustStatus>,
     observed: &BTreeMap<String, Observed<'_>>,
     now: Timestamp,
 ) -> Vec<Finding> {
-    let plan = roots.map(|(root, from)| trust::plan_trust(spec, root, from, durations, previous, observed, now));
+    let plan = roots.map(|(root, kept)| trust::plan_trust(spec, root, kept, durations, previous, observed, now));
     let rotation = plan.as_ref().and_then(|p| Phase::named_in(p.status.rotation_phase.as_deref()?));
     let kept = |s: &CertSummary| format!("intermediate {} expires in {} days", s.fingerprint, days_left(s, now));
     let step = |s: &CertSummary, phase: Phase, why: &str| format!("{}; root rotation {phase}: next, {why}", kept(s));

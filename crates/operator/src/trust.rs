@@ -13,7 +13,7 @@ use meshfed_core::{
     validate::Durations,
 };
 use std::collections::BTreeMap;
-use tracing::info;
+use tracing::{info, warn};
 
 /// The federation's root CA: the one the user brings, or the generated one, created once; `Ok(None)` when a root
 /// is to be generated and none exists yet ([`mint`] makes it, once the members were looked at). A generated root
@@ -81,11 +81,60 @@ pub async fn root(
     Ok(None)
 }
 
+/// The roots besides `root` (the one in use) whose keys the hub holds for a rotation, read from the Secret in which
+/// meshfed keeps a copy of every root it may still need ([`trust::still_kept`] decides which), and, during a
+/// rotation, the root it comes from as a generated root's Secret or the Secret the user brought it in still holds
+/// it ([`previous_root`]). Brings that Secret up to date: a copy of `root` goes in before anything is signed by it,
+/// so that a second rotation, or a brought root renewed in place with a new key, never loses a key the members
+/// still sign with; the other roots leave it once a rotation is through. A Secret that cannot be read or written
+/// is retried at the next reconcile (and said in the log): meanwhile the plan uses what was read.
+pub async fn kept_roots(
+    hub: &Client,
+    fref: &FederationRef,
+    fed: &MeshFederation,
+    root: &Root,
+    now: Timestamp,
+) -> Vec<Root> {
+    let secrets: Api<Secret> = Api::namespaced(hub.clone(), &fref.namespace);
+    let name = trust::kept_roots_secret_name(&fref.name);
+    let stored = match secrets.get_opt(&name).await {
+        Ok(stored) => stored,
+        Err(e) => {
+            warn!(secret = %name, error = %e, "cannot read the kept roots; retrying at the next reconcile");
+            return previous_root(hub, fref, fed, root, now).await.into_iter().collect();
+        }
+    };
+    let old = stored.as_ref().and_then(|s| s.data.clone()).unwrap_or_default();
+    let mut kept = trust::load_kept_roots(&old, now);
+    kept.extend(previous_root(hub, fref, fed, root, now).await);
+    let kept = trust::still_kept(root, kept, fed.status.as_ref().and_then(|s| s.trust.as_ref()));
+    let data = trust::kept_roots_data(root, &kept);
+    if data != old {
+        let mut secret = trust::kept_roots_secret(fref, data);
+        let written = match stored {
+            Some(stored) => {
+                secret.metadata.resource_version = stored.metadata.resource_version;
+                secret.metadata.owner_references = stored.metadata.owner_references;
+                secrets.replace(&name, &PostParams::default(), &secret).await
+            }
+            None => {
+                secret.metadata.owner_references = fed.controller_owner_ref(&()).map(|o| vec![o]);
+                let params = PostParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+                secrets.create(&params, &secret).await
+            }
+        };
+        match written {
+            Ok(_) => info!(secret = %name, roots = kept.len() + 1, "kept roots updated"),
+            Err(e) => warn!(secret = %name, error = %e, "cannot write the kept roots; retrying at the next reconcile"),
+        }
+    }
+    kept
+}
+
 /// During a rotation, the root it comes from (the status's `trust.rootFingerprint`), when the hub still holds it:
 /// kept by the generated root's Secret when it was replaced, or still in that Secret or in the Secret the user
-/// brought it in (`trust.rootSource`). Without it, nothing is signed by the old root: an intermediate from it that
-/// expires before every member trusts the new root is reported (`IntermediateExpiring`), not renewed.
-pub async fn previous_root(
+/// brought it in (`trust.rootSource`).
+async fn previous_root(
     hub: &Client,
     fref: &FederationRef,
     fed: &MeshFederation,

@@ -282,17 +282,20 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
         }
         Err(f) => Err(f),
     };
-    let (trust_status, cacerts, wake_at) = match &root {
+    let kept = match &root {
+        Ok(root) => trust::kept_roots(&ctx.hub, &fref, fed, root, now).await,
+        Err(_) => Vec::new(),
+    };
+    let (trust_status, cacerts, wake_at, trust_said) = match &root {
         Ok(root) => {
-            let from = trust::previous_root(&ctx.hub, &fref, fed, root, now).await;
-            let planned =
-                plan::trust_plan(spec, (root, from.as_ref()), &valid.durations, previous, &seen(&reached), now);
+            let observed = seen(&reached);
+            let planned = plan::trust_plan(spec, (root, &kept), &valid.durations, previous, &observed, now);
             let cacerts = trust::carry_out(spec, &valid.durations, planned.cacerts, now);
-            (Ok(planned.status), cacerts, planned.wake_at)
+            (Ok(planned.status), cacerts, planned.wake_at, planned.announcements)
         }
         Err(f) => {
             warn!(reason = %f.reason, "{}", f.message);
-            (Err(f.clone()), BTreeMap::new(), None)
+            (Err(f.clone()), BTreeMap::new(), None, Vec::new())
         }
     };
     for r in &mut reports {
@@ -333,7 +336,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     let validation = if overlaps.is_empty() { Ok(valid.clone()) } else { Err(overlaps) };
     let generation = fed.meta().generation;
     let status = status::federation_status(previous, generation, spec, &validation, Some(&trust_status), &reports, now);
-    let announcements = report::released(fed, &reports);
+    let announcements = [report::released(fed, &reports), trust_said].concat();
     finish(fed, ctx, timeline, status, verdict, wake_at, &reports, announcements).await
 }
 
