@@ -18,10 +18,7 @@ use kube::{
     api::{Patch, PatchParams, PostParams},
 };
 use meshfed_api::{ClusterRole, MeshFederation};
-use meshfed_core::{
-    federation::{self, FederationRef},
-    istio, member, pki, remote,
-};
+use meshfed_core::{federation::FederationRef, istio, member, pki, remote};
 use meshfed_e2e::{Fixture, NAMESPACE, example, is_ready, until};
 use meshfed_testenv::{Istiod, Options};
 use serde_json::{Value, json};

@@ -71,6 +71,7 @@ mod tests {
 
     use crate::{
         federation::FederationRef,
+        kinds,
         member::{self, MemberFacts},
         pki::{self, IntermediateProfile},
         remote::{self, ReaderToken, RemoteTarget},
@@ -166,7 +167,7 @@ mod tests {
         assert_redacted("Observed", &observed, &[&key]);
         let durations = crate::validate::validate(&spec).unwrap().durations;
         let observed = [("east".to_string(), observed), ("west".to_string(), Observed::default())].into();
-        let planned = trust::plan_trust(&spec, &root, None, &durations, None, &observed, now);
+        let planned = trust::plan_trust(&spec, &root, &[], &durations, None, &observed, now);
         assert!(matches!(planned.cacerts["east"], Ok(CacertsPlan::Hold { .. })), "east keeps its cacerts");
         assert_redacted("TrustPlan", &planned, &[&key]);
         let names: Vec<_> = leaks.iter().map(|l| l.split(':').next().unwrap_or_default()).collect();

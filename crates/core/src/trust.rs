@@ -713,7 +713,8 @@ mod tests {
             ("b".to_string(), Observed { cacerts: Some(&b), published: None }),
             ("c".to_string(), Observed { cacerts: Some(&c), published: None }),
         ]);
-        let plan = plan_trust(&s, &new, Some(&old), &durations, Some(&rotating_from(&old)), &observed, now());
+        let plan =
+            plan_trust(&s, &new, std::slice::from_ref(&old), &durations, Some(&rotating_from(&old)), &observed, now());
         assert!(plan.status.rotation_phase.as_deref().unwrap().starts_with("DistributingRoot"));
         for (member, missing) in [("a", pki::CA_KEY), ("b", pki::CERT_CHAIN)] {
             match &plan.cacerts[member] {

@@ -455,7 +455,7 @@ mod tests {
     /// The trust findings for `east` and `west` holding these, as `subject: detail` for each failure, and whether
     /// each of the two and the root set passed.
     fn judge(
-        roots: (&Root, Option<&Root>),
+        roots: (&Root, &[Root]),
         previous: &TrustStatus,
         east: &BTreeMap<String, ByteString>,
         west: &BTreeMap<String, ByteString>,
@@ -480,7 +480,7 @@ mod tests {
         let r = root();
         let (east, west) =
             (cacerts(&r, "east", now(), 8760 * HOUR, &[&r]), cacerts(&r, "west", now(), 8760 * HOUR, &[&r]));
-        let (ok, details) = judge((&r, None), &status(&r), &east, &west);
+        let (ok, details) = judge((&r, &[]), &status(&r), &east, &west);
         assert_eq!(ok, [true, true, true], "{details:#?}");
         assert!(details[0].contains("expires in 365 days"), "{details:#?}");
     }
@@ -503,7 +503,7 @@ mod tests {
             ("without cert-chain.pem", no_chain, "has no cert-chain.pem"),
             ("with another key", other_key, "ca-key.pem in Secret cacerts is not the key of ca-cert.pem"),
         ] {
-            let (ok, details) = judge((&r, None), &status(&r), &east, &west);
+            let (ok, details) = judge((&r, &[]), &status(&r), &east, &west);
             assert_eq!(ok[..2], [false, true], "{what}: {details:#?}");
             assert!(details[0].contains(says), "{what}: {details:#?}");
         }
@@ -514,7 +514,7 @@ mod tests {
         let (r, foreign) = (root(), root());
         let east = cacerts(&foreign, "east", now(), 8760 * HOUR, &[&foreign]);
         let west = cacerts(&r, "west", now(), 8760 * HOUR, &[&r]);
-        let (ok, details) = judge((&r, None), &status(&r), &east, &west);
+        let (ok, details) = judge((&r, &[]), &status(&r), &east, &west);
         assert_eq!(ok, [false, true, false], "{details:#?}");
         assert!(details[0].contains("not signed by the federation's root CA"), "{details:#?}");
         let foreign_fp = &foreign.summary().fingerprint;
@@ -530,7 +530,7 @@ mod tests {
         // Rotating from a to b: both members trust both, in either order, and still sign with a.
         let east = cacerts(&a, "east", now(), 8760 * HOUR, &[&a, &b]);
         let west = cacerts(&a, "west", now(), 8760 * HOUR, &[&b, &a]);
-        let (ok, details) = judge((&b, Some(&a)), &status(&a), &east, &west);
+        let (ok, details) = judge((&b, std::slice::from_ref(&a)), &status(&a), &east, &west);
         assert_eq!(ok, [true, true, true], "{details:#?}");
         assert!(
             details[0].contains("root rotation ReissuingIntermediates: next, issuing an intermediate"),
@@ -538,16 +538,16 @@ mod tests {
         );
         // Earlier: west has the new root, east not yet; both sign with a, which both trust.
         let east = cacerts(&a, "east", now(), 8760 * HOUR, &[&a]);
-        let (ok, details) = judge((&b, Some(&a)), &status(&a), &east, &west);
+        let (ok, details) = judge((&b, std::slice::from_ref(&a)), &status(&a), &east, &west);
         assert_eq!(ok, [true, true, true], "{details:#?}");
         assert!(details[0].contains("root rotation DistributingRoot: next, adding the new root"), "{details:#?}");
         // Later: east signs with b, which west trusts too.
         let east = cacerts(&b, "east", now(), 8760 * HOUR, &[&a, &b]);
-        let (ok, details) = judge((&b, Some(&a)), &status(&a), &east, &west);
+        let (ok, details) = judge((&b, std::slice::from_ref(&a)), &status(&a), &east, &west);
         assert_eq!(ok, [true, true, true], "{details:#?}");
         // A member that signs with b while a peer does not trust b is a failure, rotation or not.
         let west = cacerts(&a, "west", now(), 8760 * HOUR, &[&a]);
-        let (ok, details) = judge((&b, Some(&a)), &status(&a), &east, &west);
+        let (ok, details) = judge((&b, std::slice::from_ref(&a)), &status(&a), &east, &west);
         assert!(!ok[2], "{details:#?}");
         assert!(details[2].contains("west does not trust"), "{details:#?}");
     }
