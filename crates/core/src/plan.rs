@@ -152,6 +152,7 @@ pub fn gateways(
 /// (`None`: it keeps what it holds), the reader token of every target it holds a remote secret for (`None`: the
 /// first wave, without remote secrets; a target missing from the map keeps the secret it holds), and the gateways.
 /// `meshfed render` calls this too, with placeholders, so what it shows is what the controller writes.
+#[allow(clippy::too_many_arguments)]
 pub fn member_plan(
     fref: &FederationRef,
     hub: &str,

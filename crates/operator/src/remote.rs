@@ -21,7 +21,10 @@ use meshfed_core::{
 };
 use tracing::info;
 
-use crate::{member::client::Member, metrics::Metrics, reconcile::Reached};
+use crate::{
+    member::{Reached, client::Member},
+    metrics::Metrics,
+};
 
 /// The token of every member of `spec` that some holder reads and that is among `targets` (members that answered
 /// and hold their reader ServiceAccount, or just had it written), or why it has none. `reached` has what every

@@ -8,3 +8,16 @@ pub mod kinds;
 pub mod read;
 pub mod watches;
 pub mod write;
+
+use std::sync::Arc;
+
+use meshfed_core::plan::Observation;
+
+use self::{cache::MemberCache, client::Member};
+
+/// A member that answered this reconcile: how to reach it, its watch cache, and what was seen there.
+pub struct Reached {
+    pub member: Member,
+    pub cache: Arc<MemberCache>,
+    pub seen: Observation,
+}

@@ -17,9 +17,12 @@ use meshfed_core::{
 };
 use tracing::{debug, warn};
 
-use super::{Context, observe::Reached, within};
+use super::{Context, within};
 use crate::{
-    member::write::{self, Writer},
+    member::{
+        Reached,
+        write::{self, Writer},
+    },
     trust::PlannedCacerts,
 };
 

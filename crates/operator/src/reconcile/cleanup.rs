@@ -13,14 +13,13 @@ use meshfed_core::{
 };
 use tracing::info;
 
-use super::{
-    Context, federation_ref,
-    observe::{Reached, observe_member},
-    report, within,
-};
+use super::{Context, federation_ref, observe::observe_member, report, within};
 use crate::{
     Error,
-    member::write::{self, Writer},
+    member::{
+        Reached,
+        write::{self, Writer},
+    },
 };
 
 /// Removes what meshfed wrote in every member; keeps the finalizer while any member could not be cleaned.

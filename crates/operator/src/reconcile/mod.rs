@@ -47,13 +47,13 @@ use tracing::{Instrument, info, info_span, warn};
 use crate::{
     Error,
     member::{
+        Reached,
         client::{Backoff, ClientPool, member_id},
         watches::MemberWatches,
     },
     metrics::{FailureLabels, Metrics},
     trust,
 };
-pub use observe::Reached;
 use observe::observe_member;
 
 /// The finalizer that holds a federation until its members are cleaned up.

@@ -2,7 +2,7 @@
 //! claim (taken here, before anything else is written), what it holds of the federation, and the nodes and ranges
 //! the topology asks about.
 
-use std::{sync::Arc, time::Instant};
+use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
@@ -19,18 +19,9 @@ use tracing::{debug, warn};
 
 use super::{Context, within};
 use crate::member::{
-    cache::MemberCache,
-    client::Member,
-    read,
+    Reached, read,
     write::{self, Writer},
 };
-
-/// A member that answered this reconcile: how to reach it, its watch cache, and what was seen there.
-pub struct Reached {
-    pub member: Member,
-    pub cache: Arc<MemberCache>,
-    pub seen: Observation,
-}
 
 /// Reaches member `name` through its kubeconfig `secret` within the member deadline: its version and identity,
 /// then (when `take_claim`) its claim, and what it holds of the federation. Failures land in the report.
