@@ -358,23 +358,10 @@ pub fn requeue(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::pki::CertSummary;
-
-    fn summary() -> CertSummary {
-        CertSummary { fingerprint: "sha256:ab".into(), not_after: "2027-01-01T00:00:00Z".parse().unwrap() }
-    }
-
-    fn now() -> Timestamp {
-        "2026-11-22T10:00:00Z".parse().unwrap()
-    }
-
-    fn report(name: &str, version: Option<&str>, failure: Option<Failure>) -> MemberReport {
-        let mut r = MemberReport::new(name, &SecretKeyRef { name: name.into(), key: "kubeconfig".into() }, false);
-        r.intermediate = version.map(|_| Ok(summary()));
-        r.version = version.map(Into::into);
-        r.failure = failure;
-        r
-    }
+    use crate::{
+        pki::CertSummary,
+        status::tests::{now, report},
+    };
 
     fn spec(yaml_clusters: &str) -> MeshFederationSpec {
         serde_saphyr::from_str(&format!("meshID: m\ntrust: {{root: {{generate: {{}}}}}}\nclusters:\n{yaml_clusters}"))

@@ -530,7 +530,7 @@ fn member_status(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::validate::validate;
 
@@ -541,7 +541,7 @@ mod tests {
         .unwrap()
     }
 
-    fn summary() -> CertSummary {
+    pub(crate) fn summary() -> CertSummary {
         CertSummary { fingerprint: "sha256:ab".into(), not_after: "2027-01-01T00:00:00Z".parse().unwrap() }
     }
 
@@ -555,11 +555,11 @@ mod tests {
         })
     }
 
-    fn now() -> Timestamp {
+    pub(crate) fn now() -> Timestamp {
         "2026-11-22T10:00:00Z".parse().unwrap()
     }
 
-    fn report(name: &str, version: Option<&str>, failure: Option<Failure>) -> MemberReport {
+    pub(crate) fn report(name: &str, version: Option<&str>, failure: Option<Failure>) -> MemberReport {
         let mut r = MemberReport::new(name, &SecretKeyRef { name: name.into(), key: "kubeconfig".into() }, false);
         r.intermediate = version.map(|_| Ok(summary()));
         r.version = version.map(Into::into);

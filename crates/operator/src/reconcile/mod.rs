@@ -273,11 +273,13 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     let seen = |reached: &BTreeMap<String, Reached>| -> BTreeMap<_, _> {
         reached.iter().map(|(n, r)| (n.clone(), r.seen.clone())).collect()
     };
+    // What every member showed stays the plan's input through both waves, also for a member whose write failed.
+    let mut observed = seen(&reached);
     let root = match root {
         Ok(Some(root)) => Ok(root),
         // No root yet: made now, unless members hold intermediates of one that is gone.
         Ok(None) => {
-            let held_by = plan::intermediates_held(spec, &fref, previous, &seen(&reached));
+            let held_by = plan::intermediates_held(spec, &fref, previous, &observed);
             trust::mint(&ctx.hub, &fref, fed, &valid.durations, now, &held_by).await
         }
         Err(f) => Err(f),
@@ -288,7 +290,6 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     };
     let (trust_status, cacerts, wake_at, trust_said) = match &root {
         Ok(root) => {
-            let observed = seen(&reached);
             let planned = plan::trust_plan(spec, (root, &kept), &valid.durations, previous, &observed, now);
             let cacerts = trust::carry_out(spec, &valid.durations, planned.cacerts, now);
             (Ok(planned.status), cacerts, planned.wake_at, planned.announcements)
@@ -302,8 +303,6 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
         r.intermediate = cacerts.get(&r.name).map(|c| c.as_ref().map(|(_, s)| s.clone()).map_err(Clone::clone));
     }
     timeline.mark("trust");
-    // What every member showed stays the plan's input through both waves, also for a member whose write failed.
-    let observed = seen(&reached);
     let gateways = plan::gateways(spec, &observed, previous);
     let first = apply::wave(ctx, &fref, spec, &mut reached, &cacerts, &gateways, None).await;
     timeline.mark("first_wave");
@@ -324,7 +323,6 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     timeline.mark("tokens");
     reached.retain(|name, _| !failed.contains(name));
     // The first wave may have made or replaced a gateway Service: its address as it is now.
-    let mut observed = observed;
     observed.extend(seen(&reached));
     let gateways = plan::gateways(spec, &observed, previous);
     let second = apply::wave(ctx, &fref, spec, &mut reached, &cacerts, &gateways, Some(&tokens)).await;
