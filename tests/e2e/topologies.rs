@@ -126,7 +126,7 @@ async fn every_topology_converges_with_what_it_needs_and_switching_prunes_the_re
     assert_eq!(values["global"]["meshID"], "prod");
     assert_eq!(values["global"]["multiCluster"]["clusterName"], "east");
     assert_eq!(values["global"]["network"], "network1");
-    assert_eq!(istio(&east).await?["spec"]["version"], "v1.28.0");
+    assert_eq!(istio(&east).await?["spec"]["version"], "v1.30.3");
 
     // West becomes a Remote of east: east exposes istiod through its gateway, west's control plane points at it,
     // and west's remote secret for east (a Remote holds none) is pruned.
@@ -302,15 +302,24 @@ async fn a_member_without_the_sail_operator_is_told_so_and_the_rest_converges() 
     without_istio.remove("Istio /default");
     assert_eq!(held(&west, "west").await?, without_istio);
 
-    // A version the Sail schema refuses is reported with the API server's own words, for the member that has it.
-    f.apply(&example("multi-primary-multi-network").replace("version: v1.28.0", "version: v1.19.0")).await?;
+    // A version the member's Sail operator does not install is refused before anything is written there, naming
+    // the versions it accepts (read from its Istio CRD); west, whose CRDs are not installed, is not judged by it.
+    let east = f.member("east").await?;
+    let before = held(&east, "east").await?;
+    let istios = Api::<DynamicObject>::all_with(east.clone(), &api_resource(&ISTIO));
+    let istio_before = istios.get("default").await?.resource_version();
+    f.apply(&example("multi-primary-multi-network").replace("version: v1.30.3", "version: v1.19.0")).await?;
     let refused = |fed: &meshfed_api::MeshFederation| {
-        fed_condition(fed, "MembersConverged")
-            .is_some_and(|c| c.reason == "WriteFailed" && c.message.contains("v1.19.0"))
+        fed_condition(fed, "MembersConverged").is_some_and(|c| c.reason == "IstioVersionNotAccepted")
     };
     let fed = f.wait_for("prod", WAIT, refused).await?;
     let message = &fed_condition(&fed, "MembersConverged").unwrap().message;
-    assert!(message.starts_with("east: applying Istio default") && message.contains("spec.version"), "{message}");
+    assert!(
+        message.starts_with("east: spec.istio.version v1.19.0") && message.contains("v1.21.6 to v1.30.3"),
+        "{message}"
+    );
+    assert_eq!(held(&east, "east").await?, before, "nothing was added to or removed from east");
+    assert_eq!(istios.get("default").await?.resource_version(), istio_before, "east's Istio was not written");
     Ok(())
 }
 

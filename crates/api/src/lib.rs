@@ -83,8 +83,11 @@ pub struct IstioSpec {
     #[schemars(length(min = 1, max = MAX_REVISION_LEN), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub revision: String,
 
-    /// The Istio version written into each member's Sail `Istio` resource, for example `v1.28.0`. Unset: the Sail
-    /// operator's default.
+    /// The Istio version written into each member's Sail `Istio` resource, for example `v1.30.3` or `v1.30-latest`:
+    /// one that every member's Sail operator accepts (a member whose Sail operator does not is refused with
+    /// `IstioVersionNotAccepted`, and nothing is written there). Unset: each Sail operator's default. On a version
+    /// before 1.30.4 (1.30 line) or 1.31.0, meshfed restarts a Primary's istiod after its remote secrets changed
+    /// (Istio defects #60612, #61043, #60920).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub version: Option<String>,
 
@@ -454,6 +457,15 @@ pub struct ClusterStatus {
     /// When the reader token that peers use for this cluster expires (RFC 3339); never the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reader_token_expires_at: Option<String>,
+    /// The Istio version the cluster runs for the federation: `spec.istio.version`, or the default of the cluster's
+    /// Sail operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istio_version: Option<String>,
+    /// When meshfed last restarted the cluster's istiod (RFC 3339): on an Istio version that does not take an updated
+    /// remote secret safely, istiod is restarted once after the remote secrets it holds changed (a token refresh, a
+    /// member that joins or leaves).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istiod_restarted_at: Option<String>,
     /// The kubeconfig Secret this cluster was reached with, kept so that a cluster removed from the spec can still
     /// be cleaned up.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -85,6 +85,7 @@ impl Reason {
                 | ClusterClaimed
                 | DuplicateCluster
                 | OwnedByAnotherFederation
+                | IstioVersionNotAccepted
                 | RootSourceMissing
                 | RootSecretMissing
                 | RootSecretIncomplete
@@ -147,6 +148,7 @@ names! {
         ClusterClaimed,
         DuplicateCluster,
         OwnedByAnotherFederation,
+        IstioVersionNotAccepted,
         CleanupPending,
         // Trust
         RootRotationInProgress,
@@ -199,6 +201,7 @@ names! {
         UnknownRootRemoved,
         RootRotation,
         RootRotated,
+        IstiodRestarted,
     }
 }
 

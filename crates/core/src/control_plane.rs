@@ -13,13 +13,25 @@ use crate::{
     topology,
 };
 
+/// The annotation on istiod's pods (through the `Istio`'s `spec.values.pilot.podAnnotations`, which the Sail
+/// operator renders into istiod's Deployment) whose change rolls istiod: the digest of the remote secrets it was
+/// started for, on an Istio version that needs a restart to take an updated remote secret (`plan::istiod_restarts`).
+pub const RESTART_ANNOTATION: &str = "meshfed.io/remote-secrets";
+
+/// The restart marker an `Istio` (as a member holds it) carries, if any.
+pub fn restart_marker(istio: &Value) -> Option<&str> {
+    istio["spec"]["values"]["pilot"]["podAnnotations"][RESTART_ANNOTATION].as_str()
+}
+
 /// The `Istio` resource of `cluster`, or why it cannot be written yet: a Remote waits for its Primary's gateway
-/// address. `gateways` holds the gateway address of every cluster where it is known.
+/// address. `gateways` holds the gateway address of every cluster where it is known; `restart` is the restart marker
+/// of a Primary's istiod, where it has one.
 pub fn istio(
     fref: &FederationRef,
     spec: &MeshFederationSpec,
     cluster: &ClusterSpec,
     gateways: &BTreeMap<String, GatewayAddress>,
+    restart: Option<&str>,
 ) -> Result<Value, Failure> {
     let mut global = json!({
         "meshID": spec.mesh_id,
@@ -32,6 +44,9 @@ pub fn istio(
         ClusterRole::Primary => {
             // istiod takes a new root bundle from its plugged-in CA files only with this; a root rotation needs it.
             computed["pilot"] = json!({"env": {"ISTIO_MULTIROOT_MESH": "true"}});
+            if let Some(marker) = restart {
+                computed["pilot"]["podAnnotations"] = json!({RESTART_ANNOTATION: marker});
+            }
             if topology::serves_remotes(spec, cluster) {
                 global["externalIstiod"] = true.into();
             }
@@ -126,7 +141,7 @@ mod tests {
     #[test]
     fn a_primary_that_serves_remotes_runs_an_external_istiod_with_the_users_values_underneath() {
         let s = spec();
-        let istio = istio(&fed(), &s, &s.clusters[0], &BTreeMap::new()).unwrap();
+        let istio = istio(&fed(), &s, &s.clusters[0], &BTreeMap::new(), None).unwrap();
         let values = &istio["spec"]["values"];
         assert_eq!(values["global"]["meshID"], "m", "meshfed's value wins");
         assert_eq!(values["global"]["logging"]["level"], "debug", "the user's other values stay");
@@ -143,21 +158,34 @@ mod tests {
         let mut s = spec();
         assert_eq!(crate::istio::istiod_service(&s.istio), "istiod");
         s.istio.revision = "mesh1".into();
-        assert_eq!(istio(&fed(), &s, &s.clusters[0], &BTreeMap::new()).unwrap()["metadata"]["name"], "mesh1");
+        assert_eq!(istio(&fed(), &s, &s.clusters[0], &BTreeMap::new(), None).unwrap()["metadata"]["name"], "mesh1");
         assert_eq!(crate::istio::istiod_service(&s.istio), "istiod-mesh1");
     }
 
     #[test]
     fn a_remote_waits_for_its_primarys_gateway_then_points_at_it() {
         let s = spec();
-        let waiting = istio(&fed(), &s, &s.clusters[1], &BTreeMap::new()).unwrap_err();
+        let waiting = istio(&fed(), &s, &s.clusters[1], &BTreeMap::new(), None).unwrap_err();
         assert_eq!(waiting.reason, Reason::AwaitingPrimaryGateway);
         let at = GatewayAddress { addresses: vec!["203.0.113.9".into(), "203.0.113.10".into()], port: 15443 };
-        let istio = istio(&fed(), &s, &s.clusters[1], &BTreeMap::from([("east".into(), at)])).unwrap();
+        let istio = istio(&fed(), &s, &s.clusters[1], &BTreeMap::from([("east".into(), at)]), Some("ignored")).unwrap();
         assert_eq!(istio["spec"]["profile"], "remote");
         assert_eq!(istio["spec"]["values"]["global"]["remotePilotAddress"], "203.0.113.9");
         assert_eq!(istio["spec"]["values"]["istiodRemote"]["injectionPath"], "/inject/cluster/r/net/n2");
         assert!(istio["spec"]["values"]["global"]["externalIstiod"].is_null());
+        assert!(istio["spec"]["values"]["pilot"]["podAnnotations"].is_null(), "a Remote runs no istiod to restart");
+    }
+
+    #[test]
+    fn a_primarys_restart_marker_is_an_annotation_on_istiods_pods_beside_the_users_own() {
+        let mut s = spec();
+        s.istio.values = Some(json!({"pilot": {"podAnnotations": {"team": "mesh"}}}));
+        let istio = istio(&fed(), &s, &s.clusters[0], &BTreeMap::new(), Some("sha256:ab")).unwrap();
+        assert_eq!(
+            istio["spec"]["values"]["pilot"]["podAnnotations"],
+            json!({"team": "mesh", RESTART_ANNOTATION: "sha256:ab"})
+        );
+        assert_eq!(restart_marker(&istio), Some("sha256:ab"));
     }
 
     #[test]

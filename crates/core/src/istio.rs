@@ -32,3 +32,6 @@ pub const CLUSTER_ANNOTATION: &str = "networking.istio.io/cluster";
 pub fn remote_secret_name(target: &str) -> String {
     format!("{REMOTE_SECRET_PREFIX}{target}")
 }
+
+/// The Sail operator's `Istio` CRD, whose schema lists the Istio versions that operator installs.
+pub const SAIL_ISTIO_CRD: &str = "istios.sailoperator.io";

@@ -23,4 +23,5 @@ pub mod status;
 pub mod topology;
 pub mod trust;
 pub mod validate;
+pub mod versions;
 pub mod yaml;

@@ -216,6 +216,8 @@ pub struct MemberFacts<'a> {
     pub unserved: BTreeSet<OwnedKind>,
     /// The member's `Istio` as it is now, with the status the Sail operator writes.
     pub istio: Option<&'a Value>,
+    /// The restart marker of its istiod, where it has one (`plan::istiod_restarts`).
+    pub istiod_restart: Option<&'a str>,
 }
 
 impl std::fmt::Debug for MemberFacts<'_> {
@@ -229,6 +231,7 @@ impl std::fmt::Debug for MemberFacts<'_> {
             .field("gateways", &self.gateways)
             .field("unserved", &self.unserved)
             .field("istio", &self.istio)
+            .field("istiod_restart", &self.istiod_restart)
             .finish()
     }
 }
@@ -297,7 +300,7 @@ pub fn member_plan(
             "the cluster does not serve sailoperator.io/v1 Istio: install the Sail operator there",
         ))
     } else {
-        match control_plane::istio(fref, spec, cluster, &known) {
+        match control_plane::istio(fref, spec, cluster, &known, facts.istiod_restart) {
             Ok(body) => {
                 plan.objects.push(Desired::dynamic(ISTIO, body).recreate_on(&["/spec/namespace"]));
                 control_plane::istio_ready(facts.istio).err()

@@ -19,16 +19,18 @@ use meshfed_api::{ClusterSpec, MeshFederationSpec, MeshFederationStatus, SecretK
 
 use crate::{
     conditions::Reason,
+    control_plane,
     federation::{Failure, FederationRef},
     gateway::{self, GatewayAddress},
     kinds::{self, Holdings, OwnedKind, typed},
     member::{self, ClaimHolder, MemberFacts, MemberPlan},
     pki::{self, Root},
     remote::{self, Token},
-    status::MemberReport,
+    status::{Announcement, MemberReport},
     topology,
     trust::{self, TrustPlan},
     validate::Durations,
+    versions::{self, SailVersions},
 };
 
 /// What one reconcile saw of a member that answered.
@@ -42,6 +44,8 @@ pub struct Observation {
     pub nodes: Vec<Node>,
     /// The pod and service ranges its API shows (read where another cluster shares its network).
     pub ranges: Vec<String>,
+    /// The Istio versions its Sail operator accepts (`None`: its `Istio` CRD is not installed).
+    pub sail: Option<SailVersions>,
 }
 
 /// Refuses the same cluster listed twice under two Secrets (one `kube-system` UID) among the members that answered
@@ -148,11 +152,20 @@ pub fn gateways(
         .collect()
 }
 
+/// What the plans of every member in one apply wave share: the reader token of every member some Primary reads
+/// (`None`: the first wave, without remote secrets; a target missing from the map keeps the secret its holders
+/// hold), the gateways, and the restart marker of every Primary whose istiod meshfed restarts after its remote
+/// secrets changed ([`istiod_restarts`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Wave<'a> {
+    pub tokens: Option<&'a BTreeMap<String, Result<Token, Failure>>>,
+    pub gateways: &'a BTreeMap<String, Result<GatewayAddress, Failure>>,
+    pub restarts: &'a BTreeMap<String, String>,
+}
+
 /// The complete plan of member `cluster`: what it holds now (`seen`), the `cacerts` data the trust plan gives it
-/// (`None`: it keeps what it holds), the reader token of every target it holds a remote secret for (`None`: the
-/// first wave, without remote secrets; a target missing from the map keeps the secret it holds), and the gateways.
+/// (`None`: it keeps what it holds), and what every member's plan in this wave shares.
 /// `meshfed render` calls this too, with placeholders, so what it shows is what the controller writes.
-#[allow(clippy::too_many_arguments)]
 pub fn member_plan(
     fref: &FederationRef,
     hub: &str,
@@ -160,12 +173,11 @@ pub fn member_plan(
     cluster: &ClusterSpec,
     seen: &Observation,
     cacerts: Option<BTreeMap<String, ByteString>>,
-    tokens: Option<&BTreeMap<String, Result<Token, Failure>>>,
-    gateways: &BTreeMap<String, Result<GatewayAddress, Failure>>,
+    wave: Wave<'_>,
 ) -> MemberPlan {
     let remote_secrets = remote::remote_secret_targets(spec, cluster)
         .filter_map(|target| {
-            let token = tokens?.get(&target.name)?.as_ref().ok()?;
+            let token = wave.tokens?.get(&target.name)?.as_ref().ok()?;
             Some((target.name.clone(), remote::remote_secret(fref, spec, cluster, &token.target, &token.token)))
         })
         .collect();
@@ -174,11 +186,137 @@ pub fn member_plan(
         namespace: namespace.as_ref(),
         cacerts,
         remote_secrets,
-        gateways: gateways.clone(),
+        gateways: wave.gateways.clone(),
         unserved: seen.unserved.clone(),
         istio: seen.held.get(&kinds::istio_key(&spec.istio.revision)).map(Arc::as_ref),
+        istiod_restart: wave.restarts.get(&cluster.name).map(String::as_str),
     };
     member::member_plan(fref, hub, spec, cluster, facts)
+}
+
+/// How long an istiod restart that meshfed asked for holds back the restart of another Primary's istiod: at least
+/// [`RESTART_SPACING`], and until the Sail operator reports that `Istio` ready for the generation meshfed wrote, for at
+/// most [`RESTART_WINDOW`] (a restart that does not end must not hold the others past their tokens' expiry).
+pub const RESTART_SPACING: Duration = Duration::from_secs(60);
+/// See [`RESTART_SPACING`].
+pub const RESTART_WINDOW: Duration = Duration::from_secs(300);
+
+/// The istiod restarts of one wave: the marker of every Primary on an Istio version that needs a restart after its
+/// remote secrets changed (the value of [`control_plane::RESTART_ANNOTATION`] on its istiod's pods), the Primaries
+/// whose istiod restarts now, and when one held back may go.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Restarts {
+    pub markers: BTreeMap<String, String>,
+    pub now: BTreeSet<String>,
+    pub held_back_until: Option<Timestamp>,
+}
+
+/// Decides the istiod restarts of a wave. A Primary on a version with a defect of an updated remote secret
+/// ([`versions::restart_after_remote_secret_change`]) runs istiod with a marker: the digest of the remote secrets it
+/// holds once this wave is written. Its `Istio` is applied after those secrets (the last apply stage), so a changed
+/// marker rolls istiod onto them: one restart per change (a token refresh, a member that joins or leaves), never
+/// before the secrets are in place. At most one Primary restarts at a time: one whose marker must change waits, with
+/// its current marker, while another restart is under way ([`RESTART_SPACING`]). The first wave (`tokens: None`)
+/// restarts nothing: the second writes the new secrets and decides. A first marker (a new `Istio`, or one written
+/// before meshfed used markers) is set without waiting.
+pub fn istiod_restarts(
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    observed: &BTreeMap<String, Observation>,
+    reports: &[MemberReport],
+    tokens: Option<&BTreeMap<String, Result<Token, Failure>>>,
+    previous: Option<&MeshFederationStatus>,
+    now: Timestamp,
+) -> Restarts {
+    let key = kinds::istio_key(&spec.istio.revision);
+    let since = |name: &str, within: Duration| {
+        let c = previous?.clusters.iter().find(|c| c.name == name)?;
+        let at: Timestamp = c.istiod_restarted_at.as_deref()?.parse().ok()?;
+        let until = at.checked_add(jiff::SignedDuration::try_from(within).ok()?).ok()?;
+        (until > now).then_some(until)
+    };
+    // A restart asked for in an earlier reconcile that is still under way holds the others back.
+    let under_way = spec.clusters.iter().filter_map(|c| {
+        let istio = observed.get(&c.name)?.held.get(&key);
+        let ready = control_plane::istio_ready(istio.map(Arc::as_ref)).is_ok();
+        let spacing = since(&c.name, RESTART_SPACING);
+        if ready { spacing } else { spacing.or_else(|| since(&c.name, RESTART_WINDOW)) }
+    });
+    let mut under_way = under_way.max();
+    let mut restarts = Restarts::default();
+    for cluster in spec.clusters.iter().filter(|c| c.role == meshfed_api::ClusterRole::Primary) {
+        let (Some(seen), Some(report)) = (observed.get(&cluster.name), reports.iter().find(|r| r.name == cluster.name))
+        else {
+            continue;
+        };
+        let release = report.istio_version.as_ref().and_then(|v| v.release);
+        if !versions::restart_after_remote_secret_change(release) {
+            continue;
+        }
+        let held = seen.held.get(&key).map(|istio| control_plane::restart_marker(istio).map(String::from));
+        let marker = remote_secrets_digest(fref, spec, cluster, seen, tokens);
+        let marker = match held {
+            Some(Some(held)) if held != marker => {
+                if tokens.is_none() {
+                    held
+                } else if under_way.is_some() {
+                    restarts.held_back_until = under_way;
+                    held
+                } else {
+                    restarts.now.insert(cluster.name.clone());
+                    under_way =
+                        now.checked_add(jiff::SignedDuration::try_from(RESTART_SPACING).unwrap_or_default()).ok();
+                    marker
+                }
+            }
+            _ => marker,
+        };
+        restarts.markers.insert(cluster.name.clone(), marker);
+    }
+    restarts
+}
+
+/// Records the restarts of istiod the second wave carried out (a member whose writes failed did not restart) in the
+/// reports, and announces each (an Event naming the defects it works around).
+pub fn record_restarts(restarts: &Restarts, reports: &mut [MemberReport], now: Timestamp) -> Vec<Announcement> {
+    let done = reports.iter_mut().filter(|r| restarts.now.contains(&r.name) && r.failure.is_none());
+    done.map(|r| {
+        r.istiod_restarted_at = Some(now);
+        let version = r.istio_version.as_ref();
+        let defects = versions::remote_secret_defects(version.and_then(|v| v.release));
+        let version = version.map_or("an Istio version not known".into(), |v| format!("Istio {}", v.name));
+        Announcement {
+            warning: false,
+            reason: Reason::IstiodRestarted.to_string(),
+            note: format!(
+                "restarting istiod: the remote secrets it holds changed, and {version} takes an updated remote secret only when istiod restarts ({defects})"
+            ),
+            cluster: Some(r.name.clone()),
+            kubeconfig: Some(r.kubeconfig.clone()),
+        }
+    })
+    .collect()
+}
+
+/// The digest of the remote secrets `holder` holds once a wave with `tokens` is written: for every target, the
+/// secret planned from its token, or else the one it holds.
+fn remote_secrets_digest(
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    holder: &ClusterSpec,
+    seen: &Observation,
+    tokens: Option<&BTreeMap<String, Result<Token, Failure>>>,
+) -> String {
+    let data: BTreeMap<&str, Option<BTreeMap<String, ByteString>>> = remote::remote_secret_targets(spec, holder)
+        .map(|target| {
+            let planned = tokens
+                .and_then(|t| t.get(&target.name)?.as_ref().ok())
+                .map(|token| remote::remote_secret(fref, spec, holder, &token.target, &token.token));
+            let held = || typed::<Secret>(&seen.held, &kinds::remote_secret_key(&spec.istio.namespace, &target.name));
+            (target.name.as_str(), planned.or_else(held).and_then(|s| s.data))
+        })
+        .collect();
+    pki::fingerprint_der(&serde_json::to_vec(&data).unwrap_or_default())
 }
 
 /// Puts the reader tokens into the reports: every member that some Primary reads gets its token's times, or why it
@@ -334,7 +472,8 @@ pub struct Timing {
 }
 
 /// When the next reconcile is due: an invalid spec waits for its next edit (retrying cannot fix it); a ready
-/// federation at its earliest deadline ([`next_deadline`]); a rotation that waits for workload certificates to
+/// federation at its earliest deadline ([`next_deadline`]) or when a held back istiod restart may go (`wake_at`);
+/// a rotation that waits for workload certificates to
 /// expire when they have (`wake_at`, within retry and resync); anything else that is not ready soon.
 pub fn requeue(
     verdict: Verdict<'_>,
@@ -347,7 +486,11 @@ pub fn requeue(
     match (verdict, ready, wake_at) {
         (Verdict::Invalid, _, _) => None,
         (Verdict::RefusedByMembers, _, _) => Some(timing.retry_after),
-        (Verdict::Valid(d), true, _) => Some(next_deadline(reports, d.renew_before, now, timing.resync_after)),
+        (Verdict::Valid(d), true, wake_at) => {
+            let deadline = next_deadline(reports, d.renew_before, now, timing.resync_after);
+            let woken = wake_at.map(|at| Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO));
+            Some(woken.map_or(deadline, |w| w.min(deadline)).max(MIN_REQUEUE))
+        }
         (Verdict::Valid(_), false, Some(at)) => {
             Some(at.duration_since(now).unsigned_abs().clamp(timing.retry_after, timing.resync_after))
         }
@@ -403,7 +546,8 @@ mod tests {
         let gateways = gateways(&s, &observed, Some(&previous));
         assert_eq!(gateways["west"], Ok(GatewayAddress { addresses: vec!["192.0.2.20".into()], port: 15443 }));
         // So east's `Istio` keeps west's network in `meshNetworks`.
-        let plan = member_plan(&fref(), "hub", &s, &s.clusters[0], &observed["east"], None, None, &gateways);
+        let wave = Wave { tokens: None, gateways: &gateways, restarts: &BTreeMap::new() };
+        let plan = member_plan(&fref(), "hub", &s, &s.clusters[0], &observed["east"], None, wave);
         let istio = plan.objects.iter().find(|d| d.key.kind == kinds::ISTIO).expect("east's Istio");
         let networks = &istio.body["spec"]["values"]["meshConfig"]["meshNetworks"];
         let networks =
@@ -411,6 +555,168 @@ mod tests {
         assert!(networks.to_string().contains("192.0.2.20"), "west's gateway stays in east's meshNetworks: {networks}");
         // Without a last known address, a member not reached is not invented.
         assert!(!super::gateways(&s, &observed, None).contains_key("west"));
+    }
+
+    /// Three Primaries on one network, each holding a remote secret with token `t1` for every other, its `Istio`
+    /// ready with the marker of what it holds, on Istio `version`.
+    fn three_primaries(version: &str) -> (MeshFederationSpec, BTreeMap<String, Observation>, Vec<MemberReport>) {
+        let s = spec(
+            "- {name: east, network: n1, kubeconfigSecretRef: {name: east}}\n- {name: west, network: n1, kubeconfigSecretRef: {name: west}}\n- {name: north, network: n1, kubeconfigSecretRef: {name: north}}\n",
+        );
+        let mut observed = BTreeMap::new();
+        let mut reports = Vec::new();
+        for holder in &s.clusters {
+            let secrets = remote::remote_secret_targets(&s, holder).map(|t| {
+                let secret =
+                    remote::remote_secret(&fref(), &s, holder, &target(&t.name), &remote::ReaderToken::new("t1"));
+                (kinds::remote_secret_key("istio-system", &t.name), serde_json::to_value(secret).unwrap())
+            });
+            let mut seen = held(secrets.collect());
+            let marker = remote_secrets_digest(&fref(), &s, holder, &seen, None);
+            seen.held.insert(kinds::istio_key("default"), Arc::new(ready_istio(&marker)));
+            observed.insert(holder.name.clone(), seen);
+            let mut r = report(&holder.name, Some("v1.34.2"), None);
+            r.istio_version = crate::versions::member_version(Some(version), None).unwrap();
+            reports.push(r);
+        }
+        (s, observed, reports)
+    }
+
+    fn target(name: &str) -> remote::RemoteTarget {
+        remote::RemoteTarget {
+            cluster: name.into(),
+            server: format!("https://{name}:6443"),
+            ca_data_base64: None,
+            tls_server_name: None,
+        }
+    }
+
+    fn ready_istio(marker: &str) -> serde_json::Value {
+        serde_json::json!({
+            "metadata": {"name": "default", "generation": 1},
+            "spec": {"values": {"pilot": {"podAnnotations": {control_plane::RESTART_ANNOTATION: marker}}}},
+            "status": {"observedGeneration": 1, "conditions": [{"type": "Ready", "status": "True"}]},
+        })
+    }
+
+    /// North's reader token refreshed: `t2`.
+    fn north_refreshed() -> BTreeMap<String, Result<Token, Failure>> {
+        let token = Token {
+            target: target("north"),
+            token: remote::ReaderToken::new("t2"),
+            expires_at: now(),
+            refresh_at: now(),
+        };
+        BTreeMap::from([("north".to_string(), Ok(token))])
+    }
+
+    fn restarted_at(name: &str, at: Timestamp) -> MeshFederationStatus {
+        let cluster = meshfed_api::ClusterStatus {
+            name: name.into(),
+            istiod_restarted_at: Some(at.to_string()),
+            ..Default::default()
+        };
+        MeshFederationStatus { clusters: vec![cluster], ..Default::default() }
+    }
+
+    #[test]
+    fn on_an_affected_istio_a_token_refresh_restarts_each_primary_holding_it_once_one_at_a_time() {
+        let (s, observed, mut reports) = three_primaries("v1.30.3");
+        let held_marker = |name: &str| {
+            control_plane::restart_marker(&observed[name].held[&kinds::istio_key("default")]).unwrap().to_string()
+        };
+        // Steady state: every marker stays as held, nothing restarts, in either wave.
+        let tokens_kept = BTreeMap::new();
+        for tokens in [None, Some(&tokens_kept)] {
+            let steady = istiod_restarts(&fref(), &s, &observed, &reports, tokens, None, now());
+            assert!(steady.now.is_empty() && steady.held_back_until.is_none(), "{steady:?}");
+            assert!(["east", "west", "north"].iter().all(|n| steady.markers[*n] == held_marker(n)));
+        }
+        // North's token is refreshed: east and west hold it; the first wave writes no secret and restarts nothing.
+        let fresh = north_refreshed();
+        let first = istiod_restarts(&fref(), &s, &observed, &reports, None, None, now());
+        assert!(first.now.is_empty(), "the first wave writes no remote secret");
+        // The second wave writes the new secrets and restarts east's istiod with them; west waits its turn; north
+        // holds no secret for itself.
+        let second = istiod_restarts(&fref(), &s, &observed, &reports, Some(&fresh), None, now());
+        assert_eq!(second.now, BTreeSet::from(["east".to_string()]));
+        assert_ne!(second.markers["east"], held_marker("east"), "east's istiod rolls onto the new secret");
+        assert_eq!(second.markers["west"], held_marker("west"), "west's istiod is not restarted at the same time");
+        assert_eq!(second.markers["north"], held_marker("north"));
+        let spacing = jiff::SignedDuration::try_from(RESTART_SPACING).unwrap();
+        assert_eq!(second.held_back_until, Some(now() + spacing));
+        let announced = record_restarts(&second, &mut reports, now());
+        assert_eq!(reports[0].istiod_restarted_at, Some(now()));
+        assert!(
+            announced[0].note.contains("Istio v1.30.3") && announced[0].note.contains("#61043, #60920"),
+            "{}",
+            announced[0].note
+        );
+
+        // The next reconcile, 30 s on (east's Istio was re-applied with its marker and reported ready): west still
+        // waits for the spacing; once it passed, west restarts, and east is not restarted again.
+        let mut after = observed.clone();
+        let east_now = ready_istio(&second.markers["east"]);
+        after.get_mut("east").unwrap().held.insert(kinds::istio_key("default"), Arc::new(east_now.clone()));
+        for (name, r) in [("east", 0), ("west", 1)] {
+            let secret =
+                remote::remote_secret(&fref(), &s, &s.clusters[r], &target("north"), &remote::ReaderToken::new("t2"));
+            after.get_mut(name).unwrap().held.insert(
+                kinds::remote_secret_key("istio-system", "north"),
+                Arc::new(serde_json::to_value(secret).unwrap()),
+            );
+        }
+        let previous = restarted_at("east", now());
+        let soon = istiod_restarts(
+            &fref(),
+            &s,
+            &after,
+            &reports,
+            Some(&tokens_kept),
+            Some(&previous),
+            now() + jiff::SignedDuration::from_secs(30),
+        );
+        assert!(soon.now.is_empty() && soon.held_back_until == Some(now() + spacing), "{soon:?}");
+        let later = now() + jiff::SignedDuration::from_secs(61);
+        let then = istiod_restarts(&fref(), &s, &after, &reports, Some(&tokens_kept), Some(&previous), later);
+        assert_eq!(then.now, BTreeSet::from(["west".to_string()]));
+        assert_eq!(then.markers["east"], second.markers["east"], "one restart per change");
+        // East's restart that is not reported ready holds west back longer, but not past the window.
+        after.get_mut("east").unwrap().held.insert(kinds::istio_key("default"), Arc::new(serde_json::json!({"metadata": {"generation": 2}, "spec": east_now["spec"], "status": {"observedGeneration": 1}})));
+        assert!(
+            istiod_restarts(&fref(), &s, &after, &reports, Some(&tokens_kept), Some(&previous), later).now.is_empty()
+        );
+        let past = now() + jiff::SignedDuration::try_from(RESTART_WINDOW).unwrap();
+        assert_eq!(
+            istiod_restarts(&fref(), &s, &after, &reports, Some(&tokens_kept), Some(&previous), past).now.len(),
+            1
+        );
+    }
+
+    #[test]
+    fn on_a_fixed_istio_a_token_refresh_restarts_nothing_and_istiod_carries_no_marker() {
+        for version in ["v1.30.4", "v1.31.0"] {
+            let (s, observed, reports) = three_primaries(version);
+            let r = istiod_restarts(&fref(), &s, &observed, &reports, Some(&north_refreshed()), None, now());
+            assert_eq!(r, Restarts::default(), "{version}");
+        }
+        // A version that is not known gets the workaround.
+        let (s, observed, mut reports) = three_primaries("v1.30.4");
+        reports.iter_mut().for_each(|r| r.istio_version = None);
+        let r = istiod_restarts(&fref(), &s, &observed, &reports, Some(&north_refreshed()), None, now());
+        assert_eq!(r.now.len(), 1);
+    }
+
+    #[test]
+    fn a_new_istio_gets_its_first_marker_without_a_restart_and_a_failed_write_is_no_restart() {
+        let (s, mut observed, mut reports) = three_primaries("v1.29.6");
+        observed.get_mut("east").unwrap().held.remove(&kinds::istio_key("default"));
+        let r = istiod_restarts(&fref(), &s, &observed, &reports, Some(&north_refreshed()), None, now());
+        assert!(r.markers.contains_key("east") && !r.now.contains("east"), "{r:?}");
+        assert_eq!(r.now, BTreeSet::from(["west".to_string()]), "the first Primary with an istiod running restarts");
+        reports[1].failure = Some(Failure::new(Reason::WriteFailed, "quota"));
+        assert!(record_restarts(&r, &mut reports, now()).is_empty());
+        assert_eq!(reports[1].istiod_restarted_at, None);
     }
 
     #[test]

@@ -60,7 +60,8 @@ pub fn render(
                 })
                 .collect();
             let (seen, cacerts) = (Observation::default(), Some(cacerts.clone().into()));
-            let plan = plan::member_plan(fref, "<hub>", spec, cluster, &seen, cacerts, Some(&tokens), &gateways);
+            let wave = plan::Wave { tokens: Some(&tokens), gateways: &gateways, restarts: &BTreeMap::new() };
+            let plan = plan::member_plan(fref, "<hub>", spec, cluster, &seen, cacerts, wave);
             let objects = plan.objects.into_iter().map(|d| redact(d.body)).collect();
             (cluster.name.clone(), objects)
         })

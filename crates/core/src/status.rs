@@ -12,6 +12,7 @@ use crate::{
     kinds::OWNED_KINDS,
     pki::CertSummary,
     validate::{Problem, Validated},
+    versions::MemberVersion,
 };
 
 /// The Event for a cluster released by annotation: what meshfed left behind there and how to find it.
@@ -170,6 +171,11 @@ pub struct MemberReport {
     pub gateway: Option<Result<GatewayAddress, Failure>>,
     /// Whether the member's control plane is ready, or why not; `None` when the member was not planned.
     pub control_plane: Option<Result<(), Failure>>,
+    /// The Istio version it runs for the federation, where known.
+    pub istio_version: Option<MemberVersion>,
+    /// When meshfed last restarted its istiod (after the remote secrets it holds changed, on an Istio version that
+    /// needs it).
+    pub istiod_restarted_at: Option<Timestamp>,
 }
 
 impl MemberReport {
@@ -189,6 +195,8 @@ impl MemberReport {
             intermediate: None,
             gateway: None,
             control_plane: None,
+            istio_version: None,
+            istiod_restarted_at: None,
         }
     }
 
@@ -525,6 +533,15 @@ fn member_status(
             .token_expires_at
             .map(|t| t.to_string())
             .or_else(|| previous.and_then(|p| p.reader_token_expires_at.clone())),
+        istio_version: m
+            .istio_version
+            .as_ref()
+            .map(|v| v.name.clone())
+            .or_else(|| previous.and_then(|p| p.istio_version.clone())),
+        istiod_restarted_at: m
+            .istiod_restarted_at
+            .map(|t| t.to_string())
+            .or_else(|| previous.and_then(|p| p.istiod_restarted_at.clone())),
         conditions: stamp(prev_conditions, conds, generation, now),
     }
 }

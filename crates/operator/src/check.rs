@@ -17,7 +17,7 @@ use kube::{
     api::{DynamicObject, ListParams},
     config::KubeConfigOptions,
 };
-use meshfed_api::{ClusterSpec, ExposeMode, MeshFederation, MeshFederationSpec, TrustStatus};
+use meshfed_api::{ClusterRole, ClusterSpec, ExposeMode, MeshFederation, MeshFederationSpec, TrustStatus};
 use meshfed_core::{
     control_plane,
     federation::FederationRef,
@@ -29,6 +29,7 @@ use meshfed_core::{
     topology,
     trust::{self, CacertsPlan, Observed},
     validate::{Durations, validate},
+    versions::{self, SailVersions},
 };
 use serde::Serialize;
 
@@ -40,12 +41,37 @@ pub struct Finding {
     pub area: &'static str,
     pub subject: String,
     pub ok: bool,
+    /// Passes, with something a person should know (a known Istio defect that meshfed works around).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub warning: bool,
     pub detail: String,
 }
 
 fn found(area: &'static str, subject: impl Into<String>, verdict: Result<String, String>) -> Finding {
     let ok = verdict.is_ok();
-    Finding { area, subject: subject.into(), ok, detail: verdict.unwrap_or_else(|e| e) }
+    Finding { area, subject: subject.into(), ok, warning: false, detail: verdict.unwrap_or_else(|e| e) }
+}
+
+/// The Istio version `cluster` runs for the federation: refused where its Sail operator does not install it; a
+/// warning for a Primary on a version with a defect that meshfed's token refresh triggers.
+fn istio_version(spec: &MeshFederationSpec, cluster: &ClusterSpec, sail: Option<&SailVersions>) -> Finding {
+    let version = match versions::member_version(spec.istio.version.as_deref(), sail) {
+        Ok(Some(v)) => v,
+        Ok(None) => {
+            return found("control plane", &cluster.name, Ok("Istio version not known (no Sail operator CRD)".into()));
+        }
+        Err(f) => return found("control plane", &cluster.name, Err(f.message)),
+    };
+    let defects = versions::remote_secret_defects(version.release);
+    let mut finding = found("control plane", &cluster.name, Ok(format!("Istio {}", version.name)));
+    if cluster.role == ClusterRole::Primary && !defects.is_empty() {
+        finding.warning = true;
+        finding.detail = format!(
+            "Istio {} has {defects}: istiod mishandles an updated remote secret, so meshfed restarts it after each token refresh (every two thirds of remoteAccess.tokenTTL: 16 h with the default 24h); Istio 1.30.4 or 1.31 needs no restart",
+            version.name
+        );
+    }
+    finding
 }
 
 /// How long one member may take to answer.
@@ -293,6 +319,8 @@ async fn member_findings(
         .map_err(|e| e.to_string())?
         .map(|cm| cm.data.and_then(|mut d| d.remove(ROOT_CERT)).unwrap_or_default());
     let held = Held { cacerts: cacerts.and_then(|s| s.data), published };
+    let sail = crate::member::read::sail_versions(client).await.map_err(|f| f.message)?;
+    out.push(istio_version(spec, cluster, sail.as_ref()));
     let istios = Api::<DynamicObject>::all_with(client.clone(), &api_resource(&kinds::ISTIO));
     out.push(found(
         "control plane",
@@ -400,7 +428,14 @@ pub fn passed(findings: &[Finding]) -> bool {
 pub fn report(findings: &[Finding]) -> String {
     findings
         .iter()
-        .map(|f| format!("{:<4}  {:<13}  {:<16}  {}\n", if f.ok { "ok" } else { "FAIL" }, f.area, f.subject, f.detail))
+        .map(|f| {
+            let verdict = match (f.ok, f.warning) {
+                (false, _) => "FAIL",
+                (true, true) => "WARN",
+                (true, false) => "ok",
+            };
+            format!("{verdict:<4}  {:<13}  {:<16}  {}\n", f.area, f.subject, f.detail)
+        })
         .collect()
 }
 
@@ -473,6 +508,26 @@ mod tests {
             findings.iter().map(|f| f.ok).collect(),
             findings.iter().map(|f| format!("{}: {}", f.subject, f.detail)).collect(),
         )
+    }
+
+    #[test]
+    fn a_primary_on_an_istio_with_a_remote_secret_defect_is_a_warning_naming_the_issues() {
+        let s: MeshFederationSpec = serde_saphyr::from_str(
+            "meshID: m\nistio: {version: v1.30.3}\ntrust: {root: {generate: {}}}\nclusters:\n- {name: east, network: n1, kubeconfigSecretRef: {name: e}}\n- {name: r, network: n1, role: Remote, controlPlane: east, kubeconfigSecretRef: {name: r}}\n",
+        )
+        .unwrap();
+        let sail = SailVersions { accepted: vec!["v1.30.3".into(), "v1.30.4".into(), "v1.21.6".into()], default: None };
+        let east = istio_version(&s, &s.clusters[0], Some(&sail));
+        assert!(east.ok && east.warning && east.detail.contains("istio/istio#61043, #60920"), "{east:?}");
+        assert!(report(&[east]).starts_with("WARN"));
+        let remote = istio_version(&s, &s.clusters[1], Some(&sail));
+        assert!(remote.ok && !remote.warning, "a Remote runs no istiod: {remote:?}");
+        let mut fixed = s.clone();
+        fixed.istio.version = Some("v1.30.4".into());
+        assert!(!istio_version(&fixed, &fixed.clusters[0], Some(&sail)).warning);
+        fixed.istio.version = Some("v1.19.0".into());
+        let refused = istio_version(&fixed, &fixed.clusters[0], Some(&sail));
+        assert!(!refused.ok && refused.detail.contains("v1.21.6 to v1.30.4"), "{refused:?}");
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::fmt::Write;
 use meshfed_api::MeshFederation;
 
 /// The federation's topology, conditions, and per cluster its role, network, reachability, gateway address, control
-/// plane, intermediate expiry and reader token expiry.
+/// plane, Istio version, intermediate expiry and reader token expiry.
 pub fn status_table(fed: &MeshFederation) -> String {
     let status = fed.status.clone().unwrap_or_default();
     let mut out = String::new();
@@ -17,8 +17,16 @@ pub fn status_table(fed: &MeshFederation) -> String {
     }
     let _ = writeln!(
         out,
-        "\n{:<10} {:<10} {:<8} {:<10} {:<22} {:<20} {:<21} {:<21} READY",
-        "CLUSTER", "NETWORK", "ROLE", "REACHABLE", "GATEWAY", "CONTROL PLANE", "INTERMEDIATE UNTIL", "TOKEN UNTIL"
+        "\n{:<10} {:<10} {:<8} {:<10} {:<22} {:<20} {:<13} {:<21} {:<21} READY",
+        "CLUSTER",
+        "NETWORK",
+        "ROLE",
+        "REACHABLE",
+        "GATEWAY",
+        "CONTROL PLANE",
+        "ISTIO",
+        "INTERMEDIATE UNTIL",
+        "TOKEN UNTIL"
     );
     for c in &status.clusters {
         let spec = fed.spec.clusters.iter().find(|s| s.name == c.name);
@@ -31,12 +39,13 @@ pub fn status_table(fed: &MeshFederation) -> String {
         let ready = condition("Ready").map_or("-", |r| r.status.as_str());
         let _ = writeln!(
             out,
-            "{:<10} {:<10} {:<8} {:<10} {gateway:<22} {:<20} {:<21} {:<21} {ready}",
+            "{:<10} {:<10} {:<8} {:<10} {gateway:<22} {:<20} {:<13} {:<21} {:<21} {ready}",
             c.name,
             spec.map_or("-", |s| s.network.as_str()),
             spec.map(|s| format!("{:?}", s.role)).unwrap_or_else(|| "leaving".into()),
             c.reachable,
             reason("ControlPlaneReady"),
+            c.istio_version.as_deref().unwrap_or("-"),
             c.intermediate_not_after.as_deref().unwrap_or("-"),
             c.reader_token_expires_at.as_deref().unwrap_or("-"),
         );

@@ -7,7 +7,10 @@ use std::{
 };
 
 use futures::future::try_join_all;
-use k8s_openapi::api::{core::v1::Node, networking::v1::ServiceCIDR};
+use k8s_openapi::{
+    api::{core::v1::Node, networking::v1::ServiceCIDR},
+    apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+};
 use kube::{
     Api, Client,
     api::{DynamicObject, ListParams},
@@ -15,7 +18,9 @@ use kube::{
 use meshfed_core::{
     conditions::Reason,
     federation::{Failure, FederationRef},
+    istio::SAIL_ISTIO_CRD,
     kinds::{Holdings, OWNED_KINDS, ObjectKey, OwnedKind},
+    versions::SailVersions,
 };
 
 use super::{
@@ -91,6 +96,20 @@ pub async fn nodes(client: &Client, selector: Option<&BTreeMap<String, String>>)
         .await
         .map_err(|e| read_failure("listing the nodes the gateway may run on", e))?;
     Ok(found.items)
+}
+
+/// The Istio versions the member's Sail operator accepts, from its `Istio` CRD; `None` where that CRD is not
+/// installed.
+pub async fn sail_versions(client: &Client) -> Result<Option<SailVersions>, Failure> {
+    let crd = Api::<CustomResourceDefinition>::all(client.clone()).get_opt(SAIL_ISTIO_CRD).await.map_err(|e| {
+        read_failure(
+            &format!(
+                "reading CustomResourceDefinition {SAIL_ISTIO_CRD} (the Istio versions its Sail operator accepts)"
+            ),
+            e,
+        )
+    })?;
+    Ok(crd.and_then(|crd| SailVersions::from_crd(&serde_json::to_value(crd).unwrap_or_default())))
 }
 
 /// A failed read from a member's API, as a per-member failure.

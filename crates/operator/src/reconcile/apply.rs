@@ -12,7 +12,6 @@ use meshfed_core::{
     federation::{Failure, FederationRef},
     gateway::GatewayAddress,
     plan,
-    remote::Token,
     status::MemberReport,
 };
 use tracing::{debug, warn};
@@ -26,21 +25,21 @@ use crate::{
     trust::PlannedCacerts,
 };
 
-/// Applies every reached member's plan: without remote secrets when `tokens` is `None` (the first wave), else the
-/// complete plan followed by the prune. Returns each member's outcome.
+/// Applies every reached member's plan: without remote secrets when the wave has no tokens (the first wave), else
+/// the complete plan followed by the prune. Returns each member's outcome.
 pub(super) async fn wave(
     ctx: &Context,
     fref: &FederationRef,
     spec: &MeshFederationSpec,
     reached: &mut BTreeMap<String, Reached>,
     cacerts: &PlannedCacerts,
-    gateways: &BTreeMap<String, Result<GatewayAddress, Failure>>,
-    tokens: Option<&BTreeMap<String, Result<Token, Failure>>>,
+    shared: plan::Wave<'_>,
 ) -> Vec<WaveResult> {
+    let tokens = shared.tokens;
     let work = reached.iter_mut().map(|(name, r)| {
         let cluster = spec.clusters.iter().find(|c| c.name == *name).expect("a member of the spec");
         let cacerts = cacerts.get(name).and_then(|c| c.as_ref().ok()).map(|(data, _)| data.clone());
-        let plan = plan::member_plan(fref, &ctx.hub_id, spec, cluster, &r.seen, cacerts, tokens, gateways);
+        let plan = plan::member_plan(fref, &ctx.hub_id, spec, cluster, &r.seen, cacerts, shared);
         async move {
             let w = Writer { cluster: name, metrics: &ctx.metrics, client: &r.member.client, cache: &r.cache };
             let work = async {

@@ -304,7 +304,9 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     }
     timeline.mark("trust");
     let gateways = plan::gateways(spec, &observed, previous);
-    let first = apply::wave(ctx, &fref, spec, &mut reached, &cacerts, &gateways, None).await;
+    let restarts = plan::istiod_restarts(&fref, spec, &observed, &reports, None, previous, now);
+    let shared = plan::Wave { tokens: None, gateways: &gateways, restarts: &restarts.markers };
+    let first = apply::wave(ctx, &fref, spec, &mut reached, &cacerts, shared).await;
     timeline.mark("first_wave");
     let failed = apply::record(ctx, &fref, &mut reports, &reached, first);
     // Tokens are renewed whatever else failed: a member whose writes fail still gets its token where it holds its
@@ -325,16 +327,20 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     // The first wave may have made or replaced a gateway Service: its address as it is now.
     observed.extend(seen(&reached));
     let gateways = plan::gateways(spec, &observed, previous);
-    let second = apply::wave(ctx, &fref, spec, &mut reached, &cacerts, &gateways, Some(&tokens)).await;
+    let restarts = plan::istiod_restarts(&fref, spec, &observed, &reports, Some(&tokens), previous, now);
+    let shared = plan::Wave { tokens: Some(&tokens), gateways: &gateways, restarts: &restarts.markers };
+    let second = apply::wave(ctx, &fref, spec, &mut reached, &cacerts, shared).await;
     timeline.mark("second_wave");
     apply::record(ctx, &fref, &mut reports, &reached, second);
+    let restarted = plan::record_restarts(&restarts, &mut reports, now);
+    let wake_at = wake_at.into_iter().chain(restarts.held_back_until).min();
     plan::record_tokens(spec, &mut reports, &tokens, previous, ttl, now);
     reports.extend(leaving);
     let verdict = if overlaps.is_empty() { Verdict::Valid(&valid.durations) } else { Verdict::RefusedByMembers };
     let validation = if overlaps.is_empty() { Ok(valid.clone()) } else { Err(overlaps) };
     let generation = fed.meta().generation;
     let status = status::federation_status(previous, generation, spec, &validation, Some(&trust_status), &reports, now);
-    let announcements = [report::released(fed, &reports), trust_said].concat();
+    let announcements = [report::released(fed, &reports), trust_said, restarted].concat();
     finish(fed, ctx, timeline, status, verdict, wake_at, &reports, announcements).await
 }
 

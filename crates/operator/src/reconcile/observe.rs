@@ -13,7 +13,7 @@ use meshfed_core::{
     kinds,
     plan::Observation,
     status::MemberReport,
-    topology,
+    topology, versions,
 };
 use tracing::{debug, warn};
 
@@ -95,17 +95,24 @@ pub(super) async fn observe_member(
             cluster.is_some_and(|c| spec.clusters.iter().any(|o| o.name != c.name && o.network == c.network));
         let ranges =
             async { if take_claim && shares_network { read::ranges(&member.client).await } else { Vec::new() } };
-        let (version, identity, observed, nodes, ranges) = futures::join!(
+        // The versions its Sail operator accepts, for a member that stays (its version is checked before writing).
+        let sail = async { if take_claim { read::sail_versions(&member.client).await } else { Ok(None) } };
+        let (version, identity, observed, nodes, ranges, sail) = futures::join!(
             probe,
             identity,
             read::observe(&member.client, &cache, &ctx.metrics, fref, name, &by_name),
             nodes,
-            ranges
+            ranges,
+            sail
         );
         // The probe's failure says best what is wrong with a member that does not answer.
         report.version = Some(version?.git_version);
         report.identity = identity?.metadata.uid;
-        let ((mut held, unserved), nodes) = (observed?, nodes?);
+        let ((mut held, unserved), nodes, sail) = (observed?, nodes?, sail?);
+        if take_claim {
+            // A version its Sail operator does not install is refused before anything, the claim too, is written.
+            report.istio_version = versions::member_version(spec.istio.version.as_deref(), sail.as_ref())?;
+        }
         let reads_ms = asked.elapsed().as_secs_f64() * 1e3;
         let observed_ns = held.get(&kinds::namespace_key(ns));
         if take_claim && observed_ns.is_some_and(|n| !n["metadata"]["deletionTimestamp"].is_null()) {
@@ -120,13 +127,10 @@ pub(super) async fn observe_member(
         }
         let claim_ms = asked.elapsed().as_secs_f64() * 1e3 - reads_ms;
         debug!(target: "meshfed::timeline", cluster = %name, client_ms, reads_ms, claim_ms, "observed");
-        Ok((held, unserved, nodes, ranges))
+        Ok(Observation { held, unserved, nodes, ranges, sail })
     };
     match within(timeout, run).await {
-        Ok((held, unserved, nodes, ranges)) => {
-            let seen = Observation { held, unserved, nodes, ranges };
-            (report, Some(Reached { member, cache, seen }))
-        }
+        Ok(seen) => (report, Some(Reached { member, cache, seen })),
         Err(f) => {
             warn!(cluster = %name, reason = %f.reason, "{}", f.message);
             report.failure = Some(f);
