@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::{
     Api,
     api::{Patch, PatchParams, PostParams},
@@ -71,8 +72,25 @@ impl Mesh {
 
     /// Like [`Mesh::from_yaml`], with the clusters started with `options` (`real_istiod` is always set).
     async fn from_yaml_with(yaml: &str, options: Options) -> anyhow::Result<Self> {
+        Self::from_yaml_accepting(yaml, options, &[]).await
+    }
+
+    /// Like [`Mesh::from_yaml_with`], with every member's Sail operator also installing the Istio `versions` (its
+    /// `Istio` CRD's `spec.version` enum extended, as a newer Sail operator's is).
+    async fn from_yaml_accepting(yaml: &str, options: Options, versions: &[&str]) -> anyhow::Result<Self> {
         // The real istiod publishes the roots: the stage does not play it.
         let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..options }).await?;
+        for member in ["east", "west"] {
+            let crds: Api<CustomResourceDefinition> = Api::all(f.member(member).await?);
+            let mut crd = serde_json::to_value(crds.get(istio::SAIL_ISTIO_CRD).await?)?;
+            let accepted = &mut crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+                ["version"]["enum"];
+            accepted
+                .as_array_mut()
+                .context("the Sail CRD lists the versions it installs")?
+                .extend(versions.iter().map(|v| json!(v)));
+            crds.replace(istio::SAIL_ISTIO_CRD, &PostParams::default(), &serde_json::from_value(crd)?).await?;
+        }
         f.apply(yaml).await?;
         let fed = f.wait_for("prod", WAIT, is_ready).await?;
         // istiod starts after meshfed converged, as it would once `cacerts` exists: it reads the CA only at start.
@@ -683,13 +701,64 @@ fn gaps(samples: &[Sample], ok: impl Fn(&Sample) -> bool) -> Vec<(Duration, Dura
     out
 }
 
+/// The remote secret `holder` holds for `target`.
+async fn remote_secret(mesh: &Mesh, holder: &str, target: &str) -> anyhow::Result<Secret> {
+    let name = istio::remote_secret_name(target);
+    Ok(Api::<Secret>::namespaced(mesh.f.member(holder).await?, ISTIO_NAMESPACE).get(&name).await?)
+}
+
+/// Advances the controller's clock just past the refresh point of the tokens in the remote secrets of `pairs`
+/// (holder, target); returns how many seconds a fresh token then stays clear of its own refresh point.
+///
+/// A token is due when less than a third of its lifetime remains by the controller's clock, but the API servers
+/// issue fresh tokens in real time: an advance past two thirds of a lifetime (7 of 10 minutes) would make every
+/// fresh token due at once as well, and meshfed would renew at every reconcile (what a first version of this
+/// test saw: a new token every 100 ms). So the clock goes just past the older token's due point; a fresh token
+/// then stays clear for as long as the newest old one had lived, less a second, which is made 15 s.
+async fn advance_past_refresh(mesh: &Mesh, pairs: &[(&str, &str)]) -> anyhow::Result<u64> {
+    let mut claims = Vec::new();
+    for (holder, target) in pairs {
+        let token =
+            remote::token_in_remote_secret(&remote_secret(mesh, holder, target).await?, target).expect("a token");
+        claims.push(remote::token_claims(&token)?);
+    }
+    let newest = claims.iter().map(|c| c.issued_at).max().unwrap();
+    let age = jiff::Timestamp::now().duration_since(newest).unsigned_abs();
+    tokio::time::sleep(Duration::from_secs(15).saturating_sub(age)).await;
+    let now = jiff::Timestamp::now();
+    let advance = claims
+        .iter()
+        .map(|c| {
+            let lifetime = c.expires_at.duration_since(c.issued_at).as_secs();
+            c.expires_at.duration_since(now).as_secs() - lifetime / 3 + 1
+        })
+        .max()
+        .unwrap();
+    let lifetime = claims[0].expires_at.duration_since(claims[0].issued_at).as_secs();
+    let clear = lifetime * 2 / 3 - advance;
+    println!("token refresh: clock advanced {advance} s; a fresh {lifetime} s token is due again after {clear} s");
+    mesh.f.clock.advance(Duration::from_secs(advance.try_into()?));
+    Ok(clear.try_into()?)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_refresh_never_drops_the_remote_cluster_or_its_endpoints_from_istiod_at_any_sample()
 -> anyhow::Result<()> {
     // Tokens of 10 minutes (the TokenRequest API's shortest), renewed when a third remains: the controller's clock is
     // advanced 7 minutes instead of waiting; the API servers keep real time, so the old token still works.
+    // On an Istio that takes an updated remote secret in place (1.31.0: its Sail operator installs it), istiod is
+    // never restarted: it carries no restart marker.
     let spec = format!("{GENERATED_ROOT}  remoteAccess: {{tokenTTL: 10m}}\n");
-    let mesh = Mesh::from_yaml(&prod(&spec, NETWORKS, "")).await?;
+    let yaml = prod(&spec, NETWORKS, "").replace("istio: {", "istio: {version: v1.31.0, ");
+    let mesh = Mesh::from_yaml_accepting(&yaml, Options::default(), &["v1.31.0"]).await?;
+    let markers = async || -> anyhow::Result<Vec<Value>> {
+        let mut out = Vec::new();
+        for holder in ["east", "west"] {
+            out.push(sail_istio(&mesh, holder).await?["spec"]["values"]["pilot"]["podAnnotations"].clone());
+        }
+        Ok(out)
+    };
+    assert_eq!(markers().await?, [Value::Null, Value::Null], "no restart marker on Istio 1.31.0");
     create_hellos(&mesh).await?;
     let other = |m: &str| if m == "east" { "west" } else { "east" };
     let sample = async |holder: &str| {
@@ -711,32 +780,7 @@ async fn a_token_refresh_never_drops_the_remote_cluster_or_its_endpoints_from_is
     };
     let before = [secret("east").await?.data, secret("west").await?.data];
 
-    // A token is due when less than a third of its lifetime remains by the controller's clock, but the API servers
-    // issue fresh tokens in real time: an advance past two thirds of a lifetime (7 of 10 minutes) would make every
-    // fresh token due at once as well, and meshfed would renew at every reconcile (what a first version of this
-    // test saw: a new token every 100 ms). So the clock goes just past the older token's due point; a fresh token
-    // then stays clear for as long as the newest old one had lived, less a second, which is made 15 s.
-    let mut claims = Vec::new();
-    for holder in ["east", "west"] {
-        let token = remote::token_in_remote_secret(&secret(holder).await?, other(holder)).expect("a token");
-        claims.push(remote::token_claims(&token)?);
-    }
-    let newest = claims.iter().map(|c| c.issued_at).max().unwrap();
-    let age = jiff::Timestamp::now().duration_since(newest).unsigned_abs();
-    tokio::time::sleep(Duration::from_secs(15).saturating_sub(age)).await;
-    let now = jiff::Timestamp::now();
-    let advance = claims
-        .iter()
-        .map(|c| {
-            let lifetime = c.expires_at.duration_since(c.issued_at).as_secs();
-            c.expires_at.duration_since(now).as_secs() - lifetime / 3 + 1
-        })
-        .max()
-        .unwrap();
-    let lifetime = claims[0].expires_at.duration_since(claims[0].issued_at).as_secs();
-    let clear = lifetime * 2 / 3 - advance;
-    println!("token refresh: clock advanced {advance} s; a fresh {lifetime} s token is due again after {clear} s");
-    mesh.f.clock.advance(Duration::from_secs(advance.try_into()?));
+    let clear = advance_past_refresh(&mesh, &[("east", "west"), ("west", "east")]).await?;
     let started = Instant::now();
     mesh.f.poke("prod").await?;
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
@@ -812,6 +856,124 @@ async fn a_token_refresh_never_drops_the_remote_cluster_or_its_endpoints_from_is
     // is synced again. (This Istio swaps make-before-break: clusterz shows the new client `syncing` while it
     // syncs, about 0.2 s, and the old one keeps serving meanwhile; measured and printed above.)
     assert!(failed.is_empty(), "a token refresh cost {failed:?}'s istiod its remote cluster or its endpoints");
+    assert_eq!(markers().await?, [Value::Null, Value::Null], "no restart after the refresh on Istio 1.31.0");
+    Ok(())
+}
+
+/// `member`'s Sail `Istio` of the default revision, as JSON.
+async fn sail_istio(mesh: &Mesh, member: &str) -> anyhow::Result<Value> {
+    let resource = meshfed_operator::member::kinds::api_resource(&meshfed_core::kinds::ISTIO);
+    let istios = Api::<kube::api::DynamicObject>::all_with(mesh.f.member(member).await?, &resource);
+    Ok(serde_json::to_value(istios.get("default").await?)?)
+}
+
+/// The restart marker on `member`'s istiod pods, from its Sail `Istio`.
+async fn restart_marker(mesh: &Mesh, member: &str) -> anyhow::Result<Option<String>> {
+    Ok(meshfed_core::control_plane::restart_marker(&sail_istio(mesh, member).await?).map(String::from))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn on_an_istio_that_needs_it_a_token_refresh_restarts_the_primarys_istiod_once_onto_the_new_secret()
+-> anyhow::Result<()> {
+    // East the Primary on Istio 1.30.3 (#61043, #60920: an updated remote secret needs an istiod restart), west its
+    // Remote; tokens of 10 minutes, refreshed by advancing the controller's clock.
+    let yaml = example("primary-remote").replace("  clusters:", "  remoteAccess: {tokenTTL: 10m}\n  clusters:");
+    assert!(yaml.contains("version: v1.30.3"));
+    let mut mesh = Mesh::from_yaml(&yaml).await?;
+    create_hello_pod(&mesh, "west", pod_address("west")).await?;
+    let network = mesh.network("west");
+    let sample = async |istiod: &Istiod| {
+        let (c, e) = futures::join!(istiod.debug("/debug/clusterz"), istiod.debug("/debug/endpointShardz"));
+        let status = c.ok().and_then(|c| sync_status(&c, "west"));
+        (status, e.is_ok_and(|e| endpoint_known(&e, "west", pod_address("west"), &network)))
+    };
+    let ready = async || sample(mesh.istiod("east")).await == (Some("synced".into()), true);
+    until("east's istiod to hold west's endpoint", WAIT, POLL, ready).await?;
+    let marker =
+        restart_marker(&mesh, "east").await?.context("on Istio 1.30.3 east's istiod carries a restart marker")?;
+    let before = remote_secret(&mesh, "east", "west").await?.data;
+
+    let clear = advance_past_refresh(&mesh, &[("east", "west")]).await?;
+    let started = Instant::now();
+    mesh.f.poke("prod").await?;
+    // Played as a Deployment rollout: when the marker on istiod's pods changes, a new istiod starts (reading the
+    // remote secrets as they are then), and the old one stops once the new one is ready. Sampled every 100 ms: the
+    // istiod that serves (the old one until the new one is ready).
+    let (mut samples, mut changed, mut rolled) = (Vec::new(), None, None);
+    let mut markers = vec![marker.clone()];
+    let mut new_istiod = None;
+    {
+        let cluster = mesh.f.env.cluster("east");
+        let mut rollout = std::pin::pin!(futures::future::OptionFuture::from(None));
+        loop {
+            let serving = new_istiod.as_ref().unwrap_or(mesh.istiod("east"));
+            let (status, endpoint) = sample(serving).await;
+            samples.push(Sample { at: started.elapsed(), status, endpoint });
+            let now_marker = restart_marker(&mesh, "east").await?;
+            if now_marker.as_deref() != markers.last().map(String::as_str) {
+                markers.push(now_marker.clone().unwrap_or_default());
+                if changed.is_none() {
+                    changed = Some(started.elapsed());
+                    // The secret was rewritten before istiod was told to restart.
+                    let now_secret = remote_secret(&mesh, "east", "west").await?.data;
+                    assert_ne!(now_secret, before, "the marker changed before the remote secret held the new token");
+                    rollout.set(Some(Istiod::start(cluster, "east", ISTIO_NAMESPACE)).into());
+                }
+            }
+            tokio::select! {
+                Some(started_istiod) = &mut rollout => {
+                    rollout.set(None.into());
+                    new_istiod = Some(started_istiod?);
+                    rolled = Some(started.elapsed());
+                }
+                _ = tokio::time::sleep(POLL) => {}
+            }
+            let elapsed = started.elapsed();
+            if rolled.is_some_and(|r| elapsed > r + Duration::from_secs(3)) {
+                break;
+            }
+            assert!(elapsed.as_secs() < clear, "the sampling outlived the fresh token's clear time");
+            if elapsed > WAIT {
+                panic!(
+                    "after {WAIT:?}: markers {markers:?}, changed at {changed:?}; east's log:\n{}",
+                    mesh.istiod("east").log_tail()
+                );
+            }
+        }
+    }
+    let new_istiod = new_istiod.expect("the rollout ended");
+    mesh.istiods.insert("east".into(), new_istiod);
+    let (changed, rolled) = (changed.unwrap(), rolled.unwrap());
+    let synced = |s: &Sample| s.status.as_deref() == Some("synced");
+    // Synced, or syncing while the old istiod (this Istio takes the update in place too) builds its new client.
+    let served = |s: &Sample| matches!(s.status.as_deref(), Some("synced" | "syncing"));
+    let (unsynced, unserved, missing) =
+        (gaps(&samples, synced), gaps(&samples, served), gaps(&samples, |s| s.endpoint));
+    println!(
+        "istiod restart (Istio v1.30.3 declared; the istiod run is istio.io/istio {}): marker changed {changed:?} after the refresh began, the new istiod was ready {:?} later; {} samples over {:?}: west syncing (not synced) during {unsynced:?}, neither during {unserved:?}, west's endpoint missing during {missing:?}",
+        meshfed_testenv::ISTIO_VERSION,
+        rolled - changed,
+        samples.len(),
+        samples.last().map(|s| s.at).unwrap_or_default(),
+    );
+    assert_eq!(markers.len(), 2, "one restart for one refresh: markers {markers:?}");
+    assert!(unserved.is_empty() && missing.is_empty(), "west left east's istiod: {unserved:?} {missing:?}");
+    assert!(samples.last().is_some_and(synced), "west is synced in the restarted istiod");
+    // The new istiod read the new secret at its start: it never needed an in-place update.
+    let log = std::fs::read_to_string(mesh.istiod("east").log())?;
+    assert_eq!(
+        log.matches("Update cluster\tcluster=west ").count(),
+        0,
+        "the restarted istiod started on the new secret"
+    );
+    // Reported: the time in east's status, and an Event.
+    mesh.f
+        .wait_for("prod", WAIT, |fed| {
+            let east = fed.status.as_ref().and_then(|s| s.clusters.iter().find(|c| c.name == "east"));
+            east.is_some_and(|c| c.istiod_restarted_at.is_some() && c.istio_version.as_deref() == Some("v1.30.3"))
+        })
+        .await?;
+    mesh.f.wait_for_event("prod", |e| e.reason.as_deref() == Some("IstiodRestarted")).await?;
     Ok(())
 }
 
