@@ -319,6 +319,23 @@ fn remote_secrets_digest(
     pki::fingerprint_der(&serde_json::to_vec(&data).unwrap_or_default())
 }
 
+/// The members whose reader token is had in this reconcile: every member that answered whose first wave went
+/// through, and one whose writes failed where it holds its reader ServiceAccount, so that tokens are renewed
+/// whatever else failed and its peers never hold an expired one.
+pub fn token_targets(
+    spec: &MeshFederationSpec,
+    observed: &BTreeMap<String, Observation>,
+    failed: &BTreeSet<String>,
+) -> BTreeSet<String> {
+    let reader = kinds::ObjectKey {
+        kind: kinds::SERVICE_ACCOUNT,
+        namespace: Some(spec.istio.namespace.clone()),
+        name: remote::READER_SERVICE_ACCOUNT.into(),
+    };
+    let readable = |name: &String, seen: &Observation| !failed.contains(name) || seen.held.contains_key(&reader);
+    observed.iter().filter(|(name, seen)| readable(name, seen)).map(|(name, _)| name.clone()).collect()
+}
+
 /// Puts the reader tokens into the reports: every member that some Primary reads gets its token's times, or why it
 /// has none. One that answered but got no token this time (its writes failed before its reader was in place, or it
 /// waits in its backoff) keeps its last token's facts while that token is before its refresh point; past it, its
@@ -717,6 +734,22 @@ mod tests {
         reports[1].failure = Some(Failure::new(Reason::WriteFailed, "quota"));
         assert!(record_restarts(&r, &mut reports, now()).is_empty());
         assert_eq!(reports[1].istiod_restarted_at, None);
+    }
+
+    #[test]
+    fn a_member_whose_writes_failed_still_gets_a_token_where_it_holds_its_reader() {
+        let s = two_networks();
+        let reader = kinds::ObjectKey {
+            kind: kinds::SERVICE_ACCOUNT,
+            namespace: Some("istio-system".into()),
+            name: remote::READER_SERVICE_ACCOUNT.into(),
+        };
+        let with_reader = held(vec![(reader, serde_json::json!({"metadata": {"name": "meshfed-reader"}}))]);
+        let observed = BTreeMap::from([("east".to_string(), with_reader), ("west".to_string(), Observation::default())]);
+        let all = BTreeSet::from(["east".to_string(), "west".to_string()]);
+        assert_eq!(token_targets(&s, &observed, &BTreeSet::new()), all, "every member that answered");
+        // Both failed their first wave: east holds its reader (a token for it works), west does not (yet).
+        assert_eq!(token_targets(&s, &observed, &all), BTreeSet::from(["east".to_string()]));
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod observe;
 mod report;
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     sync::{
         Arc,
         atomic::{AtomicI64, Ordering},
@@ -21,7 +21,7 @@ use std::{
 
 use futures::{StreamExt, future::join_all};
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api, Client, Resource, ResourceExt,
     api::ListParams,
@@ -37,9 +37,8 @@ use meshfed_api::MeshFederation;
 use meshfed_core::{
     conditions::Reason,
     federation::{Failure, FederationRef},
-    kinds::{self, typed},
     plan::{self, Timing, Verdict},
-    remote, status,
+    status,
     validate::{observed_overlaps, validate},
 };
 use tracing::{Instrument, info, info_span, warn};
@@ -309,17 +308,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     let first = apply::wave(ctx, &fref, spec, &mut reached, &cacerts, shared).await;
     timeline.mark("first_wave");
     let failed = apply::record(ctx, &fref, &mut reports, &reached, first);
-    // Tokens are renewed whatever else failed: a member whose writes fail still gets its token where it holds its
-    // reader ServiceAccount, so its peers never hold an expired one.
-    let reader = kinds::ObjectKey {
-        kind: kinds::SERVICE_ACCOUNT,
-        namespace: Some(spec.istio.namespace.clone()),
-        name: remote::READER_SERVICE_ACCOUNT.into(),
-    };
-    let readable = |(name, r): (&String, &Reached)| {
-        !failed.contains(name) || typed::<ServiceAccount>(&r.seen.held, &reader).is_some()
-    };
-    let token_targets: BTreeSet<String> = reached.iter().filter(|e| readable(*e)).map(|(n, _)| n.clone()).collect();
+    let token_targets = plan::token_targets(spec, &seen(&reached), &failed);
     let (ttl, timeout) = (valid.durations.token_ttl, ctx.settings.member_timeout);
     let tokens = crate::remote::tokens(&ctx.metrics, spec, &reached, &token_targets, ttl, now, timeout).await;
     timeline.mark("tokens");
