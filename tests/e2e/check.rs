@@ -12,7 +12,7 @@ use k8s_openapi::{
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use meshfed_api::KeyAlgorithm;
 use meshfed_core::{pki, trust};
-use meshfed_e2e::{Fixture, NAMESPACE, example, is_ready};
+use meshfed_e2e::{Fixture, NAMESPACE, example, is_ready, sample_until};
 use meshfed_operator::check::{self, Finding};
 use meshfed_testenv::Options;
 
@@ -71,14 +71,13 @@ async fn check_passes_on_a_converged_mesh_names_every_fault_and_passes_again_onc
     // token cache): check again until the revocation shows.
     let revoked =
         |fails: &[String]| fails.iter().any(|f| f.starts_with("remote access east -> west: listing services"));
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let fails = loop {
-        let fails = failing(&check::check(&f.hub, NAMESPACE, "prod", now()).await?);
-        if revoked(&fails) || Instant::now() > deadline {
-            break fails;
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
+    let mut fails = Vec::new();
+    let every = Duration::from_millis(500);
+    let _ = sample_until(Instant::now(), Duration::from_secs(30), every, async |_, _| {
+        fails = failing(&check::check(&f.hub, NAMESPACE, "prod", now()).await?);
+        Ok(revoked(&fails))
+    })
+    .await;
     println!("{fails:#?}");
     let has = |prefix: &str| fails.iter().any(|f| f.starts_with(prefix));
     assert!(revoked(&fails), "{fails:?}");
@@ -94,17 +93,14 @@ async fn check_passes_on_a_converged_mesh_names_every_fault_and_passes_again_onc
     // The operator and north are back: check turns green once the operator repaired the reader and cacerts.
     f.env.cluster_mut("north").start().await?;
     let operator = f.run_operator(f.metrics.clone()).await?;
-    let deadline = Instant::now() + WAIT;
-    let started = Instant::now();
-    loop {
-        let findings = check::check(&f.hub, NAMESPACE, "prod", now()).await?;
-        if check::passed(&findings) {
-            println!("check passed again {:?} after the operator came back", started.elapsed());
-            break;
-        }
-        assert!(Instant::now() < deadline, "still failing: {:?}", failing(&findings));
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let (started, mut findings) = (Instant::now(), Vec::new());
+    let passed = sample_until(started, WAIT, every, async |_, _| {
+        findings = check::check(&f.hub, NAMESPACE, "prod", now()).await?;
+        Ok(check::passed(&findings))
+    })
+    .await;
+    assert!(passed.is_ok(), "still failing: {:?}", failing(&findings));
+    println!("check passed again {:?} after the operator came back", started.elapsed());
     operator.abort();
     Ok(())
 }

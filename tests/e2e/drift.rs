@@ -20,9 +20,9 @@ where
     Fut: Future<Output = bool>,
 {
     let start = Instant::now();
-    while !check().await {
-        assert!(start.elapsed() < REPAIR_BOUND, "{what} was not repaired within {REPAIR_BOUND:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    let ok = async || check().await;
+    if let Err(e) = meshfed_e2e::until(what, REPAIR_BOUND, Duration::from_millis(50), ok).await {
+        panic!("{what} was not repaired: {e}");
     }
     let took = start.elapsed();
     println!("{what}: repaired in {took:.2?}");

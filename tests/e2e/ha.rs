@@ -17,7 +17,7 @@ use kube::{
     Api, Client,
     api::{DeleteParams, PostParams},
 };
-use meshfed_e2e::{Fixture, OPERATOR_NAMESPACE, example, is_ready};
+use meshfed_e2e::{Fixture, OPERATOR_NAMESPACE, example, is_ready, sample_until, until};
 use meshfed_operator::{
     leader,
     metrics::Metrics,
@@ -60,21 +60,20 @@ async fn when_the_leader_dies_mid_convergence_the_other_replica_takes_over_and_e
     let (a, b) = (Metrics::default(), Metrics::default());
     let mut replicas = vec![("a", replica(&f, "a", a.clone()).await?), ("b", replica(&f, "b", b.clone()).await?)];
     let deadline = Instant::now() + WAIT;
-    let first = loop {
-        if let Some(h) = holder(&f).await {
-            break h;
-        }
-        assert!(Instant::now() < deadline, "no replica took the Lease");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let mut first = None;
+    let took = sample_until(Instant::now(), WAIT, Duration::from_millis(50), async |_, _| {
+        first = holder(&f).await;
+        Ok(first.is_some())
+    })
+    .await;
+    let first = first.unwrap_or_else(|| panic!("no replica took the Lease: {took:?}"));
     let leader_metrics = if first == "a" { a } else { b };
 
     // Kill the leader once it has started writing to members, before it is done.
     f.apply(&example("multi-primary-multi-network")).await?;
-    while leader_metrics.member_writes_total() == 0 {
-        assert!(Instant::now() < deadline, "the leader wrote nothing");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    let wrote = async || leader_metrics.member_writes_total() > 0;
+    until("the leader to write", deadline.saturating_duration_since(Instant::now()), Duration::from_millis(1), wrote)
+        .await?;
     let i = replicas.iter().position(|(id, _)| *id == first).unwrap();
     replicas.remove(i).1.abort();
     let killed = Instant::now();
@@ -151,15 +150,18 @@ async fn a_leader_whose_lease_renewals_fail_stops_writing_before_the_other_repli
     bindings.delete(&format!("replica-{first}"), &DeleteParams::default()).await?;
     let cut = Instant::now();
     let cacerts = Api::<Secret>::namespaced(f.member("east").await?, "istio-system");
-    let deadline = cut + WAIT;
-    let (taken, writes_when_taken) = loop {
+    let mut taken = None;
+    let took = sample_until(cut, WAIT, Duration::from_millis(100), async |_, _| {
         if holder(&f).await.as_deref() == Some(other) {
-            break (Instant::now(), leader_metrics.member_writes_total());
+            taken = Some((Instant::now(), leader_metrics.member_writes_total()));
+            return Ok(true);
         }
-        assert!(Instant::now() < deadline, "{other} never took the Lease");
+        // Drift for the new leader to repair: the old one, cut off, must not.
         let _ = cacerts.delete("cacerts", &DeleteParams::default()).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+        Ok(false)
+    })
+    .await;
+    let (taken, writes_when_taken) = taken.unwrap_or_else(|| panic!("{other} never took the Lease: {took:?}"));
     let (stopped, writes) = leader_stopped.lock().unwrap().expect("the leader whose renewals fail did not stop");
     println!(
         "{first} stopped {:.1?} after its Lease access was cut, {:.1?} before {other} took the Lease (Lease: {LEASE:?}); member writes: {writes} when it stopped, {writes_when_taken} at the takeover",

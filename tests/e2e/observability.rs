@@ -75,15 +75,18 @@ fn documented() -> Vec<String> {
 
 /// Scrapes until `done` holds, for at most a few seconds.
 async fn settled(port: u16, done: impl Fn(&Scrape) -> bool) -> anyhow::Result<Scrape> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    loop {
+    let mut last = None;
+    let every = Duration::from_millis(100);
+    let settled = meshfed_e2e::sample_until(std::time::Instant::now(), Duration::from_secs(5), every, async |_, _| {
         let m = Scrape::from(port).await?;
-        if done(&m) {
-            return Ok(m);
-        }
-        anyhow::ensure!(std::time::Instant::now() < deadline, "the metrics did not settle:\n{}", m.0);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let done = done(&m);
+        last = Some(m);
+        Ok(done)
+    })
+    .await;
+    let last = last.expect("one scrape at least");
+    anyhow::ensure!(settled.is_ok(), "the metrics did not settle:\n{}", last.0);
+    Ok(last)
 }
 
 /// How many kinds of the table `member` holds objects of, labelled as meshfed's.

@@ -200,16 +200,13 @@ async fn tokens_are_replaced_before_they_expire_and_the_old_one_still_works_unti
     Ok(())
 }
 
-async fn wait<F, Fut>(mut done: F)
+async fn wait<F, Fut>(done: F)
 where
-    F: FnMut() -> Fut,
+    F: Fn() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = std::time::Instant::now() + WAIT;
-    while !done().await {
-        assert!(std::time::Instant::now() < deadline, "condition not reached within {WAIT:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let reached = meshfed_e2e::until("the condition", WAIT, Duration::from_millis(200), async || done().await).await;
+    reached.expect("the condition is reached");
 }
 
 #[tokio::test(flavor = "multi_thread")]

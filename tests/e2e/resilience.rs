@@ -129,17 +129,15 @@ async fn a_member_that_cannot_be_reached_changes_nothing_in_the_others() -> Resu
     f.env.cluster_mut("west").stop();
     // Reconciles with west down, east's Istio sampled throughout: never rewritten, west's gateway always in it.
     let sampling = async {
-        let mut samples = 0;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
+        let (started, span) = (Instant::now(), Duration::from_secs(15));
+        meshfed_e2e::sample_until(started, span, Duration::from_millis(100), async |_, elapsed| {
             // The played Sail operator may write its status; the spec is meshfed's.
             let now = istios.get("default").await?;
             assert_eq!(now.metadata.generation, before.metadata.generation, "east's Istio was rewritten");
             assert_eq!(networks(&now), networks(&before), "east's meshNetworks changed");
-            samples += 1;
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::Ok(samples)
+            Ok(elapsed >= span)
+        })
+        .await
     };
     let reconciles = async {
         for _ in 0..2 {

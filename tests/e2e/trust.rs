@@ -1,17 +1,23 @@
 //! Trust end to end: a root and one intermediate per member that openssl accepts, a root the user brings, every bad
 //! root refused with its reason, a hand-made `cacerts` repaired, and a lost generated root reported, never replaced.
 
-use std::{path::Path, process::Command, time::Duration};
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
 
 use k8s_openapi::{ByteString, api::core::v1::Secret};
 use kube::{
     Api, Client, ResourceExt,
     api::{Patch, PatchParams},
 };
-use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready};
+use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready, sample_until};
 use meshfed_testenv::Options;
 
 const WAIT: Duration = Duration::from_secs(60);
+/// How often a rotation is sampled: what must hold at every step is checked at each sample.
+const SAMPLE: Duration = Duration::from_millis(100);
 
 /// Runs openssl with whitespace-separated arguments in `dir`.
 fn openssl(dir: &Path, args: &str) -> (bool, String) {
@@ -120,16 +126,9 @@ async fn a_generated_root_gives_every_member_an_intermediate_that_istio_accepts(
     );
     Api::<Secret>::namespaced(east.clone(), "istio-system").replace("cacerts", &Default::default(), &hand_made).await?;
     f.poke("prod").await?;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let now = cacerts(&east).await.unwrap();
-        if now.data.as_ref().unwrap()["ca-cert.pem"].0 != own {
-            assert_istio_intermediate(dir.path(), &now, "east", &root_pem);
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the hand-made cacerts was not repaired");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let repaired = async || cacerts(&east).await.unwrap().data.as_ref().unwrap()["ca-cert.pem"].0 != own;
+    meshfed_e2e::until("the hand-made cacerts to be repaired", WAIT, Duration::from_millis(200), repaired).await?;
+    assert_istio_intermediate(dir.path(), &cacerts(&east).await.unwrap(), "east", &root_pem);
 
     // A root the federation does not use, appended to east's root-cert.pem, is removed and said.
     let root_fp = meshfed_core::pki::fingerprints(&root_pem).remove(0);
@@ -326,19 +325,15 @@ async fn a_root_rotation_never_leaves_a_member_distrusting_a_peer_and_holds_for_
     // North is down when the root changes: east and west get both roots, and the rotation holds there.
     f.env.cluster_mut("north").stop();
     f.apply(&yaml("root-b")).await?;
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
+    let reached = sample_until(Instant::now(), WAIT, SAMPLE, async |_, _| {
         let now = states(&f, &["east", "west"]).await;
         assert_everyone_trusts_every_signer(&now);
-        let both = now.iter().all(|(_, s)| {
+        Ok(now.iter().all(|(_, s)| {
             meshfed_core::pki::fingerprints(&s.data.as_ref().unwrap()["root-cert.pem"].0).contains(&fingerprint_b)
-        });
-        if both {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "the new root did not reach the reachable members");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        }))
+    })
+    .await;
+    assert!(reached.is_ok(), "the new root did not reach the reachable members: {reached:?}");
     f.poke_and_wait("prod").await?;
     let fed = f.federations().get("prod").await?;
     let phase = fed.status.as_ref().unwrap().trust.as_ref().unwrap().rotation_phase.clone().unwrap_or_default();
@@ -354,9 +349,8 @@ async fn a_root_rotation_never_leaves_a_member_distrusting_a_peer_and_holds_for_
     // certificate at every step seen. Once every member signs with root B, the rotation waits for the workload
     // certificates of root A to expire: the test moves the controller's clock past them.
     f.env.cluster_mut("north").start().await?;
-    let deadline = std::time::Instant::now() + WAIT;
     let mut waited = false;
-    loop {
+    let finished = sample_until(Instant::now(), WAIT, SAMPLE, async |_, _| {
         let now = states(&f, &members).await;
         assert_everyone_trusts_every_signer(&now);
         if f.clock.now() < leaves_expire {
@@ -387,11 +381,12 @@ async fn a_root_rotation_never_leaves_a_member_distrusting_a_peer_and_holds_for_
                 );
                 assert_istio_intermediate(d, s, name, &root_b);
             }
-            break;
+            return Ok(true);
         }
-        assert!(std::time::Instant::now() < deadline, "the rotation did not finish");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        Ok(false)
+    })
+    .await;
+    assert!(finished.is_ok(), "the rotation did not finish: {finished:?}");
     Ok(())
 }
 
@@ -406,9 +401,8 @@ async fn rotate_to_the_end(
     leaves: &[(String, Vec<u8>, Vec<u8>)],
     done: impl Fn(&meshfed_api::TrustStatus) -> bool,
 ) -> anyhow::Result<meshfed_api::MeshFederation> {
-    let deadline = std::time::Instant::now() + WAIT;
-    let mut waited = false;
-    loop {
+    let (mut waited, mut last) = (false, None);
+    let finished = sample_until(Instant::now(), WAIT, SAMPLE, async |_, _| {
         let now = states(f, members).await;
         assert_everyone_trusts_every_signer(&now);
         if !waited {
@@ -426,13 +420,15 @@ async fn rotate_to_the_end(
             f.clock.advance(Duration::from_secs(24 * 3600 + 6 * 60));
             f.poke("prod").await?;
         }
-        if is_ready(&fed) && done(&trust) {
-            assert!(waited, "the old root was dropped without waiting for the workload certificates");
-            return Ok(fed);
-        }
-        assert!(std::time::Instant::now() < deadline, "the rotation did not finish: {:?}", fed.status);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        let finished = is_ready(&fed) && done(&trust);
+        last = Some(fed);
+        Ok(finished)
+    })
+    .await;
+    let fed = last.expect("one sample at least");
+    assert!(finished.is_ok(), "the rotation did not finish ({finished:?}): {:?}", fed.status);
+    assert!(waited, "the old root was dropped without waiting for the workload certificates");
+    Ok(fed)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -151,35 +151,36 @@ impl Fixture {
         timeout: Duration,
         done: impl Fn(&MeshFederation) -> bool,
     ) -> Result<MeshFederation> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        let mut last = None;
+        let reached = sample_until(Instant::now(), timeout, POLL, async |_, _| {
             let fed = self.federations().get(name).await?;
-            if done(&fed) {
-                return Ok(fed);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "federation {name} not as expected after {timeout:?}; status:\n{}",
-                    serde_saphyr::to_string(&fed.status)?
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            let done = done(&fed);
+            last = Some(fed);
+            Ok(done)
+        })
+        .await;
+        match (reached, last) {
+            (Ok(_), Some(fed)) => Ok(fed),
+            (e, last) => bail!(
+                "federation {name} not as expected ({:?}); status:\n{}",
+                e.err(),
+                serde_saphyr::to_string(&last.and_then(|f| f.status))?
+            ),
         }
     }
 
     /// Waits until the federation is gone (its finalizer released).
     pub async fn wait_gone(&self, name: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        while let Some(fed) = self.federations().get_opt(name).await? {
-            if Instant::now() > deadline {
-                bail!(
-                    "federation {name} still there after {timeout:?}; status:\n{}",
-                    serde_saphyr::to_string(&fed.status)?
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-        Ok(())
+        let mut last = None;
+        let gone = sample_until(Instant::now(), timeout, POLL, async |_, _| {
+            last = self.federations().get_opt(name).await?;
+            Ok(last.is_none())
+        })
+        .await;
+        gone.map(drop).map_err(|e| {
+            let status = last.and_then(|f| f.status).map(|s| serde_saphyr::to_string(&s).unwrap_or_default());
+            anyhow::anyhow!("federation {name} still there: {e}; status:\n{}", status.unwrap_or_default())
+        })
     }
 
     /// Waits until an Event on federation `name` satisfies `matches`.
@@ -189,20 +190,16 @@ impl Fixture {
         matches: impl Fn(&k8s_openapi::api::events::v1::Event) -> bool,
     ) -> Result<()> {
         let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(self.hub.clone(), NAMESPACE);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let list = events.list(&ListParams::default()).await?.items;
-            let regards = |e: &&k8s_openapi::api::events::v1::Event| {
-                e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
-            };
-            if list.iter().filter(regards).any(&matches) {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!("no such Event on {name}; all Events:\n{list:#?}");
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+        let mut list = Vec::new();
+        let regards = |e: &&k8s_openapi::api::events::v1::Event| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)
+        };
+        let found = sample_until(Instant::now(), Duration::from_secs(30), POLL, async |_, _| {
+            list = events.list(&ListParams::default()).await?.items;
+            Ok(list.iter().filter(regards).any(&matches))
+        })
+        .await;
+        found.map(drop).map_err(|e| anyhow::anyhow!("no such Event on {name}: {e}; all Events:\n{list:#?}"))
     }
 
     /// Triggers a reconcile of a federation without changing its spec (an annotation change is a watch event).
@@ -409,16 +406,37 @@ pub fn example(name: &str) -> String {
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
+/// How often the fixture's waits look again.
+const POLL: Duration = Duration::from_millis(200);
+
 /// Waits until `ok` holds, checking every `every`, for at most `timeout`.
 pub async fn until(what: &str, timeout: Duration, every: Duration, ok: impl AsyncFn() -> bool) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !ok().await {
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
+    let reached = sample_until(Instant::now(), timeout, every, async |_, _| Ok(ok().await)).await;
+    reached.map(drop).map_err(|e| anyhow::anyhow!("waiting for {what}: {e}"))
+}
+
+/// The one sampler of the suites: calls `sample` every `every` (each call `every` after the previous one began, or
+/// at once when it took longer) with the sample's number and the time since `started`, until it returns `true`.
+/// `sample` asserts what must hold at every sample (a claim "at every sample" is checked there), and says when the
+/// change it watches is through. Returns the number of samples; an error once `bound` has passed since `started`.
+pub async fn sample_until(
+    started: Instant,
+    bound: Duration,
+    every: Duration,
+    mut sample: impl AsyncFnMut(u32, Duration) -> Result<bool>,
+) -> Result<u32> {
+    let mut n = 0;
+    loop {
+        n += 1;
+        let sampled = Instant::now();
+        if sample(n, started.elapsed()).await? {
+            return Ok(n);
         }
-        tokio::time::sleep(every).await;
+        if started.elapsed() > bound {
+            bail!("not through after {bound:?} ({n} samples)");
+        }
+        tokio::time::sleep(every.saturating_sub(sampled.elapsed())).await;
     }
-    Ok(())
 }
 
 /// GETs `path` from a loopback HTTP server on `port`: the status code and the body.

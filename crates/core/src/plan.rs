@@ -745,7 +745,8 @@ mod tests {
             name: remote::READER_SERVICE_ACCOUNT.into(),
         };
         let with_reader = held(vec![(reader, serde_json::json!({"metadata": {"name": "meshfed-reader"}}))]);
-        let observed = BTreeMap::from([("east".to_string(), with_reader), ("west".to_string(), Observation::default())]);
+        let observed =
+            BTreeMap::from([("east".to_string(), with_reader), ("west".to_string(), Observation::default())]);
         let all = BTreeSet::from(["east".to_string(), "west".to_string()]);
         assert_eq!(token_targets(&s, &observed, &BTreeSet::new()), all, "every member that answered");
         // Both failed their first wave: east holds its reader (a token for it works), west does not (yet).
