@@ -225,7 +225,11 @@ async fn a_hub_credential_that_cannot_create_tokens_is_named_with_the_permission
         "rules": meshfed_core::kinds::OWNED_KINDS
             .iter()
             .map(|k| serde_json::json!({"apiGroups": [k.group], "resources": [k.plural], "verbs": ["*"]}))
-            .chain([serde_json::json!({"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list"]})])
+            .chain([
+                serde_json::json!({"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list"]}),
+                // The Istio versions the member's Sail operator installs.
+                serde_json::json!({"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "resourceNames": ["istios.sailoperator.io"], "verbs": ["get"]}),
+            ])
             .collect::<Vec<_>>(),
     }))?;
     Api::<ClusterRole>::all(west.clone()).create(&create, &role).await?;
@@ -324,5 +328,73 @@ async fn a_crafted_remote_secret_costs_the_operator_little_and_is_put_right() ->
     let grew = peak_rss().saturating_sub(before);
     println!("peak resident memory grew by {} MiB", grew >> 20);
     assert!(grew < 128 << 20, "the operator's peak memory grew by {} MiB", grew >> 20);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_whose_writes_keep_failing_still_gets_its_token_renewed_and_its_peers_keep_a_fresh_one()
+-> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    f.apply(&federation(&[&primary("east", "network1"), &primary("west", "network2")], "10m")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    // West refuses meshfed's gateway Deployment from now on (an admission policy, as a platform team might set):
+    // its gateway is deleted, and every write wave in west fails on putting it back.
+    let west = f.member("west").await?;
+    let policy: serde_json::Value = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+        "metadata": {"name": "no-gateways"},
+        "spec": {
+            "failurePolicy": "Fail",
+            "matchConstraints": {"resourceRules": [{"apiGroups": ["apps"], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"], "resources": ["deployments"]}]},
+            "validations": [{"expression": "object.metadata.name != 'istio-eastwestgateway'", "message": "no gateways here"}],
+        },
+    });
+    let binding = serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+        "metadata": {"name": "no-gateways"},
+        "spec": {"policyName": "no-gateways", "validationActions": ["Deny"]},
+    });
+    meshfed_e2e::apply_manifests(
+        &west,
+        &format!("{}\n---\n{}", serde_json::to_string(&policy)?, serde_json::to_string(&binding)?),
+        |_| true,
+    )
+    .await?;
+    let deployments: Api<k8s_openapi::api::apps::v1::Deployment> = Api::namespaced(west.clone(), "istio-system");
+    // The policy takes effect within a second or so: a dry-run create of the gateway is refused then.
+    let gateway = deployments.get("istio-eastwestgateway").await?;
+    let refused = async || {
+        let mut probe = gateway.clone();
+        probe.metadata = kube::api::ObjectMeta { name: Some("istio-eastwestgateway".into()), ..Default::default() };
+        let dry = PostParams { dry_run: true, ..Default::default() };
+        deployments.delete("istio-eastwestgateway", &Default::default()).await.ok();
+        deployments.create(&dry, &probe).await.is_err_and(|e| e.to_string().contains("no gateways here"))
+    };
+    meshfed_e2e::until("west's admission policy to refuse the gateway", WAIT, Duration::from_millis(200), refused)
+        .await?;
+    let failing = |fed: &meshfed_api::MeshFederation| {
+        fed_condition(fed, "MembersConverged")
+            .is_some_and(|c| c.reason == "WriteFailed" && c.message.contains("no gateways here"))
+    };
+    f.poke("prod").await?;
+    f.wait_for("prod", WAIT, failing).await?;
+    let old = remote::token_in_remote_secret(&f.remote_secret("istio-system", "east", "west").await?, "west")
+        .expect("a token");
+
+    // West's token falls due: it is renewed although every wave in west fails, and east holds the new one.
+    f.advance_past_refresh("istio-system", &[("east", "west")]).await?;
+    f.poke("prod").await?;
+    let renewed = async || {
+        let secret = f.remote_secret("istio-system", "east", "west").await.ok();
+        secret.and_then(|s| remote::token_in_remote_secret(&s, "west")).is_some_and(|t| t.expose() != old.expose())
+    };
+    meshfed_e2e::until("east to hold a fresh token for west", WAIT, Duration::from_millis(200), renewed).await?;
+    let fed = f.federations().get("prod").await?;
+    assert!(failing(&fed), "west's writes still fail: {:?}", fed_condition(&fed, "MembersConverged"));
+    let west_status = fed.status.as_ref().unwrap().clusters.iter().find(|c| c.name == "west").unwrap().clone();
+    let expires: jiff::Timestamp = west_status.reader_token_expires_at.as_deref().unwrap().parse()?;
+    assert!(expires > f.clock.now(), "the status reports west's fresh token, not an expired one: {expires}");
+    let access = condition(&west_status.conditions, "RemoteAccessReady").unwrap();
+    assert_eq!(access.status, "True", "{}", access.message);
     Ok(())
 }

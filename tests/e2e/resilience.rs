@@ -151,3 +151,49 @@ async fn a_member_that_cannot_be_reached_changes_nothing_in_the_others() -> Resu
     println!("{samples} samples of east's Istio over two reconciles with west down: unchanged");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_member_renamed_in_the_spec_is_relabelled_and_never_torn_down() -> Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    f.apply(&example("multi-primary-multi-network")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let east = f.member("east").await?;
+    let istios = Api::<DynamicObject>::all_with(east.clone(), &api_resource(&ISTIO));
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(east.clone());
+    let secrets: Api<Secret> = Api::namespaced(east.clone(), "istio-system");
+    let uids = async || -> Result<[Option<String>; 3]> {
+        Ok([
+            istios.get_opt("default").await?.and_then(|o| o.metadata.uid),
+            namespaces.get_opt("istio-system").await?.and_then(|o| o.metadata.uid),
+            secrets.get_opt("cacerts").await?.and_then(|o| o.metadata.uid),
+        ])
+    };
+    let before = uids().await?;
+    assert!(before.iter().all(Option::is_some), "east holds its control plane, namespace and cacerts: {before:?}");
+
+    // The same cluster (same kubeconfig Secret) renamed east -> east1: sampled at every step, its `Istio`, Istio
+    // namespace and `cacerts` are never deleted (same UIDs), until the federation is Ready under the new name.
+    f.apply(&example("multi-primary-multi-network").replace("- name: east\n", "- name: east1\n")).await?;
+    let renamed = |fed: &meshfed_api::MeshFederation| {
+        let names: Vec<&str> =
+            fed.status.as_ref().map(|s| s.clusters.iter().map(|c| c.name.as_str()).collect()).unwrap_or_default();
+        is_ready(fed) && names == ["east1", "west"]
+    };
+    let started = Instant::now();
+    let sampled = meshfed_e2e::sample_until(started, WAIT, Duration::from_millis(100), async |n, _| {
+        assert_eq!(uids().await?, before, "sample {n}: east's control plane, namespace or cacerts was deleted");
+        Ok(renamed(&f.federations().get("prod").await?))
+    })
+    .await?;
+    println!("rename: Ready as east1 after {:?}, {sampled} samples, nothing of the cluster deleted", started.elapsed());
+    // What meshfed holds there is now labelled for east1: nothing is left under the old name.
+    let labelled = |cluster: &str| format!("meshfed.io/cluster={cluster}");
+    let lp = |cluster: &str| kube::api::ListParams::default().labels(&labelled(cluster));
+    assert!(istios.list(&lp("east")).await?.items.is_empty(), "an Istio still labelled east");
+    assert_eq!(istios.list(&lp("east1")).await?.items.len(), 1);
+    assert!(secrets.list(&lp("east")).await?.items.is_empty(), "a Secret still labelled east");
+    assert!(!secrets.list(&lp("east1")).await?.items.is_empty());
+    let claim = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(east, "kube-system");
+    assert_eq!(claim.list(&lp("east1")).await?.items.len(), 1, "the claim names east1");
+    Ok(())
+}

@@ -202,6 +202,41 @@ impl Fixture {
         found.map(drop).map_err(|e| anyhow::anyhow!("no such Event on {name}: {e}; all Events:\n{list:#?}"))
     }
 
+    /// The remote secret `holder` holds for `target` in its Istio namespace `namespace`.
+    pub async fn remote_secret(&self, namespace: &str, holder: &str, target: &str) -> Result<Secret> {
+        let name = meshfed_core::istio::remote_secret_name(target);
+        Ok(Api::<Secret>::namespaced(self.member(holder).await?, namespace).get(&name).await?)
+    }
+
+    /// Advances the controller's clock just past the refresh point of the reader tokens in the remote secrets of
+    /// `pairs` (holder, target; Istio namespace `namespace`); returns how many seconds a fresh token then stays clear
+    /// of its own refresh point. For tokens of 10 minutes, the TokenRequest API's shortest.
+    ///
+    /// A token is due when less than a third of its lifetime remains by the controller's clock, but the API servers
+    /// issue fresh tokens in real time: an advance past two thirds of a lifetime (7 of 10 minutes) would make every
+    /// fresh token due at once as well, and meshfed would renew at every reconcile. So the clock goes just past the
+    /// older token's due point; a fresh token then stays clear for as long as the newest old one had lived, less a
+    /// second, which is made 15 s.
+    pub async fn advance_past_refresh(&self, namespace: &str, pairs: &[(&str, &str)]) -> Result<u64> {
+        let mut claims = Vec::new();
+        for (holder, target) in pairs {
+            let secret = self.remote_secret(namespace, holder, target).await?;
+            let token = meshfed_core::remote::token_in_remote_secret(&secret, target).context("a token")?;
+            claims.push(meshfed_core::remote::token_claims(&token)?);
+        }
+        let newest = claims.iter().map(|c| c.issued_at).max().context("a pair")?;
+        let age = jiff::Timestamp::now().duration_since(newest).unsigned_abs();
+        tokio::time::sleep(Duration::from_secs(15).saturating_sub(age)).await;
+        let now = jiff::Timestamp::now();
+        let lifetime = |c: &meshfed_core::remote::TokenClaims| c.expires_at.duration_since(c.issued_at).as_secs();
+        let advance = claims.iter().map(|c| c.expires_at.duration_since(now).as_secs() - lifetime(c) / 3 + 1).max();
+        let (advance, lifetime) = (advance.context("a pair")?, lifetime(&claims[0]));
+        let clear = lifetime * 2 / 3 - advance;
+        println!("token refresh: clock advanced {advance} s; a fresh {lifetime} s token is due again after {clear} s");
+        self.clock.advance(Duration::from_secs(advance.try_into()?));
+        Ok(clear.try_into()?)
+    }
+
     /// Triggers a reconcile of a federation without changing its spec (an annotation change is a watch event).
     pub async fn poke(&self, name: &str) -> Result<()> {
         let stamp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_nanos().to_string();

@@ -217,8 +217,9 @@ pub struct Restarts {
 /// marker rolls istiod onto them: one restart per change (a token refresh, a member that joins or leaves), never
 /// before the secrets are in place. At most one Primary restarts at a time: one whose marker must change waits, with
 /// its current marker, while another restart is under way ([`RESTART_SPACING`]). The first wave (`tokens: None`)
-/// restarts nothing: the second writes the new secrets and decides. A first marker (a new `Istio`, or one written
-/// before meshfed used markers) is set without waiting.
+/// restarts nothing: the second writes the new secrets and decides. A new `Istio` gets its first marker in the
+/// second wave of the reconcile that creates it, without waiting (its istiod is only starting); so does one written
+/// before meshfed used markers (its Deployment rolls once).
 pub fn istiod_restarts(
     fref: &FederationRef,
     spec: &MeshFederationSpec,
@@ -253,10 +254,15 @@ pub fn istiod_restarts(
         if !versions::restart_after_remote_secret_change(release) {
             continue;
         }
-        let held = seen.held.get(&key).map(|istio| control_plane::restart_marker(istio).map(String::from));
+        let Some(istio) = seen.held.get(&key) else {
+            // A new `Istio`: its first marker comes with the remote secrets, in the second wave of its first
+            // reconcile (its istiod is only starting then).
+            continue;
+        };
+        let held = control_plane::restart_marker(istio).map(String::from);
         let marker = remote_secrets_digest(fref, spec, cluster, seen, tokens);
         let marker = match held {
-            Some(Some(held)) if held != marker => {
+            Some(held) if held != marker => {
                 if tokens.is_none() {
                     held
                 } else if under_way.is_some() {
@@ -728,8 +734,15 @@ mod tests {
     fn a_new_istio_gets_its_first_marker_without_a_restart_and_a_failed_write_is_no_restart() {
         let (s, mut observed, mut reports) = three_primaries("v1.29.6");
         observed.get_mut("east").unwrap().held.remove(&kinds::istio_key("default"));
+        let first = istiod_restarts(&fref(), &s, &observed, &reports, None, None, now());
+        assert!(!first.markers.contains_key("east"), "the first wave creates east's Istio without a marker: {first:?}");
+        let mut unmarked = ready_istio("");
+        unmarked["spec"]["values"]["pilot"]["podAnnotations"] = serde_json::Value::Null;
+        let mut created = observed.clone();
+        created.get_mut("east").unwrap().held.insert(kinds::istio_key("default"), Arc::new(unmarked));
+        let second = istiod_restarts(&fref(), &s, &created, &reports, Some(&north_refreshed()), None, now());
+        assert!(second.markers.contains_key("east") && !second.now.contains("east"), "{second:?}");
         let r = istiod_restarts(&fref(), &s, &observed, &reports, Some(&north_refreshed()), None, now());
-        assert!(r.markers.contains_key("east") && !r.now.contains("east"), "{r:?}");
         assert_eq!(r.now, BTreeSet::from(["west".to_string()]), "the first Primary with an istiod running restarts");
         reports[1].failure = Some(Failure::new(Reason::WriteFailed, "quota"));
         assert!(record_restarts(&r, &mut reports, now()).is_empty());

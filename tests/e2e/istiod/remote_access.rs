@@ -3,46 +3,6 @@
 
 use super::*;
 
-/// The remote secret `holder` holds for `target`.
-async fn remote_secret(mesh: &Mesh, holder: &str, target: &str) -> anyhow::Result<Secret> {
-    let name = istio::remote_secret_name(target);
-    Ok(Api::<Secret>::namespaced(mesh.f.member(holder).await?, ISTIO_NAMESPACE).get(&name).await?)
-}
-
-/// Advances the controller's clock just past the refresh point of the tokens in the remote secrets of `pairs`
-/// (holder, target); returns how many seconds a fresh token then stays clear of its own refresh point.
-///
-/// A token is due when less than a third of its lifetime remains by the controller's clock, but the API servers
-/// issue fresh tokens in real time: an advance past two thirds of a lifetime (7 of 10 minutes) would make every
-/// fresh token due at once as well, and meshfed would renew at every reconcile (what a first version of this
-/// test saw: a new token every 100 ms). So the clock goes just past the older token's due point; a fresh token
-/// then stays clear for as long as the newest old one had lived, less a second, which is made 15 s.
-async fn advance_past_refresh(mesh: &Mesh, pairs: &[(&str, &str)]) -> anyhow::Result<u64> {
-    let mut claims = Vec::new();
-    for (holder, target) in pairs {
-        let token =
-            remote::token_in_remote_secret(&remote_secret(mesh, holder, target).await?, target).expect("a token");
-        claims.push(remote::token_claims(&token)?);
-    }
-    let newest = claims.iter().map(|c| c.issued_at).max().unwrap();
-    let age = jiff::Timestamp::now().duration_since(newest).unsigned_abs();
-    tokio::time::sleep(Duration::from_secs(15).saturating_sub(age)).await;
-    let now = jiff::Timestamp::now();
-    let advance = claims
-        .iter()
-        .map(|c| {
-            let lifetime = c.expires_at.duration_since(c.issued_at).as_secs();
-            c.expires_at.duration_since(now).as_secs() - lifetime / 3 + 1
-        })
-        .max()
-        .unwrap();
-    let lifetime = claims[0].expires_at.duration_since(claims[0].issued_at).as_secs();
-    let clear = lifetime * 2 / 3 - advance;
-    println!("token refresh: clock advanced {advance} s; a fresh {lifetime} s token is due again after {clear} s");
-    mesh.f.clock.advance(Duration::from_secs(advance.try_into()?));
-    Ok(clear.try_into()?)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_token_refresh_never_drops_the_remote_cluster_or_its_endpoints_from_istiod_at_any_sample()
 -> anyhow::Result<()> {
@@ -76,10 +36,10 @@ async fn a_token_refresh_never_drops_the_remote_cluster_or_its_endpoints_from_is
         let ready = async || sample(holder).await == (Some("synced".into()), true);
         until(&format!("{holder}'s istiod to hold {}'s endpoint", other(holder)), WAIT, POLL, ready).await?;
     }
-    let secret = async |holder: &str| remote_secret(&mesh, holder, other(holder)).await;
+    let secret = async |holder: &str| mesh.f.remote_secret(ISTIO_NAMESPACE, holder, other(holder)).await;
     let before = [secret("east").await?.data, secret("west").await?.data];
 
-    let clear = advance_past_refresh(&mesh, &[("east", "west"), ("west", "east")]).await?;
+    let clear = mesh.f.advance_past_refresh(ISTIO_NAMESPACE, &[("east", "west"), ("west", "east")]).await?;
     let started = Instant::now();
     mesh.f.poke("prod").await?;
     let mut samples: BTreeMap<&str, Vec<Sample>> = BTreeMap::new();
@@ -188,9 +148,9 @@ async fn on_an_istio_that_needs_it_a_token_refresh_restarts_the_primarys_istiod_
     until("east's istiod to hold west's endpoint", WAIT, POLL, ready).await?;
     let marker =
         restart_marker(&mesh, "east").await?.context("on Istio 1.30.3 east's istiod carries a restart marker")?;
-    let before = remote_secret(&mesh, "east", "west").await?.data;
+    let before = mesh.f.remote_secret(ISTIO_NAMESPACE, "east", "west").await?.data;
 
-    let clear = advance_past_refresh(&mesh, &[("east", "west")]).await?;
+    let clear = mesh.f.advance_past_refresh(ISTIO_NAMESPACE, &[("east", "west")]).await?;
     let started = Instant::now();
     mesh.f.poke("prod").await?;
     // Played as a Deployment rollout: when the marker on istiod's pods changes, a new istiod starts (reading the
@@ -212,7 +172,7 @@ async fn on_an_istio_that_needs_it_a_token_refresh_restarts_the_primarys_istiod_
                 if changed.is_none() {
                     changed = Some(started.elapsed());
                     // The secret was rewritten before istiod was told to restart.
-                    let now_secret = remote_secret(&mesh, "east", "west").await?.data;
+                    let now_secret = mesh.f.remote_secret(ISTIO_NAMESPACE, "east", "west").await?.data;
                     assert_ne!(now_secret, before, "the marker changed before the remote secret held the new token");
                     rollout.set(Some(Istiod::start(cluster, "east", ISTIO_NAMESPACE)).into());
                 }
