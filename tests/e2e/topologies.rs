@@ -356,3 +356,75 @@ async fn clusters_on_one_network_whose_ranges_overlap_are_refused_naming_both() 
     f.wait_for("prod", WAIT, is_ready).await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_remote_that_changes_primary_keeps_its_old_one_until_it_points_at_the_new() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "north", "west"], Options::default()).await?;
+    let federation = |control_plane: &str| {
+        format!(
+            "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: prod, namespace: mesh-system}}\nspec:\n  meshID: prod\n  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n  - {{name: east, network: network1, kubeconfigSecretRef: {{name: east-kubeconfig}}}}\n  - {{name: north, network: network1, kubeconfigSecretRef: {{name: north-kubeconfig}}, eastWestGateway: {{expose: HostNetwork, nodeSelector: {{mesh/gateway: \"true\"}}}}}}\n  - {{name: west, network: network1, role: Remote, controlPlane: {control_plane}, kubeconfigSecretRef: {{name: west-kubeconfig}}}}\n"
+        )
+    };
+    f.apply(&federation("east")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let (east, north, west) = (f.member("east").await?, f.member("north").await?, f.member("west").await?);
+    let east_address = load_balancer_ip(0);
+    let pilot = async || -> anyhow::Result<Value> {
+        Ok(istio(&west).await?["spec"]["values"]["global"]["remotePilotAddress"].clone())
+    };
+    assert_eq!(pilot().await?, json!(east_address));
+    let east_services: Api<Service> = Api::namespaced(east.clone(), "istio-system");
+
+    // West moves to north, whose HostNetwork gateway has no node to run on yet: sampled for 5 s, west still points
+    // at east, and east still exposes istiod to it and runs an external istiod.
+    f.apply(&federation("north")).await?;
+    let waits = |fed: &meshfed_api::MeshFederation| {
+        fed_condition(fed, "ControlPlaneReady").is_some_and(|c| c.reason == "AwaitingPrimaryGateway")
+    };
+    f.wait_for("prod", WAIT, waits).await?;
+    let started = std::time::Instant::now();
+    let every = Duration::from_millis(100);
+    let held_for = meshfed_e2e::sample_until(started, Duration::from_secs(10), every, async |n, elapsed| {
+        assert_eq!(pilot().await?, json!(east_address), "sample {n}: west no longer points at east");
+        assert!(east_services.get_opt("istio-eastwestgateway").await?.is_some(), "sample {n}: east's gateway is gone");
+        assert_eq!(istio(&east).await?["spec"]["values"]["global"]["externalIstiod"], true, "sample {n}");
+        Ok(elapsed > Duration::from_secs(5))
+    })
+    .await?;
+    println!("west waits for north's gateway; east kept serving it at all {held_for} samples");
+
+    // North's gateway gets a node: west points at north, and only then is east's gateway pruned.
+    add_node(&north, "north-1", &[("mesh/gateway", "true")], &[("InternalIP", "192.0.2.77")]).await?;
+    f.wait_for("prod", WAIT, |fed| is_ready(fed)).await?;
+    assert_eq!(pilot().await?, json!("192.0.2.77"));
+    let pruned = async || east_services.get_opt("istio-eastwestgateway").await.is_ok_and(|s| s.is_none());
+    meshfed_e2e::until("east's gateway to be pruned once west moved", WAIT, every, pruned).await?;
+    assert!(istio(&east).await?["spec"]["values"]["global"]["externalIstiod"].is_null());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn istio_values_the_sail_schema_drops_leave_the_steady_state_at_zero_writes() -> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let yaml = example("multi-primary").replace(
+        "    version: v1.30.3\n",
+        "    version: v1.30.3\n    values: {pilot: {notASailValue: 1, env: {TEAM: mesh}}, global: {proxy: null}}\n",
+    );
+    assert!(yaml.contains("notASailValue"));
+    f.apply(&yaml).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let east = f.member("east").await?;
+    let values = istio(&east).await?["spec"]["values"].clone();
+    assert!(values["pilot"]["notASailValue"].is_null(), "the Sail schema dropped it: {values}");
+    assert_eq!(values["pilot"]["env"]["TEAM"], "mesh");
+    // Reconciles that find everything in place write nothing, though the member's Istio lacks what was dropped.
+    f.poke_and_wait("prod").await?;
+    let writes = f.metrics.member_writes_total();
+    let reconciles = f.metrics.reconciles.get();
+    for _ in 0..2 {
+        f.poke_and_wait("prod").await?;
+    }
+    assert!(f.metrics.reconciles.get() >= reconciles + 2, "the federation was reconciled");
+    assert_eq!(f.metrics.member_writes_total(), writes, "a steady state wrote");
+    Ok(())
+}

@@ -15,7 +15,7 @@ use k8s_openapi::{
     ByteString,
     api::core::v1::{ConfigMap, Namespace, Node, Secret, Service},
 };
-use meshfed_api::{ClusterSpec, MeshFederationSpec, MeshFederationStatus, SecretKeyRef};
+use meshfed_api::{ClusterRole, ClusterSpec, MeshFederationSpec, MeshFederationStatus, SecretKeyRef};
 
 use crate::{
     conditions::Reason,
@@ -161,6 +161,8 @@ pub struct Wave<'a> {
     pub tokens: Option<&'a BTreeMap<String, Result<Token, Failure>>>,
     pub gateways: &'a BTreeMap<String, Result<GatewayAddress, Failure>>,
     pub restarts: &'a BTreeMap<String, String>,
+    /// Primaries that go on serving a Remote the spec moved away from them ([`held_over`]).
+    pub held_over: &'a BTreeSet<String>,
 }
 
 /// The complete plan of member `cluster`: what it holds now (`seen`), the `cacerts` data the trust plan gives it
@@ -175,6 +177,29 @@ pub fn member_plan(
     cacerts: Option<BTreeMap<String, ByteString>>,
     wave: Wave<'_>,
 ) -> MemberPlan {
+    // A Primary held over plans as the Primary of a Remote still: for its own plan, only whether it serves one counts.
+    let serving;
+    let spec = match spec.clusters.iter().position(|c| c.role == ClusterRole::Remote) {
+        Some(remote) if wave.held_over.contains(&cluster.name) => {
+            serving = MeshFederationSpec {
+                clusters: spec
+                    .clusters
+                    .iter()
+                    .cloned()
+                    .enumerate()
+                    .map(|(i, mut c)| {
+                        if i == remote {
+                            c.control_plane = Some(cluster.name.clone());
+                        }
+                        c
+                    })
+                    .collect(),
+                ..spec.clone()
+            };
+            &serving
+        }
+        _ => spec,
+    };
     let remote_secrets = remote::remote_secret_targets(spec, cluster)
         .filter_map(|target| {
             let token = wave.tokens?.get(&target.name)?.as_ref().ok()?;
@@ -192,6 +217,45 @@ pub fn member_plan(
         istiod_restart: wave.restarts.get(&cluster.name).map(String::as_str),
     };
     member::member_plan(fref, hub, spec, cluster, facts)
+}
+
+/// Make before break for a Remote whose control plane moves to another Primary: the Primaries that go on serving
+/// Remotes as before (their istiod exposed through their gateway, `externalIstiod`), although the spec no longer
+/// makes them serve any, while a Remote may still point at them: one whose `Istio` does not yet point at its new
+/// Primary's gateway (that gateway may have no address yet), or one not observed now (what it points at cannot be
+/// known, and it is changed nowhere). A Primary that served no Remote (its `Istio` is not an external istiod) is not
+/// held over. Once every Remote points where the spec says, what the old Primary ran for them is pruned.
+pub fn held_over(
+    spec: &MeshFederationSpec,
+    observed: &BTreeMap<String, Observation>,
+    gateways: &BTreeMap<String, Result<GatewayAddress, Failure>>,
+) -> BTreeSet<String> {
+    let key = kinds::istio_key(&spec.istio.revision);
+    let global = |name: &str, field: &str| {
+        let istio = observed.get(name)?.held.get(&key)?;
+        Some(istio["spec"]["values"]["global"][field].clone())
+    };
+    let unswitched = spec.clusters.iter().filter(|c| c.role == ClusterRole::Remote).any(|remote| {
+        if !observed.contains_key(&remote.name) {
+            return true;
+        }
+        let primary = remote.control_plane.as_deref().unwrap_or_default();
+        let target = gateways.get(primary).and_then(|g| g.as_ref().ok()?.addresses.first().cloned());
+        match (global(&remote.name, "remotePilotAddress"), target) {
+            // No control plane yet: it points nowhere.
+            (None, _) => false,
+            (Some(held), Some(target)) => held != target,
+            (Some(_), None) => true,
+        }
+    });
+    let was_serving = |p: &ClusterSpec| global(&p.name, "externalIstiod") == Some(serde_json::Value::Bool(true));
+    spec.clusters
+        .iter()
+        .filter(|p| {
+            unswitched && p.role == ClusterRole::Primary && !topology::serves_remotes(spec, p) && was_serving(p)
+        })
+        .map(|p| p.name.clone())
+        .collect()
 }
 
 /// How long an istiod restart that meshfed asked for holds back the restart of another Primary's istiod: at least
@@ -245,7 +309,7 @@ pub fn istiod_restarts(
     });
     let mut under_way = under_way.max();
     let mut restarts = Restarts::default();
-    for cluster in spec.clusters.iter().filter(|c| c.role == meshfed_api::ClusterRole::Primary) {
+    for cluster in spec.clusters.iter().filter(|c| c.role == ClusterRole::Primary) {
         let (Some(seen), Some(report)) = (observed.get(&cluster.name), reports.iter().find(|r| r.name == cluster.name))
         else {
             continue;
@@ -569,7 +633,7 @@ mod tests {
         let gateways = gateways(&s, &observed, Some(&previous));
         assert_eq!(gateways["west"], Ok(GatewayAddress { addresses: vec!["192.0.2.20".into()], port: 15443 }));
         // So east's `Istio` keeps west's network in `meshNetworks`.
-        let wave = Wave { tokens: None, gateways: &gateways, restarts: &BTreeMap::new() };
+        let wave = Wave { tokens: None, gateways: &gateways, restarts: &BTreeMap::new(), held_over: &BTreeSet::new() };
         let plan = member_plan(&fref(), "hub", &s, &s.clusters[0], &observed["east"], None, wave);
         let istio = plan.objects.iter().find(|d| d.key.kind == kinds::ISTIO).expect("east's Istio");
         let networks = &istio.body["spec"]["values"]["meshConfig"]["meshNetworks"];
@@ -764,6 +828,47 @@ mod tests {
         assert_eq!(token_targets(&s, &observed, &BTreeSet::new()), all, "every member that answered");
         // Both failed their first wave: east holds its reader (a token for it works), west does not (yet).
         assert_eq!(token_targets(&s, &observed, &all), BTreeSet::from(["east".to_string()]));
+    }
+
+    #[test]
+    fn a_primary_goes_on_serving_a_remote_that_moves_to_another_until_it_points_there() {
+        // West moves from east to north, whose gateway has no address yet.
+        let s = spec(
+            "- {name: east, network: n1, kubeconfigSecretRef: {name: east}}\n- {name: north, network: n1, kubeconfigSecretRef: {name: north}}\n- {name: west, network: n1, role: Remote, controlPlane: north, kubeconfigSecretRef: {name: west}}\n",
+        );
+        let istio = |global: serde_json::Value| {
+            (kinds::istio_key("default"), serde_json::json!({"spec": {"values": {"global": global}}}))
+        };
+        let mut observed = BTreeMap::from([
+            ("east".to_string(), held(vec![istio(serde_json::json!({"externalIstiod": true}))])),
+            ("north".to_string(), held(vec![istio(serde_json::json!({}))])),
+            ("west".to_string(), held(vec![istio(serde_json::json!({"remotePilotAddress": "192.0.2.1"}))])),
+        ]);
+        let mut gateways =
+            BTreeMap::from([("north".to_string(), Err(Failure::new(Reason::NoNodeAddresses, "no node")))]);
+        let east_keeps = BTreeSet::from(["east".to_string()]);
+        assert_eq!(held_over(&s, &observed, &gateways), east_keeps, "west still points at east");
+        // East's plan then still exposes istiod to its Remote and runs an external istiod.
+        let (restarts, kept) = (BTreeMap::new(), east_keeps.clone());
+        let wave = Wave { tokens: None, gateways: &gateways, restarts: &restarts, held_over: &kept };
+        let plan = member_plan(&fref(), "hub", &s, &s.clusters[0], &observed["east"], None, wave);
+        let istio_of =
+            |plan: &MemberPlan| plan.objects.iter().find(|d| d.key.kind == kinds::ISTIO).unwrap().body.clone();
+        assert_eq!(istio_of(&plan)["spec"]["values"]["global"]["externalIstiod"], true);
+        assert!(plan.objects.iter().any(|d| d.key.kind == kinds::VIRTUAL_SERVICE), "istiod stays exposed");
+        let unheld = Wave { held_over: &BTreeSet::new(), ..wave };
+        let moved = member_plan(&fref(), "hub", &s, &s.clusters[0], &observed["east"], None, unheld);
+        assert!(istio_of(&moved)["spec"]["values"]["global"]["externalIstiod"].is_null(), "without the hold");
+        // North's gateway has an address, but west's Istio is not re-applied yet: still held over.
+        let north = GatewayAddress { addresses: vec!["192.0.2.9".into()], port: 15443 };
+        gateways.insert("north".into(), Ok(north));
+        assert_eq!(held_over(&s, &observed, &gateways), east_keeps);
+        // West unreachable: what it points at is not known, so east goes on serving.
+        observed.remove("west");
+        assert_eq!(held_over(&s, &observed, &gateways), east_keeps);
+        // West points at north: east is let go.
+        observed.insert("west".into(), held(vec![istio(serde_json::json!({"remotePilotAddress": "192.0.2.9"}))]));
+        assert!(held_over(&s, &observed, &gateways).is_empty());
     }
 
     #[test]

@@ -60,7 +60,9 @@ pub fn render(
                 })
                 .collect();
             let (seen, cacerts) = (Observation::default(), Some(cacerts.clone().into()));
-            let wave = plan::Wave { tokens: Some(&tokens), gateways: &gateways, restarts: &BTreeMap::new() };
+            let (restarts, held_over) = (BTreeMap::new(), std::collections::BTreeSet::new());
+            let wave =
+                plan::Wave { tokens: Some(&tokens), gateways: &gateways, restarts: &restarts, held_over: &held_over };
             let plan = plan::member_plan(fref, "<hub>", spec, cluster, &seen, cacerts, wave);
             let objects = plan.objects.into_iter().map(|d| redact(d.body)).collect();
             (cluster.name.clone(), objects)

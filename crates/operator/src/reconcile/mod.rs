@@ -304,7 +304,8 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     timeline.mark("trust");
     let gateways = plan::gateways(spec, &observed, previous);
     let restarts = plan::istiod_restarts(&fref, spec, &observed, &reports, None, previous, now);
-    let shared = plan::Wave { tokens: None, gateways: &gateways, restarts: &restarts.markers };
+    let held_over = plan::held_over(spec, &observed, &gateways);
+    let shared = plan::Wave { tokens: None, gateways: &gateways, restarts: &restarts.markers, held_over: &held_over };
     let first = apply::wave(ctx, &fref, spec, &mut reached, &cacerts, shared).await;
     timeline.mark("first_wave");
     let failed = apply::record(ctx, &fref, &mut reports, &reached, first);
@@ -317,7 +318,9 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     observed.extend(seen(&reached));
     let gateways = plan::gateways(spec, &observed, previous);
     let restarts = plan::istiod_restarts(&fref, spec, &observed, &reports, Some(&tokens), previous, now);
-    let shared = plan::Wave { tokens: Some(&tokens), gateways: &gateways, restarts: &restarts.markers };
+    let held_over = plan::held_over(spec, &observed, &gateways);
+    let (restarts_of, held) = (&restarts.markers, &held_over);
+    let shared = plan::Wave { tokens: Some(&tokens), gateways: &gateways, restarts: restarts_of, held_over: held };
     let second = apply::wave(ctx, &fref, spec, &mut reached, &cacerts, shared).await;
     timeline.mark("second_wave");
     apply::record(ctx, &fref, &mut reports, &reached, second);
