@@ -395,7 +395,7 @@ async fn a_remote_that_changes_primary_keeps_its_old_one_until_it_points_at_the_
 
     // North's gateway gets a node: west points at north, and only then is east's gateway pruned.
     add_node(&north, "north-1", &[("mesh/gateway", "true")], &[("InternalIP", "192.0.2.77")]).await?;
-    f.wait_for("prod", WAIT, |fed| is_ready(fed)).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
     assert_eq!(pilot().await?, json!("192.0.2.77"));
     let pruned = async || east_services.get_opt("istio-eastwestgateway").await.is_ok_and(|s| s.is_none());
     meshfed_e2e::until("east's gateway to be pruned once west moved", WAIT, every, pruned).await?;

@@ -5,7 +5,7 @@
 
 use meshfed_core::conditions::Reason;
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     sync::{
         Arc, Mutex,
         atomic::{AtomicI64, Ordering},
@@ -129,6 +129,11 @@ impl ClientPool {
         self.cache.lock().expect("pool lock").insert(key, (version, member.clone()));
         Ok(member)
     }
+
+    /// Drops the clients of members that no federation uses (by member id): their connections close.
+    pub fn retain(&self, used: &BTreeSet<String>) {
+        self.cache.lock().expect("pool lock").retain(|_, (_, m)| used.contains(&m.id));
+    }
 }
 
 /// A client that speaks HTTP/2 where the API server does (every Kubernetes API server does), so that every request
@@ -216,6 +221,14 @@ impl Backoff {
     }
 }
 
+impl Backoff {
+    /// Forgets the failures of `federation`'s members other than `used` (members that left it, or all of them once
+    /// it is gone).
+    pub fn retain(&self, federation: &str, used: &BTreeSet<String>) {
+        self.failing.lock().expect("backoff lock").retain(|(f, m), _| f != federation || used.contains(m));
+    }
+}
+
 /// `base * 2^(failures-1)`, at most `max`.
 fn delay(failures: u32, base: Duration, max: Duration) -> Duration {
     base.saturating_mul(1 << failures.saturating_sub(1).min(16)).min(max)
@@ -265,6 +278,31 @@ mod tests {
         report.failure = None;
         backoff.record("ns/prod", &east, &report, base, max);
         assert_eq!(backoff.waiting("ns/prod", &east), None, "a success ends the backoff");
+    }
+
+    #[test]
+    fn what_is_kept_for_members_no_longer_used_is_released() {
+        let (backoff, pool) = (Backoff::default(), ClientPool::default());
+        let east = member("uid/1");
+        let mut report =
+            MemberReport::new("east", &SecretKeyRef { name: "east".into(), key: "kubeconfig".into() }, false);
+        report.failure = Some(Failure::new(Reason::Unreachable, "down"));
+        let hour = Duration::from_secs(3600);
+        for federation in ["ns/prod", "ns/staging"] {
+            backoff.record(federation, &east, &report, hour, hour);
+        }
+        let key = ("mesh-system".to_string(), "east-kubeconfig".to_string(), "kubeconfig".to_string());
+        pool.cache.lock().unwrap().insert(key, ("uid/1".into(), east.clone()));
+        let used = BTreeSet::from([east.id.clone()]);
+        // Still used: all kept.
+        backoff.retain("ns/prod", &used);
+        pool.retain(&used);
+        assert!(backoff.waiting("ns/prod", &east).is_some() && pool.cache.lock().unwrap().len() == 1);
+        // Prod no longer uses east: its backoff goes, staging's stays; once no federation uses it, its client goes.
+        backoff.retain("ns/prod", &BTreeSet::new());
+        assert!(backoff.waiting("ns/prod", &east).is_none() && backoff.waiting("ns/staging", &east).is_some());
+        pool.retain(&BTreeSet::new());
+        assert!(pool.cache.lock().unwrap().is_empty());
     }
 
     #[test]

@@ -89,8 +89,9 @@ impl MemberWatches {
     }
 
     /// Records that `federation` now uses exactly `members` (none once it is gone), after a reconcile: stops the
-    /// watches of members that no federation uses, and of kinds its members hold nothing of.
-    pub fn used_by(&self, federation: &str, members: BTreeSet<String>) {
+    /// watches of members that no federation uses, and of kinds its members hold nothing of. Returns the members
+    /// some federation uses.
+    pub fn used_by(&self, federation: &str, members: BTreeSet<String>) -> BTreeSet<String> {
         let mut state = self.state.lock().expect("watches lock");
         for m in &members {
             if let Some(r) = state.running.get(m) {
@@ -114,6 +115,7 @@ impl MemberWatches {
             used
         });
         self.count(running);
+        users.values().flatten().cloned().collect()
     }
 }
 

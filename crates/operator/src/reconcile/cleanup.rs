@@ -36,7 +36,7 @@ pub(super) async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Actio
         info!("members cleaned up; releasing the finalizer");
         let key = fref.to_string();
         ctx.metrics.forget(&key);
-        ctx.watches.used_by(&key, Default::default());
+        ctx.members_used(&key, Default::default());
         return Ok(Action::await_change());
     }
     let status =

@@ -11,7 +11,7 @@ mod observe;
 mod report;
 
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, BTreeSet},
     sync::{
         Arc,
         atomic::{AtomicI64, Ordering},
@@ -111,6 +111,16 @@ struct Context {
     watches: MemberWatches,
     settings: Settings,
     metrics: Metrics,
+}
+
+impl Context {
+    /// Records that `federation` now uses exactly `members` (none once it is gone): what is kept for members no
+    /// federation uses (their watches, clients) and for members this one no longer uses (their backoff) is released.
+    fn members_used(&self, federation: &str, members: BTreeSet<String>) {
+        self.backoff.retain(federation, &members);
+        let used = self.watches.used_by(federation, members);
+        self.pool.retain(&used);
+    }
 }
 
 /// Runs the controller until the future is dropped. Fails at once, with an install hint, when the CRD is missing.
@@ -353,7 +363,7 @@ async fn finish(
     ctx.metrics.observe_status(&key, &status);
     let namespace = fed.namespace().unwrap_or_default();
     let in_use = status.clusters.iter().filter_map(|c| Some(member_id(&namespace, c.kubeconfig_secret_ref.as_ref()?)));
-    ctx.watches.used_by(&key, in_use.collect());
+    ctx.members_used(&key, in_use.collect());
     timeline.mark("plan_status");
     let said = report::report(fed, ctx, &status, announcements).await?;
     timeline.mark("status");
