@@ -280,8 +280,8 @@ mod tests {
         assert_eq!(backoff.waiting("ns/prod", &east), None, "a success ends the backoff");
     }
 
-    #[test]
-    fn what_is_kept_for_members_no_longer_used_is_released() {
+    #[tokio::test]
+    async fn what_is_kept_for_members_no_longer_used_is_released() {
         let (backoff, pool) = (Backoff::default(), ClientPool::default());
         let east = member("uid/1");
         let mut report =
