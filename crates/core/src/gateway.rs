@@ -77,8 +77,14 @@ pub struct GatewayObjects {
     pub disruption_budget: PodDisruptionBudget,
 }
 
-/// The gateway's objects, exposed as `cluster.eastWestGateway` says.
-pub fn gateway_objects(fref: &FederationRef, spec: &MeshFederationSpec, cluster: &ClusterSpec) -> GatewayObjects {
+/// The gateway's objects, exposed as `cluster.eastWestGateway` says. `advertised`: where other members dial it, when
+/// known (a host-network gateway runs one pod on each node it is advertised at).
+pub fn gateway_objects(
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    cluster: &ClusterSpec,
+    advertised: Option<&GatewayAddress>,
+) -> GatewayObjects {
     let gw = &cluster.east_west_gateway;
     let meta = |name: &str| meta(fref, spec, cluster, name);
     let mut service_meta = meta(GATEWAY_NAME);
@@ -125,12 +131,32 @@ pub fn gateway_objects(fref: &FederationRef, spec: &MeshFederationSpec, cluster:
             "ports": container_ports,
         }],
     });
+    let mut deployment_spec = json!({"selector": {"matchLabels": selector()}});
     if host_network {
         // Without ClusterFirstWithHostNet the pod resolves names with the node's DNS and cannot reach istiod.
         pod_spec["hostNetwork"] = true.into();
         pod_spec["dnsPolicy"] = "ClusterFirstWithHostNet".into();
         pod_spec["nodeSelector"] = json!(gw.node_selector.clone().unwrap_or_default());
+        // Dialled at every selected node's address: one pod on each of them (never two on one node, whose ports one
+        // pod holds), and an update replaces a pod in place, since no node has room for one more.
+        pod_spec["affinity"] = json!({"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [
+            {"labelSelector": {"matchLabels": selector()}, "topologyKey": "kubernetes.io/hostname"},
+        ]}});
+        deployment_spec["strategy"] =
+            json!({"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}});
+        if gw.address.is_none()
+            && let Some(nodes) = advertised
+        {
+            deployment_spec["replicas"] = nodes.addresses.len().into();
+        }
     }
+    deployment_spec["template"] = json!({
+        "metadata": {
+            "labels": pod_labels,
+            "annotations": {"inject.istio.io/templates": "gateway", "sidecar.istio.io/inject": "true"},
+        },
+        "spec": pod_spec,
+    });
     GatewayObjects {
         service_account: ServiceAccount { metadata: meta(GATEWAY_SERVICE_ACCOUNT), ..Default::default() },
         role: from(json!({
@@ -146,21 +172,9 @@ pub fn gateway_objects(fref: &FederationRef, spec: &MeshFederationSpec, cluster:
             "metadata": service_meta,
             "spec": {"type": service_type, "selector": selector(), "ports": service_ports},
         })),
-        // No `replicas`, as Istio's gateway chart with autoscaling: the Deployment defaults to 1, and a
-        // HorizontalPodAutoscaler (or a person) owns the count without meshfed setting it back.
-        deployment: from(json!({
-            "metadata": meta(GATEWAY_NAME),
-            "spec": {
-                "selector": {"matchLabels": selector()},
-                "template": {
-                    "metadata": {
-                        "labels": pod_labels,
-                        "annotations": {"inject.istio.io/templates": "gateway", "sidecar.istio.io/inject": "true"},
-                    },
-                    "spec": pod_spec,
-                },
-            },
-        })),
+        // No `replicas` but on host network, as Istio's gateway chart with autoscaling: the Deployment defaults to 1,
+        // and a HorizontalPodAutoscaler (or a person) owns the count without meshfed setting it back.
+        deployment: from(json!({"metadata": meta(GATEWAY_NAME), "spec": deployment_spec})),
         disruption_budget: from(json!({
             "metadata": meta(GATEWAY_NAME),
             "spec": {"minAvailable": 1, "selector": {"matchLabels": selector()}},
@@ -389,9 +403,38 @@ mod tests {
     fn the_gateway_deployment_leaves_its_replica_count_to_an_autoscaler() {
         let s = spec(EAST);
         let fref = FederationRef { namespace: "ns".into(), name: "f".into() };
-        let deployment = serde_json::to_value(gateway_objects(&fref, &s, &s.clusters[0]).deployment).unwrap();
+        let deployment = serde_json::to_value(gateway_objects(&fref, &s, &s.clusters[0], None).deployment).unwrap();
         assert_eq!(deployment["spec"]["template"]["spec"]["containers"][0]["name"], "istio-proxy");
         assert_eq!(deployment["spec"].get("replicas"), None, "{deployment:#}");
+    }
+
+    #[test]
+    fn a_host_network_gateway_runs_one_pod_on_each_node_it_is_dialled_at_and_rolls_in_place() {
+        let s = spec(
+            "- {name: east, network: n1, kubeconfigSecretRef: {name: e}, eastWestGateway: {expose: HostNetwork, nodeSelector: {gw: 'yes'}}}",
+        );
+        let fref = FederationRef { namespace: "ns".into(), name: "f".into() };
+        let nodes =
+            GatewayAddress { addresses: vec!["192.0.2.1".into(), "192.0.2.2".into()], port: CROSS_NETWORK_PORT };
+        let deployment =
+            serde_json::to_value(gateway_objects(&fref, &s, &s.clusters[0], Some(&nodes)).deployment).unwrap();
+        let d = &deployment["spec"];
+        assert_eq!(d["replicas"], 2, "one pod per advertised node");
+        let anti =
+            &d["template"]["spec"]["affinity"]["podAntiAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][0];
+        assert_eq!(anti["topologyKey"], "kubernetes.io/hostname", "never two on one node");
+        assert_eq!(
+            d["strategy"]["rollingUpdate"],
+            json!({"maxSurge": 0, "maxUnavailable": 1}),
+            "rolls without a spare node"
+        );
+        // Not known yet: the Deployment's default; and a load-balanced gateway leaves its count to an autoscaler.
+        let unknown = serde_json::to_value(gateway_objects(&fref, &s, &s.clusters[0], None).deployment).unwrap();
+        assert!(unknown["spec"].get("replicas").is_none());
+        let lb = spec(EAST);
+        let balanced =
+            serde_json::to_value(gateway_objects(&fref, &lb, &lb.clusters[0], Some(&nodes)).deployment).unwrap();
+        assert!(balanced["spec"].get("replicas").is_none() && balanced["spec"].get("strategy").is_none());
     }
 
     #[test]
@@ -400,7 +443,7 @@ mod tests {
         let mut s = spec(&format!("{EAST}\n{remote}"));
         let fref = FederationRef { namespace: "ns".into(), name: "f".into() };
         let pod_labels = |s: &MeshFederationSpec| {
-            let deployment = gateway_objects(&fref, s, &s.clusters[0]).deployment;
+            let deployment = gateway_objects(&fref, s, &s.clusters[0], None).deployment;
             deployment.spec.unwrap().template.metadata.unwrap().labels.unwrap()
         };
         let istiod_host = |s: &MeshFederationSpec| {
@@ -462,7 +505,7 @@ mod tests {
         let fed = FederationRef { namespace: "ns".into(), name: "f".into() };
         let s = spec(EAST);
         let network = |gw: &str| {
-            let svc = gateway_objects(&fed, &s, &with_gateway(gw)).service;
+            let svc = gateway_objects(&fed, &s, &with_gateway(gw), None).service;
             let labelled = svc.metadata.labels.unwrap().contains_key(NETWORK_LABEL);
             (svc.spec.unwrap().type_.unwrap(), labelled, svc.metadata.annotations.is_some())
         };

@@ -108,11 +108,11 @@ fn holds_but_absent(observed: &Value, desired: &Value, absent_held: bool) -> boo
     }
 }
 
-/// Whether the member's object `observed` holds `desired`. The Sail operator's schema drops the keys of an `Istio`'s
-/// `spec.values` it does not know (and keys set to null), so there a key the member's object lacks counts as held
-/// when meshfed applied this very body last (its [`ANNOTATION_APPLIED`] digest): otherwise such a key in the user's
-/// `values` would be applied again at every reconcile. A value that differs is drift everywhere, and so is a key
-/// missing anywhere else (a removed label).
+/// Whether the member's object `observed` holds `desired`. A key of an `Istio`'s `spec.values` set to null (in the
+/// user's `values`) is not kept by the API server (a key the Sail schema does not know is refused, and reported), so
+/// there a key the member's object lacks counts as held when meshfed applied this very body last (its
+/// [`ANNOTATION_APPLIED`] digest): otherwise such a key would be applied again at every reconcile. A value that
+/// differs is drift everywhere, and so is a key missing anywhere else (a removed label).
 fn holds_applied(observed: &Value, desired: &Desired) -> bool {
     let applied = |v: &Value| v["metadata"]["annotations"][ANNOTATION_APPLIED].as_str().map(String::from);
     if desired.key.kind != ISTIO || applied(observed).is_none() || applied(observed) != applied(&desired.body) {
@@ -292,7 +292,7 @@ pub fn member_plan(
     let known: BTreeMap<String, GatewayAddress> =
         facts.gateways.iter().filter_map(|(c, g)| Some((c.clone(), g.as_ref().ok()?.clone()))).collect();
     if topology::needs_gateway(spec, cluster) {
-        let gw = gateway::gateway_objects(fref, spec, cluster);
+        let gw = gateway::gateway_objects(fref, spec, cluster, known.get(&cluster.name));
         plan.objects.push(Desired::of(&gw.service_account));
         plan.objects.push(Desired::of(&gw.role));
         plan.objects.push(Desired::of(&gw.role_binding));
@@ -513,13 +513,13 @@ mod tests {
     }
 
     #[test]
-    fn values_the_sail_schema_drops_are_not_applied_again_but_drift_still_is() {
+    fn values_the_api_server_drops_are_not_applied_again_but_drift_still_is() {
         let istio = |values: Value| {
             let body = json!({"metadata": {"name": "default", "labels": {"x": "1"}}, "spec": {"namespace": "istio-system", "values": values}});
             Desired::dynamic(ISTIO, body)
         };
-        let desired = istio(json!({"pilot": {"env": {"A": "1"}, "notASailValue": 1}, "global": {"proxy": null}}));
-        // What the member holds after that apply: the unknown key and the null gone.
+        let desired = istio(json!({"pilot": {"env": {"A": "1"}}, "global": {"proxy": null, "logAsJson": null}}));
+        // What the member holds after that apply: the keys set to null gone.
         let mut served = desired.body.clone();
         served["spec"]["values"] = json!({"pilot": {"env": {"A": "1"}}, "global": {}});
         assert_eq!(write_for(&fed(), Some(&served), &desired), Ok(Write::Nothing), "steady: nothing to write");
