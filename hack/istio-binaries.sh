@@ -15,7 +15,9 @@ CACHE="${MESHFED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meshfed}"
 OUT="$CACHE/istio-$ISTIO_VERSION-r4"
 BINS=(pilot-discovery adsc-probe istioctl pilot-agent)
 
-ready() { for b in "${BINS[@]}"; do [ -x "$OUT/bin/$b" ] || return 1; done; }
+# pilot-agent renders Envoy's bootstrap from Istio's template, kept beside it.
+TEMPLATE="$OUT/bin/envoy_bootstrap_tmpl.json"
+ready() { for b in "${BINS[@]}"; do [ -x "$OUT/bin/$b" ] || return 1; done; [ -f "$TEMPLATE" ]; }
 if ready; then echo "$OUT/bin"; exit 0; fi
 
 mkdir -p "$CACHE"
@@ -170,6 +172,8 @@ go build -trimpath -ldflags='-s -w' -o "$OUT/bin/.pilot-discovery.tmp" istio.io/
 go build -trimpath -ldflags='-s -w' -o "$OUT/bin/.adsc-probe.tmp" ./adsc-probe >&2
 go build -trimpath -ldflags='-s -w' -o "$OUT/bin/.istioctl.tmp" istio.io/istio/istioctl/cmd/istioctl >&2
 go build -trimpath -ldflags='-s -w' -o "$OUT/bin/.pilot-agent.tmp" istio.io/istio/pilot/cmd/pilot-agent >&2
+cp "$(go list -m -f '{{.Dir}}' istio.io/istio)/tools/packaging/common/envoy_bootstrap.json" "$TEMPLATE.tmp"
 for b in "${BINS[@]}"; do mv "$OUT/bin/.$b.tmp" "$OUT/bin/$b"; done
+mv "$TEMPLATE.tmp" "$TEMPLATE"
 ready
 echo "$OUT/bin"

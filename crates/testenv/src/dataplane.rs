@@ -148,7 +148,7 @@ impl Pod {
     /// published (ConfigMap `istio-ca-root-cert` of the namespace) where `pilot-agent` reads them; starts
     /// `pilot-agent`, which starts Envoy; and waits until the agent reports the pod ready.
     pub async fn start(cluster: &Cluster, mut spec: PodSpec) -> Result<Self> {
-        let agent = tokio::task::spawn_blocking(istio_binaries).await??.join("pilot-agent");
+        let bin = tokio::task::spawn_blocking(istio_binaries).await??;
         let envoy = tokio::task::spawn_blocking(envoy).await??;
         let client = cluster.client().await?;
         spec.labels.insert(POD_LABEL.into(), spec.name.clone());
@@ -169,6 +169,7 @@ impl Pod {
         fs::create_dir_all(secrets.join("tokens"))?;
         fs::create_dir_all(secrets.join("istio"))?;
         fs::create_dir_all(dir.join("etc/istio/proxy"))?;
+        fs::create_dir_all(dir.join("certs"))?;
         fs::write(secrets.join("tokens/istio-token"), token(&client, &spec, &uid).await?)?;
         fs::write(secrets.join("istio/root-cert.pem"), published_root(&client, &spec.namespace).await?)?;
         // Envoy dies with its agent (which does not kill it when killed), and runs where `envoy` says.
@@ -181,6 +182,7 @@ impl Pod {
             "discoveryAddress": spec.discovery_address,
             "configPath": dir.join("etc/istio/proxy"),
             "binaryPath": envoy_wrapper,
+            "proxyBootstrapTemplatePath": bin.join("envoy_bootstrap_tmpl.json"),
             "proxyAdminPort": admin_port,
             "statusPort": status_port,
             "interceptionMode": "NONE",
@@ -189,7 +191,7 @@ impl Pod {
             "terminationDrainDuration": "1s",
         });
         let labels = serde_json::to_string(&spec.labels)?;
-        let mut cmd = Command::new(agent);
+        let mut cmd = Command::new(bin.join("pilot-agent"));
         cmd.current_dir(&dir)
             .env_remove("KUBECONFIG")
             .envs([
@@ -226,7 +228,7 @@ impl Pod {
                 bail!("pilot-agent of pod {} exited with {status}; log tail:\n{}", spec.name, tail(&log));
             }
             if Instant::now() > deadline {
-                bail!("pod {} not ready after {POD_READY_TIMEOUT:?}; log tail:\n{}", spec.name, tail(&log));
+                bail!("pod {} not ready after {POD_READY_TIMEOUT:?}; its errors:\n{}", spec.name, errors(&log));
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
@@ -266,6 +268,16 @@ impl Pod {
     pub fn log_tail(&self) -> String {
         tail(&self.dir.join("pilot-agent.log"))
     }
+}
+
+/// The last errors and warnings of a log, without the agent's repeated readiness reports.
+fn errors(log: &std::path::Path) -> String {
+    let text = fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| (l.contains("error") || l.contains("warn")) && !l.contains("Envoy proxy is NOT ready"))
+        .collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
 }
 
 /// The label that selects a pod's own `Sidecar` resource.
@@ -467,7 +479,9 @@ pub struct Answer {
 impl Answer {
     /// A field of the `x-forwarded-client-cert` header (`By`, `Hash`, `URI`, ...), if present.
     pub fn xfcc_field(&self, key: &str) -> Option<&str> {
-        self.xfcc.split(';').find_map(|kv| kv.split_once('=').filter(|(k, _)| k.eq_ignore_ascii_case(key)).map(|kv| kv.1))
+        self.xfcc
+            .split(';')
+            .find_map(|kv| kv.split_once('=').filter(|(k, _)| k.eq_ignore_ascii_case(key)).map(|kv| kv.1))
     }
 }
 

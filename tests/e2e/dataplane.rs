@@ -1,0 +1,292 @@
+//! The seeds' check on a real data plane (`../shared/DATAPLANE.md`): on a federation the real operator made, with a
+//! real istiod in each Primary, `hello` v1 runs in east and v2 in west behind sidecars (Istio's `pilot-agent` driving
+//! upstream Envoy), and a client in each member calls `hello.sample:5000/hello`. From each client, answers come from
+//! both versions in both clusters (the split is asserted, never only success), every request over mutual TLS (a
+//! mesh-wide STRICT PeerAuthentication refuses anything else), the server seeing the client's SPIFFE ID and the
+//! certificate istiod issued it, each server presenting a certificate issued by its own member's intermediate that
+//! chains to the federation's root.
+//!
+//! Everything runs in a private network namespace (root, as CI runs it): pods have non-loopback addresses there.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
+};
+use meshfed_api::{ClusterRole, MeshFederation};
+use meshfed_core::pki;
+use meshfed_e2e::{Fixture, NAMESPACE, example, is_ready};
+use meshfed_testenv::{ISTIOD_ENV_FOR_UPSTREAM_ENVOY, Istiod, Options, Pod, PodSpec, call, free_port, serve_hello};
+use serde_json::json;
+
+const ISTIO_NAMESPACE: &str = "istio-system";
+const SAMPLE: &str = "sample";
+const HELLO_PORT: u16 = 5000;
+const HELLO_HOST: &str = "hello.sample.svc.cluster.local:5000";
+const WAIT: Duration = Duration::from_secs(60);
+/// How long a client may take, once every pod is ready, to see both versions (istiod pushing the other member's
+/// endpoint).
+const CONVERGE: Duration = Duration::from_secs(60);
+/// The requests each client sends once converged; every one must be answered.
+const REQUESTS: usize = 40;
+/// The client's identity, as the server must see it.
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/sample/sa/sleep";
+
+/// Each member's version of `hello` and its pods' addresses (server, client).
+const MEMBERS: [(&str, &str, &str, &str); 2] =
+    [("east", "v1", "10.244.1.10", "10.244.1.20"), ("west", "v2", "10.244.2.10", "10.244.2.20")];
+
+/// Every address of the network namespace: the pods'.
+fn addresses() -> Vec<&'static str> {
+    MEMBERS.iter().flat_map(|(_, _, server, client)| [*server, *client]).collect()
+}
+
+/// A federation the real operator converged, a real istiod in each Primary, and in each member `hello` (its version,
+/// behind a sidecar, the app in this process) and a client's sidecar. Dropped in field order: pods, apps, istiods,
+/// then the clusters.
+struct DataPlane {
+    clients: BTreeMap<String, Pod>,
+    servers: BTreeMap<String, Pod>,
+    apps: Vec<tokio::task::JoinHandle<()>>,
+    istiods: BTreeMap<String, Istiod>,
+    fed: MeshFederation,
+    f: Fixture,
+}
+
+impl DataPlane {
+    async fn start(yaml: &str) -> anyhow::Result<Self> {
+        let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..Options::default() }).await?;
+        f.apply(yaml).await?;
+        let fed = f.wait_for("prod", WAIT, is_ready).await?;
+        let primaries: Vec<String> =
+            fed.spec.clusters.iter().filter(|c| c.role == ClusterRole::Primary).map(|c| c.name.clone()).collect();
+        let started = futures::future::try_join_all(
+            primaries
+                .iter()
+                .map(|p| Istiod::start_with_env(f.env.cluster(p), p, ISTIO_NAMESPACE, ISTIOD_ENV_FOR_UPSTREAM_ENVOY)),
+        )
+        .await?;
+        let istiods: BTreeMap<String, Istiod> = primaries.into_iter().zip(started).collect();
+        for (member, ..) in MEMBERS {
+            strict_mtls(&f, member).await?;
+        }
+        let mut dp = Self { clients: BTreeMap::new(), servers: BTreeMap::new(), apps: Vec::new(), istiods, fed, f };
+        for (member, version, server_ip, client_ip) in MEMBERS {
+            let app_port = free_port()?;
+            dp.apps.push(serve_hello(SocketAddr::from((Ipv4Addr::LOCALHOST, app_port)), version, member).await?);
+            let server = PodSpec {
+                name: format!("hello-{version}"),
+                service_account: "hello".into(),
+                ip: server_ip.into(),
+                inbound: Some(("hello".into(), HELLO_PORT, app_port)),
+                labels: BTreeMap::from([("version".into(), version.into())]),
+                ..dp.pod_spec(member)
+            };
+            let client = PodSpec {
+                name: format!("sleep-{member}"),
+                service_account: "sleep".into(),
+                ip: client_ip.into(),
+                outbound: vec![HELLO_PORT],
+                ..dp.pod_spec(member)
+            };
+            let cluster = dp.f.env.cluster(member);
+            let (server, client) = futures::try_join!(Pod::start(cluster, server), Pod::start(cluster, client))?;
+            dp.servers.insert(member.into(), server);
+            dp.clients.insert(member.into(), client);
+        }
+        Ok(dp)
+    }
+
+    /// What every pod of `member` shares: its mesh, cluster, network and control plane.
+    fn pod_spec(&self, member: &str) -> PodSpec {
+        let spec = self.fed.spec.clusters.iter().find(|c| c.name == member).expect("a member of the federation");
+        let istiod = &self.istiods[spec.control_plane.as_deref().unwrap_or(member)];
+        PodSpec {
+            namespace: SAMPLE.into(),
+            mesh_id: self.fed.spec.mesh_id.clone(),
+            cluster_id: member.into(),
+            network: spec.network.clone(),
+            discovery_address: istiod.secure_xds_address(),
+            istio_namespace: ISTIO_NAMESPACE.into(),
+            ..PodSpec::default()
+        }
+    }
+
+    /// The federation's root (the hub's), PEM.
+    async fn root(&self) -> anyhow::Result<Vec<u8>> {
+        let secret = Api::<Secret>::namespaced(self.f.hub.clone(), NAMESPACE).get("prod-root-ca").await?;
+        Ok(secret.data.unwrap_or_default().remove("tls.crt").context("the root's tls.crt")?.0)
+    }
+
+    /// `member`'s intermediate: the first certificate of its `cacerts`' `ca-cert.pem`, PEM.
+    async fn intermediate(&self, member: &str) -> anyhow::Result<Vec<u8>> {
+        let secret = Api::<Secret>::namespaced(self.f.member(member).await?, ISTIO_NAMESPACE).get("cacerts").await?;
+        Ok(secret.data.unwrap_or_default().remove("ca-cert.pem").context("cacerts' ca-cert.pem")?.0)
+    }
+
+    /// Logs of every pod and istiod, for a failure message.
+    fn logs(&self) -> String {
+        let pods = self.servers.values().chain(self.clients.values());
+        let mut out: Vec<String> = pods.map(|p| format!("--- pod {}:\n{}", p.name(), p.log_tail())).collect();
+        out.extend(self.istiods.iter().map(|(m, i)| format!("--- istiod of {m}:\n{}", i.log_tail())));
+        out.join("\n")
+    }
+}
+
+/// A mesh-wide `PeerAuthentication` in `member` that makes every sidecar refuse plaintext.
+async fn strict_mtls(f: &Fixture, member: &str) -> anyhow::Result<()> {
+    let resource = ApiResource {
+        group: "security.istio.io".into(),
+        version: "v1".into(),
+        api_version: "security.istio.io/v1".into(),
+        kind: "PeerAuthentication".into(),
+        plural: "peerauthentications".into(),
+    };
+    let pa = json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": ISTIO_NAMESPACE},
+        "spec": {"mtls": {"mode": "STRICT"}},
+    });
+    let api = Api::<DynamicObject>::namespaced_with(f.member(member).await?, ISTIO_NAMESPACE, &resource);
+    api.patch("default", &PatchParams::apply("e2e").force(), &Patch::Apply(&pa)).await?;
+    Ok(())
+}
+
+/// The answers of `REQUESTS` calls from `member`'s client, by `version@cluster`, once the client has seen every
+/// version of `expected` (within [`CONVERGE`]); every call must be answered, by a server that saw the client's
+/// identity and the certificate the client's agent holds.
+async fn split(dp: &DataPlane, member: &str, expected: &[&str]) -> anyhow::Result<BTreeMap<String, usize>> {
+    let client = &dp.clients[member];
+    let addr = client.addr(HELLO_PORT);
+    let call = || call(addr, HELLO_HOST, "/hello", Duration::from_secs(5));
+    let started = Instant::now();
+    let (mut seen, mut last_error) = (BTreeMap::<String, usize>::new(), String::new());
+    while !expected.iter().all(|e| seen.contains_key(*e)) {
+        match call().await {
+            Ok(a) => *seen.entry(format!("{}@{}", a.version, a.cluster)).or_default() += 1,
+            Err(e) => last_error = format!("{e:#}"),
+        }
+        if started.elapsed() > CONVERGE {
+            bail!(
+                "{member}'s client saw only {seen:?} after {CONVERGE:?}, not all of {expected:?} (last error: {last_error})\n{}",
+                dp.logs()
+            );
+        }
+    }
+    println!("{member}'s client saw every version after {:?}", started.elapsed());
+    let leaf = pki::fingerprints(&client.certificate_chain()?).into_iter().next().context("the client's leaf")?;
+    let mut counts = BTreeMap::new();
+    for i in 0..REQUESTS {
+        let a = call().await.with_context(|| format!("request {i} of {REQUESTS} from {member}'s client"))?;
+        ensure!(a.xfcc_field("URI") == Some(CLIENT_ID), "the server saw the client as {:?}, not {CLIENT_ID}", a.xfcc);
+        // Envoy's hash of the certificate the client presented: the one istiod issued to the client's agent.
+        let presented = a.xfcc_field("Hash").map(|h| format!("sha256:{h}"));
+        ensure!(presented.as_ref() == Some(&leaf), "the client presented {presented:?}, not its certificate {leaf}");
+        *counts.entry(format!("{}@{}", a.version, a.cluster)).or_default() += 1;
+    }
+    Ok(counts)
+}
+
+/// The certificates `pod`'s sidecar presents to a client of the mesh (the client's certificate and key, verifying
+/// against `root_file`), fingerprints from the leaf up, after checking that the chain verifies.
+async fn presented_chain(pod: &Pod, client: &Pod, root_file: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let certs = client.certs_dir();
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &pod.addr(HELLO_PORT).to_string(), "-showcerts", "-verify_return_error"])
+        .args(["-alpn", "istio-http/1.1,istio"])
+        .arg("-cert")
+        .arg(certs.join("cert-chain.pem"))
+        .arg("-cert_chain")
+        .arg(certs.join("cert-chain.pem"))
+        .arg("-key")
+        .arg(certs.join("key.pem"))
+        .arg("-CAfile")
+        .arg(root_file)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(10), out).await??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("Verify return code: 0 (ok)"),
+        "{}'s certificate does not verify against the federation's root: {}",
+        pod.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(pki::fingerprints(text.as_bytes()))
+}
+
+/// The seeds' check on the federation `yaml`: from each member's client, answers from v1 in east and v2 in west,
+/// over mTLS with certificates issued under each member's intermediate.
+async fn seeds_check(yaml: String) -> anyhow::Result<()> {
+    let dp = DataPlane::start(&yaml).await?;
+    let expected: Vec<String> = MEMBERS.iter().map(|(m, v, ..)| format!("{v}@{m}")).collect();
+    let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    for (member, ..) in MEMBERS {
+        let counts = split(&dp, member, &expected).await?;
+        println!("{member}'s client, {REQUESTS} requests: {counts:?}");
+        ensure!(
+            counts.keys().all(|k| expected.contains(&k.as_str())),
+            "{member}'s client got answers from {counts:?}, beyond {expected:?}"
+        );
+        // Two endpoints, least-request balancing: each gets about half; fewer than an eighth means one is starved.
+        for e in &expected {
+            let n = counts.get(*e).copied().unwrap_or(0);
+            ensure!(n >= REQUESTS / 8, "{member}'s client got {n} of {REQUESTS} answers from {e}: {counts:?}");
+        }
+    }
+    // Plaintext is refused: what was answered went over mTLS.
+    for server in dp.servers.values() {
+        let plain = call(server.addr(HELLO_PORT), HELLO_HOST, "/hello", Duration::from_secs(5)).await;
+        ensure!(plain.is_err(), "{} answered a plaintext request: {plain:?}", server.name());
+    }
+    let root = dp.root().await?;
+    let root_file = dp.f.env.dir().join("federation-root.pem");
+    std::fs::write(&root_file, &root)?;
+    for (member, ..) in MEMBERS {
+        let server = &dp.servers[member];
+        let intermediate = dp.intermediate(member).await?;
+        for client in dp.clients.values() {
+            let chain = presented_chain(server, client, &root_file).await?;
+            let held = pki::fingerprints(&server.certificate_chain()?);
+            ensure!(chain.first() == held.first(), "{} presents {chain:?}, not its agent's {held:?}", server.name());
+            ensure!(
+                chain.get(1) == pki::fingerprints(&intermediate).first(),
+                "{}'s chain {chain:?} does not go through {member}'s intermediate",
+                server.name()
+            );
+            let leaf = pki::certificates(&server.certificate_chain()?).into_iter().next().context("a leaf")?.1;
+            ensure!(
+                pki::issued_by(leaf.as_bytes(), &intermediate),
+                "{}'s leaf is not signed by {member}'s intermediate",
+                server.name()
+            );
+            ensure!(pki::issued_by(&intermediate, &root), "{member}'s intermediate is not signed by the root");
+        }
+        println!("{} presents {member}'s intermediate's certificate, chaining to the federation's root", server.name());
+    }
+    Ok(())
+}
+
+/// Runs the seeds' check on the example federation `name` inside a private network namespace holding every pod's
+/// address; prints how long it took.
+fn seeds_check_in_netns(name: &'static str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let r = meshfed_testenv::in_network_namespace(&addresses(), move || seeds_check(example(name)));
+    println!("{name}: {:?}", started.elapsed());
+    r
+}
+
+#[test]
+fn multi_primary_on_one_network_each_client_reaches_both_versions_over_mtls_from_each_members_intermediate()
+-> anyhow::Result<()> {
+    seeds_check_in_netns("multi-primary")
+}
