@@ -15,7 +15,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
 use kube::{
     Api,
     api::{ApiResource, DynamicObject, Patch, PatchParams},
@@ -23,7 +23,9 @@ use kube::{
 use meshfed_api::{ClusterRole, MeshFederation};
 use meshfed_core::pki;
 use meshfed_e2e::{Fixture, NAMESPACE, example, is_ready};
-use meshfed_testenv::{ISTIOD_ENV_FOR_UPSTREAM_ENVOY, Istiod, Options, Pod, PodSpec, call, free_port, serve_hello};
+use meshfed_testenv::{
+    ISTIOD_ENV_FOR_UPSTREAM_ENVOY, Istiod, Options, OwnNetwork, Pod, PodSpec, call, free_port, serve_hello,
+};
 use serde_json::json;
 
 const ISTIO_NAMESPACE: &str = "istio-system";
@@ -39,13 +41,17 @@ const REQUESTS: usize = 40;
 /// The client's identity, as the server must see it.
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/sample/sa/sleep";
 
-/// Each member's version of `hello` and its pods' addresses (server, client).
-const MEMBERS: [(&str, &str, &str, &str); 2] =
-    [("east", "v1", "10.244.1.10", "10.244.1.20"), ("west", "v2", "10.244.2.10", "10.244.2.20")];
+/// Each member's version of `hello` and its pods' addresses (server, client, east-west gateway).
+const MEMBERS: [(&str, &str, &str, &str, &str); 2] = [
+    ("east", "v1", "10.244.1.10", "10.244.1.20", "10.244.1.30"),
+    ("west", "v2", "10.244.2.10", "10.244.2.20", "10.244.2.30"),
+];
+/// The port other networks' sidecars dial on a member's east-west gateway.
+const CROSS_NETWORK_PORT: u16 = 15443;
 
-/// Every address of the network namespace: the pods'.
+/// Every address of the environment's network namespace: the servers' and clients' (each gateway has its own).
 fn addresses() -> Vec<&'static str> {
-    MEMBERS.iter().flat_map(|(_, _, server, client)| [*server, *client]).collect()
+    MEMBERS.iter().flat_map(|(_, _, server, client, _)| [*server, *client]).collect()
 }
 
 /// A federation the real operator converged, a real istiod in each Primary, and in each member `hello` (its version,
@@ -53,6 +59,7 @@ fn addresses() -> Vec<&'static str> {
 /// then the clusters.
 struct DataPlane {
     clients: BTreeMap<String, Pod>,
+    gateways: BTreeMap<String, Pod>,
     servers: BTreeMap<String, Pod>,
     apps: Vec<tokio::task::JoinHandle<()>>,
     istiods: BTreeMap<String, Istiod>,
@@ -77,8 +84,14 @@ impl DataPlane {
         for (member, ..) in MEMBERS {
             strict_mtls(&f, member).await?;
         }
-        let mut dp = Self { clients: BTreeMap::new(), servers: BTreeMap::new(), apps: Vec::new(), istiods, fed, f };
-        for (member, version, server_ip, client_ip) in MEMBERS {
+        let (clients, gateways, servers) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        let mut dp = Self { clients, gateways, servers, apps: Vec::new(), istiods, fed, f };
+        for (member, _, _, _, gateway_ip) in MEMBERS {
+            if let Some(gateway) = dp.gateway_pod(member, gateway_ip).await? {
+                dp.gateways.insert(member.into(), Pod::start(dp.f.env.cluster(member), gateway).await?);
+            }
+        }
+        for (member, version, server_ip, client_ip, _) in MEMBERS {
             let app_port = free_port()?;
             dp.apps.push(serve_hello(SocketAddr::from((Ipv4Addr::LOCALHOST, app_port)), version, member).await?);
             let server = PodSpec {
@@ -119,6 +132,48 @@ impl DataPlane {
         }
     }
 
+    /// Where meshfed reports `member`'s east-west gateway (`status.clusters[].gatewayAddress`), if it has one.
+    fn gateway_address(&self, member: &str) -> Option<String> {
+        let status = self.fed.status.as_ref()?;
+        status.clusters.iter().find(|c| c.name == member)?.gateway_address.clone()
+    }
+
+    /// The pod of `member`'s east-west gateway, as a kubelet would run it from the Deployment meshfed wrote (its
+    /// labels, ServiceAccount and environment), at `ip`, its Envoy in a network namespace of its own that also holds
+    /// the address meshfed reports for it (the played cloud's load balancer). None when meshfed wrote no gateway.
+    async fn gateway_pod(&self, member: &str, ip: &str) -> anyhow::Result<Option<PodSpec>> {
+        let deployments = Api::<Deployment>::namespaced(self.f.member(member).await?, ISTIO_NAMESPACE);
+        let Some(deployment) = deployments.get_opt("istio-eastwestgateway").await? else { return Ok(None) };
+        let address = self.gateway_address(member).context("meshfed wrote a gateway but reports no address")?;
+        let template = deployment.spec.context("a Deployment's spec")?.template;
+        let pod = template.spec.context("a pod template's spec")?;
+        let env = pod.containers.iter().flat_map(|c| c.env.iter().flatten());
+        Ok(Some(PodSpec {
+            name: format!("istio-eastwestgateway-{member}"),
+            namespace: ISTIO_NAMESPACE.into(),
+            service_account: pod.service_account_name.clone().context("the gateway's ServiceAccount")?,
+            ip: ip.into(),
+            labels: template.metadata.and_then(|m| m.labels).unwrap_or_default(),
+            gateway: true,
+            env: env.map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect(),
+            own_network: Some(OwnNetwork { addresses: vec![address, ip.into()], ready_port: CROSS_NETWORK_PORT }),
+            ..self.pod_spec(member)
+        }))
+    }
+
+    /// Where `client`'s sidecar must send requests for `server`'s `hello`: the server pod on the same network, the
+    /// server's member's east-west gateway at the address meshfed reports on another.
+    fn endpoint(&self, client: &str, server: &str) -> String {
+        let network = |m: &str| self.fed.spec.clusters.iter().find(|c| c.name == m).map(|c| c.network.clone());
+        if network(client) == network(server) {
+            self.servers[server].addr(HELLO_PORT).to_string()
+        } else {
+            let gateway =
+                self.gateway_address(server).unwrap_or_else(|| panic!("meshfed reports no gateway for {server}"));
+            format!("{gateway}:{CROSS_NETWORK_PORT}")
+        }
+    }
+
     /// The federation's root (the hub's), PEM.
     async fn root(&self) -> anyhow::Result<Vec<u8>> {
         let secret = Api::<Secret>::namespaced(self.f.hub.clone(), NAMESPACE).get("prod-root-ca").await?;
@@ -133,7 +188,7 @@ impl DataPlane {
 
     /// Logs of every pod and istiod, for a failure message.
     fn logs(&self) -> String {
-        let pods = self.servers.values().chain(self.clients.values());
+        let pods = self.servers.values().chain(self.clients.values()).chain(self.gateways.values());
         let mut out: Vec<String> = pods.map(|p| format!("--- pod {}:\n{}", p.name(), p.log_tail())).collect();
         out.extend(self.istiods.iter().map(|(m, i)| format!("--- istiod of {m}:\n{}", i.log_tail())));
         out.join("\n")
@@ -183,6 +238,7 @@ async fn split(dp: &DataPlane, member: &str, expected: &[&str]) -> anyhow::Resul
     }
     println!("{member}'s client saw every version after {:?}", started.elapsed());
     let leaf = pki::fingerprints(&client.certificate_chain()?).into_iter().next().context("the client's leaf")?;
+    let before = successes(client).await?;
     let mut counts = BTreeMap::new();
     for i in 0..REQUESTS {
         let a = call().await.with_context(|| format!("request {i} of {REQUESTS} from {member}'s client"))?;
@@ -192,7 +248,30 @@ async fn split(dp: &DataPlane, member: &str, expected: &[&str]) -> anyhow::Resul
         ensure!(presented.as_ref() == Some(&leaf), "the client presented {presented:?}, not its certificate {leaf}");
         *counts.entry(format!("{}@{}", a.version, a.cluster)).or_default() += 1;
     }
+    // Which endpoint carried each request, as the client's Envoy counted them: each server's answers went where the
+    // client must reach that server (its pod, or its member's gateway), and nowhere else.
+    let mut carried = successes(client).await?;
+    carried.retain(|endpoint, n| {
+        *n -= before.get(endpoint).copied().unwrap_or(0);
+        *n > 0
+    });
+    let mut want = BTreeMap::new();
+    for (answered, n) in &counts {
+        let server = answered.split_once('@').map_or("", |s| s.1);
+        *want.entry(dp.endpoint(member, server)).or_default() += *n as u64;
+    }
+    ensure!(carried == want, "{member}'s client sent its requests to {carried:?}, not {want:?} (answers {counts:?})");
+    println!("{member}'s client reached them through {carried:?}");
     Ok(counts)
+}
+
+/// The requests `pod`'s Envoy completed successfully per endpoint of `hello`'s cluster (`address:port`).
+async fn successes(pod: &Pod) -> anyhow::Result<BTreeMap<String, u64>> {
+    let prefix = format!("outbound|{HELLO_PORT}||hello.sample.svc.cluster.local::");
+    let clusters = pod.envoy_admin("/clusters").await?;
+    let stats = clusters.lines().filter_map(|l| l.strip_prefix(&prefix));
+    let parse = |l: &str| Some((l.split_once("::rq_success::")?.0.to_string(), l.rsplit("::").next()?.parse().ok()?));
+    Ok(stats.filter(|l| l.contains("::rq_success::")).filter_map(parse).collect())
 }
 
 /// The certificates `pod`'s sidecar presents to a client of the mesh (the client's certificate and key, verifying
@@ -283,6 +362,12 @@ fn seeds_check_in_netns(name: &'static str) -> anyhow::Result<()> {
     let r = meshfed_testenv::in_network_namespace(&addresses(), move || seeds_check(example(name)));
     println!("{name}: {:?}", started.elapsed());
     r
+}
+
+#[test]
+fn multi_primary_on_two_networks_each_client_reaches_the_other_version_through_its_members_east_west_gateway()
+-> anyhow::Result<()> {
+    seeds_check_in_netns("multi-primary-multi-network")
 }
 
 #[test]

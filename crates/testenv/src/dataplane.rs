@@ -14,7 +14,7 @@ use std::{
     fs,
     future::Future,
     net::SocketAddr,
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::Command,
     time::{Duration, Instant},
 };
@@ -127,8 +127,22 @@ pub struct PodSpec {
     pub outbound: Vec<u16>,
     /// A gateway (`pilot-agent proxy router`) rather than a sidecar.
     pub gateway: bool,
+    /// A network namespace of the pod's own for its Envoy (see [`OwnNetwork`]); the pod's address should be one of
+    /// its addresses.
+    pub own_network: Option<OwnNetwork>,
     /// More environment for the agent (e.g. a gateway Deployment's), and `SECRET_TTL` to shorten its certificate.
     pub env: Vec<(String, String)>,
+}
+
+/// A network namespace of a pod's own, for its Envoy, as a real pod has: a gateway's listeners bind every address
+/// (`0.0.0.0:15443`), so two gateways cannot share one namespace. It holds `addresses` on a veth pair to the
+/// environment's namespace (which routes them there), and reaches every other address through it. Its agent stays
+/// in the environment's namespace (istiod is on its loopback) and talks to Envoy over Unix sockets, so it cannot see
+/// Envoy's admin port: the pod is ready once Envoy accepts connections at its first address on `ready_port`.
+#[derive(Debug, Clone, Default)]
+pub struct OwnNetwork {
+    pub addresses: Vec<String>,
+    pub ready_port: u16,
 }
 
 /// A running pod: the Pod and its objects in its member, `pilot-agent` and its Envoy. The processes are killed when
@@ -137,8 +151,9 @@ pub struct Pod {
     spec: PodSpec,
     dir: PathBuf,
     admin_port: u16,
-    // Dropped before the directory's owner (the Env) goes.
+    // Dropped before the directory's owner (the Env) goes; the agent first, then its network's holder.
     _agent: Process,
+    _network: Option<Process>,
 }
 
 impl Pod {
@@ -164,6 +179,7 @@ impl Pod {
             create_endpoint(&client, &spec, service, *port).await?;
         }
 
+        let network = spec.own_network.as_ref().map(|n| own_network(&n.addresses)).transpose()?;
         let dir = cluster.dir.join("pods").join(&spec.name);
         let secrets = dir.join("var/run/secrets");
         fs::create_dir_all(secrets.join("tokens"))?;
@@ -174,7 +190,9 @@ impl Pod {
         fs::write(secrets.join("istio/root-cert.pem"), published_root(&client, &spec.namespace).await?)?;
         // Envoy dies with its agent (which does not kill it when killed), and runs where `envoy` says.
         let envoy_wrapper = dir.join("envoy");
-        fs::write(&envoy_wrapper, format!("#!/bin/sh\nexec setpriv --pdeathsig KILL {} \"$@\"\n", envoy.display()))?;
+        let enter = network.as_ref().map_or(String::new(), |n| format!("nsenter --net=/proc/{}/ns/net ", n.0.id()));
+        let wrapper = format!("#!/bin/sh\nexec {enter}setpriv --pdeathsig KILL {} \"$@\"\n", envoy.display());
+        fs::write(&envoy_wrapper, wrapper)?;
         fs::set_permissions(&envoy_wrapper, std::os::unix::fs::PermissionsExt::from_mode(0o755))?;
 
         let (admin_port, status_port) = (free_port()?, free_port()?);
@@ -220,8 +238,12 @@ impl Pod {
         let log = dir.join("pilot-agent.log");
         let mut process = Process::spawn(&mut cmd, &log)?;
         let deadline = Instant::now() + POD_READY_TIMEOUT;
+        let ready = async || match &spec.own_network {
+            Some(n) => TcpStream::connect((n.addresses[0].as_str(), n.ready_port)).await.is_ok(),
+            None => matches!(get(status_port, "/healthz/ready").await, Ok((200, _))),
+        };
         loop {
-            if matches!(get(status_port, "/healthz/ready").await, Ok((200, _))) {
+            if ready().await {
                 break;
             }
             if let Some(status) = process.0.try_wait()? {
@@ -232,7 +254,7 @@ impl Pod {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        Ok(Self { spec, dir, admin_port, _agent: process })
+        Ok(Self { spec, dir, admin_port, _agent: process, _network: network })
     }
 
     pub fn name(&self) -> &str {
@@ -258,9 +280,28 @@ impl Pod {
 
     /// One of Envoy's admin endpoints (e.g. `/clusters`, `/config_dump`), as text.
     pub async fn envoy_admin(&self, path: &str) -> Result<String> {
-        match get(self.admin_port, path).await? {
-            (200, body) => Ok(body),
-            (code, body) => bail!("Envoy admin {path} of {} answered {code}: {body}", self.spec.name),
+        // Envoy's admin refuses HTTP/1.0, and may answer HTTP/1.1 in chunks.
+        let mut s = TcpStream::connect(("127.0.0.1", self.admin_port)).await?;
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").as_bytes()).await?;
+        let mut response = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut response)).await??;
+        let (head, mut body) = response.split_once("\r\n\r\n").context("an HTTP response")?;
+        let mut text = String::new();
+        if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+            while let Some((size, rest)) = body.split_once("\r\n") {
+                let size = usize::from_str_radix(size.trim(), 16).context("a chunk size")?;
+                if size == 0 {
+                    break;
+                }
+                text.push_str(rest.get(..size).context("a whole chunk")?);
+                body = rest.get(size + 2..).unwrap_or_default();
+            }
+        } else {
+            text.push_str(body);
+        }
+        match head.split(' ').nth(1) {
+            Some("200") => Ok(text),
+            code => bail!("Envoy admin {path} of {} answered {code:?}: {text}", self.spec.name),
         }
     }
 
@@ -268,6 +309,42 @@ impl Pod {
     pub fn log_tail(&self) -> String {
         tail(&self.dir.join("pilot-agent.log"))
     }
+}
+
+/// Creates a network namespace holding `addresses` (see [`OwnNetwork`]), linked to the calling thread's by a veth
+/// pair; returns the process that holds it (it goes when that process is killed, and with the test process).
+fn own_network(addresses: &[String]) -> Result<Process> {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let holder = Process::spawn(Command::new("unshare").args(["--net", "sleep", "infinity"]), Path::new("/dev/null"))?;
+    let pid = holder.0.id().to_string();
+    let ns = format!("/proc/{pid}/ns/net");
+    let own = fs::read_link("/proc/thread-self/ns/net")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fs::read_link(&ns).ok().is_none_or(|n| n == own) {
+        if Instant::now() > deadline {
+            bail!("unshare --net did not make a network namespace");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let veth = format!("mfpod{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    ip(&["link", "add", &veth, "type", "veth", "peer", "name", "eth0", "netns", &pid])?;
+    ip(&["link", "set", &veth, "up"])?;
+    let inside = |args: &[&str]| -> Result<()> {
+        let out = Command::new("nsenter").arg(format!("--net={ns}")).arg("ip").args(args).output()?;
+        if !out.status.success() {
+            bail!("ip {} (in a pod's namespace): {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(())
+    };
+    inside(&["link", "set", "lo", "up"])?;
+    inside(&["link", "set", "eth0", "up"])?;
+    for a in addresses {
+        inside(&["addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
+        ip(&["route", "add", &format!("{a}/32"), "dev", &veth])?;
+    }
+    inside(&["route", "add", "default", "dev", "eth0"])?;
+    Ok(holder)
 }
 
 /// The last errors and warnings of a log, without the agent's repeated readiness reports.
