@@ -15,7 +15,11 @@ use std::{
 };
 
 use anyhow::{Context as _, bail, ensure};
-use k8s_openapi::api::{apps::v1::Deployment, core::v1::Secret};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Secret, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api,
     api::{ApiResource, DynamicObject, Patch, PatchParams},
@@ -49,9 +53,13 @@ const MEMBERS: [(&str, &str, &str, &str, &str); 2] = [
 /// The port other networks' sidecars dial on a member's east-west gateway.
 const CROSS_NETWORK_PORT: u16 = 15443;
 
-/// Every address of the environment's network namespace: the servers' and clients' (each gateway has its own).
+/// The address of east's istiod's pod, where a Remote's agents reach it through east's gateway.
+const ISTIOD_IP: &str = "10.244.1.40";
+
+/// Every address of the environment's network namespace: the servers', the clients' and istiod's (each gateway has
+/// its own).
 fn addresses() -> Vec<&'static str> {
-    MEMBERS.iter().flat_map(|(_, _, server, client, _)| [*server, *client]).collect()
+    MEMBERS.iter().flat_map(|(_, _, server, client, _)| [*server, *client]).chain([ISTIOD_IP]).collect()
 }
 
 /// A federation the real operator converged, a real istiod in each Primary, and in each member `hello` (its version,
@@ -86,9 +94,13 @@ impl DataPlane {
         }
         let (clients, gateways, servers) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
         let mut dp = Self { clients, gateways, servers, apps: Vec::new(), istiods, fed, f };
+        for (primary, istiod) in &dp.istiods {
+            dp.apps.push(serve_istiod(&dp.f, primary, istiod).await?);
+        }
         for (member, _, _, _, gateway_ip) in MEMBERS {
             if let Some(gateway) = dp.gateway_pod(member, gateway_ip).await? {
-                dp.gateways.insert(member.into(), Pod::start(dp.f.env.cluster(member), gateway).await?);
+                let pod = Pod::start(dp.f.env.cluster(member), dp.config_cluster(member), gateway).await?;
+                dp.gateways.insert(member.into(), pod);
             }
         }
         for (member, version, server_ip, client_ip, _) in MEMBERS {
@@ -100,36 +112,52 @@ impl DataPlane {
                 ip: server_ip.into(),
                 inbound: Some(("hello".into(), HELLO_PORT, app_port)),
                 labels: BTreeMap::from([("version".into(), version.into())]),
-                ..dp.pod_spec(member)
+                ..dp.pod_spec(member).await?
             };
             let client = PodSpec {
                 name: format!("sleep-{member}"),
                 service_account: "sleep".into(),
                 ip: client_ip.into(),
                 outbound: vec![HELLO_PORT],
-                ..dp.pod_spec(member)
+                ..dp.pod_spec(member).await?
             };
-            let cluster = dp.f.env.cluster(member);
-            let (server, client) = futures::try_join!(Pod::start(cluster, server), Pod::start(cluster, client))?;
+            let (cluster, config) = (dp.f.env.cluster(member), dp.config_cluster(member));
+            let (server, client) =
+                futures::try_join!(Pod::start(cluster, config, server), Pod::start(cluster, config, client))?;
             dp.servers.insert(member.into(), server);
             dp.clients.insert(member.into(), client);
         }
         Ok(dp)
     }
 
-    /// What every pod of `member` shares: its mesh, cluster, network and control plane.
-    fn pod_spec(&self, member: &str) -> PodSpec {
+    /// The member whose istiod serves `member` (its certificates, its configuration): itself, or its Primary.
+    fn control_plane<'a>(&'a self, member: &'a str) -> &'a str {
         let spec = self.fed.spec.clusters.iter().find(|c| c.name == member).expect("a member of the federation");
-        let istiod = &self.istiods[spec.control_plane.as_deref().unwrap_or(member)];
-        PodSpec {
+        spec.control_plane.as_deref().unwrap_or(member)
+    }
+
+    /// The cluster where the mesh's configuration for `member` lives: its control plane's.
+    fn config_cluster(&self, member: &str) -> &meshfed_testenv::Cluster {
+        self.f.env.cluster(self.control_plane(member))
+    }
+
+    /// What every pod of `member` shares: its mesh, cluster, network and control plane: a Primary's own istiod; for
+    /// a Remote, the `remotePilotAddress` meshfed wrote into its `Istio` (its Primary's gateway), port 15012.
+    async fn pod_spec(&self, member: &str) -> anyhow::Result<PodSpec> {
+        let spec = self.fed.spec.clusters.iter().find(|c| c.name == member).expect("a member of the federation");
+        let discovery_address = match self.istiods.get(member) {
+            Some(istiod) => istiod.secure_xds_address(),
+            None => format!("{}:15012", remote_pilot_address(&self.f, member).await?),
+        };
+        Ok(PodSpec {
             namespace: SAMPLE.into(),
             mesh_id: self.fed.spec.mesh_id.clone(),
             cluster_id: member.into(),
             network: spec.network.clone(),
-            discovery_address: istiod.secure_xds_address(),
+            discovery_address,
             istio_namespace: ISTIO_NAMESPACE.into(),
             ..PodSpec::default()
-        }
+        })
     }
 
     /// Where meshfed reports `member`'s east-west gateway (`status.clusters[].gatewayAddress`), if it has one.
@@ -156,9 +184,28 @@ impl DataPlane {
             labels: template.metadata.and_then(|m| m.labels).unwrap_or_default(),
             gateway: true,
             env: env.map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect(),
-            own_network: Some(OwnNetwork { addresses: vec![address, ip.into()], ready_port: CROSS_NETWORK_PORT }),
-            ..self.pod_spec(member)
+            own_network: Some(OwnNetwork {
+                addresses: vec![address, ip.into()],
+                ready_ports: self.gateway_ports(member),
+            }),
+            ..self.pod_spec(member).await?
         }))
+    }
+
+    /// The ports `member`'s gateway serves: other networks' sidecars (15443) on two networks, its Remotes' agents
+    /// (istiod, 15012) when it is their Primary.
+    fn gateway_ports(&self, member: &str) -> Vec<u16> {
+        let clusters = &self.fed.spec.clusters;
+        let networks: std::collections::BTreeSet<&str> = clusters.iter().map(|c| c.network.as_str()).collect();
+        let serves_remotes = clusters.iter().any(|c| c.control_plane.as_deref() == Some(member));
+        let mut ports = Vec::new();
+        if networks.len() > 1 {
+            ports.push(CROSS_NETWORK_PORT);
+        }
+        if serves_remotes {
+            ports.push(15012);
+        }
+        ports
     }
 
     /// Where `client`'s sidecar must send requests for `server`'s `hello`: the server pod on the same network, the
@@ -193,6 +240,41 @@ impl DataPlane {
         out.extend(self.istiods.iter().map(|(m, i)| format!("--- istiod of {m}:\n{}", i.log_tail())));
         out.join("\n")
     }
+}
+
+/// The `remotePilotAddress` meshfed wrote into the Sail `Istio` of the Remote `member`.
+async fn remote_pilot_address(f: &Fixture, member: &str) -> anyhow::Result<String> {
+    let resource = ApiResource {
+        group: "sailoperator.io".into(),
+        version: "v1".into(),
+        api_version: "sailoperator.io/v1".into(),
+        kind: "Istio".into(),
+        plural: "istios".into(),
+    };
+    let istio = Api::<DynamicObject>::all_with(f.member(member).await?, &resource).get("default").await?;
+    let address = istio.data["spec"]["values"]["global"]["remotePilotAddress"].as_str();
+    Ok(address.with_context(|| format!("meshfed wrote no remotePilotAddress for {member}"))?.to_string())
+}
+
+/// Plays the `istiod` Service of `primary` (the one meshfed's `istiod-vs` routes a Remote's connections to) with its
+/// pod at [`ISTIOD_IP`], port 15012 forwarded to the running istiod's TLS xDS port.
+async fn serve_istiod(f: &Fixture, primary: &str, istiod: &Istiod) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let client = f.member(primary).await?;
+    let pp = kube::api::PostParams::default();
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "istiod"},
+        "spec": {"ports": [{"name": "tls-xds", "port": 15012, "protocol": "TCP"}]},
+    }))?;
+    Api::<Service>::namespaced(client.clone(), ISTIO_NAMESPACE).create(&pp, &svc).await?;
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "istiod-1", "labels": {"kubernetes.io/service-name": "istiod"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ISTIOD_IP], "conditions": {"ready": true}}],
+        "ports": [{"name": "tls-xds", "port": 15012, "protocol": "TCP"}],
+    }))?;
+    Api::<EndpointSlice>::namespaced(client, ISTIO_NAMESPACE).create(&pp, &slice).await?;
+    let to = istiod.secure_xds_address().parse()?;
+    meshfed_testenv::forward(SocketAddr::from((ISTIOD_IP.parse::<Ipv4Addr>()?, 15012)), to).await
 }
 
 /// A mesh-wide `PeerAuthentication` in `member` that makes every sidecar refuse plaintext.
@@ -332,25 +414,30 @@ async fn seeds_check(yaml: String) -> anyhow::Result<()> {
     std::fs::write(&root_file, &root)?;
     for (member, ..) in MEMBERS {
         let server = &dp.servers[member];
-        let intermediate = dp.intermediate(member).await?;
+        // The intermediate of the istiod that issued the server's certificate: its member's, or its Primary's.
+        let issuer = dp.control_plane(member);
+        let intermediate = dp.intermediate(issuer).await?;
         for client in dp.clients.values() {
             let chain = presented_chain(server, client, &root_file).await?;
             let held = pki::fingerprints(&server.certificate_chain()?);
             ensure!(chain.first() == held.first(), "{} presents {chain:?}, not its agent's {held:?}", server.name());
             ensure!(
                 chain.get(1) == pki::fingerprints(&intermediate).first(),
-                "{}'s chain {chain:?} does not go through {member}'s intermediate",
+                "{}'s chain {chain:?} does not go through {issuer}'s intermediate",
                 server.name()
             );
             let leaf = pki::certificates(&server.certificate_chain()?).into_iter().next().context("a leaf")?.1;
             ensure!(
                 pki::issued_by(leaf.as_bytes(), &intermediate),
-                "{}'s leaf is not signed by {member}'s intermediate",
+                "{}'s leaf is not signed by {issuer}'s intermediate",
                 server.name()
             );
-            ensure!(pki::issued_by(&intermediate, &root), "{member}'s intermediate is not signed by the root");
+            ensure!(pki::issued_by(&intermediate, &root), "{issuer}'s intermediate is not signed by the root");
         }
-        println!("{} presents {member}'s intermediate's certificate, chaining to the federation's root", server.name());
+        println!(
+            "{} presents a certificate of {issuer}'s intermediate, chaining to the federation's root",
+            server.name()
+        );
     }
     Ok(())
 }
@@ -368,6 +455,17 @@ fn seeds_check_in_netns(name: &'static str) -> anyhow::Result<()> {
 fn multi_primary_on_two_networks_each_client_reaches_the_other_version_through_its_members_east_west_gateway()
 -> anyhow::Result<()> {
     seeds_check_in_netns("multi-primary-multi-network")
+}
+
+#[test]
+fn primary_remote_the_remotes_pods_are_served_through_the_primarys_gateway_and_reach_both_versions()
+-> anyhow::Result<()> {
+    seeds_check_in_netns("primary-remote")
+}
+
+#[test]
+fn primary_remote_on_two_networks_the_remotes_pods_are_served_and_reached_through_gateways() -> anyhow::Result<()> {
+    seeds_check_in_netns("primary-remote-multi-network")
 }
 
 #[test]

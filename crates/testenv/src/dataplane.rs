@@ -138,11 +138,11 @@ pub struct PodSpec {
 /// (`0.0.0.0:15443`), so two gateways cannot share one namespace. It holds `addresses` on a veth pair to the
 /// environment's namespace (which routes them there), and reaches every other address through it. Its agent stays
 /// in the environment's namespace (istiod is on its loopback) and talks to Envoy over Unix sockets, so it cannot see
-/// Envoy's admin port: the pod is ready once Envoy accepts connections at its first address on `ready_port`.
+/// Envoy's admin port: the pod is ready once Envoy accepts connections at its first address on every `ready_ports`.
 #[derive(Debug, Clone, Default)]
 pub struct OwnNetwork {
     pub addresses: Vec<String>,
-    pub ready_port: u16,
+    pub ready_ports: Vec<u16>,
 }
 
 /// A running pod: the Pod and its objects in its member, `pilot-agent` and its Envoy. The processes are killed when
@@ -158,11 +158,12 @@ pub struct Pod {
 
 impl Pod {
     /// Starts a pod in `cluster` as a kubelet would once scheduled: creates the namespace and ServiceAccount if
-    /// missing, the Pod (made Running and Ready at `spec.ip`), its `Sidecar` resource and EndpointSlice; writes in
+    /// missing, the Pod (made Running and Ready at `spec.ip`) and its EndpointSlice, and its `Sidecar` resource in
+    /// `config_cluster` (where istiod reads the mesh's configuration: the Primary's, for a Remote's pod); writes in
     /// the pod's directory the token (TokenRequest, audience `istio-ca`, bound to the Pod) and the root istiod
     /// published (ConfigMap `istio-ca-root-cert` of the namespace) where `pilot-agent` reads them; starts
     /// `pilot-agent`, which starts Envoy; and waits until the agent reports the pod ready.
-    pub async fn start(cluster: &Cluster, mut spec: PodSpec) -> Result<Self> {
+    pub async fn start(cluster: &Cluster, config_cluster: &Cluster, mut spec: PodSpec) -> Result<Self> {
         let bin = tokio::task::spawn_blocking(istio_binaries).await??;
         let envoy = tokio::task::spawn_blocking(envoy).await??;
         let client = cluster.client().await?;
@@ -173,7 +174,7 @@ impl Pod {
         }
         let uid = create_pod(&client, &spec).await?;
         if !spec.gateway {
-            apply_sidecar(&client, &spec).await?;
+            apply_sidecar(&config_cluster.client().await?, &spec).await?;
         }
         if let Some((service, port, _)) = &spec.inbound {
             create_endpoint(&client, &spec, service, *port).await?;
@@ -239,7 +240,12 @@ impl Pod {
         let mut process = Process::spawn(&mut cmd, &log)?;
         let deadline = Instant::now() + POD_READY_TIMEOUT;
         let ready = async || match &spec.own_network {
-            Some(n) => TcpStream::connect((n.addresses[0].as_str(), n.ready_port)).await.is_ok(),
+            Some(n) => futures::future::join_all(
+                n.ready_ports.iter().map(|p| TcpStream::connect((n.addresses[0].as_str(), *p))),
+            )
+            .await
+            .iter()
+            .all(Result::is_ok),
             None => matches!(get(status_port, "/healthz/ready").await, Ok((200, _))),
         };
         loop {
@@ -495,6 +501,21 @@ async fn published_root(client: &Client, namespace: &str) -> Result<String> {
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+}
+
+/// Forwards every TCP connection to `listen` to `to`, until the returned task is aborted: a Service's address for a
+/// process on the namespace's loopback (e.g. istiod's pod address, for a Remote that reaches it through a gateway).
+pub async fn forward(listen: SocketAddr, to: SocketAddr) -> Result<JoinHandle<()>> {
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    Ok(tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Ok(mut outbound) = TcpStream::connect(to).await {
+                    let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                }
+            });
+        }
+    }))
 }
 
 /// The sample app's server: answers every HTTP request with JSON `{"version", "cluster", "xfcc"}`, `xfcc` being the

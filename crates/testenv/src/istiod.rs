@@ -242,7 +242,7 @@ impl Istiod {
 
 /// The environment the Sail operator gives istiod in a cluster: `spec.values.pilot.env` of the Sail `Istio`
 /// resources (`sailoperator.io/v1`) whose `spec.namespace` is `istio_namespace` (Istio's istiod chart puts them in
-/// the Deployment's env). Empty when there is none, or Sail's CRD is not served.
+/// the Deployment's env), and `EXTERNAL_ISTIOD` for `spec.values.global.externalIstiod`. Empty when there is none, or Sail's CRD is not served.
 async fn sail_pilot_env(client: Client, istio_namespace: &str) -> Vec<(String, String)> {
     let resource = ApiResource {
         group: "sailoperator.io".into(),
@@ -259,6 +259,11 @@ async fn sail_pilot_env(client: Client, istio_namespace: &str) -> Vec<(String, S
         let spec = &istio.data["spec"];
         if spec["namespace"].as_str().unwrap_or("istio-system") != istio_namespace {
             continue;
+        }
+        // The istiod chart's Deployment: `global.externalIstiod` sets EXTERNAL_ISTIOD (a Primary serving Remotes,
+        // which then publishes the root into their namespaces too), unless `pilot.env` does.
+        if spec["values"]["global"]["externalIstiod"] == true {
+            env.push(("EXTERNAL_ISTIOD".into(), "true".into()));
         }
         for (k, v) in spec["values"]["pilot"]["env"].as_object().into_iter().flatten() {
             env.push((k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)));

@@ -40,8 +40,8 @@ mod dataplane;
 mod istiod;
 mod stage;
 pub use dataplane::{
-    Answer, ENVOY_VERSION, ISTIOD_ENV_FOR_UPSTREAM_ENVOY, OwnNetwork, Pod, PodSpec, call, envoy, in_network_namespace,
-    serve_hello,
+    Answer, ENVOY_VERSION, ISTIOD_ENV_FOR_UPSTREAM_ENVOY, OwnNetwork, Pod, PodSpec, call, envoy, forward,
+    in_network_namespace, serve_hello,
 };
 pub use istiod::{ISTIO_VERSION, Istiod, istio_binaries, istioctl};
 pub use stage::{SAIL_COMMIT, SAIL_VERSION, Stage, add_node, sail_crds};
