@@ -71,12 +71,19 @@ struct DataPlane {
     servers: BTreeMap<String, Pod>,
     apps: Vec<tokio::task::JoinHandle<()>>,
     istiods: BTreeMap<String, Istiod>,
+    /// More environment for every pod's agent (e.g. a short `SECRET_TTL`).
+    pod_env: Vec<(String, String)>,
     fed: MeshFederation,
     f: Fixture,
 }
 
 impl DataPlane {
     async fn start(yaml: &str) -> anyhow::Result<Self> {
+        Self::start_with(yaml, &[]).await
+    }
+
+    /// Like [`DataPlane::start`], with `pod_env` added to every pod's agent.
+    async fn start_with(yaml: &str, pod_env: &[(&str, &str)]) -> anyhow::Result<Self> {
         let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..Options::default() }).await?;
         f.apply(yaml).await?;
         let fed = f.wait_for("prod", WAIT, is_ready).await?;
@@ -93,9 +100,13 @@ impl DataPlane {
             strict_mtls(&f, member).await?;
         }
         let (clients, gateways, servers) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
-        let mut dp = Self { clients, gateways, servers, apps: Vec::new(), istiods, fed, f };
+        let pod_env = pod_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut dp = Self { clients, gateways, servers, apps: Vec::new(), istiods, pod_env, fed, f };
+        // A Primary serving Remotes: they reach its istiod through its gateway, which routes to istiod's Service.
         for (primary, istiod) in &dp.istiods {
-            dp.apps.push(serve_istiod(&dp.f, primary, istiod).await?);
+            if dp.fed.spec.clusters.iter().any(|c| c.control_plane.as_deref() == Some(primary)) {
+                dp.apps.push(serve_istiod(&dp.f, primary, istiod).await?);
+            }
         }
         for (member, _, _, _, gateway_ip) in MEMBERS {
             if let Some(gateway) = dp.gateway_pod(member, gateway_ip).await? {
@@ -156,6 +167,7 @@ impl DataPlane {
             network: spec.network.clone(),
             discovery_address,
             istio_namespace: ISTIO_NAMESPACE.into(),
+            env: self.pod_env.clone(),
             ..PodSpec::default()
         })
     }
@@ -183,7 +195,10 @@ impl DataPlane {
             ip: ip.into(),
             labels: template.metadata.and_then(|m| m.labels).unwrap_or_default(),
             gateway: true,
-            env: env.map(|e| (e.name.clone(), e.value.clone().unwrap_or_default())).collect(),
+            env: env
+                .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+                .chain(self.pod_env.clone())
+                .collect(),
             own_network: Some(OwnNetwork {
                 addresses: vec![address, ip.into()],
                 ready_ports: self.gateway_ports(member),
@@ -472,4 +487,132 @@ fn primary_remote_on_two_networks_the_remotes_pods_are_served_and_reached_throug
 fn multi_primary_on_one_network_each_client_reaches_both_versions_over_mtls_from_each_members_intermediate()
 -> anyhow::Result<()> {
     seeds_check_in_netns("multi-primary")
+}
+
+/// Requests sent continuously from a client (one every 50 ms, each within 2 s), every answer (`version@cluster`) or
+/// failure recorded with its time.
+struct Traffic {
+    task: tokio::task::JoinHandle<()>,
+    log: std::sync::Arc<std::sync::Mutex<Vec<(Duration, Result<String, String>)>>>,
+}
+
+impl Traffic {
+    fn start(client: &Pod, started: Instant) -> Self {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (addr, record) = (client.addr(HELLO_PORT), log.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let answer = call(addr, HELLO_HOST, "/hello", Duration::from_secs(2)).await;
+                let answer = answer.map(|a| format!("{}@{}", a.version, a.cluster)).map_err(|e| format!("{e:#}"));
+                record.lock().unwrap().push((started.elapsed(), answer));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        Self { task, log }
+    }
+
+    /// Stops sending; what was recorded.
+    fn stop(self) -> Vec<(Duration, Result<String, String>)> {
+        self.task.abort();
+        std::mem::take(&mut self.log.lock().unwrap())
+    }
+}
+
+/// Whether every pod of `dp` holds a certificate issued by the current intermediate of the istiod serving it.
+async fn every_pod_renewed(dp: &DataPlane) -> anyhow::Result<bool> {
+    for (member, ..) in MEMBERS {
+        let intermediate = dp.intermediate(dp.control_plane(member)).await?;
+        for pod in [&dp.servers[member], &dp.clients[member]] {
+            if !pki::issued_by(&pod.certificate_chain()?, &intermediate) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// A root rotation from start to end under steady traffic from each member's client, with workload certificates of
+/// one minute (`SECRET_TTL=60s`, the agents renewing at half life) and `workloadCertificateTTL: 1m` to match. The
+/// last phase waits `workloadCertificateTTL` plus a five-minute margin: once every pod really holds a certificate
+/// from its member's new intermediate and the minute has passed in real time, the controller's clock skips the
+/// margin. Then traffic runs 40 s more (every agent renews once more, trusting the new root alone). Zero failed
+/// requests, and both versions answered to the end.
+async fn root_rotation_under_traffic() -> anyhow::Result<()> {
+    let yaml = example("multi-primary").replace("  trust:\n", "  trust:\n    workloadCertificateTTL: 1m\n");
+    let dp = DataPlane::start_with(&yaml, &[("SECRET_TTL", "60s")]).await?;
+    let expected: Vec<String> = MEMBERS.iter().map(|(m, v, ..)| format!("{v}@{m}")).collect();
+    let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    for (member, ..) in MEMBERS {
+        split(&dp, member, &expected).await?;
+    }
+    let old = dp.fed.status.as_ref().and_then(|s| s.trust.as_ref()?.root_fingerprint.clone()).context("a root")?;
+    let started = Instant::now();
+    let traffic: Vec<(&str, Traffic)> =
+        MEMBERS.iter().map(|(m, ..)| (*m, Traffic::start(&dp.clients[*m], started))).collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let patch = json!({"metadata": {"annotations": {"meshfed.io/rotate-root": "2026-12-06"}}});
+    dp.f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+    println!("root rotation: asked at {:?}", started.elapsed());
+    let (mut phases, mut awaiting_since, mut skipped) = (Vec::<String>::new(), None, false);
+    let finished = loop {
+        let fed = dp.f.federations().get("prod").await?;
+        let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
+        let phase = trust.rotation_phase.clone().unwrap_or_else(|| "none".into());
+        if phases.last() != Some(&phase) {
+            println!("root rotation: phase {phase} at {:?}", started.elapsed());
+            phases.push(phase.clone());
+        }
+        if phase.contains("AwaitingWorkloadCertificates") {
+            let since = *awaiting_since.get_or_insert_with(Instant::now);
+            if !skipped && since.elapsed() > Duration::from_secs(60) && every_pod_renewed(&dp).await? {
+                println!(
+                    "root rotation: every pod renewed under the new intermediates at {:?}; the clock skips the five-minute margin",
+                    started.elapsed()
+                );
+                dp.f.clock.advance(meshfed_core::trust::WORKLOAD_MARGIN + Duration::from_secs(5));
+                dp.f.poke("prod").await?;
+                skipped = true;
+            }
+        }
+        if is_ready(&fed) && trust.rotation_phase.is_none() && trust.root_fingerprint.as_ref() != Some(&old) {
+            break started.elapsed();
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(300),
+            "the rotation did not finish in 5 minutes (phases {phases:?})\n{}",
+            dp.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    println!("root rotation: finished at {finished:?}");
+    tokio::time::sleep(Duration::from_secs(40)).await;
+    let mut failures = Vec::new();
+    for (member, t) in traffic {
+        let log = t.stop();
+        let mut counts = BTreeMap::<&str, usize>::new();
+        for (_, a) in &log {
+            *counts.entry(a.as_ref().map_or("failed", String::as_str)).or_default() += 1;
+        }
+        println!(
+            "root rotation: {member}'s client sent {} requests over {:?}: {counts:?}",
+            log.len(),
+            started.elapsed()
+        );
+        let tail: Vec<&String> = log
+            .iter()
+            .filter(|(at, _)| *at > started.elapsed() - Duration::from_secs(10))
+            .filter_map(|(_, a)| a.as_ref().ok())
+            .collect();
+        for e in &expected {
+            ensure!(tail.iter().any(|a| a == e), "{member}'s client got no answer from {e} in the last 10 s: {tail:?}");
+        }
+        failures.extend(log.into_iter().filter_map(|(at, a)| Some(format!("{member} at {at:?}: {}", a.err()?))));
+    }
+    ensure!(failures.is_empty(), "{} requests failed during the rotation:\n{}", failures.len(), failures.join("\n"));
+    Ok(())
+}
+
+#[test]
+fn a_root_rotation_under_steady_traffic_fails_no_request() -> anyhow::Result<()> {
+    meshfed_testenv::in_network_namespace(&addresses(), root_rotation_under_traffic)
 }

@@ -154,6 +154,13 @@ pub struct Pod {
     // Dropped before the directory's owner (the Env) goes; the agent first, then its network's holder.
     _agent: Process,
     _network: Option<Process>,
+    root_volume: JoinHandle<()>,
+}
+
+impl Drop for Pod {
+    fn drop(&mut self) {
+        self.root_volume.abort();
+    }
 }
 
 impl Pod {
@@ -188,7 +195,10 @@ impl Pod {
         fs::create_dir_all(dir.join("etc/istio/proxy"))?;
         fs::create_dir_all(dir.join("certs"))?;
         fs::write(secrets.join("tokens/istio-token"), token(&client, &spec, &uid).await?)?;
-        fs::write(secrets.join("istio/root-cert.pem"), published_root(&client, &spec.namespace).await?)?;
+        let root = published_root(&client, &spec.namespace).await?;
+        fs::write(secrets.join("istio/root-cert.pem"), &root)?;
+        let root_volume =
+            tokio::spawn(project_root(client.clone(), spec.namespace.clone(), secrets.join("istio"), root));
         // Envoy dies with its agent (which does not kill it when killed), and runs where `envoy` says.
         let envoy_wrapper = dir.join("envoy");
         let enter = network.as_ref().map_or(String::new(), |n| format!("nsenter --net=/proc/{}/ns/net ", n.0.id()));
@@ -260,7 +270,7 @@ impl Pod {
             }
             tokio::time::sleep(Duration::from_millis(250)).await;
         }
-        Ok(Self { spec, dir, admin_port, _agent: process, _network: network })
+        Ok(Self { spec, dir, admin_port, _agent: process, _network: network, root_volume })
     }
 
     pub fn name(&self) -> &str {
@@ -516,6 +526,23 @@ pub async fn forward(listen: SocketAddr, to: SocketAddr) -> Result<JoinHandle<()
             });
         }
     }))
+}
+
+/// Keeps `dir/root-cert.pem` at the root istiod publishes in `namespace`, as a kubelet keeps a ConfigMap volume
+/// (checked every second; a kubelet takes up to a minute): the agent reads it for its connections to istiod.
+async fn project_root(client: Client, namespace: String, dir: PathBuf, mut current: String) {
+    let cms = Api::<ConfigMap>::namespaced(client, &namespace);
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Ok(Some(cm)) = cms.get_opt("istio-ca-root-cert").await else { continue };
+        let Some(root) = cm.data.and_then(|mut d| d.remove("root-cert.pem")) else { continue };
+        if root != current {
+            let tmp = dir.join(".root-cert.pem.tmp");
+            if fs::write(&tmp, &root).and_then(|()| fs::rename(&tmp, dir.join("root-cert.pem"))).is_ok() {
+                current = root;
+            }
+        }
+    }
 }
 
 /// The sample app's server: answers every HTTP request with JSON `{"version", "cluster", "xfcc"}`, `xfcc` being the
