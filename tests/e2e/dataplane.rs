@@ -259,13 +259,7 @@ impl DataPlane {
 
 /// The `remotePilotAddress` meshfed wrote into the Sail `Istio` of the Remote `member`.
 async fn remote_pilot_address(f: &Fixture, member: &str) -> anyhow::Result<String> {
-    let resource = ApiResource {
-        group: "sailoperator.io".into(),
-        version: "v1".into(),
-        api_version: "sailoperator.io/v1".into(),
-        kind: "Istio".into(),
-        plural: "istios".into(),
-    };
+    let resource = meshfed_operator::member::kinds::api_resource(&meshfed_core::kinds::ISTIO);
     let istio = Api::<DynamicObject>::all_with(f.member(member).await?, &resource).get("default").await?;
     let address = istio.data["spec"]["values"]["global"]["remotePilotAddress"].as_str();
     Ok(address.with_context(|| format!("meshfed wrote no remotePilotAddress for {member}"))?.to_string())
@@ -489,11 +483,14 @@ fn multi_primary_on_one_network_each_client_reaches_both_versions_over_mtls_from
     seeds_check_in_netns("multi-primary")
 }
 
+/// What a client's requests got, each at its time since the start: `version@cluster`, or the error.
+type Sent = Vec<(Duration, Result<String, String>)>;
+
 /// Requests sent continuously from a client (one every 50 ms, each within 2 s), every answer (`version@cluster`) or
 /// failure recorded with its time.
 struct Traffic {
     task: tokio::task::JoinHandle<()>,
-    log: std::sync::Arc<std::sync::Mutex<Vec<(Duration, Result<String, String>)>>>,
+    log: std::sync::Arc<std::sync::Mutex<Sent>>,
 }
 
 impl Traffic {
@@ -512,7 +509,7 @@ impl Traffic {
     }
 
     /// Stops sending; what was recorded.
-    fn stop(self) -> Vec<(Duration, Result<String, String>)> {
+    fn stop(self) -> Sent {
         self.task.abort();
         std::mem::take(&mut self.log.lock().unwrap())
     }
@@ -531,61 +528,27 @@ async fn every_pod_renewed(dp: &DataPlane) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// A root rotation from start to end under steady traffic from each member's client, with workload certificates of
-/// one minute (`SECRET_TTL=60s`, the agents renewing at half life) and `workloadCertificateTTL: 1m` to match. The
-/// last phase waits `workloadCertificateTTL` plus a five-minute margin: once every pod really holds a certificate
-/// from its member's new intermediate and the minute has passed in real time, the controller's clock skips the
-/// margin. Then traffic runs 40 s more (every agent renews once more, trusting the new root alone). Zero failed
-/// requests, and both versions answered to the end.
-async fn root_rotation_under_traffic() -> anyhow::Result<()> {
-    let yaml = example("multi-primary").replace("  trust:\n", "  trust:\n    workloadCertificateTTL: 1m\n");
-    let dp = DataPlane::start_with(&yaml, &[("SECRET_TTL", "60s")]).await?;
+/// Runs `change` (given the time traffic started) under steady traffic from each member's client, then `after` more
+/// of traffic; prints what each client sent and got, and fails on any failed request (each shown with its time and
+/// error) or when a client got no answer from a version in the last 10 s.
+async fn under_traffic(
+    dp: &DataPlane,
+    what: &str,
+    after: Duration,
+    change: impl AsyncFnOnce(Instant) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let expected: Vec<String> = MEMBERS.iter().map(|(m, v, ..)| format!("{v}@{m}")).collect();
     let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
     for (member, ..) in MEMBERS {
-        split(&dp, member, &expected).await?;
+        split(dp, member, &expected).await?;
     }
-    let old = dp.fed.status.as_ref().and_then(|s| s.trust.as_ref()?.root_fingerprint.clone()).context("a root")?;
     let started = Instant::now();
     let traffic: Vec<(&str, Traffic)> =
         MEMBERS.iter().map(|(m, ..)| (*m, Traffic::start(&dp.clients[*m], started))).collect();
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let patch = json!({"metadata": {"annotations": {"meshfed.io/rotate-root": "2026-12-06"}}});
-    dp.f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&patch)).await?;
-    println!("root rotation: asked at {:?}", started.elapsed());
-    let (mut phases, mut awaiting_since, mut skipped) = (Vec::<String>::new(), None, false);
-    let finished = loop {
-        let fed = dp.f.federations().get("prod").await?;
-        let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
-        let phase = trust.rotation_phase.clone().unwrap_or_else(|| "none".into());
-        if phases.last() != Some(&phase) {
-            println!("root rotation: phase {phase} at {:?}", started.elapsed());
-            phases.push(phase.clone());
-        }
-        if phase.contains("AwaitingWorkloadCertificates") {
-            let since = *awaiting_since.get_or_insert_with(Instant::now);
-            if !skipped && since.elapsed() > Duration::from_secs(60) && every_pod_renewed(&dp).await? {
-                println!(
-                    "root rotation: every pod renewed under the new intermediates at {:?}; the clock skips the five-minute margin",
-                    started.elapsed()
-                );
-                dp.f.clock.advance(meshfed_core::trust::WORKLOAD_MARGIN + Duration::from_secs(5));
-                dp.f.poke("prod").await?;
-                skipped = true;
-            }
-        }
-        if is_ready(&fed) && trust.rotation_phase.is_none() && trust.root_fingerprint.as_ref() != Some(&old) {
-            break started.elapsed();
-        }
-        ensure!(
-            started.elapsed() < Duration::from_secs(300),
-            "the rotation did not finish in 5 minutes (phases {phases:?})\n{}",
-            dp.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    };
-    println!("root rotation: finished at {finished:?}");
-    tokio::time::sleep(Duration::from_secs(40)).await;
+    change(started).await?;
+    println!("{what}: done at {:?}", started.elapsed());
+    tokio::time::sleep(after).await;
     let mut failures = Vec::new();
     for (member, t) in traffic {
         let log = t.stop();
@@ -593,23 +556,108 @@ async fn root_rotation_under_traffic() -> anyhow::Result<()> {
         for (_, a) in &log {
             *counts.entry(a.as_ref().map_or("failed", String::as_str)).or_default() += 1;
         }
-        println!(
-            "root rotation: {member}'s client sent {} requests over {:?}: {counts:?}",
-            log.len(),
-            started.elapsed()
-        );
-        let tail: Vec<&String> = log
-            .iter()
-            .filter(|(at, _)| *at > started.elapsed() - Duration::from_secs(10))
-            .filter_map(|(_, a)| a.as_ref().ok())
-            .collect();
+        println!("{what}: {member}'s client sent {} requests over {:?}: {counts:?}", log.len(), started.elapsed());
+        let recent = started.elapsed().saturating_sub(Duration::from_secs(10));
+        let tail: Vec<&String> =
+            log.iter().filter(|(at, _)| *at > recent).filter_map(|(_, a)| a.as_ref().ok()).collect();
         for e in &expected {
             ensure!(tail.iter().any(|a| a == e), "{member}'s client got no answer from {e} in the last 10 s: {tail:?}");
         }
         failures.extend(log.into_iter().filter_map(|(at, a)| Some(format!("{member} at {at:?}: {}", a.err()?))));
     }
-    ensure!(failures.is_empty(), "{} requests failed during the rotation:\n{}", failures.len(), failures.join("\n"));
+    ensure!(failures.is_empty(), "{what}: {} requests failed:\n{}", failures.len(), failures.join("\n"));
     Ok(())
+}
+
+/// A root rotation from start to end under steady traffic, with workload certificates of one minute
+/// (`SECRET_TTL=60s`, the agents renewing at half life) and `workloadCertificateTTL: 1m` to match. The last phase
+/// waits `workloadCertificateTTL` plus a five-minute margin: once every pod really holds a certificate from its
+/// member's new intermediate and the minute has passed in real time, the controller's clock skips the margin. Then
+/// traffic runs 40 s more (every agent renews again, trusting the new root alone). Zero failed requests.
+async fn root_rotation_under_traffic() -> anyhow::Result<()> {
+    let yaml = example("multi-primary").replace("  trust:\n", "  trust:\n    workloadCertificateTTL: 1m\n");
+    let dp = DataPlane::start_with(&yaml, &[("SECRET_TTL", "60s")]).await?;
+    let old = dp.fed.status.as_ref().and_then(|s| s.trust.as_ref()?.root_fingerprint.clone()).context("a root")?;
+    under_traffic(&dp, "root rotation", Duration::from_secs(40), async |started| {
+        let patch = json!({"metadata": {"annotations": {"meshfed.io/rotate-root": "2026-12-06"}}});
+        dp.f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        println!("root rotation: asked at {:?}", started.elapsed());
+        let (mut phases, mut awaiting_since, mut skipped) = (Vec::<String>::new(), None, false);
+        loop {
+            let fed = dp.f.federations().get("prod").await?;
+            let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
+            let phase = trust.rotation_phase.clone().unwrap_or_else(|| "none".into());
+            if phases.last() != Some(&phase) {
+                println!("root rotation: phase {phase} at {:?}", started.elapsed());
+                phases.push(phase.clone());
+            }
+            if phase.contains("AwaitingWorkloadCertificates") {
+                let since = *awaiting_since.get_or_insert_with(Instant::now);
+                if !skipped && since.elapsed() > Duration::from_secs(60) && every_pod_renewed(&dp).await? {
+                    println!(
+                        "root rotation: every pod renewed under the new intermediates at {:?}; the clock skips the five-minute margin",
+                        started.elapsed()
+                    );
+                    dp.f.clock.advance(meshfed_core::trust::WORKLOAD_MARGIN + Duration::from_secs(5));
+                    dp.f.poke("prod").await?;
+                    skipped = true;
+                }
+            }
+            if is_ready(&fed) && trust.rotation_phase.is_none() && trust.root_fingerprint.as_ref() != Some(&old) {
+                return Ok(());
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(300),
+                "the rotation did not finish in 5 minutes (phases {phases:?})\n{}",
+                dp.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await
+}
+
+/// An intermediate renewal under steady traffic: intermediates valid 2h, renewed 116 minutes before expiry; the
+/// controller's clock is advanced 4.5 minutes (within the 5 minutes new certificates are backdated), meshfed renews
+/// every member's intermediate, istiod takes it from its `cacerts`, and every pod renews its certificate under it
+/// (`SECRET_TTL=60s`); then 10 s more of traffic. Zero failed requests.
+async fn intermediate_renewal_under_traffic() -> anyhow::Result<()> {
+    let yaml = example("multi-primary")
+        .replace("  trust:\n", "  trust:\n    intermediate: {validity: 2h, renewBefore: 116m}\n");
+    let dp = DataPlane::start_with(&yaml, &[("SECRET_TTL", "60s")]).await?;
+    let mut initial = BTreeMap::new();
+    for (member, ..) in MEMBERS {
+        initial.insert(member, dp.intermediate(member).await?);
+    }
+    under_traffic(&dp, "intermediate renewal", Duration::from_secs(10), async |started| {
+        dp.f.clock.advance(Duration::from_secs(270));
+        dp.f.poke("prod").await?;
+        let mut renewed = false;
+        loop {
+            if !renewed {
+                let mut all = true;
+                for (member, ..) in MEMBERS {
+                    all &= dp.intermediate(member).await? != initial[member];
+                }
+                if all {
+                    println!("intermediate renewal: every member's cacerts renewed at {:?}", started.elapsed());
+                    renewed = true;
+                }
+            }
+            if renewed && every_pod_renewed(&dp).await? {
+                println!("intermediate renewal: every pod renewed under it at {:?}", started.elapsed());
+                return Ok(());
+            }
+            ensure!(started.elapsed() < Duration::from_secs(180), "no renewal through in 3 minutes\n{}", dp.logs());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await
+}
+
+#[test]
+fn an_intermediate_renewal_under_steady_traffic_fails_no_request() -> anyhow::Result<()> {
+    meshfed_testenv::in_network_namespace(&addresses(), intermediate_renewal_under_traffic)
 }
 
 #[test]
