@@ -242,7 +242,8 @@ impl Istiod {
 
 /// The environment the Sail operator gives istiod in a cluster: `spec.values.pilot.env` of the Sail `Istio`
 /// resources (`sailoperator.io/v1`) whose `spec.namespace` is `istio_namespace` (Istio's istiod chart puts them in
-/// the Deployment's env), and `EXTERNAL_ISTIOD` for `spec.values.global.externalIstiod`. Empty when there is none, or Sail's CRD is not served.
+/// the Deployment's env), and `EXTERNAL_ISTIOD` for `spec.values.global.externalIstiod`. Empty when there is none, or
+/// Sail's CRD is not served.
 async fn sail_pilot_env(client: Client, istio_namespace: &str) -> Vec<(String, String)> {
     let resource = ApiResource {
         group: "sailoperator.io".into(),
