@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the real istiod (`pilot-discovery`) the istiod conformance suite runs, `adsc-probe`, a sidecar's view of it
-# (an ADS client built on Istio's own `istio.io/istio/pkg/adsc`), and `istioctl` (whose `create-remote-secret` the
-# suite compares with meshfed's remote secrets), from the istio.io/istio Go module through the Go module proxy,
+# (an ADS client built on Istio's own `istio.io/istio/pkg/adsc`), `istioctl` (whose `create-remote-secret` the
+# suite compares with meshfed's remote secrets) and `pilot-agent` (the agent of the data plane suite's pods and
+# gateways, which drives the Envoy of `hack/envoy.sh`), from the istio.io/istio Go module through the Go module proxy,
 # pinned, cached by version outside the work tree, under a lock. Prints the directory that holds them.
 # Safe to run concurrently and repeatedly: a warm cache returns at once.
 set -euo pipefail
@@ -11,10 +12,12 @@ set -euo pipefail
 ISTIO_VERSION="${MESHFED_ISTIO_VERSION:-v0.0.0-20260827124520-eed52ebb66ad}"
 CACHE="${MESHFED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meshfed}"
 # The recipe revision is part of the cache key: bump it when this script builds differently.
-OUT="$CACHE/istio-$ISTIO_VERSION-r3"
-BINS=(pilot-discovery adsc-probe istioctl)
+OUT="$CACHE/istio-$ISTIO_VERSION-r4"
+BINS=(pilot-discovery adsc-probe istioctl pilot-agent)
 
-ready() { for b in "${BINS[@]}"; do [ -x "$OUT/bin/$b" ] || return 1; done; }
+# pilot-agent renders Envoy's bootstrap from Istio's template, kept beside it.
+TEMPLATE="$OUT/bin/envoy_bootstrap_tmpl.json"
+ready() { for b in "${BINS[@]}"; do [ -x "$OUT/bin/$b" ] || return 1; done; [ -f "$TEMPLATE" ]; }
 if ready; then echo "$OUT/bin"; exit 0; fi
 
 mkdir -p "$CACHE"
@@ -27,7 +30,7 @@ SRC="$OUT/src"
 rm -rf "$SRC"
 mkdir -p "$SRC" "$OUT/bin"
 cd "$SRC"
-echo ">> building istiod (pilot-discovery, adsc-probe and istioctl, istio.io/istio $ISTIO_VERSION) into $OUT/bin (first use only; several minutes)" >&2
+echo ">> building istiod (pilot-discovery, adsc-probe, istioctl and pilot-agent, istio.io/istio $ISTIO_VERSION) into $OUT/bin (first use only; several minutes)" >&2
 
 cat >go.mod <<GOMOD
 module meshfed.io/istio-binaries
@@ -43,6 +46,7 @@ package tools
 
 import (
 	_ "istio.io/istio/istioctl/cmd/istioctl"
+	_ "istio.io/istio/pilot/cmd/pilot-agent"
 	_ "istio.io/istio/pilot/cmd/pilot-discovery"
 )
 GO
@@ -167,6 +171,9 @@ go mod tidy >&2
 go build -trimpath -ldflags='-s -w' -o "$OUT/bin/.pilot-discovery.tmp" istio.io/istio/pilot/cmd/pilot-discovery >&2
 go build -trimpath -ldflags='-s -w' -o "$OUT/bin/.adsc-probe.tmp" ./adsc-probe >&2
 go build -trimpath -ldflags='-s -w' -o "$OUT/bin/.istioctl.tmp" istio.io/istio/istioctl/cmd/istioctl >&2
+go build -trimpath -ldflags='-s -w' -o "$OUT/bin/.pilot-agent.tmp" istio.io/istio/pilot/cmd/pilot-agent >&2
+cp "$(go list -m -f '{{.Dir}}' istio.io/istio)/tools/packaging/common/envoy_bootstrap.json" "$TEMPLATE.tmp"
 for b in "${BINS[@]}"; do mv "$OUT/bin/.$b.tmp" "$OUT/bin/$b"; done
+mv "$TEMPLATE.tmp" "$TEMPLATE"
 ready
 echo "$OUT/bin"

@@ -68,6 +68,17 @@ impl Istiod {
     /// Injection and analysis are off; no mesh config file is given, so it reads the `istio` ConfigMap if any. Like
     /// the Sail operator, it adds the environment that `spec.values.pilot.env` of the cluster's Sail `Istio` asks for.
     pub async fn start(cluster: &Cluster, cluster_id: &str, istio_namespace: &str) -> Result<Self> {
+        Self::start_with_env(cluster, cluster_id, istio_namespace, &[]).await
+    }
+
+    /// Like [`Istiod::start`], with `env` added to istiod's environment last (it wins over the Sail `Istio`'s), e.g.
+    /// [`crate::ISTIOD_ENV_FOR_UPSTREAM_ENVOY`] for the data plane suite's proxies.
+    pub async fn start_with_env(
+        cluster: &Cluster,
+        cluster_id: &str,
+        istio_namespace: &str,
+        env: &[(&str, &str)],
+    ) -> Result<Self> {
         // The first use builds istiod for minutes: off the runtime's threads, which the tests' controller shares.
         let bin = tokio::task::spawn_blocking(istio_binaries).await??;
         let dir = tempfile::Builder::new().prefix("istiod-").tempdir_in(&cluster.dir)?;
@@ -94,6 +105,7 @@ impl Istiod {
                 ("INJECT_ENABLED", "false"),
             ])
             .envs(sail_env)
+            .envs(env.iter().copied())
             .args([
                 "discovery".to_string(),
                 format!("--kubeconfig={}", kubeconfig.display()),
@@ -230,7 +242,8 @@ impl Istiod {
 
 /// The environment the Sail operator gives istiod in a cluster: `spec.values.pilot.env` of the Sail `Istio`
 /// resources (`sailoperator.io/v1`) whose `spec.namespace` is `istio_namespace` (Istio's istiod chart puts them in
-/// the Deployment's env). Empty when there is none, or Sail's CRD is not served.
+/// the Deployment's env), and `EXTERNAL_ISTIOD` for `spec.values.global.externalIstiod`. Empty when there is none, or
+/// Sail's CRD is not served.
 async fn sail_pilot_env(client: Client, istio_namespace: &str) -> Vec<(String, String)> {
     let resource = ApiResource {
         group: "sailoperator.io".into(),
@@ -248,6 +261,11 @@ async fn sail_pilot_env(client: Client, istio_namespace: &str) -> Vec<(String, S
         if spec["namespace"].as_str().unwrap_or("istio-system") != istio_namespace {
             continue;
         }
+        // The istiod chart's Deployment: `global.externalIstiod` sets EXTERNAL_ISTIOD (a Primary serving Remotes,
+        // which then publishes the root into their namespaces too), unless `pilot.env` does.
+        if spec["values"]["global"]["externalIstiod"] == true {
+            env.push(("EXTERNAL_ISTIOD".into(), "true".into()));
+        }
         for (k, v) in spec["values"]["pilot"]["env"].as_object().into_iter().flatten() {
             env.push((k.clone(), v.as_str().map_or_else(|| v.to_string(), str::to_string)));
         }
@@ -256,7 +274,7 @@ async fn sail_pilot_env(client: Client, istio_namespace: &str) -> Vec<(String, S
 }
 
 /// GETs `path` from istiod's loopback HTTP port: the status code and the body.
-async fn get(port: u16, path: &str) -> Result<(u16, String)> {
+pub(crate) async fn get(port: u16, path: &str) -> Result<(u16, String)> {
     let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
     s.write_all(format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes()).await?;
     let mut response = String::new();

@@ -11,7 +11,8 @@
 //!
 //! [`Istiod`] runs a real istiod (`pilot-discovery`, built by `hack/istio-binaries.sh` the same way) against a
 //! cluster, for the conformance suite that checks what meshfed writes against Istio's own reading of it; [`istioctl`]
-//! is built beside it.
+//! is built beside it. [`Pod`] runs a member's pod as real processes (Istio's `pilot-agent` and upstream Envoy) in
+//! the private network namespace of [`in_network_namespace`], for the data plane suite.
 
 use std::{
     fs,
@@ -35,8 +36,13 @@ use rcgen::{
     SanType,
 };
 
+mod dataplane;
 mod istiod;
 mod stage;
+pub use dataplane::{
+    Answer, ENVOY_VERSION, ISTIOD_ENV_FOR_UPSTREAM_ENVOY, OwnNetwork, Pod, PodSpec, call, envoy, forward,
+    in_network_namespace, serve_hello,
+};
 pub use istiod::{ISTIO_VERSION, Istiod, istio_binaries, istioctl};
 pub use stage::{SAIL_COMMIT, SAIL_VERSION, Stage, add_node, sail_crds};
 

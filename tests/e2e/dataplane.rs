@@ -1,0 +1,666 @@
+//! The seeds' check on a real data plane (`../shared/DATAPLANE.md`): on a federation the real operator made, with a
+//! real istiod in each Primary, `hello` v1 runs in east and v2 in west behind sidecars (Istio's `pilot-agent` driving
+//! upstream Envoy), and a client in each member calls `hello.sample:5000/hello`. From each client, answers come from
+//! both versions in both clusters (the split is asserted, never only success), every request over mutual TLS (a
+//! mesh-wide STRICT PeerAuthentication refuses anything else), the server seeing the client's SPIFFE ID and the
+//! certificate istiod issued it, each server presenting a certificate issued by its own member's intermediate that
+//! chains to the federation's root.
+//!
+//! Everything runs in a private network namespace (root, as CI runs it): pods have non-loopback addresses there.
+
+use std::{
+    collections::BTreeMap,
+    net::{Ipv4Addr, SocketAddr},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail, ensure};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Secret, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api,
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
+};
+use meshfed_api::{ClusterRole, MeshFederation};
+use meshfed_core::pki;
+use meshfed_e2e::{Fixture, NAMESPACE, example, is_ready};
+use meshfed_testenv::{
+    ISTIOD_ENV_FOR_UPSTREAM_ENVOY, Istiod, Options, OwnNetwork, Pod, PodSpec, call, free_port, serve_hello,
+};
+use serde_json::json;
+
+const ISTIO_NAMESPACE: &str = "istio-system";
+const SAMPLE: &str = "sample";
+const HELLO_PORT: u16 = 5000;
+const HELLO_HOST: &str = "hello.sample.svc.cluster.local:5000";
+const WAIT: Duration = Duration::from_secs(60);
+/// How long a client may take, once every pod is ready, to see both versions (istiod pushing the other member's
+/// endpoint).
+const CONVERGE: Duration = Duration::from_secs(60);
+/// The requests each client sends once converged; every one must be answered.
+const REQUESTS: usize = 40;
+/// The client's identity, as the server must see it.
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/sample/sa/sleep";
+
+/// Each member's version of `hello` and its pods' addresses (server, client, east-west gateway).
+const MEMBERS: [(&str, &str, &str, &str, &str); 2] = [
+    ("east", "v1", "10.244.1.10", "10.244.1.20", "10.244.1.30"),
+    ("west", "v2", "10.244.2.10", "10.244.2.20", "10.244.2.30"),
+];
+/// The port other networks' sidecars dial on a member's east-west gateway.
+const CROSS_NETWORK_PORT: u16 = 15443;
+
+/// The address of east's istiod's pod, where a Remote's agents reach it through east's gateway.
+const ISTIOD_IP: &str = "10.244.1.40";
+
+/// Every address of the environment's network namespace: the servers', the clients' and istiod's (each gateway has
+/// its own).
+fn addresses() -> Vec<&'static str> {
+    MEMBERS.iter().flat_map(|(_, _, server, client, _)| [*server, *client]).chain([ISTIOD_IP]).collect()
+}
+
+/// A federation the real operator converged, a real istiod in each Primary, and in each member `hello` (its version,
+/// behind a sidecar, the app in this process) and a client's sidecar. Dropped in field order: pods, apps, istiods,
+/// then the clusters.
+struct DataPlane {
+    clients: BTreeMap<String, Pod>,
+    gateways: BTreeMap<String, Pod>,
+    servers: BTreeMap<String, Pod>,
+    apps: Vec<tokio::task::JoinHandle<()>>,
+    istiods: BTreeMap<String, Istiod>,
+    /// More environment for every pod's agent (e.g. a short `SECRET_TTL`).
+    pod_env: Vec<(String, String)>,
+    fed: MeshFederation,
+    f: Fixture,
+}
+
+impl DataPlane {
+    async fn start(yaml: &str) -> anyhow::Result<Self> {
+        Self::start_with(yaml, &[]).await
+    }
+
+    /// Like [`DataPlane::start`], with `pod_env` added to every pod's agent.
+    async fn start_with(yaml: &str, pod_env: &[(&str, &str)]) -> anyhow::Result<Self> {
+        let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..Options::default() }).await?;
+        f.apply(yaml).await?;
+        let fed = f.wait_for("prod", WAIT, is_ready).await?;
+        let primaries: Vec<String> =
+            fed.spec.clusters.iter().filter(|c| c.role == ClusterRole::Primary).map(|c| c.name.clone()).collect();
+        let started = futures::future::try_join_all(
+            primaries
+                .iter()
+                .map(|p| Istiod::start_with_env(f.env.cluster(p), p, ISTIO_NAMESPACE, ISTIOD_ENV_FOR_UPSTREAM_ENVOY)),
+        )
+        .await?;
+        let istiods: BTreeMap<String, Istiod> = primaries.into_iter().zip(started).collect();
+        for (member, ..) in MEMBERS {
+            strict_mtls(&f, member).await?;
+        }
+        let (clients, gateways, servers) = (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        let pod_env = pod_env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut dp = Self { clients, gateways, servers, apps: Vec::new(), istiods, pod_env, fed, f };
+        // A Primary serving Remotes: they reach its istiod through its gateway, which routes to istiod's Service.
+        for (primary, istiod) in &dp.istiods {
+            if dp.fed.spec.clusters.iter().any(|c| c.control_plane.as_deref() == Some(primary)) {
+                dp.apps.push(serve_istiod(&dp.f, primary, istiod).await?);
+            }
+        }
+        for (member, _, _, _, gateway_ip) in MEMBERS {
+            if let Some(gateway) = dp.gateway_pod(member, gateway_ip).await? {
+                let pod = Pod::start(dp.f.env.cluster(member), dp.config_cluster(member), gateway).await?;
+                dp.gateways.insert(member.into(), pod);
+            }
+        }
+        for (member, version, server_ip, client_ip, _) in MEMBERS {
+            let app_port = free_port()?;
+            dp.apps.push(serve_hello(SocketAddr::from((Ipv4Addr::LOCALHOST, app_port)), version, member).await?);
+            let server = PodSpec {
+                name: format!("hello-{version}"),
+                service_account: "hello".into(),
+                ip: server_ip.into(),
+                inbound: Some(("hello".into(), HELLO_PORT, app_port)),
+                labels: BTreeMap::from([("version".into(), version.into())]),
+                ..dp.pod_spec(member).await?
+            };
+            let client = PodSpec {
+                name: format!("sleep-{member}"),
+                service_account: "sleep".into(),
+                ip: client_ip.into(),
+                outbound: vec![HELLO_PORT],
+                ..dp.pod_spec(member).await?
+            };
+            let (cluster, config) = (dp.f.env.cluster(member), dp.config_cluster(member));
+            let (server, client) =
+                futures::try_join!(Pod::start(cluster, config, server), Pod::start(cluster, config, client))?;
+            dp.servers.insert(member.into(), server);
+            dp.clients.insert(member.into(), client);
+        }
+        Ok(dp)
+    }
+
+    /// The member whose istiod serves `member` (its certificates, its configuration): itself, or its Primary.
+    fn control_plane<'a>(&'a self, member: &'a str) -> &'a str {
+        let spec = self.fed.spec.clusters.iter().find(|c| c.name == member).expect("a member of the federation");
+        spec.control_plane.as_deref().unwrap_or(member)
+    }
+
+    /// The cluster where the mesh's configuration for `member` lives: its control plane's.
+    fn config_cluster(&self, member: &str) -> &meshfed_testenv::Cluster {
+        self.f.env.cluster(self.control_plane(member))
+    }
+
+    /// What every pod of `member` shares: its mesh, cluster, network and control plane: a Primary's own istiod; for
+    /// a Remote, the `remotePilotAddress` meshfed wrote into its `Istio` (its Primary's gateway), port 15012.
+    async fn pod_spec(&self, member: &str) -> anyhow::Result<PodSpec> {
+        let spec = self.fed.spec.clusters.iter().find(|c| c.name == member).expect("a member of the federation");
+        let discovery_address = match self.istiods.get(member) {
+            Some(istiod) => istiod.secure_xds_address(),
+            None => format!("{}:15012", remote_pilot_address(&self.f, member).await?),
+        };
+        Ok(PodSpec {
+            namespace: SAMPLE.into(),
+            mesh_id: self.fed.spec.mesh_id.clone(),
+            cluster_id: member.into(),
+            network: spec.network.clone(),
+            discovery_address,
+            istio_namespace: ISTIO_NAMESPACE.into(),
+            env: self.pod_env.clone(),
+            ..PodSpec::default()
+        })
+    }
+
+    /// Where meshfed reports `member`'s east-west gateway (`status.clusters[].gatewayAddress`), if it has one.
+    fn gateway_address(&self, member: &str) -> Option<String> {
+        let status = self.fed.status.as_ref()?;
+        status.clusters.iter().find(|c| c.name == member)?.gateway_address.clone()
+    }
+
+    /// The pod of `member`'s east-west gateway, as a kubelet would run it from the Deployment meshfed wrote (its
+    /// labels, ServiceAccount and environment), at `ip`, its Envoy in a network namespace of its own that also holds
+    /// the address meshfed reports for it (the played cloud's load balancer). None when meshfed wrote no gateway.
+    async fn gateway_pod(&self, member: &str, ip: &str) -> anyhow::Result<Option<PodSpec>> {
+        let deployments = Api::<Deployment>::namespaced(self.f.member(member).await?, ISTIO_NAMESPACE);
+        let Some(deployment) = deployments.get_opt("istio-eastwestgateway").await? else { return Ok(None) };
+        let address = self.gateway_address(member).context("meshfed wrote a gateway but reports no address")?;
+        let template = deployment.spec.context("a Deployment's spec")?.template;
+        let pod = template.spec.context("a pod template's spec")?;
+        let env = pod.containers.iter().flat_map(|c| c.env.iter().flatten());
+        Ok(Some(PodSpec {
+            name: format!("istio-eastwestgateway-{member}"),
+            namespace: ISTIO_NAMESPACE.into(),
+            service_account: pod.service_account_name.clone().context("the gateway's ServiceAccount")?,
+            ip: ip.into(),
+            labels: template.metadata.and_then(|m| m.labels).unwrap_or_default(),
+            gateway: true,
+            env: env
+                .map(|e| (e.name.clone(), e.value.clone().unwrap_or_default()))
+                .chain(self.pod_env.clone())
+                .collect(),
+            own_network: Some(OwnNetwork {
+                addresses: vec![address, ip.into()],
+                ready_ports: self.gateway_ports(member),
+            }),
+            ..self.pod_spec(member).await?
+        }))
+    }
+
+    /// The ports `member`'s gateway serves: other networks' sidecars (15443) on two networks, its Remotes' agents
+    /// (istiod, 15012) when it is their Primary.
+    fn gateway_ports(&self, member: &str) -> Vec<u16> {
+        let clusters = &self.fed.spec.clusters;
+        let networks: std::collections::BTreeSet<&str> = clusters.iter().map(|c| c.network.as_str()).collect();
+        let serves_remotes = clusters.iter().any(|c| c.control_plane.as_deref() == Some(member));
+        let mut ports = Vec::new();
+        if networks.len() > 1 {
+            ports.push(CROSS_NETWORK_PORT);
+        }
+        if serves_remotes {
+            ports.push(15012);
+        }
+        ports
+    }
+
+    /// Where `client`'s sidecar must send requests for `server`'s `hello`: the server pod on the same network, the
+    /// server's member's east-west gateway at the address meshfed reports on another.
+    fn endpoint(&self, client: &str, server: &str) -> String {
+        let network = |m: &str| self.fed.spec.clusters.iter().find(|c| c.name == m).map(|c| c.network.clone());
+        if network(client) == network(server) {
+            self.servers[server].addr(HELLO_PORT).to_string()
+        } else {
+            let gateway =
+                self.gateway_address(server).unwrap_or_else(|| panic!("meshfed reports no gateway for {server}"));
+            format!("{gateway}:{CROSS_NETWORK_PORT}")
+        }
+    }
+
+    /// The federation's root (the hub's), PEM.
+    async fn root(&self) -> anyhow::Result<Vec<u8>> {
+        let secret = Api::<Secret>::namespaced(self.f.hub.clone(), NAMESPACE).get("prod-root-ca").await?;
+        Ok(secret.data.unwrap_or_default().remove("tls.crt").context("the root's tls.crt")?.0)
+    }
+
+    /// `member`'s intermediate: the first certificate of its `cacerts`' `ca-cert.pem`, PEM.
+    async fn intermediate(&self, member: &str) -> anyhow::Result<Vec<u8>> {
+        let secret = Api::<Secret>::namespaced(self.f.member(member).await?, ISTIO_NAMESPACE).get("cacerts").await?;
+        Ok(secret.data.unwrap_or_default().remove("ca-cert.pem").context("cacerts' ca-cert.pem")?.0)
+    }
+
+    /// Logs of every pod and istiod, for a failure message.
+    fn logs(&self) -> String {
+        let pods = self.servers.values().chain(self.clients.values()).chain(self.gateways.values());
+        let mut out: Vec<String> = pods.map(|p| format!("--- pod {}:\n{}", p.name(), p.log_tail())).collect();
+        out.extend(self.istiods.iter().map(|(m, i)| format!("--- istiod of {m}:\n{}", i.log_tail())));
+        out.join("\n")
+    }
+}
+
+/// The `remotePilotAddress` meshfed wrote into the Sail `Istio` of the Remote `member`.
+async fn remote_pilot_address(f: &Fixture, member: &str) -> anyhow::Result<String> {
+    let resource = meshfed_operator::member::kinds::api_resource(&meshfed_core::kinds::ISTIO);
+    let istio = Api::<DynamicObject>::all_with(f.member(member).await?, &resource).get("default").await?;
+    let address = istio.data["spec"]["values"]["global"]["remotePilotAddress"].as_str();
+    Ok(address.with_context(|| format!("meshfed wrote no remotePilotAddress for {member}"))?.to_string())
+}
+
+/// Plays the `istiod` Service of `primary` (the one meshfed's `istiod-vs` routes a Remote's connections to) with its
+/// pod at [`ISTIOD_IP`], port 15012 forwarded to the running istiod's TLS xDS port.
+async fn serve_istiod(f: &Fixture, primary: &str, istiod: &Istiod) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    let client = f.member(primary).await?;
+    let pp = kube::api::PostParams::default();
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": "istiod"},
+        "spec": {"ports": [{"name": "tls-xds", "port": 15012, "protocol": "TCP"}]},
+    }))?;
+    Api::<Service>::namespaced(client.clone(), ISTIO_NAMESPACE).create(&pp, &svc).await?;
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": "istiod-1", "labels": {"kubernetes.io/service-name": "istiod"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ISTIOD_IP], "conditions": {"ready": true}}],
+        "ports": [{"name": "tls-xds", "port": 15012, "protocol": "TCP"}],
+    }))?;
+    Api::<EndpointSlice>::namespaced(client, ISTIO_NAMESPACE).create(&pp, &slice).await?;
+    let to = istiod.secure_xds_address().parse()?;
+    meshfed_testenv::forward(SocketAddr::from((ISTIOD_IP.parse::<Ipv4Addr>()?, 15012)), to).await
+}
+
+/// A mesh-wide `PeerAuthentication` in `member` that makes every sidecar refuse plaintext.
+async fn strict_mtls(f: &Fixture, member: &str) -> anyhow::Result<()> {
+    let resource = ApiResource {
+        group: "security.istio.io".into(),
+        version: "v1".into(),
+        api_version: "security.istio.io/v1".into(),
+        kind: "PeerAuthentication".into(),
+        plural: "peerauthentications".into(),
+    };
+    let pa = json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": ISTIO_NAMESPACE},
+        "spec": {"mtls": {"mode": "STRICT"}},
+    });
+    let api = Api::<DynamicObject>::namespaced_with(f.member(member).await?, ISTIO_NAMESPACE, &resource);
+    api.patch("default", &PatchParams::apply("e2e").force(), &Patch::Apply(&pa)).await?;
+    Ok(())
+}
+
+/// The answers of `REQUESTS` calls from `member`'s client, by `version@cluster`, once the client has seen every
+/// version of `expected` (within [`CONVERGE`]); every call must be answered, by a server that saw the client's
+/// identity and the certificate the client's agent holds.
+async fn split(dp: &DataPlane, member: &str, expected: &[&str]) -> anyhow::Result<BTreeMap<String, usize>> {
+    let client = &dp.clients[member];
+    let addr = client.addr(HELLO_PORT);
+    let call = || call(addr, HELLO_HOST, "/hello", Duration::from_secs(5));
+    let started = Instant::now();
+    let (mut seen, mut last_error) = (BTreeMap::<String, usize>::new(), String::new());
+    while !expected.iter().all(|e| seen.contains_key(*e)) {
+        match call().await {
+            Ok(a) => *seen.entry(format!("{}@{}", a.version, a.cluster)).or_default() += 1,
+            Err(e) => last_error = format!("{e:#}"),
+        }
+        if started.elapsed() > CONVERGE {
+            bail!(
+                "{member}'s client saw only {seen:?} after {CONVERGE:?}, not all of {expected:?} (last error: {last_error})\n{}",
+                dp.logs()
+            );
+        }
+    }
+    println!("{member}'s client saw every version after {:?}", started.elapsed());
+    let leaf = pki::fingerprints(&client.certificate_chain()?).into_iter().next().context("the client's leaf")?;
+    let before = successes(client).await?;
+    let mut counts = BTreeMap::new();
+    for i in 0..REQUESTS {
+        let a = call().await.with_context(|| format!("request {i} of {REQUESTS} from {member}'s client"))?;
+        ensure!(a.xfcc_field("URI") == Some(CLIENT_ID), "the server saw the client as {:?}, not {CLIENT_ID}", a.xfcc);
+        // Envoy's hash of the certificate the client presented: the one istiod issued to the client's agent.
+        let presented = a.xfcc_field("Hash").map(|h| format!("sha256:{h}"));
+        ensure!(presented.as_ref() == Some(&leaf), "the client presented {presented:?}, not its certificate {leaf}");
+        *counts.entry(format!("{}@{}", a.version, a.cluster)).or_default() += 1;
+    }
+    // Which endpoint carried each request, as the client's Envoy counted them: each server's answers went where the
+    // client must reach that server (its pod, or its member's gateway), and nowhere else.
+    let mut carried = successes(client).await?;
+    carried.retain(|endpoint, n| {
+        *n -= before.get(endpoint).copied().unwrap_or(0);
+        *n > 0
+    });
+    let mut want = BTreeMap::new();
+    for (answered, n) in &counts {
+        let server = answered.split_once('@').map_or("", |s| s.1);
+        *want.entry(dp.endpoint(member, server)).or_default() += *n as u64;
+    }
+    ensure!(carried == want, "{member}'s client sent its requests to {carried:?}, not {want:?} (answers {counts:?})");
+    println!("{member}'s client reached them through {carried:?}");
+    Ok(counts)
+}
+
+/// The requests `pod`'s Envoy completed successfully per endpoint of `hello`'s cluster (`address:port`).
+async fn successes(pod: &Pod) -> anyhow::Result<BTreeMap<String, u64>> {
+    let prefix = format!("outbound|{HELLO_PORT}||hello.sample.svc.cluster.local::");
+    let clusters = pod.envoy_admin("/clusters").await?;
+    let stats = clusters.lines().filter_map(|l| l.strip_prefix(&prefix));
+    let parse = |l: &str| Some((l.split_once("::rq_success::")?.0.to_string(), l.rsplit("::").next()?.parse().ok()?));
+    Ok(stats.filter(|l| l.contains("::rq_success::")).filter_map(parse).collect())
+}
+
+/// The certificates `pod`'s sidecar presents to a client of the mesh (the client's certificate and key, verifying
+/// against `root_file`), fingerprints from the leaf up, after checking that the chain verifies.
+async fn presented_chain(pod: &Pod, client: &Pod, root_file: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let certs = client.certs_dir();
+    let out = tokio::process::Command::new("openssl")
+        .args(["s_client", "-connect", &pod.addr(HELLO_PORT).to_string(), "-showcerts", "-verify_return_error"])
+        .args(["-alpn", "istio-http/1.1,istio"])
+        .arg("-cert")
+        .arg(certs.join("cert-chain.pem"))
+        .arg("-cert_chain")
+        .arg(certs.join("cert-chain.pem"))
+        .arg("-key")
+        .arg(certs.join("key.pem"))
+        .arg("-CAfile")
+        .arg(root_file)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(10), out).await??;
+    let text = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && text.contains("Verify return code: 0 (ok)"),
+        "{}'s certificate does not verify against the federation's root: {}",
+        pod.name(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(pki::fingerprints(text.as_bytes()))
+}
+
+/// The seeds' check on the federation `yaml`: from each member's client, answers from v1 in east and v2 in west,
+/// over mTLS with certificates issued under each member's intermediate.
+async fn seeds_check(yaml: String) -> anyhow::Result<()> {
+    let dp = DataPlane::start(&yaml).await?;
+    let expected: Vec<String> = MEMBERS.iter().map(|(m, v, ..)| format!("{v}@{m}")).collect();
+    let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    for (member, ..) in MEMBERS {
+        let counts = split(&dp, member, &expected).await?;
+        println!("{member}'s client, {REQUESTS} requests: {counts:?}");
+        ensure!(
+            counts.keys().all(|k| expected.contains(&k.as_str())),
+            "{member}'s client got answers from {counts:?}, beyond {expected:?}"
+        );
+        // Two endpoints, least-request balancing: each gets about half; fewer than an eighth means one is starved.
+        for e in &expected {
+            let n = counts.get(*e).copied().unwrap_or(0);
+            ensure!(n >= REQUESTS / 8, "{member}'s client got {n} of {REQUESTS} answers from {e}: {counts:?}");
+        }
+    }
+    // Plaintext is refused: what was answered went over mTLS.
+    for server in dp.servers.values() {
+        let plain = call(server.addr(HELLO_PORT), HELLO_HOST, "/hello", Duration::from_secs(5)).await;
+        ensure!(plain.is_err(), "{} answered a plaintext request: {plain:?}", server.name());
+    }
+    let root = dp.root().await?;
+    let root_file = dp.f.env.dir().join("federation-root.pem");
+    std::fs::write(&root_file, &root)?;
+    for (member, ..) in MEMBERS {
+        let server = &dp.servers[member];
+        // The intermediate of the istiod that issued the server's certificate: its member's, or its Primary's.
+        let issuer = dp.control_plane(member);
+        let intermediate = dp.intermediate(issuer).await?;
+        for client in dp.clients.values() {
+            let chain = presented_chain(server, client, &root_file).await?;
+            let held = pki::fingerprints(&server.certificate_chain()?);
+            ensure!(chain.first() == held.first(), "{} presents {chain:?}, not its agent's {held:?}", server.name());
+            ensure!(
+                chain.get(1) == pki::fingerprints(&intermediate).first(),
+                "{}'s chain {chain:?} does not go through {issuer}'s intermediate",
+                server.name()
+            );
+            let leaf = pki::certificates(&server.certificate_chain()?).into_iter().next().context("a leaf")?.1;
+            ensure!(
+                pki::issued_by(leaf.as_bytes(), &intermediate),
+                "{}'s leaf is not signed by {issuer}'s intermediate",
+                server.name()
+            );
+            ensure!(pki::issued_by(&intermediate, &root), "{issuer}'s intermediate is not signed by the root");
+        }
+        println!(
+            "{} presents a certificate of {issuer}'s intermediate, chaining to the federation's root",
+            server.name()
+        );
+    }
+    Ok(())
+}
+
+/// Runs the seeds' check on the example federation `name` inside a private network namespace holding every pod's
+/// address; prints how long it took.
+fn seeds_check_in_netns(name: &'static str) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let r = meshfed_testenv::in_network_namespace(&addresses(), move || seeds_check(example(name)));
+    println!("{name}: {:?}", started.elapsed());
+    r
+}
+
+#[test]
+fn multi_primary_on_two_networks_each_client_reaches_the_other_version_through_its_members_east_west_gateway()
+-> anyhow::Result<()> {
+    seeds_check_in_netns("multi-primary-multi-network")
+}
+
+#[test]
+fn primary_remote_the_remotes_pods_are_served_through_the_primarys_gateway_and_reach_both_versions()
+-> anyhow::Result<()> {
+    seeds_check_in_netns("primary-remote")
+}
+
+#[test]
+fn primary_remote_on_two_networks_the_remotes_pods_are_served_and_reached_through_gateways() -> anyhow::Result<()> {
+    seeds_check_in_netns("primary-remote-multi-network")
+}
+
+#[test]
+fn multi_primary_on_one_network_each_client_reaches_both_versions_over_mtls_from_each_members_intermediate()
+-> anyhow::Result<()> {
+    seeds_check_in_netns("multi-primary")
+}
+
+/// What a client's requests got, each at its time since the start: `version@cluster`, or the error.
+type Sent = Vec<(Duration, Result<String, String>)>;
+
+/// Requests sent continuously from a client (one every 50 ms, each within 2 s), every answer (`version@cluster`) or
+/// failure recorded with its time.
+struct Traffic {
+    task: tokio::task::JoinHandle<()>,
+    log: std::sync::Arc<std::sync::Mutex<Sent>>,
+}
+
+impl Traffic {
+    fn start(client: &Pod, started: Instant) -> Self {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (addr, record) = (client.addr(HELLO_PORT), log.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let answer = call(addr, HELLO_HOST, "/hello", Duration::from_secs(2)).await;
+                let answer = answer.map(|a| format!("{}@{}", a.version, a.cluster)).map_err(|e| format!("{e:#}"));
+                record.lock().unwrap().push((started.elapsed(), answer));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        });
+        Self { task, log }
+    }
+
+    /// Stops sending; what was recorded.
+    fn stop(self) -> Sent {
+        self.task.abort();
+        std::mem::take(&mut self.log.lock().unwrap())
+    }
+}
+
+/// Whether every pod of `dp` holds a certificate issued by the current intermediate of the istiod serving it.
+async fn every_pod_renewed(dp: &DataPlane) -> anyhow::Result<bool> {
+    for (member, ..) in MEMBERS {
+        let intermediate = dp.intermediate(dp.control_plane(member)).await?;
+        for pod in [&dp.servers[member], &dp.clients[member]] {
+            if !pki::issued_by(&pod.certificate_chain()?, &intermediate) {
+                return Ok(false);
+            }
+        }
+    }
+    Ok(true)
+}
+
+/// Runs `change` (given the time traffic started) under steady traffic from each member's client, then `after` more
+/// of traffic; prints what each client sent and got, and fails on any failed request (each shown with its time and
+/// error) or when a client got no answer from a version in the last 10 s.
+async fn under_traffic(
+    dp: &DataPlane,
+    what: &str,
+    after: Duration,
+    change: impl AsyncFnOnce(Instant) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    let expected: Vec<String> = MEMBERS.iter().map(|(m, v, ..)| format!("{v}@{m}")).collect();
+    let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
+    for (member, ..) in MEMBERS {
+        split(dp, member, &expected).await?;
+    }
+    let started = Instant::now();
+    let traffic: Vec<(&str, Traffic)> =
+        MEMBERS.iter().map(|(m, ..)| (*m, Traffic::start(&dp.clients[*m], started))).collect();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    change(started).await?;
+    println!("{what}: done at {:?}", started.elapsed());
+    tokio::time::sleep(after).await;
+    let mut failures = Vec::new();
+    for (member, t) in traffic {
+        let log = t.stop();
+        let mut counts = BTreeMap::<&str, usize>::new();
+        for (_, a) in &log {
+            *counts.entry(a.as_ref().map_or("failed", String::as_str)).or_default() += 1;
+        }
+        println!("{what}: {member}'s client sent {} requests over {:?}: {counts:?}", log.len(), started.elapsed());
+        let recent = started.elapsed().saturating_sub(Duration::from_secs(10));
+        let tail: Vec<&String> =
+            log.iter().filter(|(at, _)| *at > recent).filter_map(|(_, a)| a.as_ref().ok()).collect();
+        for e in &expected {
+            ensure!(tail.iter().any(|a| a == e), "{member}'s client got no answer from {e} in the last 10 s: {tail:?}");
+        }
+        failures.extend(log.into_iter().filter_map(|(at, a)| Some(format!("{member} at {at:?}: {}", a.err()?))));
+    }
+    ensure!(failures.is_empty(), "{what}: {} requests failed:\n{}", failures.len(), failures.join("\n"));
+    Ok(())
+}
+
+/// A root rotation from start to end under steady traffic, with workload certificates of one minute
+/// (`SECRET_TTL=60s`, the agents renewing at half life) and `workloadCertificateTTL: 1m` to match. The last phase
+/// waits `workloadCertificateTTL` plus a five-minute margin: once every pod really holds a certificate from its
+/// member's new intermediate and the minute has passed in real time, the controller's clock skips the margin. Then
+/// traffic runs 40 s more (every agent renews again, trusting the new root alone). Zero failed requests.
+async fn root_rotation_under_traffic() -> anyhow::Result<()> {
+    let yaml = example("multi-primary").replace("  trust:\n", "  trust:\n    workloadCertificateTTL: 1m\n");
+    let dp = DataPlane::start_with(&yaml, &[("SECRET_TTL", "60s")]).await?;
+    let old = dp.fed.status.as_ref().and_then(|s| s.trust.as_ref()?.root_fingerprint.clone()).context("a root")?;
+    under_traffic(&dp, "root rotation", Duration::from_secs(40), async |started| {
+        let patch = json!({"metadata": {"annotations": {"meshfed.io/rotate-root": "2026-12-06"}}});
+        dp.f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        println!("root rotation: asked at {:?}", started.elapsed());
+        let (mut phases, mut awaiting_since, mut skipped) = (Vec::<String>::new(), None, false);
+        loop {
+            let fed = dp.f.federations().get("prod").await?;
+            let trust = fed.status.as_ref().and_then(|s| s.trust.clone()).unwrap_or_default();
+            let phase = trust.rotation_phase.clone().unwrap_or_else(|| "none".into());
+            if phases.last() != Some(&phase) {
+                println!("root rotation: phase {phase} at {:?}", started.elapsed());
+                phases.push(phase.clone());
+            }
+            if phase.contains("AwaitingWorkloadCertificates") {
+                let since = *awaiting_since.get_or_insert_with(Instant::now);
+                if !skipped && since.elapsed() > Duration::from_secs(60) && every_pod_renewed(&dp).await? {
+                    println!(
+                        "root rotation: every pod renewed under the new intermediates at {:?}; the clock skips the five-minute margin",
+                        started.elapsed()
+                    );
+                    dp.f.clock.advance(meshfed_core::trust::WORKLOAD_MARGIN + Duration::from_secs(5));
+                    dp.f.poke("prod").await?;
+                    skipped = true;
+                }
+            }
+            if is_ready(&fed) && trust.rotation_phase.is_none() && trust.root_fingerprint.as_ref() != Some(&old) {
+                return Ok(());
+            }
+            ensure!(
+                started.elapsed() < Duration::from_secs(300),
+                "the rotation did not finish in 5 minutes (phases {phases:?})\n{}",
+                dp.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await
+}
+
+/// An intermediate renewal under steady traffic: intermediates valid 2h, renewed 116 minutes before expiry; the
+/// controller's clock is advanced 4.5 minutes (within the 5 minutes new certificates are backdated), meshfed renews
+/// every member's intermediate, istiod takes it from its `cacerts`, and every pod renews its certificate under it
+/// (`SECRET_TTL=60s`); then 10 s more of traffic. Zero failed requests.
+async fn intermediate_renewal_under_traffic() -> anyhow::Result<()> {
+    let yaml = example("multi-primary")
+        .replace("  trust:\n", "  trust:\n    intermediate: {validity: 2h, renewBefore: 116m}\n");
+    let dp = DataPlane::start_with(&yaml, &[("SECRET_TTL", "60s")]).await?;
+    let mut initial = BTreeMap::new();
+    for (member, ..) in MEMBERS {
+        initial.insert(member, dp.intermediate(member).await?);
+    }
+    under_traffic(&dp, "intermediate renewal", Duration::from_secs(10), async |started| {
+        dp.f.clock.advance(Duration::from_secs(270));
+        dp.f.poke("prod").await?;
+        let mut renewed = false;
+        loop {
+            if !renewed {
+                let mut all = true;
+                for (member, ..) in MEMBERS {
+                    all &= dp.intermediate(member).await? != initial[member];
+                }
+                if all {
+                    println!("intermediate renewal: every member's cacerts renewed at {:?}", started.elapsed());
+                    renewed = true;
+                }
+            }
+            if renewed && every_pod_renewed(&dp).await? {
+                println!("intermediate renewal: every pod renewed under it at {:?}", started.elapsed());
+                return Ok(());
+            }
+            ensure!(started.elapsed() < Duration::from_secs(180), "no renewal through in 3 minutes\n{}", dp.logs());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    })
+    .await
+}
+
+#[test]
+fn an_intermediate_renewal_under_steady_traffic_fails_no_request() -> anyhow::Result<()> {
+    meshfed_testenv::in_network_namespace(&addresses(), intermediate_renewal_under_traffic)
+}
+
+#[test]
+fn a_root_rotation_under_steady_traffic_fails_no_request() -> anyhow::Result<()> {
+    meshfed_testenv::in_network_namespace(&addresses(), root_rotation_under_traffic)
+}
