@@ -49,7 +49,7 @@ use crate::{
     member::{
         Reached,
         client::{Backoff, ClientPool, member_id},
-        watches::MemberWatches,
+        watches::{self, MemberWatches},
     },
     metrics::{FailureLabels, Metrics},
     trust,
@@ -354,7 +354,8 @@ async fn finish(
     ctx.metrics.members_failed(reports.iter().flat_map(|r| r.failure.iter().chain(&r.remote_access)));
     ctx.metrics.observe_status(&key, &status);
     let namespace = fed.namespace().unwrap_or_default();
-    let in_use = status.clusters.iter().filter_map(|c| Some(member_id(&namespace, c.kubeconfig_secret_ref.as_ref()?)));
+    let watched = |secret| watches::watched(&member_id(&namespace, secret), &fed.spec.istio.namespace);
+    let in_use = status.clusters.iter().filter_map(|c| Some(watched(c.kubeconfig_secret_ref.as_ref()?)));
     ctx.watches.used_by(&key, in_use.collect());
     timeline.mark("plan_status");
     let said = report::report(fed, ctx, &status, announcements).await?;
