@@ -18,7 +18,7 @@ use kube::{
 };
 use meshfed_core::{
     access::{self, HUB_NAMESPACE, JOIN_LABEL},
-    federation::{FIELD_MANAGER as MESHFED, FederationRef, MANAGED_BY},
+    federation::{ANNOTATION_CREATED, FIELD_MANAGER as MESHFED, FederationRef, MANAGED_BY},
     kubeconfig,
     remote::token_request,
 };
@@ -82,10 +82,13 @@ fn describe(object: &Value) -> String {
     }
 }
 
-/// The Istio namespace as join creates it where it is missing (the hub's Role lives in it), labelled as join's.
+/// The Istio namespace as join creates it where it is missing (the hub's Role lives in it): labelled as join's, and
+/// marked as meshfed marks a namespace it creates, so that the federation's cleanup deletes it as before (a member
+/// that joins again after that gets its Role back from `meshfed join`).
 pub fn missing_istio_namespace(fed: &FederationRef, name: &str) -> Value {
     let labels = access::join_labels(fed);
-    serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+    serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {
+        "name": name, "labels": labels, "annotations": {ANNOTATION_CREATED: "true"}}})
 }
 
 /// Grants the hub's access to `member` for `fed` with Istio namespace `istio_namespace`: creates the Istio
@@ -271,4 +274,158 @@ pub fn endpoint(kc: &kube::config::Kubeconfig, context: Option<&str>) -> anyhow:
         (None, None) => None,
     };
     Ok((server, ca))
+}
+
+/// What `meshfed join` and `meshfed leave` are asked.
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    /// The member's name in the federation (`clusters[].name`).
+    pub cluster: String,
+    /// The kubeconfig (default: `$KUBECONFIG` or `~/.kube/config`), the member's context in it, and the hub's
+    /// (default: the current context).
+    pub kubeconfig: Option<std::path::PathBuf>,
+    pub context: String,
+    pub hub_context: Option<String>,
+    /// The federation's namespace in the hub (default: the hub context's namespace) and name (default: the only
+    /// federation there).
+    pub namespace: Option<String>,
+    pub federation: Option<String>,
+    /// The Istio namespace (default: the federation's, else `istio-system`).
+    pub istio_namespace: Option<String>,
+    pub network: Option<String>,
+    pub role: Option<String>,
+    pub control_plane: Option<String>,
+    /// How the hub reaches the member's API server (default: the member context's server).
+    pub server: Option<String>,
+    pub token_ttl: Duration,
+    /// Print what join would write, as YAML for GitOps, instead of writing it.
+    pub dry_run: bool,
+}
+
+/// The clients and names a request resolves to.
+struct Resolved {
+    hub: Client,
+    member: Client,
+    namespace: String,
+    join: Join,
+}
+
+async fn client_for(kc: &kube::config::Kubeconfig, context: Option<&str>) -> anyhow::Result<Client> {
+    let options = kube::config::KubeConfigOptions { context: context.map(Into::into), ..Default::default() };
+    let config = kube::Config::from_custom_kubeconfig(kc.clone(), &options)
+        .await
+        .with_context(|| format!("the kubeconfig's context {}", context.unwrap_or("(current)")))?;
+    Ok(Client::try_from(config)?)
+}
+
+async fn resolve(r: &Request) -> anyhow::Result<Resolved> {
+    let kc = match &r.kubeconfig {
+        Some(path) => kube::config::Kubeconfig::read_from(path)?,
+        None => kube::config::Kubeconfig::read()?,
+    };
+    let (member, hub) = (client_for(&kc, Some(&r.context)).await?, client_for(&kc, r.hub_context.as_deref()).await?);
+    let namespace = r.namespace.clone().unwrap_or_else(|| hub.default_namespace().to_string());
+    let feds: Api<meshfed_api::MeshFederation> = Api::namespaced(hub.clone(), &namespace);
+    let fed = match &r.federation {
+        Some(name) => feds.get_opt(name).await?,
+        None => match &feds.list(&Default::default()).await?.items[..] {
+            [only] => Some(only.clone()),
+            found => anyhow::bail!(
+                "{} federations in namespace {namespace} of the hub: name one with --federation",
+                found.len()
+            ),
+        },
+    };
+    let name = r.federation.clone().or_else(|| fed.as_ref()?.metadata.name.clone()).unwrap_or_default();
+    let istio_namespace = match (&fed, &r.istio_namespace) {
+        (Some(f), Some(asked)) if f.spec.istio.namespace != *asked => {
+            anyhow::bail!("federation {namespace}/{name} has Istio namespace {}, not {asked}", f.spec.istio.namespace)
+        }
+        (Some(f), _) => f.spec.istio.namespace.clone(),
+        (None, asked) => asked.clone().unwrap_or_else(|| "istio-system".into()),
+    };
+    let (context_server, ca_pem) = endpoint(&kc, Some(&r.context))?;
+    let join = Join {
+        federation: FederationRef { namespace: namespace.clone(), name },
+        cluster: r.cluster.clone(),
+        istio_namespace,
+        server: r.server.clone().unwrap_or(context_server),
+        ca_pem,
+        token_ttl: r.token_ttl,
+    };
+    Ok(Resolved { hub, member, namespace, join })
+}
+
+/// The `clusters[]` entry that names the joined member, as YAML.
+fn cluster_entry(r: &Request, join: &Join) -> String {
+    let mut entry = format!("- name: {}\n  network: {}\n", join.cluster, r.network.as_deref().unwrap_or(&join.cluster));
+    if let Some(role) = &r.role {
+        entry.push_str(&format!("  role: {role}\n"));
+    }
+    if let Some(p) = &r.control_plane {
+        entry.push_str(&format!("  controlPlane: {p}\n"));
+    }
+    entry.push_str(&format!("  kubeconfigSecretRef: {{name: {}}}\n", join.secret_name()));
+    entry
+}
+
+/// `meshfed join`: what it did (or, with `dry_run`, the YAML it would write), and the `clusters[]` entry to add.
+pub async fn run_join(r: &Request) -> anyhow::Result<String> {
+    if r.role.as_deref() == Some("Remote") && r.control_plane.is_none() {
+        anyhow::bail!("a Remote needs --control-plane, the Primary that serves it");
+    }
+    let Resolved { hub, member, namespace, join } = resolve(r).await?;
+    let entry = cluster_entry(r, &join);
+    let fed = &join.federation;
+    if r.dry_run {
+        let mut out = format!(
+            "# meshfed join {} (dry run): apply the member side to the member, the hub side to the hub.\n",
+            join.cluster
+        );
+        // The Istio namespace plain: applied where one exists, it is left as it is, and meshfed never deletes it.
+        let istio_ns =
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": join.istio_namespace}});
+        let mut member_side = vec![istio_ns];
+        member_side.extend(access::hub_access(fed, &join.istio_namespace).objects());
+        for object in member_side {
+            out.push_str(&format!("---\n# member cluster: {}\n{}", join.cluster, serde_saphyr::to_string(&object)?));
+        }
+        let yaml = access::hub_kubeconfig(&join.cluster, &join.server, join.ca_pem.as_deref(), "<TOKEN>");
+        let secret = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": join.secret_name(), "namespace": namespace, "labels": access::join_labels(fed)},
+            "stringData": {SECRET_KEY: yaml},
+        });
+        out.push_str(&format!(
+            "---\n# hub: replace <TOKEN> with `kubectl --context {} -n {HUB_NAMESPACE} create token {} --duration {}s`\n{}",
+            r.context,
+            access::hub_identity_name(fed),
+            join.token_ttl.as_secs(),
+            serde_saphyr::to_string(&secret)?
+        ));
+        out.push_str(&format!("# add to spec.clusters of MeshFederation {fed}:\n# {}", entry.replace('\n', "\n# ")));
+        return Ok(out.trim_end_matches("# ").to_string());
+    }
+    let changes = self::join(&hub, &namespace, &member, &join, Timestamp::now()).await?;
+    let mut out = String::new();
+    if changes.is_empty() {
+        out.push_str("nothing to change: the member grants the hub's access and the hub's Secret serves\n");
+    }
+    for c in changes {
+        out.push_str(&format!("{c}\n"));
+    }
+    out.push_str(&format!("add to spec.clusters of MeshFederation {fed}:\n{entry}"));
+    Ok(out)
+}
+
+/// `meshfed leave`: removes what join wrote for the member and the federation.
+pub async fn run_leave(r: &Request) -> anyhow::Result<String> {
+    let Resolved { hub, member, namespace, join } = resolve(r).await?;
+    let secret = join.secret_name();
+    let changes = leave(Some((&hub, &namespace, &secret)), &member, &join.federation, &join.istio_namespace).await?;
+    if changes.is_empty() {
+        return Ok("nothing to remove\n".into());
+    }
+    Ok(changes.into_iter().map(|c| format!("{c}\n")).collect())
 }
