@@ -180,7 +180,7 @@ async fn gone(f: &Fixture, m: &str) -> anyhow::Result<()> {
 
 /// The member's Role or ClusterRole that holds `p`, with its rules less `p`'s.
 fn without(p: &Permission) -> (Option<String>, Vec<PolicyRule>) {
-    let access = access::hub_access(&prod(), ISTIO_NAMESPACE);
+    let access = access::hub_access(&prod(), &[ISTIO_NAMESPACE]);
     let rules = match &p.namespace {
         None => access.cluster_role.rules.clone().unwrap(),
         Some(ns) => {

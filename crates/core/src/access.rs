@@ -222,9 +222,33 @@ pub struct HubAccess {
     pub roles: Vec<(Role, RoleBinding)>,
 }
 
-/// The hub's access to a member whose Istio namespace is `istio_namespace`, for `fed`: [`member_permissions`] as
-/// RBAC objects, labelled with [`join_labels`].
-pub fn hub_access(fed: &FederationRef, istio_namespace: &str) -> HubAccess {
+/// The permissions of [`member_permissions`] for every one of `istio_namespaces` (a member moving from one Istio
+/// namespace to another needs both until the move is done), each once: the cluster-wide ones that differ only in
+/// the objects they name are one permission naming them all.
+pub fn member_permissions_in(fed: &FederationRef, istio_namespaces: &[&str]) -> Vec<Permission> {
+    let mut out: Vec<Permission> = Vec::new();
+    for p in istio_namespaces.iter().flat_map(|ns| member_permissions(fed, ns)) {
+        let same = |q: &&mut Permission| {
+            (q.group, &q.resource, q.verbs, &q.namespace) == (p.group, &p.resource, p.verbs, &p.namespace)
+                && q.names.is_empty() == p.names.is_empty()
+        };
+        match out.iter_mut().find(same) {
+            Some(q) => {
+                for n in p.names {
+                    if !q.names.contains(&n) {
+                        q.names.push(n);
+                    }
+                }
+            }
+            None => out.push(p),
+        }
+    }
+    out
+}
+
+/// The hub's access to a member whose Istio namespace is one of `istio_namespaces`, for `fed`:
+/// [`member_permissions_in`] as RBAC objects, labelled with [`join_labels`].
+pub fn hub_access(fed: &FederationRef, istio_namespaces: &[&str]) -> HubAccess {
     let name = hub_identity_name(fed);
     let labels = join_labels(fed);
     let meta = |namespace: Option<&str>| ObjectMeta {
@@ -233,7 +257,7 @@ pub fn hub_access(fed: &FederationRef, istio_namespace: &str) -> HubAccess {
         labels: Some(labels.clone()),
         ..Default::default()
     };
-    let permissions = member_permissions(fed, istio_namespace);
+    let permissions = member_permissions_in(fed, istio_namespaces);
     let rules = |namespace: Option<&str>| -> Vec<PolicyRule> {
         let strings = |s: &[&str]| s.iter().map(|s| s.to_string()).collect::<Vec<_>>();
         permissions
@@ -314,6 +338,25 @@ impl HubAccess {
         }
         out
     }
+}
+
+/// The README's table of the hub's permissions in a member (Markdown), for a federation `<ns>/<name>` and Istio
+/// namespace `<istio namespace>`: a test checks that the README holds exactly this.
+pub fn permissions_table() -> String {
+    let fed = FederationRef { namespace: "<ns>".into(), name: "<name>".into() };
+    let mut out = String::from("| Resource | Verbs | Where | Only | Why |\n|---|---|---|---|---|\n");
+    for p in member_permissions(&fed, "<istio namespace>") {
+        let resource = if p.group.is_empty() { p.resource.clone() } else { format!("{}.{}", p.resource, p.group) };
+        let names = p.names.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+        let why = if p.required { p.why.to_string() } else { format!("{} (optional)", p.why) };
+        out.push_str(&format!(
+            "| `{resource}` | {} | {} | {} | {why} |\n",
+            p.verbs.join(", "),
+            p.namespace.as_deref().map_or("cluster-wide".into(), |ns| format!("`{ns}`")),
+            if names.is_empty() { "any".into() } else { names },
+        ));
+    }
+    out
 }
 
 /// The kubeconfig the hub reaches member `cluster` with: its API server `server`, its CA (PEM) and `token` (of the

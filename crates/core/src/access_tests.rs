@@ -89,7 +89,7 @@ fn the_hub_reads_no_secret_outside_the_istio_namespace_and_writes_only_meshfeds_
 
 #[test]
 fn the_rbac_is_the_permissions_one_cluster_role_and_one_role_per_namespace_bound_to_the_hubs_service_account() {
-    let access = hub_access(&fed(), "istio-system");
+    let access = hub_access(&fed(), &["istio-system"]);
     let permissions = member_permissions(&fed(), "istio-system");
     let rules = |rules: &Option<Vec<PolicyRule>>| rules.as_ref().unwrap().len();
     let namespaced: Vec<(&str, usize)> =
@@ -151,4 +151,37 @@ fn the_hubs_kubeconfig_is_inline_and_stays_while_its_token_is_fresh_for_the_same
     let other = FederationRef { namespace: "mesh-system".into(), name: "staging".into() };
     let theirs = hub_kubeconfig("east", "https://east:6443", Some(b"CA PEM"), &jwt(&hub_user(&other), 0, 30 * day));
     assert!(!current(&theirs, "https://east:6443", b"CA PEM", day), "another federation's identity");
+}
+
+#[test]
+fn a_member_moving_its_istio_namespace_grants_both_until_the_move_is_done_each_permission_once() {
+    let both = member_permissions_in(&fed(), &["istio-system", "mesh"]);
+    for ns in ["istio-system", "mesh"] {
+        for p in member_permissions(&fed(), ns) {
+            let names: Vec<Option<&str>> =
+                if p.names.is_empty() { vec![None] } else { p.names.iter().map(|n| Some(n.as_str())).collect() };
+            for name in names {
+                for verb in p.verbs {
+                    let (ns, resource) = (p.namespace.as_deref(), p.resource.as_str());
+                    assert!(allows(&both, p.group, resource, verb, ns, name), "{verb} {resource} {ns:?} {name:?}");
+                }
+            }
+        }
+    }
+    let namespace_writes: Vec<&Permission> =
+        both.iter().filter(|p| p.resource == "namespaces" && p.verbs.contains(&"delete")).collect();
+    assert_eq!(namespace_writes.len(), 1);
+    assert_eq!(namespace_writes[0].names, ["istio-system", "mesh"]);
+    let claims = both.iter().filter(|p| p.namespace.as_deref() == Some(CLAIM_NAMESPACE)).count();
+    assert_eq!(claims, 1, "the claims' permission once");
+    let roles = hub_access(&fed(), &["istio-system", "mesh"]).roles;
+    let where_: Vec<&str> = roles.iter().map(|(r, _)| r.metadata.namespace.as_deref().unwrap()).collect();
+    assert_eq!(where_, ["istio-system", "kube-system", "mesh"]);
+}
+
+#[test]
+fn the_readmes_table_of_member_permissions_is_the_one_the_code_grants() {
+    let readme = include_str!("../../../README.md");
+    let table = permissions_table();
+    assert!(readme.contains(&table), "README.md lacks the member permissions table; put this in it:\n{table}");
 }

@@ -4,13 +4,16 @@
 //! `meshfed-join`) or a create of what is missing, so running join twice changes nothing; leave removes only what
 //! carries join's label.
 
-use std::time::Duration;
+use std::{collections::BTreeSet, time::Duration};
 
 use anyhow::Context as _;
 use jiff::Timestamp;
 use k8s_openapi::{
     ByteString,
-    api::core::v1::{Namespace, Secret, ServiceAccount},
+    api::{
+        core::v1::{Namespace, Secret, ServiceAccount},
+        rbac::v1::Role,
+    },
 };
 use kube::{
     Api, Client, ResourceExt,
@@ -19,6 +22,7 @@ use kube::{
 use meshfed_core::{
     access::{self, HUB_NAMESPACE, JOIN_LABEL},
     federation::{ANNOTATION_CREATED, FIELD_MANAGER as MESHFED, FederationRef, MANAGED_BY},
+    kinds::CLAIM_NAMESPACE,
     kubeconfig,
     remote::token_request,
 };
@@ -107,7 +111,11 @@ pub async fn grant(member: &Client, fed: &FederationRef, istio_namespace: &str) 
             Err(e) => return Err(e).context(format!("creating namespace {istio_namespace}")),
         }
     }
-    for object in access::hub_access(fed, istio_namespace).objects() {
+    // A member that moves its Istio namespace keeps the hub's access to the one it leaves until that is gone.
+    let mut istio_namespaces = joined_istio_namespaces(member, fed).await?;
+    istio_namespaces.insert(istio_namespace.to_string());
+    let istio_namespaces: Vec<&str> = istio_namespaces.iter().map(String::as_str).collect();
+    for object in access::hub_access(fed, &istio_namespaces).objects() {
         let (api, name) = api_of(member, &object);
         let before = api.get_opt(&name).await?.and_then(|o| o.metadata.resource_version);
         let after = api
@@ -121,6 +129,20 @@ pub async fn grant(member: &Client, fed: &FederationRef, istio_namespace: &str) 
         }
     }
     Ok(changes)
+}
+
+/// The Istio namespaces where `member` holds a Role of join's for `fed` (not yet deleted).
+async fn joined_istio_namespaces(member: &Client, fed: &FederationRef) -> anyhow::Result<BTreeSet<String>> {
+    let labels = access::join_labels(fed);
+    let selector: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    let roles = Api::<Role>::all(member.clone()).list(&ListParams::default().labels(&selector.join(","))).await?;
+    Ok(roles
+        .items
+        .into_iter()
+        .filter(|r| r.metadata.deletion_timestamp.is_none())
+        .filter_map(|r| r.metadata.namespace)
+        .filter(|ns| ns != CLAIM_NAMESPACE)
+        .collect())
 }
 
 /// A token of the hub's ServiceAccount in `member` for `fed`, from the TokenRequest API, asking for `ttl`.
@@ -221,7 +243,10 @@ pub async fn leave(
     istio_namespace: &str,
 ) -> anyhow::Result<Changes> {
     let mut changes = Vec::new();
-    let mut objects = access::hub_access(fed, istio_namespace).objects();
+    let mut istio_namespaces = joined_istio_namespaces(member, fed).await?;
+    istio_namespaces.insert(istio_namespace.to_string());
+    let istio_namespaces: Vec<&str> = istio_namespaces.iter().map(String::as_str).collect();
+    let mut objects = access::hub_access(fed, &istio_namespaces).objects();
     objects.reverse();
     for object in objects {
         let (api, name) = api_of(member, &object);
@@ -386,7 +411,7 @@ pub async fn run_join(r: &Request) -> anyhow::Result<String> {
         let istio_ns =
             serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": join.istio_namespace}});
         let mut member_side = vec![istio_ns];
-        member_side.extend(access::hub_access(fed, &join.istio_namespace).objects());
+        member_side.extend(access::hub_access(fed, &[&join.istio_namespace]).objects());
         for object in member_side {
             out.push_str(&format!("---\n# member cluster: {}\n{}", join.cluster, serde_saphyr::to_string(&object)?));
         }
