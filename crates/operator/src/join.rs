@@ -170,9 +170,8 @@ pub async fn write_hub_secret(
     let name = join.secret_name();
     let existing =
         secrets.get_opt(&name).await.with_context(|| format!("reading Secret {namespace}/{name} in the hub"))?;
-    let label = access::join_labels(&join.federation);
     if let Some(s) = &existing {
-        if s.labels().get(JOIN_LABEL) != label.get(JOIN_LABEL) {
+        if !joined(&s.metadata, &join.federation) {
             anyhow::bail!(
                 "Secret {namespace}/{name} exists in the hub and was not written by meshfed join: remove it or join under another cluster name"
             );
@@ -199,7 +198,7 @@ pub async fn write_hub_secret(
         metadata: ObjectMeta {
             name: Some(name.clone()),
             namespace: Some(namespace.into()),
-            labels: Some(label),
+            labels: Some(access::join_labels(&join.federation)),
             ..Default::default()
         },
         data: Some([(SECRET_KEY.to_string(), ByteString(yaml.into_bytes()))].into()),
