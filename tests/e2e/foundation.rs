@@ -6,9 +6,13 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use kube::{
     Api, Client,
-    api::{DynamicObject, ListParams, PostParams},
+    api::{DynamicObject, ListParams, Patch, PatchParams},
 };
-use meshfed_core::{federation::FederationRef, kinds};
+use meshfed_core::{
+    access,
+    federation::{self, FederationRef},
+    kinds,
+};
 use meshfed_e2e::{Fixture, condition, example, fed_condition, is_ready, put_kubeconfig};
 use meshfed_testenv::Options;
 
@@ -46,10 +50,11 @@ async fn a_federation_labels_every_member_and_deletion_cleans_them() -> anyhow::
     let f = Fixture::start(&["east", "west"], Options { controller_manager: true, ..Options::default() }).await?;
     let east = f.member("east").await?;
     let west = f.member("west").await?;
-    // West already has an Istio namespace of its own: meshfed labels it but must never delete it.
-    let theirs: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": "istio-system", "labels": {"team": "mesh"}}}))?;
-    Api::<Namespace>::all(west.clone()).create(&PostParams::default(), &theirs).await?;
+    // West already had an Istio namespace of its own when it joined (join then leaves it as it is): meshfed labels
+    // it but must never delete it. East's was created by join, marked as meshfed marks one it creates.
+    let theirs = serde_json::json!({"metadata": {"labels": {"team": "mesh", access::JOIN_LABEL: null},
+        "annotations": {federation::ANNOTATION_CREATED: null}}});
+    Api::<Namespace>::all(west.clone()).patch("istio-system", &PatchParams::default(), &Patch::Merge(&theirs)).await?;
 
     let applied = Instant::now();
     f.apply(&example("multi-primary-multi-network")).await?;
@@ -113,6 +118,7 @@ async fn a_federation_with_a_200_character_name_converges_repairs_drift_and_is_d
     let name = format!("{}prod", "federation-with-a-long-name.".repeat(7));
     assert_eq!(name.len(), 200);
     let fref = FederationRef { namespace: meshfed_e2e::NAMESPACE.into(), name: name.clone() };
+    f.join_as(&name).await?;
     f.apply(&example("multi-primary-multi-network").replacen("  name: prod\n", &format!("  name: {name}\n"), 1))
         .await?;
     f.wait_for(&name, WAIT, is_ready).await?;
@@ -225,14 +231,16 @@ async fn invalid_federations_get_a_precise_reason_and_write_nothing() -> anyhow:
         let err = f.apply(&yaml.replace("name: prod", "name: cel")).await.unwrap_err();
         assert!(err.to_string().contains(message), "{err}");
     }
-    // Nothing reached any member.
+    // Nothing reached any member: the Istio namespace is as join created it, without a label of meshfed's.
     for m in ["east", "west"] {
         let member = f.member(m).await?;
-        assert!(istio_namespace(&member).await.is_none(), "{m} got an Istio namespace from an invalid federation");
+        let ns = istio_namespace(&member).await.expect("join created it");
+        assert!(!labels(&ns).contains_key(NETWORK), "{m} got a network label from an invalid federation");
         assert_eq!(owned_namespaces(&member).await, Vec::<String>::new());
     }
 
     // Fixing the spec converges it.
+    f.join_as("dup").await?;
     f.apply(&base.replace("name: prod", "name: dup")).await?;
     f.wait_for("dup", WAIT, is_ready).await?;
     Ok(())

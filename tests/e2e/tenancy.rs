@@ -106,6 +106,8 @@ fn watch_ready(f: &Fixture) -> (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsi
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_federation_is_refused_on_a_claimed_member_and_writes_nothing_there() -> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
+    // Several federations on one member Secret: not reached with join's identity yet (issue 27).
+    f.members_as_admin().await?;
     f.apply(&example("multi-primary-multi-network")).await?;
     f.wait_for("prod", WAIT, is_ready).await?;
     let west = f.member("west").await?;
@@ -157,6 +159,8 @@ async fn a_second_federation_is_refused_on_a_claimed_member_and_writes_nothing_t
 #[tokio::test(flavor = "multi_thread")]
 async fn federations_share_members_each_in_its_own_istio_namespace_and_revision() -> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    // Several federations on one member Secret: not reached with join's identity yet (issue 27).
+    f.members_as_admin().await?;
     let both = ["east:n1", "west:n2"];
     f.apply(&federation_of_revision("alpha", "istio-alpha", "alpha", &both)).await?;
     f.apply(&federation_of_revision("beta", "istio-beta", "beta", &both)).await?;
@@ -205,6 +209,8 @@ async fn federations_share_members_each_in_its_own_istio_namespace_and_revision(
 #[tokio::test(flavor = "multi_thread")]
 async fn two_federations_racing_for_one_member_leave_exactly_one_claim() -> anyhow::Result<()> {
     let f = Fixture::start(&["east"], Options::default()).await?;
+    // Several federations on one member Secret: not reached with join's identity yet (issue 27).
+    f.members_as_admin().await?;
     let (a, b) = (federation("alpha", "istio-system", &["east:n1"]), federation("beta", "istio-system", &["east:n1"]));
     futures::try_join!(f.apply(&a), f.apply(&b))?;
     let settled = |fed: &MeshFederation| {
@@ -274,6 +280,11 @@ async fn a_moved_istio_namespace_leaves_nothing_in_the_old_one() -> anyhow::Resu
     let f = Fixture::start(&["east", "west"], Options { controller_manager: true, ..Options::default() }).await?;
     f.apply(&example("multi-primary-multi-network")).await?;
     f.wait_for("prod", WAIT, is_ready).await?;
+    // The hub's access follows the move as the README says: `meshfed join` again with the new Istio namespace
+    // (it keeps the access to the old one, where meshfed prunes).
+    for m in ["east", "west"] {
+        meshfed_e2e::join_member(&f.hub, f.env.cluster(m), &meshfed_e2e::prod(), "istio-mesh").await?;
+    }
     let moved = serde_json::json!({"spec": {"istio": {"namespace": "istio-mesh"}}});
     let generation =
         f.federations().patch("prod", &PatchParams::default(), &Patch::Merge(&moved)).await?.metadata.generation;

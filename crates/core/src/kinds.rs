@@ -126,6 +126,17 @@ pub fn claim_key(namespace: &str) -> ObjectKey {
     ObjectKey { kind: CONFIG_MAP, namespace: Some(CLAIM_NAMESPACE.into()), name: format!("meshfed-claim.{namespace}") }
 }
 
+/// Where meshfed writes the objects of `kind` in a member whose Istio namespace is `istio_namespace`: `None` for a
+/// cluster-scoped kind, [`CLAIM_NAMESPACE`] for ConfigMaps (the claim), the Istio namespace for every other kind.
+/// The member's watches, its reads and the hub's permissions there ([`crate::access`]) are scoped by it.
+pub fn home_namespace<'a>(kind: &OwnedKind, istio_namespace: &'a str) -> Option<&'a str> {
+    match *kind {
+        _ if !kind.namespaced => None,
+        CONFIG_MAP => Some(CLAIM_NAMESPACE),
+        _ => Some(istio_namespace),
+    }
+}
+
 /// What a member holds, by key, as JSON (shared with the member's watch caches): everything labelled for one
 /// federation and cluster, and the objects read by name whatever their labels (the Istio namespace and `cacerts`,
 /// which may predate meshfed, the claim, the `Istio`).

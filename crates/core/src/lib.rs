@@ -5,6 +5,7 @@
 //! randomness is `pki`, where keys and serial numbers are generated, and its functions say so in their names
 //! (`generate_root`, `issue_intermediate`); every decision about when to call them is pure.
 
+pub mod access;
 pub mod conditions;
 pub mod control_plane;
 pub mod federation;

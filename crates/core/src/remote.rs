@@ -68,7 +68,13 @@ const LIFETIME_SLACK: Duration = Duration::from_secs(1);
 /// collide). Should the result exceed 253 bytes (a federation name near its own 253-byte limit), the federation
 /// name is cut and a 16-hex-digit FNV-1a hash of the full name is appended; the namespace is never cut.
 pub fn reader_cluster_role_name(fed: &FederationRef) -> String {
-    let full = format!("{READER_CLUSTER_ROLE_PREFIX}.{}.{}", fed.namespace, fed.name);
+    federation_scoped_name(READER_CLUSTER_ROLE_PREFIX, fed)
+}
+
+/// `<prefix>.<federation namespace>.<federation name>`, cut and hashed as [`reader_cluster_role_name`] says: a
+/// cluster-scoped name that is one federation's own.
+pub fn federation_scoped_name(prefix: &str, fed: &FederationRef) -> String {
+    let full = format!("{prefix}.{}.{}", fed.namespace, fed.name);
     if full.len() <= MAX_NAME_LEN {
         return full;
     }
@@ -317,8 +323,12 @@ pub fn remote_secret(
 /// kubeconfig under the data key `target`. `None` when the secret has no such key, the kubeconfig does not parse
 /// (within the size cap and parser budget of [`crate::yaml`]), or its current context has no inline token.
 pub fn token_in_remote_secret(secret: &Secret, target: &str) -> Option<ReaderToken> {
-    let bytes = &secret.data.as_ref()?.get(target)?.0;
-    // Member-held: read within the bounds of `crate::yaml`, so that a crafted secret costs little.
+    token_in_kubeconfig(&secret.data.as_ref()?.get(target)?.0)
+}
+
+/// The token of a kubeconfig's current user, read within the bounds of `crate::yaml` (a kubeconfig held elsewhere
+/// is data someone else wrote, so that a crafted one costs little).
+pub fn token_in_kubeconfig(bytes: &[u8]) -> Option<ReaderToken> {
     let doc: KubeconfigDoc = crate::yaml::from_slice(bytes).ok()?;
     let context = doc.contexts.iter().find(|c| c.name == doc.current_context)?;
     let user = doc.users.into_iter().find(|u| u.name == context.context.user)?;

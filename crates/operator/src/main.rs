@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use meshfed_operator::{
-    check, leader,
+    check, join, leader,
     metrics::Metrics,
     reconcile::{self, Settings},
     table,
@@ -60,6 +60,40 @@ enum Command {
         #[arg(short = 'n', long)]
         namespace: Option<String>,
     },
+    /// Join a member cluster to a federation with least privilege: create in the member a ServiceAccount for the
+    /// hub (namespace `meshfed-system`) with exactly the permissions meshfed needs there, write the kubeconfig
+    /// Secret `<NAME>-kubeconfig` in the hub (the member's API server and CA, a token from the TokenRequest API),
+    /// and print the `clusters[]` entry to add. Running it again changes nothing.
+    Join {
+        #[command(flatten)]
+        args: JoinArgs,
+        /// The member's network (`topology.istio.io/network`) in the printed entry (default: NAME).
+        #[arg(long)]
+        network: Option<String>,
+        /// `Remote` for a member served by the istiod of `--control-plane`.
+        #[arg(long)]
+        role: Option<String>,
+        /// The Primary that serves a Remote.
+        #[arg(long)]
+        control_plane: Option<String>,
+        /// The address the hub reaches the member's API server at (default: the member context's server).
+        #[arg(long)]
+        server: Option<String>,
+        /// The lifetime asked for the hub's token; a new one is written when less than a third of it remains.
+        #[arg(long, default_value = "720h", value_parser = humantime::parse_duration)]
+        token_ttl: Duration,
+        /// Print both sides as YAML for GitOps (with `-o yaml`) instead of writing them.
+        #[arg(long)]
+        dry_run: bool,
+        /// Output of a dry run: `yaml`.
+        #[arg(short = 'o', long)]
+        output: Option<String>,
+    },
+    /// Remove what `meshfed join` wrote for a member: its RBAC and ServiceAccount for the hub, and the hub's Secret.
+    Leave {
+        #[command(flatten)]
+        args: JoinArgs,
+    },
     /// Run the controller against the hub cluster of the current kubeconfig (or the in-cluster config).
     Run {
         /// Log as JSON lines instead of text.
@@ -84,6 +118,46 @@ enum Command {
         #[arg(long, default_value_t = 15)]
         lease_seconds: u64,
     },
+}
+
+/// Which member, federation and hub `join` and `leave` are about.
+#[derive(clap::Args)]
+struct JoinArgs {
+    /// The member's name in the federation (its Istio cluster ID).
+    name: String,
+    /// The member's context in the kubeconfig.
+    #[arg(long)]
+    context: String,
+    /// The hub's context (default: the current one).
+    #[arg(long)]
+    hub_context: Option<String>,
+    /// The kubeconfig (default: `$KUBECONFIG` or `~/.kube/config`).
+    #[arg(long)]
+    kubeconfig: Option<std::path::PathBuf>,
+    /// The federation's namespace in the hub (default: the hub context's).
+    #[arg(short = 'n', long)]
+    namespace: Option<String>,
+    /// The federation (default: the only one in the namespace).
+    #[arg(long)]
+    federation: Option<String>,
+    /// The Istio namespace, for a federation not created yet (default: the federation's, else `istio-system`).
+    #[arg(long)]
+    istio_namespace: Option<String>,
+}
+
+impl JoinArgs {
+    fn request(self) -> join::Request {
+        join::Request {
+            cluster: self.name,
+            kubeconfig: self.kubeconfig,
+            context: self.context,
+            hub_context: self.hub_context,
+            namespace: self.namespace,
+            federation: self.federation,
+            istio_namespace: self.istio_namespace,
+            ..Default::default()
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -136,6 +210,14 @@ async fn command(command: Command) -> anyhow::Result<()> {
                 std::process::exit(1);
             }
         }
+        Command::Join { args, network, role, control_plane, server, token_ttl, dry_run, output } => {
+            if output.as_deref().is_some_and(|o| o != "yaml") {
+                anyhow::bail!("-o: only `yaml` is supported");
+            }
+            let request = join::Request { network, role, control_plane, server, token_ttl, dry_run, ..args.request() };
+            print!("{}", join::run_join(&request).await?);
+        }
+        Command::Leave { args } => print!("{}", join::run_leave(&args.request()).await?),
         Command::Status { name, namespace } => {
             let hub = kube::Client::try_default().await?;
             let ns = namespace.unwrap_or_else(|| hub.default_namespace().to_string());

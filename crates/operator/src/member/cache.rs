@@ -23,7 +23,7 @@ use kube::{
 use meshfed_api::MeshFederation;
 use meshfed_core::{
     federation::{FIELD_MANAGER, LABEL_FEDERATION, LABEL_FEDERATION_NAMESPACE, MANAGED_BY},
-    kinds::{OWNED_KINDS, ObjectKey, OwnedKind},
+    kinds::{self, OWNED_KINDS, ObjectKey, OwnedKind},
 };
 use serde_json::Value;
 use tokio::{
@@ -60,6 +60,8 @@ pub(super) struct Source {
     pub client: Client,
     pub triggers: mpsc::UnboundedSender<ObjectRef<MeshFederation>>,
     pub names: Names,
+    /// The Istio namespace: namespaced kinds are watched where meshfed writes them ([`kinds::home_namespace`]).
+    pub istio_namespace: String,
 }
 
 struct KindCache {
@@ -332,8 +334,12 @@ fn object_ref(key: &ObjectKey) -> ObjectRef<Cached> {
 /// Keeps the cache of the kind at `index` of [`OWNED_KINDS`] and sends the federation of every object that changes,
 /// until the controller stops listening.
 async fn watch_kind(index: usize, cache: Arc<MemberCache>) {
-    let Some(Source { client, triggers, names }) = &cache.source else { return };
-    let api = Api::<DynamicObject>::all_with(client.clone(), &api_resource(&OWNED_KINDS[index]));
+    let Some(Source { client, triggers, names, istio_namespace }) = &cache.source else { return };
+    let (kind, client) = (&OWNED_KINDS[index], client.clone());
+    let api = match kinds::home_namespace(kind, istio_namespace) {
+        Some(ns) => Api::<DynamicObject>::namespaced_with(client, ns, &api_resource(kind)),
+        None => Api::<DynamicObject>::all_with(client, &api_resource(kind)),
+    };
     let config = watcher::Config::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"));
     let mut events = watcher(api, config).default_backoff().boxed();
     while let Some(event) = events.next().await {
@@ -552,7 +558,8 @@ mod tests {
         // current watch task, such as one still under way from a watch stopped meanwhile, change nothing.
         let (triggers, _rx) = mpsc::unbounded_channel();
         let client = Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap();
-        let cache = MemberCache::new(Some(Source { client, triggers, names: Names::default() }));
+        let source = Source { client, triggers, names: Names::default(), istio_namespace: "istio-system".into() };
+        let cache = MemberCache::new(Some(source));
         lists(&cache, &[secret("a", 5, "west")]);
         assert_eq!(listing(&cache, SECRETS), Listing::Pending);
         assert!(cache.kinds[SECRETS].store.is_empty());

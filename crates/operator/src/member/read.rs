@@ -19,7 +19,7 @@ use meshfed_core::{
     conditions::Reason,
     federation::{Failure, FederationRef},
     istio::SAIL_ISTIO_CRD,
-    kinds::{Holdings, OWNED_KINDS, ObjectKey, OwnedKind},
+    kinds::{self, CONFIG_MAP, Holdings, OWNED_KINDS, ObjectKey, OwnedKind},
     versions::SailVersions,
 };
 
@@ -29,32 +29,57 @@ use super::{
 };
 use crate::metrics::{KindLabels, Metrics};
 
-/// Reads what the member holds of `fref` for `cluster`: every owned kind by label, from `cache` or else listed, and
-/// `by_name` whatever their labels (from `cache` when meshfed labelled them, else read); and which kinds the member
-/// does not serve (a CRD that is not installed lists as not found).
+/// Reads what the member holds of `fref` for `cluster`: every owned kind by label, where meshfed writes it
+/// ([`kinds::home_namespace`]: the Istio namespace `istio_namespace`, `kube-system` for the claims, cluster-wide for
+/// cluster-scoped kinds), from `cache` or else listed, and `by_name` whatever their labels (from `cache` when meshfed
+/// labelled them, else read); and which kinds the member does not serve (a CRD that is not installed lists as not
+/// found). The claims come first: every Istio namespace they name is read too, so that the objects of a namespace
+/// the spec moved away from are seen, and pruned.
+#[allow(clippy::too_many_arguments)]
 pub async fn observe(
     client: &Client,
     cache: &MemberCache,
     metrics: &Metrics,
     fref: &FederationRef,
     cluster: &str,
+    istio_namespace: &str,
     by_name: &[ObjectKey],
 ) -> Result<(Holdings, BTreeSet<OwnedKind>), Failure> {
     let labels = fref.owned_labels(cluster);
     let lp = ListParams::default().labels(&fref.selector(cluster));
-    let lists = OWNED_KINDS.iter().map(|kind| {
+    let held_in = |kind: &'static OwnedKind, namespace: Option<String>| {
         let (lp, labels) = (&lp, &labels);
         async move {
-            if let Some(held) = cache.held(kind, labels).await {
+            // The watches keep the kind where meshfed writes it now; elsewhere (a namespace left) it is listed.
+            if namespace.as_deref() == kinds::home_namespace(kind, istio_namespace)
+                && let Some(held) = cache.held(kind, labels).await
+            {
                 return Ok(Ok(held));
             }
             metrics.member_lists.get_or_create(&KindLabels { kind: kind.kind.into() }).inc();
-            match Api::<DynamicObject>::all_with(client.clone(), &api_resource(kind)).list(lp).await {
-                Ok(found) => Ok(Ok(found.items.into_iter().map(|o| keyed(kind, o)).collect())),
+            let ar = api_resource(kind);
+            let api = match &namespace {
+                Some(ns) => Api::<DynamicObject>::namespaced_with(client.clone(), ns, &ar),
+                None => Api::<DynamicObject>::all_with(client.clone(), &ar),
+            };
+            match api.list(lp).await {
+                Ok(found) => Ok(Ok(found.items.into_iter().map(|o| keyed(kind, o)).collect::<Vec<_>>())),
                 Err(kube::Error::Api(e)) if e.code == 404 => Ok(Err(*kind)),
-                Err(e) => Err(read_failure(&format!("listing {}s", kind.kind), e)),
+                Err(e) => {
+                    let where_ = namespace.map(|ns| format!(" in namespace {ns}")).unwrap_or_default();
+                    Err(read_failure(&format!("listing {}s{where_}", kind.kind), e))
+                }
             }
         }
+    };
+    let claims = held_in(&CONFIG_MAP, kinds::home_namespace(&CONFIG_MAP, istio_namespace).map(Into::into)).await?;
+    let mut namespaces = BTreeSet::from([istio_namespace.to_string()]);
+    for (_, claim) in claims.iter().flatten() {
+        namespaces.extend(claim["data"]["istioNamespace"].as_str().map(String::from));
+    }
+    let lists = OWNED_KINDS.iter().filter(|k| **k != CONFIG_MAP).flat_map(|kind| {
+        let wheres: BTreeSet<Option<&str>> = namespaces.iter().map(|ns| kinds::home_namespace(kind, ns)).collect();
+        wheres.into_iter().map(|ns| held_in(kind, ns.map(Into::into))).collect::<Vec<_>>()
     });
     let reads = by_name.iter().map(|key| async move {
         // One that meshfed labelled is in its watch's cache; one it did not label (yet) is read.
@@ -70,7 +95,8 @@ pub async fn observe(
         Ok(found.map(|o| (key.clone(), Arc::new(as_json(&key.kind, o)))))
     });
     let (lists, reads) = futures::try_join!(try_join_all(lists), try_join_all(reads))?;
-    let (lists, unserved): (Vec<Result<Vec<_>, _>>, Vec<_>) = lists.into_iter().partition(Result::is_ok);
+    let (lists, unserved): (Vec<Result<Vec<_>, _>>, Vec<_>) =
+        std::iter::once(claims).chain(lists).partition(Result::is_ok);
     let held = lists.into_iter().flatten().flatten().chain(reads.into_iter().flatten()).collect();
     Ok((held, unserved.into_iter().filter_map(Result::err).collect()))
 }

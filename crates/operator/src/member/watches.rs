@@ -65,9 +65,17 @@ impl MemberWatches {
         self.gauges.1.set(running.values().map(|r| r.cache.watched()).sum::<usize>() as i64);
     }
 
-    /// Makes sure `member`'s watches run on `client`, built from Secret version `version`, for `federation`;
-    /// returns their cache.
-    pub fn ensure(&self, federation: &str, member: &str, version: &str, client: &Client) -> Arc<MemberCache> {
+    /// Makes sure `member`'s watches of Istio namespace `istio_namespace` run on `client`, built from Secret version
+    /// `version`, for `federation`; returns their cache.
+    pub fn ensure(
+        &self,
+        federation: &str,
+        member: &str,
+        istio_namespace: &str,
+        version: &str,
+        client: &Client,
+    ) -> Arc<MemberCache> {
+        let member = &watched(member, istio_namespace);
         if let Some((namespace, name)) = federation.split_once('/') {
             let key = (namespace.to_string(), label_value(name));
             self.names.lock().expect("names lock").insert(key, name.to_string());
@@ -77,7 +85,12 @@ impl MemberWatches {
         if let Some(r) = state.running.get(member).filter(|r| r.version == version && r.cache.running()) {
             return r.cache.clone();
         }
-        let source = Source { client: client.clone(), triggers: self.triggers.clone(), names: self.names.clone() };
+        let source = Source {
+            client: client.clone(),
+            triggers: self.triggers.clone(),
+            names: self.names.clone(),
+            istio_namespace: istio_namespace.to_string(),
+        };
         let cache = MemberCache::new(Some(source));
         let running = Running { version: version.to_string(), cache: cache.clone() };
         if let Some(old) = state.running.insert(member.to_string(), running) {
@@ -88,9 +101,9 @@ impl MemberWatches {
         cache
     }
 
-    /// Records that `federation` now uses exactly `members` (none once it is gone), after a reconcile: stops the
-    /// watches of members that no federation uses, and of kinds its members hold nothing of. Returns the members
-    /// some federation uses.
+    /// Records that `federation` now uses exactly `members` (their [`watched`] keys; none once it is gone), after a
+    /// reconcile: stops the watches of members that no federation uses, and of kinds its members hold nothing of.
+    /// Returns the members (their ids) some federation uses.
     pub fn used_by(&self, federation: &str, members: BTreeSet<String>) -> BTreeSet<String> {
         let mut state = self.state.lock().expect("watches lock");
         for m in &members {
@@ -115,9 +128,19 @@ impl MemberWatches {
             used
         });
         self.count(running);
-        users.values().flatten().cloned().collect()
+        users.values().flatten().map(|w| w.rsplit_once(WATCHED_IN).map_or(w.as_str(), |(m, _)| m).to_string()).collect()
     }
 }
+
+/// What one cache watches: a member (its kubeconfig Secret's id) with one Istio namespace, the namespace its
+/// namespaced kinds are watched in ([`meshfed_core::kinds::home_namespace`]). Federations that reach a member through
+/// one Secret with one Istio namespace share its watches.
+pub fn watched(member: &str, istio_namespace: &str) -> String {
+    format!("{member}{WATCHED_IN}{istio_namespace}")
+}
+
+/// Between a member's id (which a Secret's key cannot contain a space of) and its Istio namespace in [`watched`].
+const WATCHED_IN: &str = " in ";
 
 impl Drop for MemberWatches {
     fn drop(&mut self) {

@@ -148,7 +148,18 @@ async fn apply(w: &Writer<'_>, key: &ObjectKey, body: &Value) -> Result<Arc<Valu
     let now = api(w.client, key)
         .patch(&key.name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(body))
         .await
-        .map_err(|e| write_failure(&format!("applying {key}"), e))?;
+        .map_err(|e| {
+            let escalation = matches!(&e, kube::Error::Api(s) if s.code == 403)
+                && matches!(key.kind, kinds::CLUSTER_ROLE | kinds::CLUSTER_ROLE_BINDING);
+            let mut f = write_failure(&format!("applying {key}"), e);
+            if escalation {
+                f.message.push_str(&format!(
+                    "; the reader's ClusterRole grants what the hub does not hold: the hub's credential needs `escalate` and `bind` on clusterroles named {} (what `meshfed join` grants)",
+                    key.name
+                ));
+            }
+            f
+        })?;
     w.cache.wrote(key, Some(&now.metadata));
     Ok(Arc::new(as_json(&key.kind, now)))
 }

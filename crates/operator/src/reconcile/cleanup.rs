@@ -36,7 +36,7 @@ pub(super) async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Actio
         info!("members cleaned up; releasing the finalizer");
         let key = fref.to_string();
         ctx.metrics.forget(&key);
-        ctx.members_used(&key, Default::default());
+        ctx.members_used(&key, Default::default(), &fed.spec.istio.namespace);
         return Ok(Action::await_change());
     }
     let status =

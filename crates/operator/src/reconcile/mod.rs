@@ -48,7 +48,7 @@ use crate::{
     member::{
         Reached,
         client::{Backoff, ClientPool, member_id},
-        watches::MemberWatches,
+        watches::{self, MemberWatches},
     },
     metrics::{FailureLabels, Metrics},
     trust,
@@ -114,11 +114,13 @@ struct Context {
 }
 
 impl Context {
-    /// Records that `federation` now uses exactly `members` (none once it is gone): what is kept for members no
+    /// Records that `federation` now uses exactly `members` (by id; none once it is gone) with its Istio namespace:
+    /// what is kept for members no
     /// federation uses (their watches, clients) and for members this one no longer uses (their backoff) is released.
-    fn members_used(&self, federation: &str, members: BTreeSet<String>) {
+    fn members_used(&self, federation: &str, members: BTreeSet<String>, istio_namespace: &str) {
         self.backoff.retain(federation, &members);
-        let used = self.watches.used_by(federation, members);
+        let watched = members.iter().map(|m| watches::watched(m, istio_namespace)).collect();
+        let used = self.watches.used_by(federation, watched);
         self.pool.retain(&used);
     }
 }
@@ -363,7 +365,7 @@ async fn finish(
     ctx.metrics.observe_status(&key, &status);
     let namespace = fed.namespace().unwrap_or_default();
     let in_use = status.clusters.iter().filter_map(|c| Some(member_id(&namespace, c.kubeconfig_secret_ref.as_ref()?)));
-    ctx.members_used(&key, in_use.collect());
+    ctx.members_used(&key, in_use.collect(), &fed.spec.istio.namespace);
     timeline.mark("plan_status");
     let said = report::report(fed, ctx, &status, announcements).await?;
     timeline.mark("status");

@@ -44,7 +44,7 @@ pub(super) async fn observe_member(
         }
     };
     let key = fref.to_string();
-    let cache = ctx.watches.ensure(&key, &member.id, &member.version, &member.client);
+    let cache = ctx.watches.ensure(&key, &member.id, &spec.istio.namespace, &member.version, &member.client);
     if let Some((last, reached)) = ctx.backoff.waiting(&key, &member) {
         (report.failure, report.version) = (Some(last), reached);
         return (report, None);
@@ -100,7 +100,7 @@ pub(super) async fn observe_member(
         let (version, identity, observed, nodes, ranges, sail) = futures::join!(
             probe,
             identity,
-            read::observe(&member.client, &cache, &ctx.metrics, fref, name, &by_name),
+            read::observe(&member.client, &cache, &ctx.metrics, fref, name, ns, &by_name),
             nodes,
             ranges,
             sail
