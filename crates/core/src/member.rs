@@ -90,37 +90,12 @@ impl Desired {
 /// Whether `observed` already holds everything in `desired` (a JSON subset: objects by key, lists item by item), so
 /// that applying `desired` would change nothing and can be skipped.
 pub fn holds(observed: &serde_json::Value, desired: &serde_json::Value) -> bool {
-    holds_but_absent(observed, desired, false)
-}
-
-/// [`holds`], where a key of `desired` that `observed` lacks counts as held when `absent_held`.
-fn holds_but_absent(observed: &Value, desired: &Value, absent_held: bool) -> bool {
     use serde_json::Value::{Array, Object};
     match (desired, observed) {
-        (Object(d), Object(o)) => d.iter().all(|(k, dv)| match o.get(k) {
-            Some(ov) => holds_but_absent(ov, dv, absent_held),
-            None => absent_held,
-        }),
-        (Array(d), Array(o)) => {
-            d.len() == o.len() && d.iter().zip(o).all(|(dv, ov)| holds_but_absent(ov, dv, absent_held))
-        }
+        (Object(d), Object(o)) => d.iter().all(|(k, dv)| o.get(k).is_some_and(|ov| holds(ov, dv))),
+        (Array(d), Array(o)) => d.len() == o.len() && d.iter().zip(o).all(|(dv, ov)| holds(ov, dv)),
         (d, o) => d == o,
     }
-}
-
-/// Whether the member's object `observed` holds `desired`. A key of an `Istio`'s `spec.values` set to null (in the
-/// user's `values`) is not kept by the API server (a key the Sail schema does not know is refused, and reported), so
-/// there a key the member's object lacks counts as held when meshfed applied this very body last (its
-/// [`ANNOTATION_APPLIED`] digest): otherwise such a key would be applied again at every reconcile. A value that
-/// differs is drift everywhere, and so is a key missing anywhere else (a removed label).
-fn holds_applied(observed: &Value, desired: &Desired) -> bool {
-    let applied = |v: &Value| v["metadata"]["annotations"][ANNOTATION_APPLIED].as_str().map(String::from);
-    if desired.key.kind != ISTIO || applied(observed).is_none() || applied(observed) != applied(&desired.body) {
-        return holds(observed, &desired.body);
-    }
-    let mut rest = desired.body.clone();
-    let values = rest["spec"].as_object_mut().and_then(|spec| spec.remove("values"));
-    holds(observed, &rest) && values.is_none_or(|v| holds_but_absent(&observed["spec"]["values"], &v, true))
 }
 
 /// On every object meshfed applies: a digest of what it applied (all but `data`). An apply leaves the fields it no
@@ -446,7 +421,7 @@ pub fn write_for(fref: &FederationRef, observed: Option<&Value>, desired: &Desir
             || desired.exact_data && keys(o).unwrap_or_default() != keys(&desired.body).unwrap_or_default()
         {
             Write::Recreate
-        } else if holds_applied(o, desired) {
+        } else if holds(o, &desired.body) {
             Write::Nothing
         } else {
             Write::Apply
@@ -510,30 +485,6 @@ mod tests {
         assert!(!holds(&observed, &serde_json::json!({"metadata": {"labels": {"x": "2"}}})));
         assert!(!holds(&observed, &serde_json::json!({"metadata": {"labels": {"z": "1"}}})));
         assert!(!holds(&observed, &serde_json::json!({"spec": {"l": [1]}})));
-    }
-
-    #[test]
-    fn values_the_api_server_drops_are_not_applied_again_but_drift_still_is() {
-        let istio = |values: Value| {
-            let body = json!({"metadata": {"name": "default", "labels": {"x": "1"}}, "spec": {"namespace": "istio-system", "values": values}});
-            Desired::dynamic(ISTIO, body)
-        };
-        let desired = istio(json!({"pilot": {"env": {"A": "1"}}, "global": {"proxy": null, "logAsJson": null}}));
-        // What the member holds after that apply: the keys set to null gone.
-        let mut served = desired.body.clone();
-        served["spec"]["values"] = json!({"pilot": {"env": {"A": "1"}}, "global": {}});
-        assert_eq!(write_for(&fed(), Some(&served), &desired), Ok(Write::Nothing), "steady: nothing to write");
-        // Drift in the values, or a label removed, is still put right.
-        let mut changed = served.clone();
-        changed["spec"]["values"]["pilot"]["env"]["A"] = "2".into();
-        assert_eq!(write_for(&fed(), Some(&changed), &desired), Ok(Write::Apply));
-        let mut unlabelled = served.clone();
-        unlabelled["metadata"]["labels"] = json!({});
-        assert_eq!(write_for(&fed(), Some(&unlabelled), &desired), Ok(Write::Apply));
-        // A body meshfed did not apply last (a new key in the plan) is applied.
-        let next =
-            istio(json!({"pilot": {"env": {"A": "1", "B": "2"}, "notASailValue": 1}, "global": {"proxy": null}}));
-        assert_eq!(write_for(&fed(), Some(&served), &next), Ok(Write::Apply));
     }
 
     use crate::federation::{LABEL_CLUSTER, MANAGED_BY};
