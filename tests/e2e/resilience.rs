@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use k8s_openapi::api::core::v1::Secret;
-use kube::{Api, api::DynamicObject};
+use kube::{Api, ResourceExt, api::DynamicObject};
 use meshfed_core::kinds::ISTIO;
 use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready, until};
 use meshfed_operator::{member::kinds::api_resource, metrics::Metrics};
@@ -195,5 +195,48 @@ async fn a_member_renamed_in_the_spec_is_relabelled_and_never_torn_down() -> Res
     assert!(!secrets.list(&lp("east1")).await?.items.is_empty());
     let claim = Api::<k8s_openapi::api::core::v1::ConfigMap>::namespaced(east, "kube-system");
     assert_eq!(claim.list(&lp("east1")).await?.items.len(), 1, "the claim names east1");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kubeconfig_secret_pointed_at_another_cluster_is_refused_and_nothing_is_orphaned() -> Result<()> {
+    let f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
+    f.apply(&example("multi-primary-multi-network")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    let east = f.member("east").await?;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(east.clone());
+    let east_uid = namespaces.get("kube-system").await?.metadata.uid;
+    let status = fed.status.as_ref().unwrap().clusters.iter().find(|c| c.name == "east").unwrap().clone();
+    assert_eq!(status.cluster_uid, east_uid, "the status records the cluster's identity");
+    let istios = Api::<DynamicObject>::all_with(east.clone(), &api_resource(&ISTIO));
+    let before = istios.get("default").await?.metadata.resource_version;
+
+    // East's Secret is edited to reach north: refused there, nothing written in north, east left as it was.
+    let secrets: Api<Secret> = Api::namespaced(f.hub.clone(), NAMESPACE);
+    let original = secrets.get("east-kubeconfig").await?.data.unwrap()["kubeconfig"].0.clone();
+    meshfed_e2e::put_kubeconfig(&f.hub, "east", f.env.cluster("north").kubeconfig()).await?;
+    let changed = |fed: &meshfed_api::MeshFederation| {
+        fed_condition(fed, "MembersConverged").is_some_and(|c| {
+            c.reason == "ClusterChanged" && c.message.starts_with("east: kubeconfig Secret east-kubeconfig")
+        })
+    };
+    let fed = f.wait_for("prod", WAIT, changed).await?;
+    let status = fed.status.as_ref().unwrap().clusters.iter().find(|c| c.name == "east").unwrap().clone();
+    assert_eq!(status.cluster_uid, east_uid, "the identity it was known as is kept");
+    let north = f.member("north").await?;
+    let claims: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(north.clone(), "kube-system");
+    assert!(claims.get_opt("meshfed-claim.istio-system").await?.is_none(), "north was claimed");
+    let north_namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(north);
+    assert!(
+        north_namespaces
+            .get_opt("istio-system")
+            .await?
+            .is_none_or(|n| !n.labels().contains_key("meshfed.io/federation"))
+    );
+    assert_eq!(istios.get("default").await?.metadata.resource_version, before, "east was not touched");
+
+    // Pointed back: east is the member again.
+    meshfed_e2e::put_kubeconfig(&f.hub, "east", std::str::from_utf8(&original)?).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
     Ok(())
 }

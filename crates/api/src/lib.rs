@@ -432,6 +432,10 @@ pub struct ClusterStatus {
     pub name: String,
     /// Whether the hub reached the cluster's API server at the last reconcile.
     pub reachable: bool,
+    /// The cluster's identity: the UID of its `kube-system` namespace. A kubeconfig Secret that later reaches a
+    /// cluster with another UID is refused (`ClusterChanged`), so that what meshfed wrote in the first is not orphaned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_uid: Option<String>,
     /// The cluster's Kubernetes version, for example `v1.34.2`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kubernetes_version: Option<String>,

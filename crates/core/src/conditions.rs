@@ -86,6 +86,7 @@ impl Reason {
                 | DuplicateCluster
                 | OwnedByAnotherFederation
                 | IstioVersionNotAccepted
+                | ClusterChanged
                 | RootSourceMissing
                 | RootSecretMissing
                 | RootSecretIncomplete
@@ -149,6 +150,7 @@ names! {
         DuplicateCluster,
         OwnedByAnotherFederation,
         IstioVersionNotAccepted,
+        ClusterChanged,
         CleanupPending,
         // Trust
         RootRotationInProgress,

@@ -72,6 +72,23 @@ pub fn refuse_duplicates(reports: &mut [MemberReport]) -> BTreeSet<String> {
     refused
 }
 
+/// Whether a member's kubeconfig Secret still reaches the cluster the status knows it as (`known_as`: the UID of its
+/// `kube-system` namespace, `now`: the one it reaches). A Secret edited to reach another cluster is refused before
+/// anything is written there: converging the new cluster under the old name would orphan everything meshfed wrote in
+/// the first one, which it could then no longer reach to clean up.
+pub fn same_cluster(known_as: Option<&str>, now: Option<&str>, secret: &SecretKeyRef) -> Result<(), Failure> {
+    match (known_as, now) {
+        (Some(was), Some(now)) if was != now => Err(Failure::new(
+            Reason::ClusterChanged,
+            format!(
+                "kubeconfig Secret {} now reaches another cluster (kube-system UID {now}, was {was}); meshfed writes nothing there. What it wrote in the first cluster stays: point the Secret back to keep it, or to move this member, first remove it from the spec with the Secret pointing back (which cleans the first cluster up) or release it (meshfed.io/release-clusters), then add it again",
+                secret.name
+            ),
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// The members that hold an intermediate CA labelled for this federation: asked when the federation has no root
 /// yet, which is minted only when none does (a root that is gone while members still trust it is reported, never
 /// replaced behind the user's back). From a root the user brought to a generated one the members move by a
@@ -181,21 +198,9 @@ pub fn member_plan(
     let serving;
     let spec = match spec.clusters.iter().position(|c| c.role == ClusterRole::Remote) {
         Some(remote) if wave.held_over.contains(&cluster.name) => {
-            serving = MeshFederationSpec {
-                clusters: spec
-                    .clusters
-                    .iter()
-                    .cloned()
-                    .enumerate()
-                    .map(|(i, mut c)| {
-                        if i == remote {
-                            c.control_plane = Some(cluster.name.clone());
-                        }
-                        c
-                    })
-                    .collect(),
-                ..spec.clone()
-            };
+            let mut still = spec.clone();
+            still.clusters[remote].control_plane = Some(cluster.name.clone());
+            serving = still;
             &serving
         }
         _ => spec,
@@ -869,6 +874,20 @@ mod tests {
         // West points at north: east is let go.
         observed.insert("west".into(), held(vec![istio(serde_json::json!({"remotePilotAddress": "192.0.2.9"}))]));
         assert!(held_over(&s, &observed, &gateways).is_empty());
+    }
+
+    #[test]
+    fn a_kubeconfig_secret_that_reaches_another_cluster_is_refused() {
+        let secret = SecretKeyRef { name: "east-kubeconfig".into(), key: "kubeconfig".into() };
+        assert_eq!(same_cluster(Some("uid-1"), Some("uid-1"), &secret), Ok(()));
+        assert_eq!(same_cluster(None, Some("uid-2"), &secret), Ok(()), "first contact: nothing known yet");
+        let moved = same_cluster(Some("uid-1"), Some("uid-2"), &secret).unwrap_err();
+        assert_eq!(moved.reason, Reason::ClusterChanged);
+        assert!(
+            moved.message.contains("east-kubeconfig")
+                && moved.message.contains("uid-2")
+                && moved.message.contains("was uid-1")
+        );
     }
 
     #[test]

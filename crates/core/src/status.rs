@@ -507,6 +507,7 @@ fn member_status(
     ClusterStatus {
         name: m.name.clone(),
         reachable: reached,
+        cluster_uid: m.identity.clone().or_else(|| previous.and_then(|p| p.cluster_uid.clone())),
         kubernetes_version: m.version.clone().or_else(|| previous.and_then(|p| p.kubernetes_version.clone())),
         last_seen: if reached { Some(now.to_string()) } else { previous.and_then(|p| p.last_seen.clone()) },
         last_error: m.failure.as_ref().map(|f| f.message.clone()),

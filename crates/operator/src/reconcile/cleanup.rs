@@ -59,7 +59,7 @@ pub(super) async fn leave(
     staying: &[MemberReport],
 ) -> MemberReport {
     let fref = federation_ref(fed);
-    let (mut report, reached) = observe_member(ctx, &fref, &fed.spec, &name, &secret, false).await;
+    let (mut report, reached) = observe_member(ctx, &fref, &fed.spec, &name, &secret, false, None).await;
     if let Some(Reached { member, cache, seen }) = reached {
         match plan::leave(&fref, &ctx.hub_id, &fed.spec, &report, &seen, staying) {
             Leave::Clean => {

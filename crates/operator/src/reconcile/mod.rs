@@ -261,8 +261,10 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
             return finish(fed, ctx, timeline, status, Verdict::Invalid, None, &[], Vec::new()).await;
         }
     };
-    let staying =
-        spec.clusters.iter().map(|c| observe_member(ctx, &fref, spec, &c.name, &c.kubeconfig_secret_ref, true));
+    let staying = spec.clusters.iter().map(|c| {
+        let known_as = previous.and_then(|p| p.clusters.iter().find(|s| s.name == c.name)?.cluster_uid.as_deref());
+        observe_member(ctx, &fref, spec, &c.name, &c.kubeconfig_secret_ref, true, known_as)
+    });
     let (root, staying) = futures::join!(trust::root(&ctx.hub, &fref, fed, &valid.durations, now), join_all(staying));
     let (mut reports, reached): (Vec<_>, Vec<_>) = staying.into_iter().unzip();
     // Members that left the spec are cleaned up once the staying ones are known: one may be the same cluster renamed.

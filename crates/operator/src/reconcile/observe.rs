@@ -11,7 +11,7 @@ use meshfed_core::{
     conditions::Reason,
     federation::{Failure, FederationRef},
     kinds,
-    plan::Observation,
+    plan::{self, Observation},
     status::MemberReport,
     topology, versions,
 };
@@ -24,7 +24,8 @@ use crate::member::{
 };
 
 /// Reaches member `name` through its kubeconfig `secret` within the member deadline: its version and identity,
-/// then (when `take_claim`) its claim, and what it holds of the federation. Failures land in the report.
+/// then (when `take_claim`) its claim, and what it holds of the federation. `known_as`: the identity the status
+/// last recorded for it. Failures land in the report.
 pub(super) async fn observe_member(
     ctx: &Context,
     fref: &FederationRef,
@@ -32,6 +33,7 @@ pub(super) async fn observe_member(
     name: &str,
     secret: &SecretKeyRef,
     take_claim: bool,
+    known_as: Option<&str>,
 ) -> (MemberReport, Option<Reached>) {
     let mut report = MemberReport::new(name, secret, !take_claim);
     let timeout = ctx.settings.member_timeout;
@@ -107,7 +109,10 @@ pub(super) async fn observe_member(
         );
         // The probe's failure says best what is wrong with a member that does not answer.
         report.version = Some(version?.git_version);
-        report.identity = identity?.metadata.uid;
+        let identity = identity?.metadata.uid;
+        // A Secret that now reaches another cluster is refused before anything, the claim too, is written there.
+        plan::same_cluster(known_as, identity.as_deref(), secret)?;
+        report.identity = identity;
         let ((mut held, unserved), nodes, sail) = (observed?, nodes?, sail?);
         if take_claim {
             // A version its Sail operator does not install is refused before anything, the claim too, is written.
