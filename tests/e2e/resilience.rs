@@ -215,6 +215,8 @@ async fn a_kubeconfig_secret_pointed_at_another_cluster_is_refused_and_nothing_i
     let secrets: Api<Secret> = Api::namespaced(f.hub.clone(), NAMESPACE);
     let original = secrets.get("east-kubeconfig").await?.data.unwrap()["kubeconfig"].0.clone();
     meshfed_e2e::put_kubeconfig(&f.hub, "east", f.env.cluster("north").kubeconfig()).await?;
+    // Found at the next reconcile (a ready federation's resync; poked here).
+    f.poke("prod").await?;
     let changed = |fed: &meshfed_api::MeshFederation| {
         fed_condition(fed, "MembersConverged").is_some_and(|c| {
             c.reason == "ClusterChanged" && c.message.starts_with("east: kubeconfig Secret east-kubeconfig")
@@ -237,6 +239,7 @@ async fn a_kubeconfig_secret_pointed_at_another_cluster_is_refused_and_nothing_i
 
     // Pointed back: east is the member again.
     meshfed_e2e::put_kubeconfig(&f.hub, "east", std::str::from_utf8(&original)?).await?;
+    f.poke("prod").await?;
     f.wait_for("prod", WAIT, is_ready).await?;
     Ok(())
 }
