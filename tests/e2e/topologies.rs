@@ -388,6 +388,11 @@ async fn a_remote_that_changes_primary_keeps_its_old_one_until_it_points_at_the_
         assert_eq!(pilot().await?, json!(east_address), "sample {n}: west no longer points at east");
         assert!(east_services.get_opt("istio-eastwestgateway").await?.is_some(), "sample {n}: east's gateway is gone");
         assert_eq!(istio(&east).await?["spec"]["values"]["global"]["externalIstiod"], true, "sample {n}");
+        // And east's gateway is reported for what it is: dialled at its address.
+        let fed = f.federations().get("prod").await?;
+        let east_status = fed.status.as_ref().and_then(|s| s.clusters.iter().find(|c| c.name == "east").cloned());
+        let gateway = east_status.as_ref().and_then(|c| condition(&c.conditions, "GatewaysReady").cloned());
+        assert!(gateway.as_ref().is_none_or(|c| c.status == "True"), "sample {n}: east's gateway reported {gateway:?}");
         Ok(elapsed > Duration::from_secs(5))
     })
     .await?;

@@ -141,10 +141,13 @@ pub fn trust_plan<'r>(
 /// Service and nodes), or, for a member not observed in this reconcile (unreachable, refused, or backing off), the
 /// address it last showed (kept in its status). What meshfed writes into one member (a Primary's `meshNetworks`, a
 /// Remote's `remotePilotAddress`) never changes because another member could not be reached.
+/// `held_over`: Primaries that go on serving a Remote the spec moved away from them ([`held_over`]): their gateway
+/// counts too.
 pub fn gateways(
     spec: &MeshFederationSpec,
     observed: &BTreeMap<String, Observation>,
     previous: Option<&MeshFederationStatus>,
+    held_over: &BTreeSet<String>,
 ) -> BTreeMap<String, Result<GatewayAddress, Failure>> {
     let key = kinds::ObjectKey {
         kind: kinds::SERVICE,
@@ -158,7 +161,7 @@ pub fn gateways(
     };
     spec.clusters
         .iter()
-        .filter(|c| topology::needs_gateway(spec, c))
+        .filter(|c| topology::needs_gateway(spec, c) || held_over.contains(&c.name))
         .filter_map(|c| {
             let state = match observed.get(&c.name) {
                 Some(o) => gateway::gateway_address(c, typed::<Service>(&o.held, &key).as_ref(), &o.nodes),
@@ -261,6 +264,17 @@ pub fn held_over(
         })
         .map(|p| p.name.clone())
         .collect()
+}
+
+/// The gateways of a wave and the Primaries held over for a Remote that moves ([`held_over`], decided on the
+/// gateways the spec asks for), whose gateways then count too.
+pub fn gateways_and_held_over(
+    spec: &MeshFederationSpec,
+    observed: &BTreeMap<String, Observation>,
+    previous: Option<&MeshFederationStatus>,
+) -> (BTreeMap<String, Result<GatewayAddress, Failure>>, BTreeSet<String>) {
+    let held = held_over(spec, observed, &gateways(spec, observed, previous, &BTreeSet::new()));
+    (gateways(spec, observed, previous, &held), held)
 }
 
 /// How long an istiod restart that meshfed asked for holds back the restart of another Primary's istiod: at least
@@ -635,7 +649,7 @@ mod tests {
         let previous = status_with_gateway("west", "192.0.2.20", 15443);
         // Only east answered this time.
         let observed = BTreeMap::from([("east".to_string(), Observation::default())]);
-        let gateways = gateways(&s, &observed, Some(&previous));
+        let gateways = gateways(&s, &observed, Some(&previous), &BTreeSet::new());
         assert_eq!(gateways["west"], Ok(GatewayAddress { addresses: vec!["192.0.2.20".into()], port: 15443 }));
         // So east's `Istio` keeps west's network in `meshNetworks`.
         let wave = Wave { tokens: None, gateways: &gateways, restarts: &BTreeMap::new(), held_over: &BTreeSet::new() };
@@ -646,7 +660,7 @@ mod tests {
             if networks.is_null() { &istio.body["spec"]["values"]["global"]["meshNetworks"] } else { networks };
         assert!(networks.to_string().contains("192.0.2.20"), "west's gateway stays in east's meshNetworks: {networks}");
         // Without a last known address, a member not reached is not invented.
-        assert!(!super::gateways(&s, &observed, None).contains_key("west"));
+        assert!(!super::gateways(&s, &observed, None, &BTreeSet::new()).contains_key("west"));
     }
 
     /// Three Primaries on one network, each holding a remote secret with token `t1` for every other, its `Istio`

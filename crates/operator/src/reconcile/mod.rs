@@ -316,9 +316,8 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
         r.intermediate = cacerts.get(&r.name).map(|c| c.as_ref().map(|(_, s)| s.clone()).map_err(Clone::clone));
     }
     timeline.mark("trust");
-    let gateways = plan::gateways(spec, &observed, previous);
+    let (gateways, held_over) = plan::gateways_and_held_over(spec, &observed, previous);
     let restarts = plan::istiod_restarts(&fref, spec, &observed, &reports, None, previous, now);
-    let held_over = plan::held_over(spec, &observed, &gateways);
     let shared = plan::Wave { tokens: None, gateways: &gateways, restarts: &restarts.markers, held_over: &held_over };
     let first = apply::wave(ctx, &fref, spec, &mut reached, &cacerts, shared).await;
     timeline.mark("first_wave");
@@ -330,9 +329,8 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     reached.retain(|name, _| !failed.contains(name));
     // The first wave may have made or replaced a gateway Service: its address as it is now.
     observed.extend(seen(&reached));
-    let gateways = plan::gateways(spec, &observed, previous);
+    let (gateways, held_over) = plan::gateways_and_held_over(spec, &observed, previous);
     let restarts = plan::istiod_restarts(&fref, spec, &observed, &reports, Some(&tokens), previous, now);
-    let held_over = plan::held_over(spec, &observed, &gateways);
     let (restarts_of, held) = (&restarts.markers, &held_over);
     let shared = plan::Wave { tokens: Some(&tokens), gateways: &gateways, restarts: restarts_of, held_over: held };
     let second = apply::wave(ctx, &fref, spec, &mut reached, &cacerts, shared).await;
