@@ -116,8 +116,10 @@ pub fn restart_after_remote_secret_change(version: Option<IstioVersion>) -> bool
 
 /// The issues of the defects a Primary on `version` has with meshfed's token refresh, as `istio/istio#1, #2`.
 pub fn remote_secret_defects(version: Option<IstioVersion>) -> String {
-    let issues: Vec<&str> = defects(version, Trigger::RemoteSecretUpdate).map(|d| d.issue).collect();
-    issues.join(", ").replace(", istio/istio", ", ")
+    let issues = defects(version, Trigger::RemoteSecretUpdate).enumerate();
+    let issues: Vec<&str> =
+        issues.map(|(i, d)| if i == 0 { d.issue } else { d.issue.trim_start_matches("istio/istio") }).collect();
+    issues.join(", ")
 }
 
 /// What a member's Sail operator accepts: the `spec.version` enum of its `Istio` CRD, and the default it fills in.

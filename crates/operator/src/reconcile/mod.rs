@@ -331,8 +331,8 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     observed.extend(seen(&reached));
     let (gateways, held_over) = plan::gateways_and_held_over(spec, &observed, previous);
     let restarts = plan::istiod_restarts(&fref, spec, &observed, &reports, Some(&tokens), previous, now);
-    let (restarts_of, held) = (&restarts.markers, &held_over);
-    let shared = plan::Wave { tokens: Some(&tokens), gateways: &gateways, restarts: restarts_of, held_over: held };
+    let shared =
+        plan::Wave { tokens: Some(&tokens), gateways: &gateways, restarts: &restarts.markers, held_over: &held_over };
     let second = apply::wave(ctx, &fref, spec, &mut reached, &cacerts, shared).await;
     timeline.mark("second_wave");
     apply::record(ctx, &fref, &mut reports, &reached, second);
