@@ -58,6 +58,48 @@ pub struct MeshFederationSpec {
     #[x_kube(validation = Rule::new("self.exists(c, c.role == 'Primary')").message("at least one cluster must be a Primary"))]
     #[schemars(length(max = 100))]
     pub clusters: Vec<ClusterSpec>,
+
+    /// What meshfed does with an object it would write in a member that is already there and that it did not
+    /// create (a mesh built by hand or with `istioctl`: `cacerts`, remote secrets, the `Istio`, the east-west
+    /// gateway). `Report` (the default): the object is left alone, the member reports `ObjectNotOwned` naming it, and
+    /// nothing is written to that member. `Adopt`: meshfed takes such objects over: it labels them for this
+    /// federation, marks them `meshfed.io/adopted`, converges them to the plan and names what it changed in an
+    /// `Adopted` Event; from then on they are meshfed's (see `deletionPolicy`). A `cacerts` is kept when its
+    /// intermediate is valid under the federation's root, else reissued from it. The Istio namespace is labelled,
+    /// never adopted: it is deleted only if meshfed created it. Run `meshfed check` first: it lists what adoption
+    /// would take over and change.
+    #[serde(default)]
+    pub existing_objects: ExistingObjects,
+
+    /// What deleting the federation, or removing a cluster from `clusters`, does in that member. `Delete` (the
+    /// default): everything meshfed created or adopted there is deleted (the control plane with it); the Istio
+    /// namespace only if meshfed created it. `Orphan`: the member is let go as it runs: meshfed removes its labels
+    /// and annotations and gives back its claim, and every object (`cacerts`, remote secrets, the gateway, the
+    /// `Istio` and its istiod) stays exactly as it is; the remote secrets' tokens are no longer refreshed and expire
+    /// after `remoteAccess.tokenTTL`. On deletion, a generated root's Secret is kept in the hub too (no longer owned
+    /// by the federation), so that a new federation can bring it as `trust.root.secretRef` and adopt the mesh.
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+/// What meshfed does with an object it would write that it did not create.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ExistingObjects {
+    /// Leave it alone and report it (`ObjectNotOwned`); nothing is written to that member.
+    #[default]
+    Report,
+    /// Take it over: label it for the federation and converge it to the plan.
+    Adopt,
+}
+
+/// What leaving a member does there.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeletionPolicy {
+    /// Delete what meshfed created or adopted.
+    #[default]
+    Delete,
+    /// Leave everything running; remove only meshfed's labels, annotations and claim.
+    Orphan,
 }
 
 /// How Istio is installed in every member cluster.

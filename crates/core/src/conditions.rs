@@ -85,6 +85,7 @@ impl Reason {
                 | ClusterClaimed
                 | DuplicateCluster
                 | OwnedByAnotherFederation
+                | ObjectNotOwned
                 | IstioVersionNotAccepted
                 | ClusterChanged
                 | RootSourceMissing
@@ -149,6 +150,7 @@ names! {
         ClusterClaimed,
         DuplicateCluster,
         OwnedByAnotherFederation,
+        ObjectNotOwned,
         IstioVersionNotAccepted,
         ClusterChanged,
         CleanupPending,
@@ -204,6 +206,8 @@ names! {
         RootRotation,
         RootRotated,
         IstiodRestarted,
+        Adopted,
+        ClusterOrphaned,
     }
 }
 

@@ -20,6 +20,8 @@ pub const LABEL_FEDERATION_NAMESPACE: &str = "meshfed.io/federation-namespace";
 pub const LABEL_CLUSTER: &str = "meshfed.io/cluster";
 /// On a namespace that meshfed created (rather than found), so that cleanup deletes it only then.
 pub const ANNOTATION_CREATED: &str = "meshfed.io/created-namespace";
+/// On an object in a member that meshfed took over (`existingObjects: Adopt`) rather than created.
+pub const ANNOTATION_ADOPTED: &str = "meshfed.io/adopted";
 /// On a federation: the clusters (comma-separated names) that cleanup may let go of without cleaning them, for a
 /// member that is gone for good while it still holds objects of the federation.
 pub const RELEASE_ANNOTATION: &str = "meshfed.io/release-clusters";

@@ -20,8 +20,8 @@ use crate::{
     conditions::Reason,
     control_plane,
     federation::{
-        ANNOTATION_CREATED, Failure, FederationRef, LABEL_CLUSTER, LABEL_FEDERATION, LABEL_FEDERATION_NAMESPACE,
-        created_by_meshfed,
+        ANNOTATION_ADOPTED, ANNOTATION_CREATED, Failure, FederationRef, LABEL_CLUSTER, LABEL_FEDERATION,
+        LABEL_FEDERATION_NAMESPACE, created_by_meshfed,
     },
     gateway::{self, GatewayAddress},
     istio::{self, NETWORK_LABEL},
@@ -272,7 +272,7 @@ pub fn member_plan(
         plan.objects.push(Desired::of(&gw.role));
         plan.objects.push(Desired::of(&gw.role_binding));
         plan.objects.push(Desired::of(&gw.service).recreate_on(&["/spec/type"]));
-        plan.objects.push(Desired::of(&gw.deployment));
+        plan.objects.push(Desired::of(&gw.deployment).recreate_on(&["/spec/selector"]));
         plan.objects.push(Desired::of(&gw.disruption_budget));
         let mut state = facts.gateways.get(&cluster.name).cloned().unwrap_or_else(|| {
             Err(Failure::new(Reason::AwaitingGatewayService, "the gateway Service is not there yet"))
@@ -397,22 +397,24 @@ pub enum Write {
     Recreate,
 }
 
-/// An object that meshfed would have to change but that belongs to another federation.
+/// An object that meshfed would have to change but that is not this federation's: another federation's (`owner`),
+/// or one that meshfed did not create and was not asked to adopt (`owner` is `None`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Foreign {
-    pub owner: String,
+    pub owner: Option<String>,
 }
 
 /// What to do about `desired` given the member's object of the same key as it is now (`observed`, as JSON).
-/// An object labelled for another federation is never touched.
+/// An object labelled for another federation is never touched, nor one no federation labelled unless the plan
+/// adopts it ([`mark_adopted`]); the Istio namespace is labelled whoever made it.
 pub fn write_for(fref: &FederationRef, observed: Option<&Value>, desired: &Desired) -> Result<Write, Foreign> {
     let Some(o) = observed else { return Ok(Write::Apply) };
-    let labels = &o["metadata"]["labels"];
-    let (name, namespace) = (labels[LABEL_FEDERATION].as_str(), labels[LABEL_FEDERATION_NAMESPACE].as_str());
-    if let (Some(name), Some(namespace)) = (name, namespace)
-        && !fref.is_labelled(namespace, name)
-    {
-        return Err(Foreign { owner: format!("{namespace}/{name}") });
+    match owner(o) {
+        Some((namespace, name)) if !fref.is_labelled(namespace, name) => {
+            return Err(Foreign { owner: Some(format!("{namespace}/{name}")) });
+        }
+        None if desired.key.kind != NAMESPACE && !adopted(&desired.body) => return Err(Foreign { owner: None }),
+        _ => {}
     }
     let keys = |v: &Value| v.get("data").and_then(Value::as_object).map(|d| d.keys().cloned().collect::<Vec<_>>());
     let immutable_changed = desired.recreate_on.iter().any(|p| o.pointer(p) != desired.body.pointer(p));
@@ -429,12 +431,101 @@ pub fn write_for(fref: &FederationRef, observed: Option<&Value>, desired: &Desir
     )
 }
 
+/// The federation (namespace and name label) an object (as JSON) is labelled for; `None` when no federation's.
+fn owner(object: &Value) -> Option<(&str, &str)> {
+    let labels = &object["metadata"]["labels"];
+    labels[LABEL_FEDERATION_NAMESPACE].as_str().zip(labels[LABEL_FEDERATION].as_str())
+}
+
+/// Whether writing `desired` over `observed` takes over an object no federation labelled (one the plan adopts).
+pub fn adopts(observed: Option<&Value>, desired: &Desired) -> bool {
+    desired.key.kind != NAMESPACE && observed.is_some_and(|o| owner(o).is_none())
+}
+
+/// Whether an object (as JSON) carries [`ANNOTATION_ADOPTED`].
+fn adopted(object: &Value) -> bool {
+    object["metadata"]["annotations"][ANNOTATION_ADOPTED] == "true"
+}
+
+/// Marks adopted the objects of `plan` that meshfed takes over: with `adopt` (`existingObjects: Adopt`), every one the
+/// member holds that no federation labelled; and, whatever `adopt` says, every one meshfed adopted before and still
+/// holds for `fref`, so that the mark stays. The Istio namespace is labelled, never adopted.
+pub fn mark_adopted(plan: &mut MemberPlan, fref: &FederationRef, held: &Holdings, adopt: bool) {
+    for d in plan.objects.iter_mut().filter(|d| d.key.kind != NAMESPACE) {
+        let Some(o) = held.get(&d.key) else { continue };
+        if adopt && owner(o).is_none() || owner(o).is_some_and(|(ns, name)| fref.is_labelled(ns, name)) && adopted(o) {
+            d.body["metadata"]["annotations"][ANNOTATION_ADOPTED] = "true".into();
+            d.body = stamped(std::mem::take(&mut d.body));
+        }
+    }
+}
+
+/// What taking over `observed` as `desired` changes in it, as JSON pointers (`/spec/values/global/network`), the
+/// metadata left out: every place where `desired` sets something that `observed` does not hold. Names no values
+/// (a Secret's data among them).
+pub fn adoption_changes(observed: &Value, desired: &Value) -> Vec<String> {
+    fn walk(path: &str, observed: Option<&Value>, desired: &Value, out: &mut Vec<String>) {
+        match (desired, observed) {
+            (Value::Object(d), Some(Value::Object(o))) => {
+                for (k, dv) in d {
+                    let at = format!("{path}/{}", k.replace('~', "~0").replace('/', "~1"));
+                    walk(&at, o.get(k), dv, out);
+                }
+            }
+            (d, o) if o == Some(d) => {}
+            _ => out.push(path.to_string()),
+        }
+    }
+    let mut out = Vec::new();
+    if let (Value::Object(d), Some(o)) = (desired, Some(observed)) {
+        for (k, dv) in d.iter().filter(|(k, _)| !["metadata", "apiVersion", "kind"].contains(&k.as_str())) {
+            walk(&format!("/{k}"), o.get(k), dv, &mut out);
+        }
+    }
+    out
+}
+
+/// Letting a member go as it runs (`deletionPolicy: Orphan`): for every object it holds that meshfed labelled for
+/// `fref` and `cluster`, a merge patch that removes meshfed's labels and annotations and nothing else; the claim,
+/// meshfed's own record, is deleted ([`Prune::Delete`]). Nothing that runs is changed.
+pub fn to_release<'a>(
+    fref: &FederationRef,
+    cluster: &str,
+    owned: impl IntoIterator<Item = (&'a ObjectKey, &'a Value)>,
+) -> Vec<Prune> {
+    let labels: BTreeMap<String, Value> = fref.owned_labels(cluster).into_keys().map(|k| (k, Value::Null)).collect();
+    let annotations: BTreeMap<&str, Value> =
+        [ANNOTATION_APPLIED, ANNOTATION_CREATED, ANNOTATION_ADOPTED].map(|a| (a, Value::Null)).into();
+    let patch = json!({"metadata": {"labels": labels, "annotations": annotations}});
+    // The only ConfigMap meshfed writes is the claim.
+    let mut out: Vec<Prune> = owned
+        .into_iter()
+        .filter(|(_, v)| labelled_for(v, fref, cluster) && v["metadata"]["deletionTimestamp"].is_null())
+        .map(|(k, _)| match k.kind {
+            CONFIG_MAP => Prune::Delete(k.clone()),
+            _ => Prune::Unlabel(k.clone(), patch.clone()),
+        })
+        .collect();
+    out.sort_by_key(|p| std::cmp::Reverse(kind_order(&p.key().kind)));
+    out
+}
+
 /// What prune does to an object meshfed labelled for this federation and cluster that the plan does not want.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Prune {
     Delete(ObjectKey),
     /// A namespace meshfed did not create: give back only what meshfed set on it (an apply of nothing).
     Release(ObjectKey, Value),
+    /// An object let go as it runs: only meshfed's labels and annotations removed (this merge patch).
+    Unlabel(ObjectKey, Value),
+}
+
+impl Prune {
+    pub fn key(&self) -> &ObjectKey {
+        match self {
+            Self::Delete(k) | Self::Release(k, _) | Self::Unlabel(k, _) => k,
+        }
+    }
 }
 
 /// Of the objects a member holds that meshfed labelled for `fref` and `cluster` (`owned`: key and JSON), what to
@@ -674,7 +765,95 @@ mod tests {
         assert_eq!(write_for(&fed(), Some(&observed), sa), Ok(Write::Nothing));
         assert_eq!(write_for(&fed(), None, sa), Ok(Write::Apply));
         observed["metadata"]["labels"][LABEL_FEDERATION] = "other".into();
-        assert_eq!(write_for(&fed(), Some(&observed), sa), Err(Foreign { owner: "mesh-system/other".into() }));
+        assert_eq!(write_for(&fed(), Some(&observed), sa), Err(Foreign { owner: Some("mesh-system/other".into()) }));
+    }
+
+    /// A plan as `member_plan` makes it for east, and the member holding `held` by key.
+    fn planned_over(held: &[(&ObjectKey, Value)]) -> (MemberPlan, Holdings) {
+        let s = spec();
+        let plan = member_plan(&fed(), "hub", &s, &s.clusters[0], MemberFacts::default());
+        (plan, held.iter().map(|(k, v)| ((*k).clone(), std::sync::Arc::new(v.clone()))).collect())
+    }
+
+    #[test]
+    fn an_object_meshfed_did_not_create_is_written_only_when_adopted_and_stays_marked() {
+        let (mut plan, _) = planned_over(&[]);
+        let istio = plan.objects.iter().find(|d| d.key.kind == ISTIO).unwrap().clone();
+        let ns = plan.objects.iter().find(|d| d.key.kind == NAMESPACE).unwrap().clone();
+        // Made by hand: no federation's labels.
+        let hand_made = json!({"metadata": {"name": "default", "labels": {"app": "x"}}, "spec": {"version": "v1.29.0", "namespace": "istio-system"}});
+        assert_eq!(write_for(&fed(), Some(&hand_made), &istio), Err(Foreign { owner: None }));
+        // The Istio namespace is labelled whoever made it.
+        let found_ns = json!({"metadata": {"name": "istio-system"}});
+        assert_eq!(write_for(&fed(), Some(&found_ns), &ns), Ok(Write::Apply));
+        // Not asked to adopt: nothing is marked, so nothing is written.
+        let held = [(&istio.key, hand_made.clone()), (&ns.key, found_ns)];
+        let (_, holdings) = planned_over(&held);
+        mark_adopted(&mut plan, &fed(), &holdings, false);
+        let marked =
+            |p: &MemberPlan| p.objects.iter().filter(|d| adopted(&d.body)).map(|d| d.key.clone()).collect::<Vec<_>>();
+        assert!(marked(&plan).is_empty());
+        // Asked to adopt: the hand-made Istio is marked (never the namespace) and written.
+        mark_adopted(&mut plan, &fed(), &holdings, true);
+        assert_eq!(marked(&plan), std::slice::from_ref(&istio.key));
+        let adopting = plan.objects.iter().find(|d| d.key == istio.key).unwrap();
+        assert_eq!(write_for(&fed(), Some(&hand_made), adopting), Ok(Write::Apply));
+        assert_ne!(adopting.body, istio.body, "the mark changes the applied digest, so it is written");
+        // Once adopted (labelled for us, marked), the mark stays although adoption is no longer asked for.
+        let (mut later, _) = planned_over(&[]);
+        let (_, now_held) = planned_over(&[(&istio.key, adopting.body.clone())]);
+        mark_adopted(&mut later, &fed(), &now_held, false);
+        let again = later.objects.iter().find(|d| d.key == istio.key).unwrap();
+        assert_eq!(again.body, adopting.body);
+        assert_eq!(write_for(&fed(), Some(&adopting.body), again), Ok(Write::Nothing));
+        // A gateway Deployment made with another selector (immutable) is recreated when adopted.
+        let s = spec();
+        let mut plan = member_plan(&fed(), "hub", &s, &s.clusters[0], MemberFacts::default());
+        let deployment = plan.objects.iter().find(|d| d.key.kind == DEPLOYMENT).unwrap().clone();
+        let hand_made = json!({"metadata": {"name": deployment.key.name}, "spec": {"selector": {"matchLabels": {"istio": "eastwestgateway"}}}});
+        let (_, held) = planned_over(&[(&deployment.key, hand_made.clone())]);
+        mark_adopted(&mut plan, &fed(), &held, true);
+        let adopting = plan.objects.iter().find(|d| d.key == deployment.key).unwrap();
+        assert_eq!(write_for(&fed(), Some(&hand_made), adopting), Ok(Write::Recreate));
+        // Another federation's object is never adopted.
+        let mut theirs = istio.body.clone();
+        theirs["metadata"]["labels"][LABEL_FEDERATION] = "other".into();
+        let (mut plan, held) = planned_over(&[(&istio.key, theirs.clone())]);
+        mark_adopted(&mut plan, &fed(), &held, true);
+        assert!(marked(&plan).is_empty());
+    }
+
+    #[test]
+    fn adoption_names_the_places_it_changes_and_no_value() {
+        let observed = json!({"metadata": {"name": "default"}, "spec": {"version": "v1.30.3", "values": {"global": {"network": "net1", "meshID": "m"}}}, "data": {"ca-key.pem": "c2VjcmV0"}});
+        let desired = json!({"apiVersion": "v1", "kind": "X", "metadata": {"name": "default", "labels": {"a": "b"}}, "spec": {"version": "v1.30.3", "values": {"global": {"network": "n1", "meshID": "m", "multiCluster": {"clusterName": "east"}}}}, "data": {"ca-key.pem": "bmV3"}});
+        assert_eq!(
+            adoption_changes(&observed, &desired),
+            ["/data/ca-key.pem", "/spec/values/global/multiCluster", "/spec/values/global/network"]
+        );
+        assert!(adoption_changes(&desired, &desired).is_empty());
+    }
+
+    #[test]
+    fn letting_a_member_go_removes_only_meshfeds_marks_and_gives_the_claim_back() {
+        let s = spec();
+        let plan = member_plan(&fed(), "hub", &s, &s.clusters[0], MemberFacts::default());
+        let mut held: Vec<(ObjectKey, Value)> = plan.objects.iter().map(|d| (d.key.clone(), d.body.clone())).collect();
+        let not_ours = (remote_secret_key("istio-system", "x"), json!({"metadata": {"name": "x"}}));
+        held.push(not_ours.clone());
+        let released = to_release(&fed(), "east", held.iter().map(|(k, v)| (k, v)));
+        // Every object of the plan but the claim is unlabelled, the claim last and deleted; not ours: untouched.
+        assert_eq!(released.len(), plan.objects.len());
+        assert!(released.iter().all(|p| p.key() != &not_ours.0));
+        assert_eq!(released.last(), Some(&Prune::Delete(claim_key("istio-system"))));
+        let Prune::Unlabel(_, patch) = &released[0] else { panic!("{released:?}") };
+        for (k, _) in fed().owned_labels("east") {
+            assert_eq!(patch["metadata"]["labels"][&k], Value::Null, "{k}");
+        }
+        assert!(patch["metadata"]["annotations"].as_object().unwrap().contains_key(ANNOTATION_APPLIED));
+        assert_eq!(patch.as_object().unwrap().keys().collect::<Vec<_>>(), ["metadata"], "nothing but metadata");
+        // The network label stays on the namespace: the mesh runs on.
+        assert!(patch["metadata"]["labels"].get(NETWORK_LABEL).is_none());
     }
 
     #[test]
@@ -791,9 +970,7 @@ mod tests {
             .collect();
         to_prune(&fed(), holder, &plan, observed.iter().map(|(k, v)| (k, v)))
             .into_iter()
-            .map(|p| match p {
-                Prune::Delete(k) | Prune::Release(k, _) => k.to_string(),
-            })
+            .map(|p| p.key().to_string())
             .collect()
     }
 

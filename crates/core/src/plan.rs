@@ -15,7 +15,7 @@ use k8s_openapi::{
     ByteString,
     api::core::v1::{ConfigMap, Namespace, Node, Secret, Service},
 };
-use meshfed_api::{ClusterRole, ClusterSpec, MeshFederationSpec, MeshFederationStatus, SecretKeyRef};
+use meshfed_api::{ClusterRole, ClusterSpec, ExistingObjects, MeshFederationSpec, MeshFederationStatus, SecretKeyRef};
 
 use crate::{
     conditions::Reason,
@@ -224,7 +224,9 @@ pub fn member_plan(
         istio: seen.held.get(&kinds::istio_key(&spec.istio.revision)).map(Arc::as_ref),
         istiod_restart: wave.restarts.get(&cluster.name).map(String::as_str),
     };
-    member::member_plan(fref, hub, spec, cluster, facts)
+    let mut plan = member::member_plan(fref, hub, spec, cluster, facts);
+    member::mark_adopted(&mut plan, fref, &seen.held, spec.existing_objects == ExistingObjects::Adopt);
+    plan
 }
 
 /// Make before break for a Remote whose control plane moves to another Primary: the Primaries that go on serving

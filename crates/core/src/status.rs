@@ -31,6 +31,37 @@ pub fn released(fref: &FederationRef, cluster: &str, kubeconfig: &SecretKeyRef) 
     }
 }
 
+/// The Events for the objects taken over in a reconcile: one per member, naming each object and what taking it over
+/// changed.
+pub fn adopted(reports: &[MemberReport]) -> Vec<Announcement> {
+    reports
+        .iter()
+        .filter(|r| !r.adopted.is_empty())
+        .map(|r| Announcement {
+            warning: false,
+            reason: Reason::Adopted.to_string(),
+            note: event_note(format!("took over in cluster {}: {}", r.name, r.adopted.join("; "))),
+            cluster: Some(r.name.clone()),
+            kubeconfig: Some(r.kubeconfig.clone()),
+        })
+        .collect()
+}
+
+/// The Event for a cluster let go as it runs (`deletionPolicy: Orphan`).
+pub fn orphaned(fref: &FederationRef, cluster: &str, kubeconfig: &SecretKeyRef) -> Announcement {
+    let note = format!(
+        "cluster {cluster} was let go as it runs (deletionPolicy: Orphan): meshfed's labels and claim are removed, everything else is left in place and no longer managed; it was labelled {}",
+        fref.selector(cluster)
+    );
+    Announcement {
+        warning: false,
+        reason: Reason::ClusterOrphaned.to_string(),
+        note,
+        cluster: Some(cluster.into()),
+        kubeconfig: Some(kubeconfig.clone()),
+    }
+}
+
 /// Every kind meshfed writes, as `kubectl get` names them unambiguously (`deployments.apps`, `istios.sailoperator.io`).
 fn kinds_for_kubectl() -> String {
     let name = |k: &crate::kinds::OwnedKind| match k.group {
@@ -122,7 +153,7 @@ pub fn announcements(previous: Option<&MeshFederationStatus>, new: &MeshFederati
         }
     }
     for gone in previous.clusters.iter().filter(|p| !new.clusters.iter().any(|c| c.name == p.name)) {
-        let note = format!("cluster {} was cleaned up and left the federation", gone.name);
+        let note = format!("cluster {} left the federation", gone.name);
         out.push(Announcement::new(false, Reason::ClusterRemoved.as_str(), note).about(gone));
     }
     let (was, now) = (previous.trust.as_ref(), new.trust.as_ref());
@@ -159,6 +190,8 @@ pub struct MemberReport {
     pub identity: Option<String>,
     /// It was let go by the release annotation without being cleaned up.
     pub released: bool,
+    /// It left as it runs (`deletionPolicy: Orphan`): only meshfed's marks and claim were removed.
+    pub orphaned: bool,
     /// What went wrong with remote access for this member: its reader token, or the remote secrets it holds.
     pub remote_access: Option<Failure>,
     /// When the reader token that peers hold for this member expires.
@@ -176,6 +209,8 @@ pub struct MemberReport {
     /// When meshfed last restarted its istiod (after the remote secrets it holds changed, on an Istio version that
     /// needs it).
     pub istiod_restarted_at: Option<Timestamp>,
+    /// The objects it took over in this reconcile (`existingObjects: Adopt`), each with what that changed.
+    pub adopted: Vec<String>,
 }
 
 impl MemberReport {
@@ -189,6 +224,7 @@ impl MemberReport {
             leaving,
             identity: None,
             released: false,
+            orphaned: false,
             remote_access: None,
             token_expires_at: None,
             token_refresh_at: None,
@@ -197,6 +233,7 @@ impl MemberReport {
             control_plane: None,
             istio_version: None,
             istiod_restarted_at: None,
+            adopted: Vec::new(),
         }
     }
 

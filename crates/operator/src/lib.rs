@@ -19,13 +19,16 @@ pub enum Error {
     Status(#[source] kube::Error),
     #[error("members not cleaned up yet: {0}")]
     CleanupPending(String),
+    #[error("keeping the root in the hub: {0}")]
+    KeepRoots(#[source] kube::Error),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
 impl Error {
     /// Every category [`Error::metric_label`] gives.
-    pub const CATEGORIES: [&'static str; 4] = ["not_namespaced", "status", "cleanup_pending", "finalizer"];
+    pub const CATEGORIES: [&'static str; 5] =
+        ["not_namespaced", "status", "cleanup_pending", "keep_roots", "finalizer"];
 
     /// A stable category, for metrics labels: the reconcile's own error where the finalizer wraps one.
     pub fn metric_label(&self) -> &'static str {
@@ -34,6 +37,7 @@ impl Error {
             Self::NotNamespaced => "not_namespaced",
             Self::Status(_) => "status",
             Self::CleanupPending(_) => "cleanup_pending",
+            Self::KeepRoots(_) => "keep_roots",
             Self::Finalizer(e) => match &**e {
                 F::ApplyFailed(e) | F::CleanupFailed(e) => e.metric_label(),
                 _ => "finalizer",

@@ -267,3 +267,18 @@ pub fn carry_out(
     });
     carried.collect()
 }
+
+/// Keeps the federation's root and kept roots in the hub past its deletion (`deletionPolicy: Orphan`): their Secrets
+/// are no longer owned by the federation, so the garbage collector leaves them, and a new federation can bring the
+/// root as `trust.root.secretRef`. A Secret that is not there is fine.
+pub async fn keep_roots(hub: &Client, fref: &FederationRef) -> Result<(), kube::Error> {
+    let secrets: Api<Secret> = Api::namespaced(hub.clone(), &fref.namespace);
+    for name in [trust::root_secret_name(&fref.name), trust::kept_roots_secret_name(&fref.name)] {
+        let Some(mut secret) = secrets.get_opt(&name).await? else { continue };
+        if secret.metadata.owner_references.take().is_some() {
+            secrets.replace(&name, &PostParams::default(), &secret).await?;
+            info!(secret = %name, "kept in the hub after the federation");
+        }
+    }
+    Ok(())
+}

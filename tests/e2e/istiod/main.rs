@@ -24,6 +24,7 @@ use meshfed_e2e::{Fixture, NAMESPACE, example, is_ready, sample_until, until};
 use meshfed_testenv::{Istiod, Options};
 use serde_json::{Value, json};
 
+mod adoption;
 mod discovery;
 mod remote_access;
 mod trust;
@@ -187,9 +188,13 @@ async fn create_hello_pod(mesh: &Mesh, member: &str, address: &str) -> anyhow::R
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         r => drop(r?),
     }
-    // No controller-manager here makes the namespace's `default` ServiceAccount, which Pod admission looks up.
+    // Without a controller-manager nothing makes the namespace's `default` ServiceAccount, which Pod admission
+    // looks up; with one, it may be there already.
     let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
-    Api::<ServiceAccount>::namespaced(client.clone(), "sample").create(&pp, &sa).await?;
+    match Api::<ServiceAccount>::namespaced(client.clone(), "sample").create(&pp, &sa).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        r => drop(r?),
+    }
     let pod_name = format!("hello-{member}");
     let pods = Api::<Pod>::namespaced(client.clone(), "sample");
     let pod: Pod = serde_json::from_value(json!({

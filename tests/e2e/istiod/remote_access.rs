@@ -239,10 +239,10 @@ const ISTIOCTL_WEST_SECRET: &str = "istio-remote-secret-west-istioctl";
 /// and ClusterRoleBinding (rendered from the charts built into istioctl) in `member`, creates a
 /// `kubernetes.io/service-account-token` Secret there that kube-controller-manager's token controller fills, waits
 /// for the token and prints a remote secret, which is returned parsed and applied nowhere.
-async fn istioctl_remote_secret(mesh: &Mesh, member: &str, name: &str) -> anyhow::Result<Secret> {
+pub(super) async fn istioctl_remote_secret(f: &Fixture, member: &str, name: &str) -> anyhow::Result<Secret> {
     let istioctl = tokio::task::spawn_blocking(meshfed_testenv::istioctl).await??;
     let kubeconfig = tempfile::NamedTempFile::new()?;
-    std::fs::write(kubeconfig.path(), mesh.f.env.cluster(member).kubeconfig())?;
+    std::fs::write(kubeconfig.path(), f.env.cluster(member).kubeconfig())?;
     let out = tokio::process::Command::new(istioctl)
         .arg("create-remote-secret")
         .arg("--kubeconfig")
@@ -263,7 +263,7 @@ async fn istioctl_remote_secret(mesh: &Mesh, member: &str, name: &str) -> anyhow
 }
 
 /// The claims of a JWT, its payload decoded without checking the signature.
-fn jwt_claims(token: &str) -> Value {
+pub(super) fn jwt_claims(token: &str) -> Value {
     use base64::Engine as _;
     let payload = token.split('.').nth(1).expect("a JWT");
     let json =
@@ -333,7 +333,7 @@ async fn istioctls_remote_secret_and_meshfeds_both_sync_in_istiod_and_differ_in_
 
     // (b) istioctl's secret, made against west and applied as printed in east.
     let started = Instant::now();
-    let printed = istioctl_remote_secret(&mesh, "west", ISTIOCTL_WEST).await?;
+    let printed = istioctl_remote_secret(&mesh.f, "west", ISTIOCTL_WEST).await?;
     println!("istioctl create-remote-secret against west took {:?}", started.elapsed());
     let started = Instant::now();
     let applied = east_secrets.create(&PostParams::default(), &printed).await?;
@@ -408,7 +408,7 @@ async fn istioctls_remote_secret_and_meshfeds_both_sync_in_istiod_and_differ_in_
     }
     // For west itself istioctl names the secret as meshfed does: applied in a member meshfed manages, one would
     // overwrite the other. (A second run reuses the token Secret it made.)
-    let mut again = istioctl_remote_secret(&mesh, "west", "west").await?;
+    let mut again = istioctl_remote_secret(&mesh.f, "west", "west").await?;
     assert_eq!(again.metadata.name, meshfed_secret.metadata.name, "istioctl --name west names meshfed's secret");
     // As the API server stores it.
     again.data =

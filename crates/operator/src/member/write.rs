@@ -85,26 +85,54 @@ pub async fn claim(
 }
 
 /// Makes the member hold every object of `plan`, writing only what differs from `held` (updated with what was
-/// written): stage by stage ([`member::apply_stage`]), the objects of a stage concurrently. An object that belongs to
-/// another federation stops the plan before anything is written; a failure stops before the next stage, once every
-/// write of its own stage has ended.
+/// written): stage by stage ([`member::apply_stage`]), the objects of a stage concurrently. An object that is not this
+/// federation's (another's, or one meshfed did not create and does not adopt) stops the plan before anything is
+/// written, and every such object is named; a failure stops before the next stage, once every write of its own stage
+/// has ended. Returns what was adopted: each object taken over, with what taking it over changed.
 pub async fn apply_plan(
     w: &Writer<'_>,
     fref: &FederationRef,
     plan: &MemberPlan,
     held: &mut Holdings,
-) -> Result<(), Failure> {
-    let writes = plan
-        .objects
+) -> Result<Vec<String>, Failure> {
+    let mut writes = Vec::new();
+    let (mut theirs, mut nobodys) = (Vec::new(), Vec::new());
+    for desired in &plan.objects {
+        match member::write_for(fref, held.get(&desired.key).map(Arc::as_ref), desired) {
+            Ok(write) => writes.push((desired, write)),
+            Err(Foreign { owner: Some(owner) }) => {
+                theirs.push(format!("{} belongs to federation {owner}", desired.key))
+            }
+            Err(Foreign { owner: None }) => nobodys.push(desired.key.to_string()),
+        }
+    }
+    if !theirs.is_empty() {
+        let message = format!("{}; meshfed leaves it alone", theirs.join("; "));
+        return Err(Failure::new(Reason::OwnedByAnotherFederation, message));
+    }
+    if !nobodys.is_empty() {
+        return Err(Failure::new(
+            Reason::ObjectNotOwned,
+            format!(
+                "{} already exist{} and meshfed did not create {}; nothing is written to this cluster. To let this federation take {} over, set `existingObjects: Adopt` (`meshfed check` lists what that would change)",
+                nobodys.join(", "),
+                if nobodys.len() == 1 { "s" } else { "" },
+                if nobodys.len() == 1 { "it" } else { "them" },
+                if nobodys.len() == 1 { "it" } else { "them" },
+            ),
+        ));
+    }
+    let adopted: Vec<String> = writes
         .iter()
-        .map(|desired| match member::write_for(fref, held.get(&desired.key).map(Arc::as_ref), desired) {
-            Ok(write) => Ok((desired, write)),
-            Err(Foreign { owner }) => Err(Failure::new(
-                Reason::OwnedByAnotherFederation,
-                format!("{} belongs to federation {owner}; meshfed leaves it alone", desired.key),
-            )),
+        .filter(|(d, write)| *write != Write::Nothing && member::adopts(held.get(&d.key).map(Arc::as_ref), d))
+        .map(|(d, _)| {
+            let changes = member::adoption_changes(&held[&d.key], &d.body);
+            match changes.is_empty() {
+                true => format!("{} (labelled only)", d.key),
+                false => format!("{} (changed {})", d.key, changes.join(", ")),
+            }
         })
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect();
     for stage in 0..member::APPLY_STAGES {
         let stage_writes = writes
             .iter()
@@ -126,17 +154,62 @@ pub async fn apply_plan(
             return Err(f);
         }
     }
-    Ok(())
+    Ok(adopted)
+}
+
+/// Reads by name every object of `plan` that `held` lacks (the watches see only what meshfed labelled), into
+/// `held`, so that one that is there but not this federation's is seen before anything is written over it; says
+/// whether one was found. Once everything is in place, every object of the plan is held, and nothing is read.
+pub async fn look_up_unheld(w: &Writer<'_>, plan: &MemberPlan, held: &mut Holdings) -> Result<bool, Failure> {
+    let unheld = plan.objects.iter().filter(|d| !held.contains_key(&d.key)).map(|d| async move {
+        match api(w.client, &d.key).get_opt(&d.key.name).await {
+            Ok(found) => Ok(found.map(|o| (d.key.clone(), Arc::new(as_json(&d.key.kind, o))))),
+            Err(e) => Err(read_failure(&format!("reading {}", d.key), e)),
+        }
+    });
+    let mut any = false;
+    for found in join_all(unheld).await {
+        if let Some((key, object)) = found? {
+            held.insert(key, object);
+            any = true;
+        }
+    }
+    Ok(any)
 }
 
 /// Deletes (or, for a namespace meshfed did not create, releases) what `held` has of `fref` and this writer's cluster
 /// that `plan` does not want.
 pub async fn prune(w: &Writer<'_>, fref: &FederationRef, plan: &MemberPlan, held: &Holdings) -> Result<(), Failure> {
-    for p in member::to_prune(fref, w.cluster, plan, held.iter().map(|(k, v)| (k, v.as_ref()))) {
+    carry_out(w, member::to_prune(fref, w.cluster, plan, held.iter().map(|(k, v)| (k, v.as_ref())))).await
+}
+
+/// Lets this writer's cluster go as it runs (`deletionPolicy: Orphan`): removes meshfed's labels and annotations
+/// from what `held` has of `fref`, and gives the claim back.
+pub async fn release(w: &Writer<'_>, fref: &FederationRef, held: &Holdings) -> Result<(), Failure> {
+    carry_out(w, member::to_release(fref, w.cluster, held.iter().map(|(k, v)| (k, v.as_ref())))).await
+}
+
+/// Carries out a prune's decisions in order.
+async fn carry_out(w: &Writer<'_>, prunes: Vec<Prune>) -> Result<(), Failure> {
+    for p in prunes {
         match p {
             Prune::Delete(key) => delete(w, &key).await?,
             Prune::Release(key, body) => _ = apply(w, &key, &body).await?,
+            Prune::Unlabel(key, patch) => unlabel(w, &key, &patch).await?,
         }
+    }
+    Ok(())
+}
+
+/// Merge-patches object `key` with `patch`, which removes meshfed's marks; one that is already gone is let go.
+async fn unlabel(w: &Writer<'_>, key: &ObjectKey, patch: &Value) -> Result<(), Failure> {
+    w.metrics.wrote(w.cluster, key.kind.kind, "unlabel");
+    info!(cluster = %w.cluster, object = %key, "letting go");
+    let params = PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() };
+    match api(w.client, key).patch(&key.name, &params, &Patch::Merge(patch)).await {
+        Ok(now) => w.cache.wrote(key, Some(&now.metadata)),
+        Err(kube::Error::Api(s)) if s.code == 404 => w.cache.wrote(key, None),
+        Err(e) => return Err(write_failure(&format!("letting go of {key}"), e)),
     }
     Ok(())
 }

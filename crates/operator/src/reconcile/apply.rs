@@ -39,15 +39,21 @@ pub(super) async fn wave(
     let work = reached.iter_mut().map(|(name, r)| {
         let cluster = spec.clusters.iter().find(|c| c.name == *name).expect("a member of the spec");
         let cacerts = cacerts.get(name).and_then(|c| c.as_ref().ok()).map(|(data, _)| data.clone());
-        let plan = plan::member_plan(fref, &ctx.hub_id, spec, cluster, &r.seen, cacerts, shared);
+        let plan_of =
+            move |seen: &_| plan::member_plan(fref, &ctx.hub_id, spec, cluster, seen, cacerts.clone(), shared);
+        let mut plan = plan_of(&r.seen);
         async move {
             let w = Writer { cluster: name, metrics: &ctx.metrics, client: &r.member.client, cache: &r.cache };
             let work = async {
-                write::apply_plan(&w, fref, &plan, &mut r.seen.held).await?;
+                // An object the plan writes that is there but unlabelled changes the plan (it may be adopted).
+                if write::look_up_unheld(&w, &plan, &mut r.seen.held).await? {
+                    plan = plan_of(&r.seen);
+                }
+                let adopted = write::apply_plan(&w, fref, &plan, &mut r.seen.held).await?;
                 if tokens.is_some() {
                     write::prune(&w, fref, &plan, &r.seen.held).await?;
                 }
-                Ok(())
+                Ok(adopted)
             };
             let started = Instant::now();
             let result = within(ctx.settings.member_timeout, work).await;
@@ -67,7 +73,8 @@ pub(super) async fn wave(
 /// What one wave did with one member, and the state of its gateway and control plane that its plan saw.
 pub(super) struct WaveResult {
     name: String,
-    result: Result<(), Failure>,
+    /// What it adopted, or why it failed.
+    result: Result<Vec<String>, Failure>,
     gateway: Option<Result<GatewayAddress, Failure>>,
     control_plane: Option<Failure>,
 }
@@ -86,10 +93,13 @@ pub(super) fn record(
         let Some(r) = reports.iter_mut().find(|r| r.name == name) else { continue };
         r.gateway = gateway;
         r.control_plane = Some(control_plane.map_or(Ok(()), Err));
-        if let Err(f) = result {
-            warn!(cluster = %name, reason = %f.reason, "{}", f.message);
-            r.failure = Some(f);
-            failed.insert(name.clone());
+        match result {
+            Ok(adopted) => r.adopted.extend(adopted),
+            Err(f) => {
+                warn!(cluster = %name, reason = %f.reason, "{}", f.message);
+                r.failure = Some(f);
+                failed.insert(name.clone());
+            }
         }
         if let Some(m) = reached.get(&name) {
             ctx.backoff.record(&fref.to_string(), &m.member, r, base, max);

@@ -4,7 +4,7 @@
 
 use futures::future::join_all;
 use kube::{Resource, ResourceExt, runtime::controller::Action};
-use meshfed_api::{MeshFederation, SecretKeyRef};
+use meshfed_api::{DeletionPolicy, MeshFederation, SecretKeyRef};
 use meshfed_core::{
     federation::RELEASE_ANNOTATION,
     member::MemberPlan,
@@ -32,6 +32,9 @@ pub(super) async fn cleanup(fed: &MeshFederation, ctx: &Context) -> Result<Actio
     ctx.metrics.members_failed(reports.iter().flat_map(|r| &r.failure));
     let pending: Vec<_> = reports.iter().filter(|r| r.failure.is_some()).cloned().collect();
     if pending.is_empty() {
+        if fed.spec.deletion_policy == DeletionPolicy::Orphan {
+            crate::trust::keep_roots(&ctx.hub, &fref).await.map_err(Error::KeepRoots)?;
+        }
         report::publish(ctx, fed, report::released(fed, &reports));
         info!("members cleaned up; releasing the finalizer");
         let key = fref.to_string();
@@ -64,8 +67,18 @@ pub(super) async fn leave(
         match plan::leave(&fref, &ctx.hub_id, &fed.spec, &report, &seen, staying) {
             Leave::Clean => {
                 let w = Writer { cluster: &name, metrics: &ctx.metrics, client: &member.client, cache: &cache };
-                let empty = MemberPlan::default();
-                match within(ctx.settings.member_timeout, write::prune(&w, &fref, &empty, &seen.held)).await {
+                let orphan = fed.spec.deletion_policy == DeletionPolicy::Orphan;
+                let work = async {
+                    match orphan {
+                        true => write::release(&w, &fref, &seen.held).await,
+                        false => write::prune(&w, &fref, &MemberPlan::default(), &seen.held).await,
+                    }
+                };
+                match within(ctx.settings.member_timeout, work).await {
+                    Ok(()) if orphan => {
+                        info!(cluster = %name, "member let go as it runs");
+                        report.orphaned = true;
+                    }
                     Ok(()) => info!(cluster = %name, "member cleaned up"),
                     Err(f) => report.failure = Some(f),
                 }

@@ -19,10 +19,13 @@ use tracing::{Instrument, warn};
 use super::{Context, federation_ref};
 use crate::Error;
 
-/// The clusters released by annotation in this reconcile, each with what meshfed left behind there.
+/// The clusters released by annotation or let go as they run in this reconcile, each with what meshfed left behind
+/// there; the objects adopted.
 pub(super) fn released(fed: &MeshFederation, reports: &[MemberReport]) -> Vec<Announcement> {
     let fref = federation_ref(fed);
-    reports.iter().filter(|r| r.released).map(|r| status::released(&fref, &r.name, &r.kubeconfig)).collect()
+    let released = reports.iter().filter(|r| r.released).map(|r| status::released(&fref, &r.name, &r.kubeconfig));
+    let orphaned = reports.iter().filter(|r| r.orphaned).map(|r| status::orphaned(&fref, &r.name, &r.kubeconfig));
+    released.chain(orphaned).chain(status::adopted(reports)).collect()
 }
 
 /// Patches the status when it differs from what the federation already shows; returns what is to be said about
