@@ -63,6 +63,15 @@ async fn versions_of(member: &Client, name: &str) -> anyhow::Result<BTreeMap<Str
 
 /// Every object of an owned kind with labels `selector` that is not being deleted, with its resourceVersion.
 async fn versions(member: &Client, selector: &str) -> anyhow::Result<BTreeMap<String, String>> {
+    listed(member, selector, |o| o.resource_version().unwrap_or_default()).await
+}
+
+/// Every object of an owned kind with labels `selector` that is not being deleted, with `what` of it.
+async fn listed(
+    member: &Client,
+    selector: &str,
+    what: impl Fn(&DynamicObject) -> String,
+) -> anyhow::Result<BTreeMap<String, String>> {
     let lp = ListParams::default().labels(selector);
     let mut out = BTreeMap::new();
     for kind in OWNED_KINDS {
@@ -72,7 +81,7 @@ async fn versions(member: &Client, selector: &str) -> anyhow::Result<BTreeMap<St
                 continue;
             }
             let key = format!("{} {}/{}", kind.kind, o.namespace().unwrap_or_default(), o.name_any());
-            out.insert(key, o.resource_version().unwrap_or_default());
+            out.insert(key, what(&o));
         }
     }
     Ok(out)
@@ -307,12 +316,9 @@ async fn a_moved_istio_namespace_leaves_nothing_in_the_old_one() -> anyhow::Resu
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_same_named_federation_in_another_hub_never_cleans_up_a_member_it_does_not_hold() -> anyhow::Result<()> {
-    // Hub A is the fixture's; hub B is one more cluster of the environment, running a controller of its own.
-    let f = Fixture::start(&["east", "west", "hub-b"], Options::default()).await?;
-    f.apply(&example("multi-primary-multi-network")).await?;
-    f.wait_for("prod", WAIT, is_ready).await?;
+/// Hub B: the environment's cluster `hub-b` made a hub (the CRD, the federation namespace, the members' kubeconfig
+/// Secrets), running a controller of its own.
+async fn second_hub(f: &Fixture) -> anyhow::Result<(Client, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let hub_b_cluster = f.env.cluster("hub-b");
     hub_b_cluster.install_crds(&meshfed_api::crd_yaml()).await?;
     let hub_b = hub_b_cluster.client().await?;
@@ -327,7 +333,16 @@ async fn a_same_named_federation_in_another_hub_never_cleans_up_a_member_it_does
         member_backoff_max: Duration::from_secs(4),
         ..Default::default()
     };
-    let controller_b = tokio::spawn(meshfed_operator::reconcile::run(hub_b.clone(), settings, Default::default()));
+    Ok((hub_b.clone(), tokio::spawn(meshfed_operator::reconcile::run(hub_b, settings, Default::default()))))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_same_named_federation_in_another_hub_never_cleans_up_a_member_it_does_not_hold() -> anyhow::Result<()> {
+    // Hub A is the fixture's; hub B is one more cluster of the environment, running a controller of its own.
+    let f = Fixture::start(&["east", "west", "hub-b"], Options::default()).await?;
+    f.apply(&example("multi-primary-multi-network")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let (hub_b, controller_b) = second_hub(&f).await?;
     let before = (owned_versions(&f.member("east").await?).await?, owned_versions(&f.member("west").await?).await?);
 
     // The same federation (one GitOps repository synced to two hubs): B is refused on both members.
@@ -353,5 +368,55 @@ async fn a_same_named_federation_in_another_hub_never_cleans_up_a_member_it_does
     assert_eq!(after, before, "hub A's objects in its members are untouched");
     f.poke_and_wait("prod").await?;
     assert!(is_ready(&f.federations().get("prod").await?), "hub A's federation stays ready");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hub_restored_with_a_new_identity_takes_its_members_back_once_their_claims_are_deleted() -> anyhow::Result<()>
+{
+    let f = Fixture::clusters(&["east", "west", "hub-b"], Options::default()).await?;
+    let hub_a = f.run_operator(Default::default()).await?;
+    f.apply(&example("multi-primary-multi-network")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let uids = async |m: &str| listed(&f.member(m).await?, MANAGED, |o| o.uid().unwrap_or_default()).await;
+    let before = (uids("east").await?, uids("west").await?);
+    hub_a.abort();
+    // The hub restored from a backup: another cluster (another identity) with the federation and its root Secret.
+    let (hub_b, controller_b) = second_hub(&f).await?;
+    let root_name = meshfed_core::trust::root_secret_name("prod");
+    let root = Api::<Secret>::namespaced(f.hub.clone(), NAMESPACE).get(&root_name).await?;
+    let restored: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": root_name, "labels": root.metadata.labels},
+        "data": root.data,
+    }))?;
+    Api::<Secret>::namespaced(hub_b.clone(), NAMESPACE).create(&Default::default(), &restored).await?;
+    let feds_b: Api<MeshFederation> = Api::namespaced(hub_b.clone(), NAMESPACE);
+    feds_b.create(&Default::default(), &serde_saphyr::from_str(&example("multi-primary-multi-network"))?).await?;
+    let every = Duration::from_millis(100);
+    let claimed = async || {
+        feds_b.get("prod").await.is_ok_and(|fed| {
+            ["east", "west"].iter().all(|m| member_reason(&fed, m).as_deref() == Some("ClusterClaimed"))
+        })
+    };
+    until("the restored hub to find its members claimed by the old one", WAIT, every, claimed).await?;
+    let fed_b = feds_b.get("prod").await?;
+    let message = &condition(&fed_b.status.as_ref().unwrap().clusters[0].conditions, "Ready").unwrap().message;
+    let advice = "if that hub is gone for good (a hub restored from a backup has a new identity), delete ConfigMap kube-system/meshfed-claim.istio-system in this cluster";
+    assert!(message.contains(advice), "the refusal says how to take the member back: {message}");
+    assert_eq!((uids("east").await?, uids("west").await?), before, "nothing touched while claimed");
+
+    // What the message says: the claims deleted, the restored hub takes every member back as it is.
+    for m in ["east", "west"] {
+        let claims: Api<ConfigMap> = Api::namespaced(f.member(m).await?, "kube-system");
+        claims.delete("meshfed-claim.istio-system", &Default::default()).await?;
+    }
+    let ready = async || feds_b.get("prod").await.is_ok_and(|fed| is_ready(&fed));
+    until("the restored hub's federation to be ready", WAIT, every, ready).await?;
+    controller_b.abort();
+    let (east, west) = (uids("east").await?, uids("west").await?);
+    let kept = |now: &BTreeMap<String, String>, was: &BTreeMap<String, String>| {
+        was.iter().filter(|(k, uid)| now.get(*k) != Some(uid) && !k.starts_with("ConfigMap kube-system/")).count()
+    };
+    assert_eq!((kept(&east, &before.0), kept(&west, &before.1)), (0, 0), "every object kept, in place: {east:?}");
     Ok(())
 }

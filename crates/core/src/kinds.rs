@@ -75,6 +75,14 @@ pub const OWNED_KINDS: &[OwnedKind] = &[
     VIRTUAL_SERVICE,
 ];
 
+/// The owned kind and key of an object given as JSON with its `apiVersion` and `kind`, if its kind is owned.
+pub fn key_of(object: &Value) -> Option<ObjectKey> {
+    let kind = *OWNED_KINDS.iter().find(|k| object["apiVersion"] == k.api_version() && object["kind"] == k.kind)?;
+    let meta = &object["metadata"];
+    let name = meta["name"].as_str()?.to_string();
+    Some(ObjectKey { kind, namespace: meta["namespace"].as_str().map(Into::into), name })
+}
+
 /// Identifies one object in a member.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct ObjectKey {

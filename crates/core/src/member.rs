@@ -25,7 +25,7 @@ use crate::{
     },
     gateway::{self, GatewayAddress},
     istio::{self, NETWORK_LABEL},
-    kinds::*,
+    kinds::{self, *},
     pki, redact, remote, topology,
 };
 
@@ -485,6 +485,39 @@ pub fn adoption_changes(observed: &Value, desired: &Value) -> Vec<String> {
     out
 }
 
+/// What `meshfed check` says of an object the plan writes (`desired`, as `meshfed render` shows it) that the member
+/// holds (`observed`): nothing when it is this federation's or the Istio namespace (labelled whoever made it); a
+/// failure for another federation's; for one meshfed did not create, what adopting it would change, a failure unless
+/// the federation adopts (`adopt`). Secret data is not compared (render redacts it).
+pub fn ownership(
+    fref: &FederationRef,
+    adopt: bool,
+    observed: &Value,
+    desired: &Value,
+) -> Option<Result<String, String>> {
+    let key = kinds::key_of(desired)?;
+    match owner(observed) {
+        _ if key.kind == NAMESPACE => None,
+        Some((ns, name)) if fref.is_labelled(ns, name) => None,
+        Some((ns, name)) => Some(Err(format!("{key} belongs to federation {ns}/{name}: meshfed leaves it alone"))),
+        None => {
+            let changes: Vec<String> =
+                adoption_changes(observed, desired).into_iter().filter(|p| !p.starts_with("/data")).collect();
+            let changes = match (changes.is_empty(), key.kind == SECRET) {
+                (true, false) => "nothing but its labels".to_string(),
+                (true, true) => "its data as the plan decides".to_string(),
+                (false, secret) => changes.join(", ") + if secret { ", and its data as the plan decides" } else { "" },
+            };
+            Some(match adopt {
+                true => Ok(format!("{key} was not created by meshfed: adopting it changes {changes}")),
+                false => Err(format!(
+                    "{key} was not created by meshfed and is left alone (ObjectNotOwned); `existingObjects: Adopt` would take it over, changing {changes}"
+                )),
+            })
+        }
+    }
+}
+
 /// Letting a member go as it runs (`deletionPolicy: Orphan`): for every object it holds that meshfed labelled for
 /// `fref` and `cluster`, a merge patch that removes meshfed's labels and annotations and nothing else; the claim,
 /// meshfed's own record, is deleted ([`Prune::Delete`]). Nothing that runs is changed.
@@ -832,6 +865,36 @@ mod tests {
             ["/data/ca-key.pem", "/spec/values/global/multiCluster", "/spec/values/global/network"]
         );
         assert!(adoption_changes(&desired, &desired).is_empty());
+    }
+
+    #[test]
+    fn check_names_what_is_not_ours_and_what_adopting_it_would_change() {
+        let (plan, _) = planned_over(&[]);
+        let istio = &plan.objects.iter().find(|d| d.key.kind == ISTIO).unwrap().body;
+        let hand_made = json!({"metadata": {"name": "default"}, "spec": {"namespace": "istio-system"}});
+        let refused = ownership(&fed(), false, &hand_made, istio).unwrap().unwrap_err();
+        assert!(
+            refused.starts_with("Istio default was not created by meshfed and is left alone (ObjectNotOwned)"),
+            "{refused}"
+        );
+        assert!(refused.contains("/spec/values"), "{refused}");
+        let adopting = ownership(&fed(), true, &hand_made, istio).unwrap().unwrap();
+        assert!(
+            adopting.starts_with("Istio default was not created by meshfed: adopting it changes /spec/"),
+            "{adopting}"
+        );
+        // Ours, or the Istio namespace: nothing to say; another federation's: refused.
+        assert_eq!(ownership(&fed(), false, istio, istio), None);
+        let ns = &plan.objects.iter().find(|d| d.key.kind == NAMESPACE).unwrap().body;
+        assert_eq!(ownership(&fed(), false, &json!({"metadata": {"name": "istio-system"}}), ns), None);
+        let mut theirs = istio.clone();
+        theirs["metadata"]["labels"][LABEL_FEDERATION] = "other".into();
+        assert!(
+            ownership(&fed(), true, &theirs, istio)
+                .unwrap()
+                .unwrap_err()
+                .contains("belongs to federation mesh-system/other")
+        );
     }
 
     #[test]

@@ -17,14 +17,17 @@ use kube::{
     api::{DynamicObject, ListParams},
     config::KubeConfigOptions,
 };
-use meshfed_api::{ClusterRole, ClusterSpec, ExposeMode, MeshFederation, MeshFederationSpec, TrustStatus};
+use meshfed_api::{
+    ClusterRole, ClusterSpec, ExistingObjects, ExposeMode, MeshFederation, MeshFederationSpec, TrustStatus,
+};
 use meshfed_core::{
     control_plane,
     federation::FederationRef,
-    gateway, istio, kinds,
+    gateway, istio,
+    kinds::{self, ObjectKey},
     member::{self, ClaimHolder},
     pki::{self, CA_CERT, CertSummary, ROOT_CERT, Root},
-    remote,
+    remote, render,
     rotation::Phase,
     topology,
     trust::{self, CacertsPlan, Observed},
@@ -32,8 +35,12 @@ use meshfed_core::{
     versions::{self, SailVersions},
 };
 use serde::Serialize;
+use serde_json::Value;
 
-use crate::member::{client::ClientPool, kinds::api_resource};
+use crate::member::{
+    client::ClientPool,
+    kinds::{api, api_resource, as_json},
+};
 
 /// One verdict: in which area, about what (a member, or a holder -> target pair), and why.
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
@@ -357,7 +364,31 @@ async fn member_findings(
                 .map_err(|f| f.message),
         ));
     }
+    out.extend(ownership(client, fref, spec, name).await?);
     Ok((out, held))
+}
+
+/// Of every object `meshfed render` shows for member `name`, those it holds that are not this federation's: another
+/// federation's, or made by someone else, with what adopting them would change ([`member::ownership`]).
+async fn ownership(
+    client: &Client,
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    name: &str,
+) -> Result<Vec<Finding>, String> {
+    let adopt = spec.existing_objects == ExistingObjects::Adopt;
+    let rendered = render::render(fref, spec, Some(name)).map_err(|_| "the spec is invalid".to_string())?;
+    let desired: Vec<(ObjectKey, Value)> =
+        rendered.into_iter().flat_map(|(_, objects)| objects).filter_map(|o| Some((kinds::key_of(&o)?, o))).collect();
+    let held = join_all(desired.iter().map(|(key, _)| async move { api(client, key).get_opt(&key.name).await })).await;
+    let mut out = Vec::new();
+    for ((key, desired), held) in desired.iter().zip(held) {
+        let Some(observed) = held.map_err(|e| format!("reading {key}: {e}"))? else { continue };
+        if let Some(verdict) = member::ownership(fref, adopt, &as_json(&key.kind, observed), desired) {
+            out.push(found("ownership", name, verdict));
+        }
+    }
+    Ok(out)
 }
 
 /// Uses `holder`'s remote secret for `target` as istiod does: its kubeconfig must authenticate against the target

@@ -74,7 +74,7 @@ pub async fn root(
         return Err(Failure::new(
             Reason::RootMissing,
             format!(
-                "the generated root CA Secret {name} is gone while members hold intermediates from root {fp}; meshfed will not mint a new root behind your back: restore the Secret from a backup, or delete and recreate the federation to start over with a new root"
+                "the generated root CA Secret {name} is gone while members hold intermediates from root {fp}; meshfed will not mint a new root behind your back: restore the Secret from a backup, or bring the root as trust.root.secretRef; deleting the federation to start over with a new root deletes the control plane in every member unless its deletionPolicy is Orphan"
             ),
         ));
     }
@@ -174,7 +174,7 @@ pub async fn mint(
         return Err(Failure::new(
             Reason::RootMissing,
             format!(
-                "there is no root CA Secret {name}, but members ({}) hold intermediates meshfed issued for this federation; meshfed will not mint a new root behind your back: restore the Secret from a backup, or delete and recreate the federation to start over with a new root",
+                "there is no root CA Secret {name}, but members ({}) hold intermediates meshfed issued for this federation; meshfed will not mint a new root behind your back: restore the Secret from a backup, or bring the root as trust.root.secretRef; deleting the federation to start over with a new root deletes the control plane in every member unless its deletionPolicy is Orphan",
                 held_by.join(", ")
             ),
         ));

@@ -269,6 +269,23 @@ async fn a_mesh_built_by_hand_is_left_alone_then_adopted_without_a_gap_and_let_g
         assert!(message.contains(named), "the message names {named}: {message}");
     }
     assert_eq!(snapshot(&mesh.f, &made).await?, before, "nothing hand-made changed");
+    // `meshfed check` says what adoption would take over and change, before it is asked for.
+    let now = jiff::Timestamp::now();
+    let findings = meshfed_operator::check::check(&mesh.f.hub, NAMESPACE, "prod", now).await?;
+    let preview = |subject: &str, what: &str| {
+        findings.iter().any(|c| c.area == "ownership" && c.subject == subject && !c.ok && c.detail.contains(what))
+    };
+    for member in ["east", "west"] {
+        assert!(
+            preview(
+                member,
+                "Istio default was not created by meshfed and is left alone (ObjectNotOwned); `existingObjects: Adopt` would take it over, changing /spec/values"
+            ),
+            "{findings:#?}"
+        );
+        assert!(preview(member, "Secret istio-system/cacerts was not created by meshfed"), "{findings:#?}");
+    }
+    assert_eq!(snapshot(&mesh.f, &made).await?, before, "check wrote nothing");
 
     // Adoption: sampled every 100 ms, neither istiod loses the other cluster or its endpoint.
     let adopt = json!({"spec": {"existingObjects": "Adopt"}});
@@ -301,6 +318,11 @@ async fn a_mesh_built_by_hand_is_left_alone_then_adopted_without_a_gap_and_let_g
         let reader = Api::<ServiceAccount>::namespaced(mesh.f.member(target).await?, ISTIO_NAMESPACE);
         assert!(reader.get_opt("istio-reader-service-account").await?.is_some(), "istioctl's reader stays in {target}");
     }
+    let findings = meshfed_operator::check::check(&mesh.f.hub, NAMESPACE, "prod", jiff::Timestamp::now()).await?;
+    assert!(
+        !findings.iter().any(|c| c.area == "ownership"),
+        "once adopted, everything is the federation's: {findings:#?}"
+    );
     let said = |e: &k8s_openapi::api::events::v1::Event| {
         e.reason.as_deref() == Some("Adopted")
             && e.note.as_deref().is_some_and(|n| n.contains("Istio default (changed /spec/values"))

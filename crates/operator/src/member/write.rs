@@ -72,11 +72,16 @@ pub async fn claim(
         // Under another name of this federation: the cluster was renamed; the plan relabels the claim.
         ClaimHolder::Us | ClaimHolder::UsAs(_) => Ok(()),
         ClaimHolder::Other { federation, hub: their_hub } => {
-            let whose = if their_hub == hub { String::new() } else { format!(" in another hub ({their_hub})") };
+            let whose = match their_hub == hub {
+                true => String::new(),
+                false => format!(
+                    " in another hub ({their_hub}); if that hub is gone for good (a hub restored from a backup has a new identity), delete {key} in this cluster and this federation takes it over as it is"
+                ),
+            };
             Err(Failure::new(
                 Reason::ClusterClaimed,
                 format!(
-                    "the Istio namespace {} of this cluster belongs to federation {federation}{whose}; meshfed writes nothing here until that federation lets it go (its {key})",
+                    "the Istio namespace {} of this cluster belongs to federation {federation}; meshfed writes nothing here until that federation lets it go (its {key}){whose}",
                     spec.istio.namespace
                 ),
             ))
