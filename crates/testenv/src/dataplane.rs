@@ -357,7 +357,8 @@ fn own_network(addresses: &[String]) -> Result<Process> {
     inside(&["link", "set", "eth0", "up"])?;
     for a in addresses {
         inside(&["addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
-        ip(&["route", "add", &format!("{a}/32"), "dev", &veth])?;
+        // Replaced, not added: a pod started again may find its predecessor's route not yet gone with its namespace.
+        ip(&["route", "replace", &format!("{a}/32"), "dev", &veth])?;
     }
     inside(&["route", "add", "default", "dev", "eth0"])?;
     Ok(holder)
