@@ -22,7 +22,7 @@ use kube::{
 use meshfed_core::pki;
 use meshfed_e2e::{
     ISTIO_NAMESPACE,
-    dataplane::{DataPlane, HELLO_HOST, HELLO_PORT, MEMBERS, REQUESTS, WAIT, addresses, split},
+    dataplane::{DataPlane, HELLO_HOST, HELLO_PORT, MEMBERS, REQUESTS, WAIT, addresses, expected_answers, split},
     example, is_ready, sample_until, until,
 };
 use meshfed_testenv::{Pod, call};
@@ -61,7 +61,7 @@ async fn presented_chain(pod: &Pod, client: &Pod, root_file: &std::path::Path) -
 /// over mTLS with certificates issued under each member's intermediate.
 async fn seeds_check(yaml: String) -> anyhow::Result<()> {
     let dp = DataPlane::start(&yaml).await?;
-    let expected: Vec<String> = MEMBERS.iter().map(|(m, v, ..)| format!("{v}@{m}")).collect();
+    let expected = expected_answers();
     let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
     for (member, ..) in MEMBERS {
         let counts = split(&dp, member, &expected).await?;
@@ -216,7 +216,7 @@ async fn traffic_through<R>(
     after: Duration,
     change: impl AsyncFnOnce(&mut DataPlane, Instant) -> anyhow::Result<R>,
 ) -> anyhow::Result<(R, BTreeMap<&'static str, Sent>)> {
-    let expected: Vec<String> = MEMBERS.iter().map(|(m, v, ..)| format!("{v}@{m}")).collect();
+    let expected = expected_answers();
     let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
     for (member, ..) in MEMBERS {
         split(dp, member, &expected).await?;
@@ -401,7 +401,7 @@ async fn a_deleted_gateway_an_outage_and_a_token_refresh() -> anyhow::Result<()>
     ensure!(yaml.contains("tokenTTL: 10m"), "the example declares a token TTL");
     let mut dp = DataPlane::start(&yaml).await?;
     gateway_deleted(&mut dp, "west's east-west gateway deleted").await?;
-    let expected: Vec<String> = MEMBERS.iter().map(|(m, v, ..)| format!("{v}@{m}")).collect();
+    let expected = expected_answers();
 
     let what = "west's API server stopped";
     let ((stopped, restarted), sent) = traffic_through(&mut dp, what, Duration::from_secs(10), async |dp, started| {

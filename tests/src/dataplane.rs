@@ -52,6 +52,11 @@ pub const CROSS_NETWORK_PORT: u16 = 15443;
 /// The address of east's istiod's pod, where a Remote's agents reach it through east's gateway.
 pub const ISTIOD_IP: &str = "10.244.1.40";
 
+/// The answers every client must get, `version@cluster`: each member's version of `hello`.
+pub fn expected_answers() -> Vec<String> {
+    MEMBERS.iter().map(|(m, v, ..)| format!("{v}@{m}")).collect()
+}
+
 /// Every address of the environment's network namespace: the servers', the clients' and istiod's (each gateway has
 /// its own).
 pub fn addresses() -> Vec<&'static str> {

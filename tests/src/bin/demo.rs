@@ -12,7 +12,7 @@ use clap::Parser;
 use meshfed_api::MeshFederation;
 use meshfed_e2e::{
     Fixture, HUB, NAMESPACE,
-    dataplane::{CLIENT_ID, DataPlane, MEMBERS, REQUESTS, addresses, split},
+    dataplane::{CLIENT_ID, DataPlane, MEMBERS, REQUESTS, addresses, expected_answers, split},
     example, is_ready,
 };
 use meshfed_testenv::{Env, Options};
@@ -86,7 +86,7 @@ async fn traffic(args: Args) -> Result<()> {
     let dp = DataPlane::start(&example(&args.example)).await?;
     println!("Ready=True and every pod ready {:.1?} after the start\n", started.elapsed());
     print_status(&dp.fed);
-    let expected: Vec<String> = MEMBERS.iter().map(|(m, v, ..)| format!("{v}@{m}")).collect();
+    let expected = expected_answers();
     let expected: Vec<&str> = expected.iter().map(String::as_str).collect();
     println!("\n{REQUESTS} requests from each member's client to hello.sample:5000/hello:");
     let mut rows = Vec::new();
