@@ -243,3 +243,37 @@ async fn a_kubeconfig_secret_pointed_at_another_cluster_is_refused_and_nothing_i
     f.wait_for("prod", WAIT, is_ready).await?;
     Ok(())
 }
+
+/// Found under traffic (`dataplane.rs`): right after a member's API server comes back from an outage, meshfed's
+/// watches of it may still be waiting out kube's backoff (up to 30 s, jittered), the reconciles meanwhile read their
+/// caches as they were, and a drift there is repaired only once the watches are back (a relist shows no deleted
+/// object, so only another kind's relist triggers the reconcile that sees it). Measured: west's gateway Deployment
+/// deleted 15 s after a 30 s outage put back after 24-25 s, against 0.1-0.2 s on a settled member.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "known defect: a drift right after a member's outage waits for the member's watches to come back"]
+async fn a_drift_right_after_a_members_outage_is_repaired_in_seconds() -> Result<()> {
+    let mut f = Fixture::start(&["east", "west"], Options::default()).await?;
+    f.apply(&example("multi-primary")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let secrets: Api<Secret> = Api::namespaced(f.member("west").await?, "istio-system");
+    let repair = async || -> Result<Duration> {
+        let old = secrets.get("cacerts").await?.metadata.uid;
+        secrets.delete("cacerts", &Default::default()).await?;
+        let deleted = Instant::now();
+        let back = async || secrets.get_opt("cacerts").await.is_ok_and(|s| s.is_some_and(|s| s.metadata.uid != old));
+        until("west's cacerts put back", WAIT, Duration::from_millis(50), back).await?;
+        Ok(deleted.elapsed())
+    };
+    let settled = repair().await?;
+    println!("west's cacerts deleted on a settled member: put back after {settled:?}");
+    f.wait_for("prod", WAIT, is_ready).await?;
+
+    f.env.cluster_mut("west").stop();
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    f.env.cluster_mut("west").start().await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let after = repair().await?;
+    println!("west's cacerts deleted right after a 30 s outage of its API server: put back after {after:?}");
+    assert!(after < Duration::from_secs(5), "a drift right after an outage was repaired after {after:?}");
+    Ok(())
+}

@@ -28,6 +28,8 @@ use meshfed_operator::{
 use meshfed_testenv::{Env, Options, Stage};
 use tokio::task::JoinHandle;
 
+pub mod dataplane;
+
 /// The hub namespace the examples in `deploy/` live in.
 pub const NAMESPACE: &str = "mesh-system";
 /// The hub namespace the operator's ServiceAccount (from the chart) lives in.

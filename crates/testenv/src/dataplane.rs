@@ -68,6 +68,7 @@ where
     Fut: Future<Output = Result<T>>,
     T: Send + 'static,
 {
+    may_make_network_namespace()?;
     crate::binaries()?;
     istio_binaries()?;
     envoy()?;
@@ -80,7 +81,7 @@ where
         if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
             bail!(
                 "cannot create the private network namespace the data plane runs in (unshare(CLONE_NEWNET): {}): \
-                 the data plane suites need root (CAP_SYS_ADMIN), as CI runs them",
+                 {NEEDS_ROOT}",
                 std::io::Error::last_os_error()
             );
         }
@@ -92,6 +93,21 @@ where
     })?;
     thread.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
+
+/// Whether this process may make the network namespace [`in_network_namespace`] runs in (root), checked before
+/// anything is built; an error saying so otherwise.
+pub fn may_make_network_namespace() -> Result<()> {
+    let probe = Command::new("unshare").args(["--net", "true"]).output();
+    if !probe.as_ref().is_ok_and(|o| o.status.success()) {
+        let why = probe.map_or_else(|e| e.to_string(), |o| String::from_utf8_lossy(&o.stderr).trim().to_string());
+        bail!("cannot create the private network namespace the data plane runs in ({why}): {NEEDS_ROOT}");
+    }
+    Ok(())
+}
+
+/// Why [`in_network_namespace`] fails without root.
+const NEEDS_ROOT: &str = "the data plane (the `dataplane` suite, `cargo demo --traffic`) needs root (CAP_SYS_ADMIN), \
+                          as CI runs it: run it as root, e.g. `sudo -E cargo demo --traffic`";
 
 /// Runs `ip` (iproute2) with `args` in the calling thread's network namespace.
 fn ip(args: &[&str]) -> Result<()> {
@@ -357,7 +373,8 @@ fn own_network(addresses: &[String]) -> Result<Process> {
     inside(&["link", "set", "eth0", "up"])?;
     for a in addresses {
         inside(&["addr", "add", &format!("{a}/32"), "dev", "eth0"])?;
-        ip(&["route", "add", &format!("{a}/32"), "dev", &veth])?;
+        // Replaced, not added: a pod started again may find its predecessor's route not yet gone with its namespace.
+        ip(&["route", "replace", &format!("{a}/32"), "dev", &veth])?;
     }
     inside(&["route", "add", "default", "dev", "eth0"])?;
     Ok(holder)

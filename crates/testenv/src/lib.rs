@@ -41,7 +41,7 @@ mod istiod;
 mod stage;
 pub use dataplane::{
     Answer, ENVOY_VERSION, ISTIOD_ENV_FOR_UPSTREAM_ENVOY, OwnNetwork, Pod, PodSpec, call, envoy, forward,
-    in_network_namespace, serve_hello,
+    in_network_namespace, may_make_network_namespace, serve_hello,
 };
 pub use istiod::{ISTIO_VERSION, Istiod, istio_binaries, istioctl};
 pub use stage::{SAIL_COMMIT, SAIL_VERSION, Stage, add_node, sail_crds};
