@@ -142,6 +142,7 @@ names! {
         KubeconfigKeyMissing,
         KubeconfigInvalid,
         KubeconfigRefused,
+        CredentialNotRenewed,
         // Writing a member
         WriteFailed,
         ReadFailed,

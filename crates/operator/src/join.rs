@@ -131,7 +131,8 @@ pub async fn grant(member: &Client, fed: &FederationRef, istio_namespace: &str) 
     Ok(changes)
 }
 
-/// The Istio namespaces where `member` holds a Role of join's for `fed` (not yet deleted).
+/// The Istio namespaces where `member` holds a Role of join's for `fed` (not yet deleted; not those of the claim and
+/// of the hub's own ServiceAccount).
 async fn joined_istio_namespaces(member: &Client, fed: &FederationRef) -> anyhow::Result<BTreeSet<String>> {
     let labels = access::join_labels(fed);
     let selector: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -141,7 +142,7 @@ async fn joined_istio_namespaces(member: &Client, fed: &FederationRef) -> anyhow
         .into_iter()
         .filter(|r| r.metadata.deletion_timestamp.is_none())
         .filter_map(|r| r.metadata.namespace)
-        .filter(|ns| ns != CLAIM_NAMESPACE)
+        .filter(|ns| ns != CLAIM_NAMESPACE && ns != HUB_NAMESPACE)
         .collect())
 }
 
