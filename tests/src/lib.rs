@@ -383,6 +383,18 @@ pub async fn join_member(
     fed: &federation::FederationRef,
     istio_namespace: &str,
 ) -> Result<()> {
+    // join's default lifetime: tests that advance the controller's clock by a day or two do not renew it.
+    join_member_for(hub, cluster, fed, istio_namespace, Duration::from_secs(720 * 3600)).await
+}
+
+/// [`join_member`], with a token of the hub's ServiceAccount that lives `token_ttl`.
+pub async fn join_member_for(
+    hub: &Client,
+    cluster: &meshfed_testenv::Cluster,
+    fed: &federation::FederationRef,
+    istio_namespace: &str,
+    token_ttl: Duration,
+) -> Result<()> {
     let kubeconfig = kube::config::Kubeconfig::from_yaml(cluster.kubeconfig())?;
     let (server, ca_pem) = join::endpoint(&kubeconfig, None)?;
     let request = join::Join {
@@ -391,7 +403,7 @@ pub async fn join_member(
         istio_namespace: istio_namespace.into(),
         server,
         ca_pem,
-        token_ttl: Duration::from_secs(4 * 3600),
+        token_ttl,
     };
     join::join(hub, NAMESPACE, &cluster.client().await?, &request, jiff::Timestamp::now()).await?;
     Ok(())

@@ -24,7 +24,6 @@ use meshfed_core::{
     federation::{ANNOTATION_CREATED, FIELD_MANAGER as MESHFED, FederationRef, MANAGED_BY},
     kinds::CLAIM_NAMESPACE,
     kubeconfig,
-    remote::token_request,
 };
 use serde_json::Value;
 
@@ -148,14 +147,9 @@ async fn joined_istio_namespaces(member: &Client, fed: &FederationRef) -> anyhow
 
 /// A token of the hub's ServiceAccount in `member` for `fed`, from the TokenRequest API, asking for `ttl`.
 pub async fn hub_token(member: &Client, fed: &FederationRef, ttl: Duration) -> anyhow::Result<String> {
-    let sas: Api<ServiceAccount> = Api::namespaced(member.clone(), HUB_NAMESPACE);
-    let status = sas
-        .create_token_request(&access::hub_identity_name(fed), &PostParams::default(), &token_request(ttl))
-        .await
-        .context("requesting a token for the hub's ServiceAccount")?
-        .status
-        .context("the API server returned no token")?;
-    Ok(status.token)
+    let name = access::hub_identity_name(fed);
+    let token = crate::credential::service_account_token(member, HUB_NAMESPACE, &name, ttl).await?;
+    Ok(token.expose().to_string())
 }
 
 /// Makes the hub's Secret for `join` hold a kubeconfig with a fresh token, unless the one it holds still serves
