@@ -357,8 +357,7 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     timeline.mark("second_wave");
     apply::record(ctx, &fref, &mut reports, &reached, second);
     let restarted = plan::record_restarts(&restarts, &mut reports, now);
-    let credentials_due = reports.iter().filter_map(|r| r.credential.as_ref()?.due_at);
-    let wake_at = wake_at.into_iter().chain(restarts.held_back_until).chain(credentials_due).min();
+    let wake_at = wake_at.into_iter().chain(restarts.held_back_until).min();
     plan::record_tokens(spec, &mut reports, &tokens, previous, ttl, now);
     reports.extend(leaving);
     let verdict = if overlaps.is_empty() { Verdict::Valid(&valid.durations) } else { Verdict::RefusedByMembers };
