@@ -131,8 +131,8 @@ async fn a_second_federation_is_refused_on_a_claimed_member_and_writes_nothing_t
 
     // Edited, still nothing there; the reconcile of the edit is proven by its observedGeneration.
     let edit = serde_json::json!({"spec": {"clusters": [
-        {"name": "west", "network": "n1", "kubeconfigSecretRef": {"name": "west-kubeconfig"}},
-        {"name": "north", "network": "n3", "kubeconfigSecretRef": {"name": "north-kubeconfig"}},
+        {"name": "west", "network": "n1", "kubeconfigSecretRef": {"name": "west-staging-kubeconfig"}},
+        {"name": "north", "network": "n3", "kubeconfigSecretRef": {"name": "north-staging-kubeconfig"}},
     ]}});
     let edited = f.federations().patch("staging", &PatchParams::default(), &Patch::Merge(&edit)).await?;
     let generation = edited.metadata.generation;
