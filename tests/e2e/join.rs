@@ -389,8 +389,17 @@ async fn the_hubs_credential_is_renewed_before_it_expires_for_the_same_service_a
         Api::<Secret>::namespaced(hub_as, ISTIO_NAMESPACE).get("cacerts").await?;
         after.push(new_claims);
     }
-    // Status follows, still Ready, with the member reached with its new credential.
-    let renewed = f.wait_for("prod", WAIT, |fed| is_ready(fed) && expiries(fed, &after)).await?;
+    // Status follows, and prod stays Ready while the members are reached with their new credentials (new clients,
+    // new watches): sampled for 5 s at least.
+    let started = std::time::Instant::now();
+    let samples = meshfed_e2e::sample_until(started, WAIT, Duration::from_millis(200), async |n, elapsed| {
+        let fed = api.get("prod").await?;
+        anyhow::ensure!(is_ready(&fed), "prod is not Ready at sample {n} after the renewal: {:?}", fed.status);
+        Ok(expiries(&fed, &after) && elapsed >= Duration::from_secs(5))
+    })
+    .await?;
+    println!("{samples} more samples, Ready at every one, until status showed the new expiries");
+    let renewed = api.get("prod").await?;
     assert_eq!(fed_condition(&renewed, "ClustersReachable").unwrap().reason, "AllReachable");
     Ok(())
 }
