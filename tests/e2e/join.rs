@@ -6,6 +6,7 @@
 
 use std::{path::PathBuf, time::Duration};
 
+use anyhow::Context as _;
 use k8s_openapi::api::{
     core::v1::{Secret, ServiceAccount},
     rbac::v1::{ClusterRole, PolicyRule, Role},
@@ -15,8 +16,13 @@ use kube::{
     api::{DynamicObject, ListParams, Patch, PatchParams, PostParams},
 };
 use meshfed_api::MeshFederation;
-use meshfed_core::access::{self, HUB_NAMESPACE, JOIN_LABEL, Permission};
-use meshfed_e2e::{Fixture, HUB, ISTIO_NAMESPACE, NAMESPACE, apply_manifests, example, is_ready, prod};
+use meshfed_core::{
+    access::{self, HUB_NAMESPACE, JOIN_LABEL, Permission},
+    remote,
+};
+use meshfed_e2e::{
+    Fixture, HUB, ISTIO_NAMESPACE, NAMESPACE, apply_manifests, condition, example, fed_condition, is_ready, prod,
+};
 use meshfed_operator::join;
 use meshfed_testenv::Options;
 use serde_json::Value;
@@ -234,7 +240,8 @@ async fn removing_any_one_required_permission_gives_a_member_condition_that_name
 
     let permissions = access::member_permissions(&prod(), ISTIO_NAMESPACE);
     let optional: Vec<&str> = permissions.iter().filter(|p| !p.required).map(|p| p.resource.as_str()).collect();
-    assert_eq!(optional, ["servicecidrs"], "only this may go unnoticed");
+    // The hub's own token is needed only when it falls due (proven by the renewal tests below).
+    assert_eq!(optional, ["serviceaccounts/token", "servicecidrs"], "only these may go unnoticed by a reconcile");
     let reader = meshfed_core::remote::reader_cluster_role_name(&prod());
     for p in permissions.iter().filter(|p| p.required) {
         let (namespace, rules) = without(p);
@@ -281,5 +288,172 @@ async fn removing_any_one_required_permission_gives_a_member_condition_that_name
 /// Puts the hub's RBAC in a member back as join writes it.
 async fn join_member_rbac(member: &Client) -> anyhow::Result<()> {
     join::grant(member, &prod(), ISTIO_NAMESPACE).await?;
+    Ok(())
+}
+
+/// The kubeconfig of the hub's Secret for `cluster`, as it is stored.
+async fn hub_kubeconfig(f: &Fixture, cluster: &str) -> anyhow::Result<String> {
+    let s = Api::<Secret>::namespaced(f.hub.clone(), NAMESPACE).get(&format!("{cluster}-kubeconfig")).await?;
+    Ok(String::from_utf8(s.data.unwrap()["kubeconfig"].0.clone())?)
+}
+
+/// The claims of the token in the hub's Secret for `cluster`, and the token.
+async fn hub_token(f: &Fixture, cluster: &str) -> anyhow::Result<(remote::TokenClaims, remote::ReaderToken)> {
+    let token = remote::token_in_kubeconfig(hub_kubeconfig(f, cluster).await?.as_bytes()).context("a token")?;
+    Ok((remote::token_claims(&token)?, token))
+}
+
+/// Waits until the newest of the tokens of `claims` is 30 s old, then advances the controller's clock just past the
+/// renewal point of them all (a third of their lifetime left). A fresh token, issued in real time, then stays clear
+/// of its own renewal point for as long as the newest old one had lived (30 s), so that it is renewed once.
+async fn advance_past_renewal(f: &Fixture, claims: &[remote::TokenClaims]) {
+    let newest = claims.iter().map(|c| c.issued_at).max().unwrap();
+    let age = jiff::Timestamp::now().duration_since(newest).unsigned_abs();
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(age)).await;
+    let now = jiff::Timestamp::now();
+    let due_in =
+        |c: &remote::TokenClaims| c.expires_at.duration_since(now) - c.expires_at.duration_since(c.issued_at) / 3;
+    let advance = claims.iter().map(due_in).max().unwrap();
+    f.clock.advance(advance.unsigned_abs() + Duration::from_secs(1));
+}
+
+async fn join_for_an_hour(f: &Fixture, member: &str) -> anyhow::Result<()> {
+    let hour = Duration::from_secs(3600);
+    meshfed_e2e::join_member_for(&f.hub, f.env.cluster(member), &prod(), ISTIO_NAMESPACE, hour).await
+}
+
+fn cluster_status<'a>(fed: &'a MeshFederation, name: &str) -> &'a meshfed_api::ClusterStatus {
+    fed.status.as_ref().unwrap().clusters.iter().find(|c| c.name == name).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_hubs_credential_is_renewed_before_it_expires_for_the_same_service_account_and_the_federation_stays_ready()
+-> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    f.apply(&example("multi-primary")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let members = ["east", "west"];
+    for m in members {
+        join_for_an_hour(&f, m).await?;
+    }
+    let mut before = Vec::new();
+    for m in members {
+        before.push((hub_kubeconfig(&f, m).await?, hub_token(&f, m).await?));
+    }
+    // Status shows when each credential expires (once a reconcile has read the new Secrets).
+    f.poke("prod").await?;
+    let expiries = |fed: &MeshFederation, tokens: &[remote::TokenClaims]| {
+        members.iter().zip(tokens).all(|(m, c)| {
+            cluster_status(fed, m).credential_expires_at.as_deref() == Some(c.expires_at.to_string().as_str())
+        })
+    };
+    let old: Vec<remote::TokenClaims> = before.iter().map(|(_, (c, _))| c.clone()).collect();
+    assert!(old.iter().all(|c| c.expires_at.duration_since(c.issued_at).as_secs() == 3600), "join asked for an hour");
+    f.wait_for("prod", WAIT, |fed| is_ready(fed) && expiries(fed, &old)).await?;
+    let reachable = condition(&cluster_status(&f.federations().get("prod").await?, "east").conditions, "Reachable")
+        .unwrap()
+        .message
+        .clone();
+    assert!(reachable.contains("renewed before it expires"), "{reachable}");
+
+    // Past the renewal point by the controller's clock: both tokens are replaced, and prod stays Ready throughout.
+    advance_past_renewal(&f, &old).await;
+    f.poke("prod").await?;
+    let api = f.federations();
+    let samples =
+        meshfed_e2e::sample_until(std::time::Instant::now(), WAIT, Duration::from_millis(200), async |n, _| {
+            let fed = api.get("prod").await?;
+            anyhow::ensure!(is_ready(&fed), "prod is not Ready at sample {n}: {:?}", fed.status);
+            let mut renewed = 0;
+            for (m, (_, (_, token))) in members.iter().zip(&before) {
+                renewed += usize::from(hub_token(&f, m).await?.1 != *token);
+            }
+            Ok(renewed == members.len())
+        })
+        .await?;
+    println!("renewed after {samples} samples, Ready at every one");
+    let mut after = Vec::new();
+    for (m, (yaml, (claims, token))) in members.iter().zip(&before) {
+        let (new_claims, new_token) = hub_token(&f, m).await?;
+        // The same ServiceAccount (its UID too), the same lifetime, a later expiry.
+        assert_eq!(new_claims.subject, claims.subject, "{m}");
+        assert_eq!(new_claims.subject.as_deref(), Some(access::hub_user(&prod()).as_str()));
+        assert_eq!(new_claims.service_account_uid, claims.service_account_uid, "{m}");
+        assert_eq!(new_claims.expires_at.duration_since(new_claims.issued_at).as_secs(), 3600, "{m}");
+        assert!(new_claims.expires_at > claims.expires_at, "{m}");
+        // Only the token changed, every other byte as join wrote it.
+        assert_eq!(hub_kubeconfig(&f, m).await?, yaml.replace(token.expose(), new_token.expose()), "{m}");
+        // The member accepts it: the hub reads what it may with it.
+        let hub_as = hub_credential(&f, m).await?;
+        Api::<k8s_openapi::api::core::v1::Namespace>::all(hub_as.clone()).get("kube-system").await?;
+        Api::<Secret>::namespaced(hub_as, ISTIO_NAMESPACE).get("cacerts").await?;
+        after.push(new_claims);
+    }
+    // Status follows, and prod stays Ready while the members are reached with their new credentials (new clients,
+    // new watches): sampled for 5 s at least.
+    let started = std::time::Instant::now();
+    let samples = meshfed_e2e::sample_until(started, WAIT, Duration::from_millis(200), async |n, elapsed| {
+        let fed = api.get("prod").await?;
+        anyhow::ensure!(is_ready(&fed), "prod is not Ready at sample {n} after the renewal: {:?}", fed.status);
+        Ok(expiries(&fed, &after) && elapsed >= Duration::from_secs(5))
+    })
+    .await?;
+    println!("{samples} more samples, Ready at every one, until status showed the new expiries");
+    let renewed = api.get("prod").await?;
+    assert_eq!(fed_condition(&renewed, "ClustersReachable").unwrap().reason, "AllReachable");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_join_identity_that_may_not_renew_its_token_gets_a_reason_that_says_what_to_do_long_before_expiry()
+-> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    f.apply(&example("multi-primary")).await?;
+    f.wait_for("prod", WAIT, is_ready).await?;
+    let east = f.member("east").await?;
+    // east's identity loses `create` on its own serviceaccounts/token (the Role in meshfed-system).
+    let permissions = access::member_permissions(&prod(), ISTIO_NAMESPACE);
+    let own_token = permissions.iter().find(|p| p.namespace.as_deref() == Some(HUB_NAMESPACE)).unwrap();
+    assert_eq!((own_token.resource.as_str(), own_token.verbs), ("serviceaccounts/token", &["create"][..]));
+    join_for_an_hour(&f, "east").await?;
+    let (namespace, rules) = without(own_token);
+    set_rules(&east, namespace.as_deref(), rules).await?;
+    let (claims, token) = hub_token(&f, "east").await?;
+    advance_past_renewal(&f, std::slice::from_ref(&claims)).await;
+    f.poke("prod").await?;
+
+    let warned = |fed: &MeshFederation| {
+        fed_condition(fed, "ClustersReachable").is_some_and(|c| c.reason == "CredentialNotRenewed")
+    };
+    let fed = f.wait_for("prod", WAIT, warned).await?;
+    let message = &fed_condition(&fed, "ClustersReachable").unwrap().message;
+    for part in [
+        "east: ",
+        &format!("expires at {}", claims.expires_at),
+        "cannot create resource \"serviceaccounts/token\"",
+        "meshfed join east --context",
+    ] {
+        assert!(message.contains(part), "{part:?} in {message}");
+    }
+    assert_eq!(fed_condition(&fed, "ClustersReachable").unwrap().status, "True", "the credential still works");
+    assert!(is_ready(&fed), "still Ready: {:?}", fed.status);
+    assert_eq!(
+        condition(&cluster_status(&fed, "east").conditions, "Reachable").unwrap().reason,
+        "CredentialNotRenewed"
+    );
+    assert_eq!(hub_token(&f, "east").await?.1, token, "the Secret is left as it is");
+    assert!(
+        condition(&cluster_status(&fed, "west").conditions, "Reachable").unwrap().reason == "Reachable",
+        "west renews nothing yet"
+    );
+
+    // Granted again, as `meshfed join` grants: renewed at the next reconcile, and the reason is gone.
+    join_member_rbac(&east).await?;
+    f.poke("prod").await?;
+    let fine = |fed: &MeshFederation| {
+        is_ready(fed) && fed_condition(fed, "ClustersReachable").is_some_and(|c| c.reason == "AllReachable")
+    };
+    f.wait_for("prod", WAIT, fine).await?;
+    assert_ne!(hub_token(&f, "east").await?.1, token, "renewed");
     Ok(())
 }

@@ -31,14 +31,15 @@ fn federation(name: &str, istio: &str, clusters: &[&str]) -> String {
     federation_of_revision(name, istio, "default", clusters)
 }
 
-/// A federation named `name` over `clusters` (`name:network`), in Istio namespace `istio` with revision `revision`.
+/// A federation named `name` over `clusters` (`name:network`), in Istio namespace `istio` with revision `revision`,
+/// each reached with Secret `<cluster>-<name>-kubeconfig`: what `Fixture::join_federation` writes.
 fn federation_of_revision(name: &str, istio: &str, revision: &str, clusters: &[&str]) -> String {
     let members: String = clusters
         .iter()
         .map(|c| {
             let (cluster, network) = c.split_once(':').unwrap();
             format!(
-                "  - {{name: {cluster}, network: {network}, kubeconfigSecretRef: {{name: {cluster}-kubeconfig}}}}\n"
+                "  - {{name: {cluster}, network: {network}, kubeconfigSecretRef: {{name: {cluster}-{name}-kubeconfig}}}}\n"
             )
         })
         .collect();
@@ -115,8 +116,7 @@ fn watch_ready(f: &Fixture) -> (Arc<AtomicBool>, Arc<AtomicUsize>, Arc<AtomicUsi
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_federation_is_refused_on_a_claimed_member_and_writes_nothing_there() -> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west", "north"], Options::default()).await?;
-    // Several federations on one member Secret: not reached with join's identity yet (issue 27).
-    f.members_as_admin().await?;
+    f.join_federation("staging", "istio-system", &["west", "north"]).await?;
     f.apply(&example("multi-primary-multi-network")).await?;
     f.wait_for("prod", WAIT, is_ready).await?;
     let west = f.member("west").await?;
@@ -140,8 +140,8 @@ async fn a_second_federation_is_refused_on_a_claimed_member_and_writes_nothing_t
 
     // Edited, still nothing there; the reconcile of the edit is proven by its observedGeneration.
     let edit = serde_json::json!({"spec": {"clusters": [
-        {"name": "west", "network": "n1", "kubeconfigSecretRef": {"name": "west-kubeconfig"}},
-        {"name": "north", "network": "n3", "kubeconfigSecretRef": {"name": "north-kubeconfig"}},
+        {"name": "west", "network": "n1", "kubeconfigSecretRef": {"name": "west-staging-kubeconfig"}},
+        {"name": "north", "network": "n3", "kubeconfigSecretRef": {"name": "north-staging-kubeconfig"}},
     ]}});
     let edited = f.federations().patch("staging", &PatchParams::default(), &Patch::Merge(&edit)).await?;
     let generation = edited.metadata.generation;
@@ -168,8 +168,9 @@ async fn a_second_federation_is_refused_on_a_claimed_member_and_writes_nothing_t
 #[tokio::test(flavor = "multi_thread")]
 async fn federations_share_members_each_in_its_own_istio_namespace_and_revision() -> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west"], Options::default()).await?;
-    // Several federations on one member Secret: not reached with join's identity yet (issue 27).
-    f.members_as_admin().await?;
+    f.join_federation("alpha", "istio-alpha", &["east", "west"]).await?;
+    f.join_federation("beta", "istio-beta", &["east", "west"]).await?;
+    f.join_federation("gamma", "istio-gamma", &["east"]).await?;
     let both = ["east:n1", "west:n2"];
     f.apply(&federation_of_revision("alpha", "istio-alpha", "alpha", &both)).await?;
     f.apply(&federation_of_revision("beta", "istio-beta", "beta", &both)).await?;
@@ -218,8 +219,8 @@ async fn federations_share_members_each_in_its_own_istio_namespace_and_revision(
 #[tokio::test(flavor = "multi_thread")]
 async fn two_federations_racing_for_one_member_leave_exactly_one_claim() -> anyhow::Result<()> {
     let f = Fixture::start(&["east"], Options::default()).await?;
-    // Several federations on one member Secret: not reached with join's identity yet (issue 27).
-    f.members_as_admin().await?;
+    f.join_federation("alpha", "istio-system", &["east"]).await?;
+    f.join_federation("beta", "istio-system", &["east"]).await?;
     let (a, b) = (federation("alpha", "istio-system", &["east:n1"]), federation("beta", "istio-system", &["east:n1"]));
     futures::try_join!(f.apply(&a), f.apply(&b))?;
     let settled = |fed: &MeshFederation| {
@@ -251,7 +252,7 @@ async fn deletion_never_hangs_on_members_that_hold_nothing_and_a_dead_member_can
     let mut f = Fixture::start(&["east", "west"], Options::default()).await?;
     // A refused kubeconfig (it runs a command) and a Secret that never existed.
     let exec = "apiVersion: v1\nkind: Config\ncurrent-context: c\nclusters: [{name: k, cluster: {server: 'https://127.0.0.1:1'}}]\ncontexts: [{name: c, context: {cluster: k, user: u}}]\nusers: [{name: u, user: {exec: {command: /bin/true, apiVersion: client.authentication.k8s.io/v1}}}]\n";
-    put_kubeconfig(&f.hub, "refused", exec).await?;
+    put_kubeconfig(&f.hub, "refused-broken", exec).await?;
     f.apply(&federation("broken", "istio-system", &["refused:n1", "missing:n2"])).await?;
     let reported =
         |fed: &MeshFederation| member_reason(fed, "missing").is_some() && member_reason(fed, "refused").is_some();

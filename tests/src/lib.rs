@@ -112,11 +112,14 @@ impl Fixture {
         Ok(())
     }
 
-    /// Reaches every member as its admin instead of join's identity: for the suites whose federations the fixture's
-    /// join does not grant yet (several federations on one member Secret, other names); issue 27.
-    pub async fn members_as_admin(&self) -> Result<()> {
-        for c in self.env.clusters().iter().filter(|c| c.name() != HUB) {
-            put_kubeconfig(&self.hub, c.name(), c.kubeconfig()).await?;
+    /// Joins `members` to federation `name` of [`NAMESPACE`] with Istio namespace `istio_namespace` as `meshfed join`
+    /// does, each into Secret `<member>-<name>-kubeconfig` (the fixture's `<member>-kubeconfig` stay prod's):
+    /// federations that share members reach each with their own identity, as on a real hub.
+    pub async fn join_federation(&self, name: &str, istio_namespace: &str, members: &[&str]) -> Result<()> {
+        let fed = federation::FederationRef { namespace: NAMESPACE.into(), name: name.into() };
+        for m in members {
+            let secret_prefix = format!("{m}-{name}");
+            join_named(&self.hub, self.env.cluster(m), &secret_prefix, &fed, istio_namespace, JOIN_TTL).await?;
         }
         Ok(())
     }
@@ -385,15 +388,42 @@ pub async fn join_member(
     fed: &federation::FederationRef,
     istio_namespace: &str,
 ) -> Result<()> {
+    join_member_for(hub, cluster, fed, istio_namespace, JOIN_TTL).await
+}
+
+/// The lifetime of the hub's tokens the fixture's joins ask for: join's default, so that tests that advance the
+/// controller's clock by a day or two do not renew them.
+const JOIN_TTL: Duration = Duration::from_secs(720 * 3600);
+
+/// [`join_member`], with a token of the hub's ServiceAccount that lives `token_ttl`.
+pub async fn join_member_for(
+    hub: &Client,
+    cluster: &meshfed_testenv::Cluster,
+    fed: &federation::FederationRef,
+    istio_namespace: &str,
+    token_ttl: Duration,
+) -> Result<()> {
+    join_named(hub, cluster, cluster.name(), fed, istio_namespace, token_ttl).await
+}
+
+/// Joins `cluster` as [`join_member_for`] does, into Secret `<name>-kubeconfig`.
+async fn join_named(
+    hub: &Client,
+    cluster: &meshfed_testenv::Cluster,
+    name: &str,
+    fed: &federation::FederationRef,
+    istio_namespace: &str,
+    token_ttl: Duration,
+) -> Result<()> {
     let kubeconfig = kube::config::Kubeconfig::from_yaml(cluster.kubeconfig())?;
     let (server, ca_pem) = join::endpoint(&kubeconfig, None)?;
     let request = join::Join {
         federation: fed.clone(),
-        cluster: cluster.name().into(),
+        cluster: name.into(),
         istio_namespace: istio_namespace.into(),
         server,
         ca_pem,
-        token_ttl: Duration::from_secs(4 * 3600),
+        token_ttl,
     };
     join::join(hub, NAMESPACE, &cluster.client().await?, &request, jiff::Timestamp::now()).await?;
     Ok(())

@@ -503,6 +503,14 @@ pub struct ClusterStatus {
     /// When the reader token that peers use for this cluster expires (RFC 3339); never the token.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reader_token_expires_at: Option<String>,
+    /// When the hub's credential for this cluster (the token or client certificate of its kubeconfig Secret)
+    /// expires (RFC 3339); absent when it does not expire. A ServiceAccount token that `meshfed join` wrote is
+    /// renewed before then, once a third of its lifetime remains: meshfed asks the cluster for a fresh one for the
+    /// same ServiceAccount and replaces only the token in the Secret. Any other credential is not renewed (the
+    /// `Reachable` condition says so) and is reported with reason `CredentialNotRenewed` once a third of its lifetime
+    /// remains, as is a token whose renewal the cluster refuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_expires_at: Option<String>,
     /// The Istio version the cluster runs for the federation: `spec.istio.version`, or the default of the cluster's
     /// Sail operator.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -11,7 +11,8 @@
 //! lets it write that role and its binding only with `escalate` and `bind`, which are granted on that one role's
 //! name. A changed Istio namespace needs the hub's access there too: run `meshfed join` again with the new one
 //! (it adds the Role there; the old one stays until `meshfed leave --istio-namespace <old>`), so meshfed can move
-//! everything and prune the old namespace.
+//! everything and prune the old namespace. In [`HUB_NAMESPACE`] the hub may only create tokens for its own
+//! ServiceAccount (`resourceNames`): it renews its credential with them ([`crate::credential`]).
 
 use std::collections::BTreeMap;
 
@@ -146,6 +147,15 @@ pub fn member_permissions(fed: &FederationRef, istio_namespace: &str) -> Vec<Per
             names: vec![READER_SERVICE_ACCOUNT.into()],
             why: "the reader tokens in peers' remote secrets (TokenRequest)",
             required: true,
+        },
+        Permission {
+            group: "",
+            resource: "serviceaccounts/token".into(),
+            verbs: &["create"],
+            namespace: Some(HUB_NAMESPACE.into()),
+            names: vec![hub_identity_name(fed)],
+            why: "the hub's own token (TokenRequest): meshfed renews its credential for the member before it expires; without it the cluster reports `CredentialNotRenewed` once a third of the token's lifetime remains",
+            required: false,
         },
         Permission {
             group: "",

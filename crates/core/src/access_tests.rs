@@ -95,7 +95,8 @@ fn the_rbac_is_the_permissions_one_cluster_role_and_one_role_per_namespace_bound
     let namespaced: Vec<(&str, usize)> =
         access.roles.iter().map(|(r, _)| (r.metadata.namespace.as_deref().unwrap(), rules(&r.rules))).collect();
     let count = |ns: &str| permissions.iter().filter(|p| p.namespace.as_deref() == Some(ns)).count();
-    assert_eq!(namespaced, [("istio-system", count("istio-system")), ("kube-system", count("kube-system"))]);
+    let roles = [("istio-system", count("istio-system")), ("kube-system", count("kube-system")), (HUB_NAMESPACE, 1)];
+    assert_eq!(namespaced, roles);
     assert_eq!(rules(&access.cluster_role.rules), permissions.iter().filter(|p| p.namespace.is_none()).count());
     let cluster_wide = access.cluster_role.rules.as_ref().unwrap();
     assert!(
@@ -115,6 +116,8 @@ fn the_rbac_is_the_permissions_one_cluster_role_and_one_role_per_namespace_bound
             "ServiceAccount",
             "ClusterRole",
             "ClusterRoleBinding",
+            "Role",
+            "RoleBinding",
             "Role",
             "RoleBinding",
             "Role",
@@ -176,7 +179,7 @@ fn a_member_moving_its_istio_namespace_grants_both_until_the_move_is_done_each_p
     assert_eq!(claims, 1, "the claims' permission once");
     let roles = hub_access(&fed(), &["istio-system", "mesh"]).roles;
     let where_: Vec<&str> = roles.iter().map(|(r, _)| r.metadata.namespace.as_deref().unwrap()).collect();
-    assert_eq!(where_, ["istio-system", "kube-system", "mesh"]);
+    assert_eq!(where_, ["istio-system", "kube-system", "mesh", HUB_NAMESPACE]);
 }
 
 #[test]
@@ -184,4 +187,18 @@ fn the_readmes_table_of_member_permissions_is_the_one_the_code_grants() {
     let readme = include_str!("../../../README.md");
     let table = permissions_table();
     assert!(readme.contains(&table), "README.md lacks the member permissions table; put this in it:\n{table}");
+}
+
+#[test]
+fn in_its_own_namespace_the_hub_may_only_create_tokens_for_its_own_service_account() {
+    let permissions = member_permissions(&fed(), "istio-system");
+    let own = hub_identity_name(&fed());
+    let token = |verb, name| allows(&permissions, "", "serviceaccounts/token", verb, Some(HUB_NAMESPACE), name);
+    assert!(token("create", Some(&own)), "it renews its own credential");
+    assert!(!token("create", Some("meshfed-hub.mesh-system.other")), "not another federation's");
+    assert!(!token("create", None) && !token("get", Some(&own)));
+    let in_hub_namespace: Vec<&Permission> =
+        permissions.iter().filter(|p| p.namespace.as_deref() == Some(HUB_NAMESPACE)).collect();
+    assert_eq!(in_hub_namespace.len(), 1, "nothing else there");
+    assert!(!in_hub_namespace[0].required, "without it meshfed works and says the credential is not renewed");
 }

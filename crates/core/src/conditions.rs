@@ -143,6 +143,7 @@ names! {
         KubeconfigKeyMissing,
         KubeconfigInvalid,
         KubeconfigRefused,
+        CredentialNotRenewed,
         // Writing a member
         WriteFailed,
         ReadFailed,

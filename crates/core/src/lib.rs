@@ -8,6 +8,7 @@
 pub mod access;
 pub mod conditions;
 pub mod control_plane;
+pub mod credential;
 pub mod federation;
 pub mod gateway;
 pub mod istio;

@@ -141,6 +141,13 @@ pub fn summarize(cert_pem: impl AsRef<[u8]>) -> Result<CertSummary, PkiError> {
     Ok(summary_of(&der, &cert))
 }
 
+/// When the first certificate in `cert_pem` starts and stops being valid (`notBefore`, `notAfter`).
+pub fn validity(cert_pem: impl AsRef<[u8]>) -> Result<(Timestamp, Timestamp), PkiError> {
+    let der = pem_certs(cert_pem.as_ref()).map_err(PkiError::CertificateMalformed)?.swap_remove(0);
+    let cert = parse_cert(&der).map_err(PkiError::CertificateMalformed)?;
+    Ok((asn1_timestamp(cert.validity().not_before), asn1_timestamp(cert.validity().not_after)))
+}
+
 /// A freshly generated root CA: the certificate and its key, both PEM, to be stored once in the hub.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CaMaterial {

@@ -547,7 +547,8 @@ pub fn leaving_members(
 pub const MIN_REQUEUE: Duration = Duration::from_secs(1);
 
 /// How long a converged federation waits for its next reconcile: until the earliest of the next reader token
-/// refresh, the next intermediate renewal (`renew_before` ahead of an intermediate's expiry) and the `resync`,
+/// refresh, the next intermediate renewal (`renew_before` ahead of an intermediate's expiry), the next renewal (or
+/// alarm) of the hub's credential for a member ([`crate::credential::CredentialReport::due_at`]) and the `resync`,
 /// and at least [`MIN_REQUEUE`]. Without this a short `tokenTTL` or `renewBefore` would fall due between two
 /// resyncs and expire first.
 pub fn next_deadline(members: &[MemberReport], renew_before: Duration, now: Timestamp, resync: Duration) -> Duration {
@@ -556,7 +557,8 @@ pub fn next_deadline(members: &[MemberReport], renew_before: Duration, now: Time
         .filter_map(|m| m.intermediate.as_ref()?.as_ref().ok())
         .map(|i| crate::pki::renewal_at(i.not_after, renew_before).unwrap_or(now));
     let refreshes = members.iter().filter_map(|m| m.token_refresh_at);
-    let earliest = renewals.chain(refreshes).min();
+    let credentials = members.iter().filter_map(|m| m.credential.as_ref()?.due_at);
+    let earliest = renewals.chain(refreshes).chain(credentials).min();
     let until = |at: Timestamp| Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO);
     earliest.map_or(resync, |at| until(at).min(resync)).max(MIN_REQUEUE)
 }
@@ -1045,6 +1047,26 @@ mod tests {
             Some(timing.resync_after)
         );
         assert_eq!(requeue(Verdict::Valid(&durations), false, None, &up, now(), timing), Some(timing.retry_after));
+    }
+
+    #[test]
+    fn a_converged_federation_wakes_for_the_renewal_of_a_hub_credential_and_one_that_is_not_ready_retries_as_ever() {
+        let timing = Timing { retry_after: Duration::from_secs(5), resync_after: Duration::from_secs(300) };
+        let durations = crate::validate::validate(&two_networks()).unwrap().durations;
+        let mut up = [report("east", Some("v"), None)];
+        let due_at = now() + jiff::SignedDuration::from_secs(90);
+        up[0].credential = Some(crate::credential::CredentialReport {
+            expires_at: Some(now() + jiff::SignedDuration::from_mins(10)),
+            due_at: Some(due_at),
+            note: String::new(),
+            warning: None,
+        });
+        let ready = requeue(Verdict::Valid(&durations), true, None, &up, now(), timing);
+        assert_eq!(ready, Some(Duration::from_secs(90)), "at its renewal point, before the resync");
+        up[0].credential.as_mut().unwrap().due_at = Some(now() + jiff::SignedDuration::from_hours(480));
+        assert_eq!(requeue(Verdict::Valid(&durations), true, None, &up, now(), timing), Some(timing.resync_after));
+        let not_ready = requeue(Verdict::Valid(&durations), false, None, &up, now(), timing);
+        assert_eq!(not_ready, Some(timing.retry_after), "a renewal far ahead never delays a retry");
     }
 
     #[test]

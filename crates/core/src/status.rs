@@ -7,6 +7,7 @@ use meshfed_api::{ClusterStatus, MeshFederationSpec, MeshFederationStatus, Secre
 
 use crate::{
     conditions::{Cond, ConditionType, Reason, first_failure, kstatus, stamp},
+    credential::CredentialReport,
     federation::{Failure, FederationRef, RELEASE_ANNOTATION},
     gateway::GatewayAddress,
     kinds::OWNED_KINDS,
@@ -135,7 +136,9 @@ pub fn announcements(previous: Option<&MeshFederationStatus>, new: &MeshFederati
     for c in new.conditions.iter().filter(|c| c.type_ != "Stalled" && c.type_ != "Reconciling") {
         if !previous.conditions.iter().any(|p| p.type_ == c.type_ && p.status == c.status && p.reason == c.reason) {
             let note = format!("{} is {}: {}", c.type_, c.status, c.message);
-            let warning = c.status != "True" || c.reason == Reason::RootExpiring.as_str();
+            let warning = c.status != "True"
+                || c.reason == Reason::RootExpiring.as_str()
+                || c.reason == Reason::CredentialNotRenewed.as_str();
             out.push(Announcement::new(warning, &c.reason, note));
         }
     }
@@ -198,6 +201,8 @@ pub struct MemberReport {
     pub token_expires_at: Option<Timestamp>,
     /// When that token falls due for refresh, by the hub's clock ([`crate::remote::TokenTimes::refresh_at`]).
     pub token_refresh_at: Option<Timestamp>,
+    /// The hub's credential for the member, when it was reached: when it expires, whether meshfed renews it.
+    pub credential: Option<CredentialReport>,
     /// The member's intermediate CA as it is now, or why it could not be put in place.
     pub intermediate: Option<Result<CertSummary, Failure>>,
     /// The member's east-west gateway, where it needs one: where other members dial it, or why they cannot yet.
@@ -228,6 +233,7 @@ impl MemberReport {
             remote_access: None,
             token_expires_at: None,
             token_refresh_at: None,
+            credential: None,
             intermediate: None,
             gateway: None,
             control_plane: None,
@@ -301,13 +307,28 @@ pub fn federation_status(
     };
 
     let unreachable: Vec<_> = members.iter().filter(|m| m.version.is_none()).collect();
-    let reachable = match unreachable.as_slice() {
-        [] => Cond::ok(
+    let not_renewed: Vec<(&str, &Failure)> = members
+        .iter()
+        .filter(|m| !m.leaving)
+        .filter_map(|m| Some((m.name.as_str(), m.credential.as_ref()?.warning.as_ref()?)))
+        .collect();
+    let reachable = match (unreachable.as_slice(), not_renewed.as_slice()) {
+        ([], []) => Cond::ok(
             ConditionType::ClustersReachable,
             Reason::AllReachable,
             format!("all {} members answered", members.len()),
         ),
-        [first, ..] => Cond::failed(
+        // Still True: every credential works; a person has until it expires to act.
+        ([], [(_, first), ..]) => Cond::ok(
+            ConditionType::ClustersReachable,
+            first.reason,
+            format!(
+                "all {} members answered; {}",
+                members.len(),
+                not_renewed.iter().map(|(name, f)| format!("{name}: {}", f.message)).collect::<Vec<_>>().join("; ")
+            ),
+        ),
+        ([first, ..], _) => Cond::failed(
             ConditionType::ClustersReachable,
             first.failure.as_ref().map_or(Reason::Unreachable, |f| f.reason),
             unreachable.iter().map(|m| format!("{}: {}", m.name, failure_message(m))).collect::<Vec<_>>().join("; "),
@@ -484,7 +505,13 @@ fn member_status(
     now: Timestamp,
 ) -> ClusterStatus {
     let reachable = match (&m.version, &m.failure) {
-        (Some(v), _) => Cond::ok(ConditionType::Reachable, Reason::Reachable, format!("Kubernetes {v}")),
+        (Some(v), _) => match &m.credential {
+            Some(CredentialReport { warning: Some(w), .. }) => {
+                Cond::ok(ConditionType::Reachable, w.reason, format!("Kubernetes {v}; {}", w.message))
+            }
+            Some(c) => Cond::ok(ConditionType::Reachable, Reason::Reachable, format!("Kubernetes {v}; {}", c.note)),
+            None => Cond::ok(ConditionType::Reachable, Reason::Reachable, format!("Kubernetes {v}")),
+        },
         (None, Some(f)) => Cond::failed(ConditionType::Reachable, f.reason, f.message.clone()),
         (None, None) => Cond::failed(ConditionType::Reachable, Reason::Unreachable, ""),
     };
@@ -571,6 +598,10 @@ fn member_status(
             .token_expires_at
             .map(|t| t.to_string())
             .or_else(|| previous.and_then(|p| p.reader_token_expires_at.clone())),
+        credential_expires_at: match &m.credential {
+            Some(c) => c.expires_at.map(|t| t.to_string()),
+            None => previous.and_then(|p| p.credential_expires_at.clone()),
+        },
         istio_version: m
             .istio_version
             .as_ref()
@@ -661,6 +692,48 @@ pub(crate) mod tests {
         assert_eq!(condition(&near.conditions, "Ready"), ("True", "Converged"));
         let said = announcements(Some(&far), &near);
         assert!(said.iter().any(|a| a.warning && a.reason == "RootExpiring" && a.note.contains("rotate")), "{said:?}");
+    }
+
+    #[test]
+    fn a_credential_that_cannot_be_renewed_is_warned_about_while_the_federation_stays_ready() {
+        use crate::credential::{Credential, decide, refused, report as credential_report};
+        let s = spec();
+        let token = Credential::ServiceAccountToken {
+            namespace: "meshfed-system".into(),
+            name: "meshfed-hub.mesh-system.prod".into(),
+            issued_at: "2026-11-01T00:00:00Z".parse().unwrap(),
+            expires_at: "2026-12-01T00:00:00Z".parse().unwrap(),
+        };
+        let kept = credential_report("east", &token, &decide(&token, now(), SignedDuration::ZERO), now());
+        let mut up = [report("east", Some("v1.34.2"), None), report("west", Some("v1.34.2"), None)];
+        up[0].credential = Some(kept);
+        up.iter_mut().for_each(|r| r.control_plane = Some(Ok(())));
+        let first = federation_status(None, Some(1), &s, &validate(&s), Some(&root()), &up, now());
+        let east = &first.clusters[0];
+        assert_eq!(east.credential_expires_at.as_deref(), Some("2026-12-01T00:00:00Z"));
+        let reachable = east.conditions.iter().find(|c| c.type_ == "Reachable").unwrap();
+        assert_eq!(reachable.reason, "Reachable");
+        assert!(reachable.message.contains("renewed before it expires"), "{}", reachable.message);
+        assert_eq!(condition(&first.conditions, "ClustersReachable"), ("True", "AllReachable"));
+
+        // The renewal is refused: said on the cluster and the federation, with a Warning Event; still Ready.
+        up[0].credential = Some(refused("east", &token, "forbidden"));
+        let second = federation_status(Some(&first), Some(1), &s, &validate(&s), Some(&root()), &up, now());
+        assert_eq!(condition(&second.conditions, "ClustersReachable"), ("True", "CredentialNotRenewed"));
+        assert_eq!(condition(&second.conditions, "Ready"), ("True", "Converged"));
+        assert_eq!(condition(&second.clusters[0].conditions, "Reachable"), ("True", "CredentialNotRenewed"));
+        assert_eq!(condition(&second.clusters[0].conditions, "Ready"), ("True", "Converged"));
+        let said = announcements(Some(&first), &second);
+        let warned = said.iter().find(|a| a.reason == "CredentialNotRenewed").expect("a warning");
+        assert!(
+            warned.warning && warned.note.contains("east: ") && warned.note.contains("meshfed join east"),
+            "{said:?}"
+        );
+
+        // Not reached: the last known expiry stays.
+        let down = [report("east", None, Some(Failure::new(Reason::Unreachable, "refused"))), up[1].clone()];
+        let third = federation_status(Some(&second), Some(1), &s, &validate(&s), Some(&root()), &down, now());
+        assert_eq!(third.clusters[0].credential_expires_at.as_deref(), Some("2026-12-01T00:00:00Z"));
     }
 
     #[test]

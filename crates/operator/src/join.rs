@@ -24,7 +24,6 @@ use meshfed_core::{
     federation::{ANNOTATION_CREATED, FIELD_MANAGER as MESHFED, FederationRef, MANAGED_BY},
     kinds::CLAIM_NAMESPACE,
     kubeconfig,
-    remote::token_request,
 };
 use serde_json::Value;
 
@@ -131,7 +130,8 @@ pub async fn grant(member: &Client, fed: &FederationRef, istio_namespace: &str) 
     Ok(changes)
 }
 
-/// The Istio namespaces where `member` holds a Role of join's for `fed` (not yet deleted).
+/// The Istio namespaces where `member` holds a Role of join's for `fed` (not yet deleted; not those of the claim and
+/// of the hub's own ServiceAccount).
 async fn joined_istio_namespaces(member: &Client, fed: &FederationRef) -> anyhow::Result<BTreeSet<String>> {
     let labels = access::join_labels(fed);
     let selector: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
@@ -141,20 +141,15 @@ async fn joined_istio_namespaces(member: &Client, fed: &FederationRef) -> anyhow
         .into_iter()
         .filter(|r| r.metadata.deletion_timestamp.is_none())
         .filter_map(|r| r.metadata.namespace)
-        .filter(|ns| ns != CLAIM_NAMESPACE)
+        .filter(|ns| ns != CLAIM_NAMESPACE && ns != HUB_NAMESPACE)
         .collect())
 }
 
 /// A token of the hub's ServiceAccount in `member` for `fed`, from the TokenRequest API, asking for `ttl`.
 pub async fn hub_token(member: &Client, fed: &FederationRef, ttl: Duration) -> anyhow::Result<String> {
-    let sas: Api<ServiceAccount> = Api::namespaced(member.clone(), HUB_NAMESPACE);
-    let status = sas
-        .create_token_request(&access::hub_identity_name(fed), &PostParams::default(), &token_request(ttl))
-        .await
-        .context("requesting a token for the hub's ServiceAccount")?
-        .status
-        .context("the API server returned no token")?;
-    Ok(status.token)
+    let name = access::hub_identity_name(fed);
+    let token = crate::credential::service_account_token(member, HUB_NAMESPACE, &name, ttl).await?;
+    Ok(token.expose().to_string())
 }
 
 /// Makes the hub's Secret for `join` hold a kubeconfig with a fresh token, unless the one it holds still serves

@@ -1,6 +1,7 @@
 //! The meshfed hub controller. `meshfed run` runs [`reconcile::run`]; tests and the demo run it in-process.
 
 pub mod check;
+pub mod credential;
 pub mod join;
 pub mod leader;
 pub mod member;

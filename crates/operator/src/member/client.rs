@@ -32,6 +32,8 @@ pub struct Member {
     pub client: Client,
     pub server: String,
     pub kubeconfig: Kubeconfig,
+    /// What the kubeconfig authenticates with (no secret): whether and when meshfed renews it.
+    pub credential: meshfed_core::credential::Credential,
     /// How far the member's clock runs ahead of the hub's, in milliseconds, as last measured by [`Member::probe`].
     clock: Arc<AtomicI64>,
 }
@@ -124,6 +126,7 @@ impl ClientPool {
             client,
             server,
             kubeconfig: kc,
+            credential: meshfed_core::credential::credential(yaml),
             clock: Arc::default(),
         };
         self.cache.lock().expect("pool lock").insert(key, (version, member.clone()));
@@ -246,6 +249,7 @@ mod tests {
             client: Client::try_from(config).unwrap(),
             server: "https://127.0.0.1:1".into(),
             kubeconfig: Kubeconfig::default(),
+            credential: meshfed_core::credential::Credential::Unknown,
             clock: Arc::default(),
         }
     }

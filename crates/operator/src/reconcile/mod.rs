@@ -277,6 +277,26 @@ async fn converge(fed: &MeshFederation, ctx: &Context, mut timeline: Timeline) -
     for name in plan::refuse_duplicates(&mut reports) {
         reached.remove(&name);
     }
+    // The hub's credential for each member reached: renewed when it falls due.
+    let credentials = spec.clusters.iter().filter_map(|c| {
+        let r = reached.get(&c.name)?;
+        let renewed = crate::credential::renew(
+            &ctx.hub,
+            &fref.namespace,
+            &c.name,
+            &c.kubeconfig_secret_ref,
+            &r.member,
+            now,
+            ctx.settings.member_timeout,
+        );
+        Some(async move { (c.name.clone(), renewed.await) })
+    });
+    for (name, credential) in join_all(credentials).await {
+        if let Some(r) = reports.iter_mut().find(|r| r.name == name) {
+            r.credential = Some(credential);
+        }
+    }
+    timeline.mark("credentials");
     let ranges = reached.iter().map(|(name, r)| (name.clone(), r.seen.ranges.clone())).collect();
     let overlaps = observed_overlaps(spec, &ranges);
     if !overlaps.is_empty() {
