@@ -317,16 +317,17 @@ async fn a_moved_istio_namespace_leaves_nothing_in_the_old_one() -> anyhow::Resu
     Ok(())
 }
 
-/// Hub B: the environment's cluster `hub-b` made a hub (the CRD, the federation namespace, the members' kubeconfig
-/// Secrets), running a controller of its own.
+/// Hub B: the environment's cluster `hub-b` made a hub (the CRD, the federation namespace, the members joined),
+/// running a controller of its own.
 async fn second_hub(f: &Fixture) -> anyhow::Result<(Client, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let hub_b_cluster = f.env.cluster("hub-b");
     hub_b_cluster.install_crds(&meshfed_api::crd_yaml()).await?;
     let hub_b = hub_b_cluster.client().await?;
     let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": NAMESPACE}}))?;
     Api::<Namespace>::all(hub_b.clone()).create(&Default::default(), &ns).await?;
+    // Hub B reaches the members as `meshfed join` would have joined them there (the same identity as hub A's).
     for m in ["east", "west"] {
-        put_kubeconfig(&hub_b, m, f.env.cluster(m).kubeconfig()).await?;
+        meshfed_e2e::join_member(&hub_b, f.env.cluster(m), &meshfed_e2e::prod(), "istio-system").await?;
     }
     let settings = meshfed_operator::reconcile::Settings {
         member_timeout: Duration::from_secs(5),

@@ -316,16 +316,19 @@ pub fn member_plan(
 }
 
 /// How many apply stages a member's plan has: see [`apply_stage`].
-pub const APPLY_STAGES: usize = 3;
+pub const APPLY_STAGES: usize = 4;
 
 /// The stage in which objects of a kind are applied; the objects of one stage go concurrently. First the
-/// cluster-scoped objects others live in or refer to (namespaces, cluster roles and their bindings), then
-/// everything namespaced, last the control plane (`Istio`), so that istiod starts on the `cacerts` and the
-/// configuration meant for it, not on a self-signed CA.
+/// cluster-scoped objects others live in or refer to (namespaces, cluster roles and their bindings: the hub may
+/// `bind` meshfed's cluster roles by name), then everything namespaced but role bindings, which follow their roles
+/// (the API server resolves a binding's Role to check that the hub holds what it grants: a Role written in the same
+/// stage may not be there yet, and the binding is refused as not found), last the control plane (`Istio`), so that
+/// istiod starts on the `cacerts` and the configuration meant for it, not on a self-signed CA.
 pub fn apply_stage(kind: &OwnedKind) -> usize {
     match *kind {
         NAMESPACE | CLUSTER_ROLE | CLUSTER_ROLE_BINDING => 0,
-        ISTIO => 2,
+        ROLE_BINDING => 2,
+        ISTIO => 3,
         _ => 1,
     }
 }
@@ -865,6 +868,14 @@ mod tests {
             ["/data/ca-key.pem", "/spec/values/global/multiCluster", "/spec/values/global/network"]
         );
         assert!(adoption_changes(&desired, &desired).is_empty());
+    }
+
+    #[test]
+    fn a_role_binding_is_applied_after_its_role_and_the_control_plane_last() {
+        assert!(apply_stage(&ROLE_BINDING) > apply_stage(&ROLE));
+        assert!(apply_stage(&CLUSTER_ROLE_BINDING) >= apply_stage(&CLUSTER_ROLE), "bound by name: no lookup");
+        assert!(OWNED_KINDS.iter().filter(|k| **k != ISTIO).all(|k| apply_stage(k) < apply_stage(&ISTIO)));
+        assert!(OWNED_KINDS.iter().all(|k| apply_stage(k) < APPLY_STAGES));
     }
 
     #[test]

@@ -185,6 +185,33 @@ async fn sample_discovery(mesh: &Mesh, done: impl AsyncFn() -> bool, bound: Dura
     Ok(out)
 }
 
+/// What `member` holds labelled for `cluster` of prod and what `meshfed render` says it holds, as `Kind ns/name`.
+async fn held_and_rendered(f: &Fixture, fed: &MeshFederation, member: &str) -> anyhow::Result<[BTreeSet<String>; 2]> {
+    let fref = meshfed_e2e::prod();
+    let lp = kube::api::ListParams::default().labels(&fref.selector(member));
+    let mut held = BTreeSet::new();
+    for kind in kinds::OWNED_KINDS {
+        let api = Api::<kube::api::DynamicObject>::all_with(
+            f.member(member).await?,
+            &meshfed_operator::member::kinds::api_resource(kind),
+        );
+        for o in api.list(&lp).await?.items {
+            let o = serde_json::to_value(o)?;
+            let key = kinds::ObjectKey {
+                kind: *kind,
+                namespace: o["metadata"]["namespace"].as_str().map(Into::into),
+                name: o["metadata"]["name"].as_str().unwrap_or_default().into(),
+            };
+            held.insert(key.to_string());
+        }
+    }
+    let rendered =
+        meshfed_core::render::render(&fref, &fed.spec, Some(member)).map_err(|p| anyhow::anyhow!("{p:?}"))?;
+    let rendered =
+        rendered.into_iter().flat_map(|(_, o)| o).filter_map(|o| kinds::key_of(&o)).map(|k| k.to_string()).collect();
+    Ok([held, rendered])
+}
+
 fn member_reason(fed: &MeshFederation, cluster: &str) -> Option<(String, String)> {
     let c = fed.status.as_ref()?.clusters.iter().find(|c| c.name == cluster)?;
     let ready = meshfed_e2e::condition(&c.conditions, "Ready")?;
@@ -300,6 +327,11 @@ async fn a_mesh_built_by_hand_is_left_alone_then_adopted_without_a_gap_and_let_g
     };
     assert!(gaps.is_empty(), "istiod lost the other cluster while meshfed adopted the mesh: {gaps:?}");
     let after = snapshot(&mesh.f, &made).await?;
+    let fed = mesh.f.federations().get("prod").await?;
+    for member in ["east", "west"] {
+        let [held, rendered] = held_and_rendered(&mesh.f, &fed, member).await?;
+        assert_eq!(held, rendered, "{member}: the adopted mesh holds exactly what `meshfed render` says");
+    }
     for (((member, key), was), now) in made.iter().zip(&before).zip(&after) {
         assert_eq!(now["metadata"]["uid"], was["metadata"]["uid"], "{member}: {key} taken over in place");
         assert_eq!(now["metadata"]["labels"][federation::LABEL_CLUSTER], json!(member), "{member}: {key} labelled");
