@@ -479,12 +479,14 @@ pub fn adoption_changes(observed: &Value, desired: &Value) -> Vec<String> {
             _ => out.push(path.to_string()),
         }
     }
-    let mut out = Vec::new();
-    if let (Value::Object(d), Some(o)) = (desired, Some(observed)) {
-        for (k, dv) in d.iter().filter(|(k, _)| !["metadata", "apiVersion", "kind"].contains(&k.as_str())) {
-            walk(&format!("/{k}"), o.get(k), dv, &mut out);
+    let mut desired = desired.clone();
+    if let Some(d) = desired.as_object_mut() {
+        for k in ["metadata", "apiVersion", "kind"] {
+            d.remove(k);
         }
     }
+    let mut out = Vec::new();
+    walk("", Some(observed), &desired, &mut out);
     out
 }
 

@@ -119,11 +119,8 @@ pub async fn apply_plan(
         return Err(Failure::new(
             Reason::ObjectNotOwned,
             format!(
-                "{} already exist{} and meshfed did not create {}; nothing is written to this cluster. To let this federation take {} over, set `existingObjects: Adopt` (`meshfed check` lists what that would change)",
-                nobodys.join(", "),
-                if nobodys.len() == 1 { "s" } else { "" },
-                if nobodys.len() == 1 { "it" } else { "them" },
-                if nobodys.len() == 1 { "it" } else { "them" },
+                "already there and not created by meshfed, so left alone: {}; nothing is written to this cluster. To let this federation take such objects over, set `existingObjects: Adopt` (`meshfed check` lists what that would change)",
+                nobodys.join(", ")
             ),
         ));
     }
