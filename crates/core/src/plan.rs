@@ -15,7 +15,9 @@ use k8s_openapi::{
     ByteString,
     api::core::v1::{ConfigMap, Namespace, Node, Secret, Service},
 };
-use meshfed_api::{ClusterRole, ClusterSpec, ExistingObjects, MeshFederationSpec, MeshFederationStatus, SecretKeyRef};
+use meshfed_api::{
+    ClusterRole, ClusterSpec, DataPlane, ExistingObjects, MeshFederationSpec, MeshFederationStatus, SecretKeyRef,
+};
 
 use crate::{
     conditions::Reason,
@@ -164,6 +166,10 @@ pub fn gateways(
         .filter(|c| topology::needs_gateway(spec, c) || held_over.contains(&c.name))
         .filter_map(|c| {
             let state = match observed.get(&c.name) {
+                Some(o) if spec.data_plane == DataPlane::Ambient => {
+                    let key = kinds::ambient_gateway_key(&spec.istio.namespace);
+                    gateway::ambient_gateway_address(o.held.get(&key).map(Arc::as_ref))
+                }
                 Some(o) => gateway::gateway_address(c, typed::<Service>(&o.held, &key).as_ref(), &o.nodes),
                 None => Ok(last_known(&c.name)?),
             };
@@ -223,6 +229,10 @@ pub fn member_plan(
         unserved: seen.unserved.clone(),
         istio: seen.held.get(&kinds::istio_key(&spec.istio.revision)).map(Arc::as_ref),
         istiod_restart: wave.restarts.get(&cluster.name).map(String::as_str),
+        ambient: [kinds::ISTIO_CNI, kinds::ZTUNNEL].map(|kind| {
+            let key = kinds::ObjectKey { kind, namespace: None, name: kinds::AMBIENT_SINGLETON.into() };
+            seen.held.get(&key).map(Arc::as_ref)
+        }),
     };
     let mut plan = member::member_plan(fref, hub, spec, cluster, facts);
     member::mark_adopted(&mut plan, fref, &seen.held, spec.existing_objects == ExistingObjects::Adopt);

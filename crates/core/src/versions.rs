@@ -102,6 +102,40 @@ pub const DEFECTS: &[Defect] = &[
 /// The first release with Beta ambient multicluster on several networks (Istio 1.29 release notes).
 pub const AMBIENT_MULTI_NETWORK_SINCE: IstioVersion = IstioVersion::new(1, 29, 0);
 
+/// Whether the Istio version `name` (`v1.30.3`, `1.30.3` or `v1.30-latest`) is known to be older than
+/// [`AMBIENT_MULTI_NETWORK_SINCE`]: a release before it, or a `-latest` alias of an older line. `None` when `name`
+/// names no release or line (then nothing is known, and nothing is refused).
+pub fn before_ambient_multi_network(name: &str) -> Option<bool> {
+    let since = AMBIENT_MULTI_NETWORK_SINCE;
+    if let Some(release) = IstioVersion::parse(name) {
+        return Some(release < since);
+    }
+    let line = name.strip_suffix("-latest")?;
+    let release = IstioVersion::parse(&format!("{line}.{}", u32::MAX))?;
+    Some(release < since)
+}
+
+/// Refuses ambient mode on a member whose Istio version is known (from `spec.istio.version` or, unset, its Sail
+/// operator's default) and older than [`AMBIENT_MULTI_NETWORK_SINCE`], before anything is written there.
+/// `spec.istio.version` itself is refused by validation already (`AmbientIstioTooOld`); this catches the default.
+pub fn ambient_on(version: Option<&MemberVersion>) -> Result<(), Failure> {
+    let Some(version) = version else { return Ok(()) };
+    let old = match version.release {
+        Some(release) => release < AMBIENT_MULTI_NETWORK_SINCE,
+        None => before_ambient_multi_network(&version.name).unwrap_or(false),
+    };
+    if !old {
+        return Ok(());
+    }
+    Err(Failure::new(
+        Reason::AmbientIstioTooOld,
+        format!(
+            "this cluster runs Istio {} (its Sail operator's default), older than {AMBIENT_MULTI_NETWORK_SINCE}, the first with ambient multi-network; set spec.istio.version to {AMBIENT_MULTI_NETWORK_SINCE} or later, or use dataPlane Sidecar",
+            version.name
+        ),
+    ))
+}
+
 /// The defects of `version` with `trigger`; a version that is not known has every one (the workarounds are safe on
 /// any version, their absence is not).
 pub fn defects(version: Option<IstioVersion>, trigger: Trigger) -> impl Iterator<Item = &'static Defect> {
@@ -254,6 +288,28 @@ mod tests {
         assert_eq!(member_version(None, None), Ok(None), "nothing known");
         let unlisted = member_version(Some("v1.31.0"), None).unwrap().unwrap();
         assert_eq!(unlisted.release, v("v1.31.0"), "without the Sail CRD, what was asked");
+    }
+
+    #[test]
+    fn ambient_multi_network_needs_istio_1_29_by_release_or_line() {
+        for old in ["v1.28.10", "1.28.0", "v1.28-latest", "v1.9-latest", "v0.99.0"] {
+            assert_eq!(before_ambient_multi_network(old), Some(true), "{old}");
+        }
+        for new in ["v1.29.0", "v1.29-latest", "v1.30.3", "v1.31-latest", "v2.0.0"] {
+            assert_eq!(before_ambient_multi_network(new), Some(false), "{new}");
+        }
+        assert_eq!(before_ambient_multi_network("latest"), None, "nothing known, nothing refused");
+        // A member on its Sail operator's default: refused when that default is older.
+        let old_sail = SailVersions {
+            accepted: vec!["v1.28.10".into(), "v1.28-latest".into()],
+            default: Some("v1.28-latest".into()),
+        };
+        let default = member_version(None, Some(&old_sail)).unwrap();
+        let refused = ambient_on(default.as_ref()).unwrap_err();
+        assert_eq!(refused.reason, Reason::AmbientIstioTooOld);
+        assert!(refused.message.contains("v1.28-latest") && refused.message.contains("v1.29.0"), "{}", refused.message);
+        assert_eq!(ambient_on(member_version(None, Some(&sail())).unwrap().as_ref()), Ok(()));
+        assert_eq!(ambient_on(None), Ok(()), "a version not known is not refused");
     }
 
     #[test]
