@@ -142,15 +142,23 @@ pub fn defects(version: Option<IstioVersion>, trigger: Trigger) -> impl Iterator
     DEFECTS.iter().filter(move |d| d.trigger == trigger && version.is_none_or(|v| d.affects(v)))
 }
 
+/// The defects of `version` that an updated remote secret triggers: those of every data plane, and in ambient mode
+/// (`ambient`) those of ambient too.
+fn remote_secret_update_defects(version: Option<IstioVersion>, ambient: bool) -> impl Iterator<Item = &'static Defect> {
+    let ambient_defects = defects(version, Trigger::AmbientRemoteSecretUpdate).filter(move |_| ambient);
+    defects(version, Trigger::RemoteSecretUpdate).chain(ambient_defects)
+}
+
 /// Whether a Primary on `version` must restart istiod after the remote secrets it holds changed, so that a token
-/// refresh never leaves it on a stale registry (the workaround every report of these defects names).
-pub fn restart_after_remote_secret_change(version: Option<IstioVersion>) -> bool {
-    defects(version, Trigger::RemoteSecretUpdate).next().is_some()
+/// refresh never leaves it on a stale registry (the workaround every report of these defects names); `ambient`: the
+/// federation runs in ambient mode, which has a defect of its own (fixed later).
+pub fn restart_after_remote_secret_change(version: Option<IstioVersion>, ambient: bool) -> bool {
+    remote_secret_update_defects(version, ambient).next().is_some()
 }
 
 /// The issues of the defects a Primary on `version` has with meshfed's token refresh, as `istio/istio#1, #2`.
-pub fn remote_secret_defects(version: Option<IstioVersion>) -> String {
-    let issues = defects(version, Trigger::RemoteSecretUpdate).enumerate();
+pub fn remote_secret_defects(version: Option<IstioVersion>, ambient: bool) -> String {
+    let issues = remote_secret_update_defects(version, ambient).enumerate();
     let issues: Vec<&str> =
         issues.map(|(i, d)| if i == 0 { d.issue } else { d.issue.trim_start_matches("istio/istio") }).collect();
     issues.join(", ")
@@ -250,7 +258,7 @@ mod tests {
 
     #[test]
     fn an_updated_remote_secret_needs_an_istiod_restart_before_1_30_4_and_1_31_0() {
-        let restart = |s: &str| restart_after_remote_secret_change(v(s));
+        let restart = |s: &str| restart_after_remote_secret_change(v(s), false);
         // Every release the Sail operator 1.30.3 installs has at least one of the three defects.
         for affected in ["v1.21.6", "v1.28.10", "v1.29.6", "v1.30.0", "v1.30.2", "v1.30.3"] {
             assert!(restart(affected), "{affected}");
@@ -258,11 +266,16 @@ mod tests {
         for fixed in ["v1.30.4", "v1.30.10", "v1.31.0", "v1.31.2", "v1.32.0", "v2.0.0"] {
             assert!(!restart(fixed), "{fixed}");
         }
-        assert!(restart_after_remote_secret_change(None), "a version not known gets the workaround");
+        assert!(restart_after_remote_secret_change(None, false), "a version not known gets the workaround");
         // Which defects, by release: 1.30.3 has the stale-registry fix but not the two others.
-        assert_eq!(remote_secret_defects(v("v1.30.3")), "istio/istio#61043, #60920");
-        assert_eq!(remote_secret_defects(v("v1.29.6")), "istio/istio#60612, #61043, #60920");
-        assert_eq!(remote_secret_defects(v("v1.31.0")), "");
+        assert_eq!(remote_secret_defects(v("v1.30.3"), false), "istio/istio#61043, #60920");
+        assert_eq!(remote_secret_defects(v("v1.29.6"), false), "istio/istio#60612, #61043, #60920");
+        assert_eq!(remote_secret_defects(v("v1.31.0"), false), "");
+        // In ambient mode, 1.30.4 and later 1.30 releases still have #60033: istiod is restarted there too.
+        assert!(restart_after_remote_secret_change(v("v1.30.4"), true));
+        assert_eq!(remote_secret_defects(v("v1.30.4"), true), "istio/istio#60033");
+        assert_eq!(remote_secret_defects(v("v1.30.3"), true), "istio/istio#61043, #60920, #60033");
+        assert!(!restart_after_remote_secret_change(v("v1.31.0"), true));
         // The ambient defect was fixed on 1.31 only.
         assert!(defects(v("v1.30.4"), Trigger::AmbientRemoteSecretUpdate).next().is_some());
         assert!(defects(v("v1.31.0"), Trigger::AmbientRemoteSecretUpdate).next().is_none());

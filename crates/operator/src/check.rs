@@ -18,7 +18,7 @@ use kube::{
     config::KubeConfigOptions,
 };
 use meshfed_api::{
-    ClusterRole, ClusterSpec, ExistingObjects, ExposeMode, MeshFederation, MeshFederationSpec, TrustStatus,
+    ClusterRole, ClusterSpec, DataPlane, ExistingObjects, ExposeMode, MeshFederation, MeshFederationSpec, TrustStatus,
 };
 use meshfed_core::{
     control_plane,
@@ -69,13 +69,15 @@ fn istio_version(spec: &MeshFederationSpec, cluster: &ClusterSpec, sail: Option<
         }
         Err(f) => return found("control plane", &cluster.name, Err(f.message)),
     };
-    let defects = versions::remote_secret_defects(version.release);
+    let ambient = spec.data_plane == DataPlane::Ambient;
+    let defects = versions::remote_secret_defects(version.release, ambient);
     let mut finding = found("control plane", &cluster.name, Ok(format!("Istio {}", version.name)));
     if cluster.role == ClusterRole::Primary && !defects.is_empty() {
         finding.warning = true;
         finding.detail = format!(
-            "Istio {} has {defects}: istiod mishandles an updated remote secret, so meshfed restarts it after each token refresh (every two thirds of remoteAccess.tokenTTL: 16 h with the default 24h); Istio 1.30.4 or 1.31 needs no restart",
-            version.name
+            "Istio {} has {defects}: istiod mishandles an updated remote secret, so meshfed restarts it after each token refresh (every two thirds of remoteAccess.tokenTTL: 16 h with the default 24h); Istio {} needs no restart",
+            version.name,
+            if ambient { "1.31" } else { "1.30.4 or 1.31" }
         );
     }
     finding
