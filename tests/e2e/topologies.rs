@@ -228,6 +228,43 @@ async fn the_ambient_example_converges_and_switching_data_planes_leaves_exactly_
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ambient_member_without_the_gateway_api_is_told_what_to_install_and_the_rest_converges() -> anyhow::Result<()>
+{
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(f.member("west").await?);
+    crds.delete("gateways.gateway.networking.k8s.io", &DeleteParams::default()).await?;
+    meshfed_e2e::until("the Gateway CRD is gone", WAIT, Duration::from_millis(100), async || {
+        crds.get_opt("gateways.gateway.networking.k8s.io").await.ok().flatten().is_none()
+    })
+    .await?;
+    f.apply(&example("ambient-multi-network")).await?;
+    let fed = f
+        .wait_for("prod", WAIT, |fed| {
+            let c = fed.status.as_ref().and_then(|s| s.clusters.iter().find(|c| c.name == "east").cloned());
+            c.is_some_and(|c| condition(&c.conditions, "Ready").is_some_and(|r| r.status == "True"))
+                && fed_condition(fed, "GatewaysReady").is_some_and(|c| c.reason == "GatewayAPIMissing")
+        })
+        .await?;
+    let gateways = fed_condition(&fed, "GatewaysReady").unwrap();
+    assert!(
+        gateways.message.starts_with("west: ") && gateways.message.contains("install the Gateway API's standard CRDs"),
+        "{}",
+        gateways.message
+    );
+    // Everything else of west is in place, and east converged with its own gateway.
+    assert_eq!(fed_condition(&fed, "MembersConverged").unwrap().status, "True");
+    let mut without_gateway = expected(&[&["Secret istio-system/istio-remote-secret-east"], AMBIENT]);
+    without_gateway.remove("Gateway istio-system/istio-ambient-eastwestgateway");
+    assert_eq!(held(&f.member("west").await?, "west").await?, without_gateway);
+    assert_eq!(
+        held(&f.member("east").await?, "east").await?,
+        expected(&[&["Secret istio-system/istio-remote-secret-west"], AMBIENT])
+    );
+    Ok(())
+}
+
 /// The multi-network example with west's gateway exposed as `expose` (YAML flow mapping).
 fn exposed(expose: &str) -> String {
     example("multi-primary-multi-network").replace(
