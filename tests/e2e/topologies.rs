@@ -16,7 +16,7 @@ use kube::{
     api::{DeleteParams, DynamicObject, ListParams},
 };
 use meshfed_core::kinds::{ISTIO, OWNED_KINDS, ZTUNNEL};
-use meshfed_e2e::{Fixture, condition, example, fed_condition, is_ready, load_balancer_ip};
+use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready, load_balancer_ip};
 use meshfed_operator::member::kinds::api_resource;
 use meshfed_testenv::{Options, add_node};
 use serde_json::{Value, json};
@@ -222,6 +222,22 @@ async fn the_ambient_example_converges_and_switching_data_planes_leaves_exactly_
     let ztunnel = Api::<DynamicObject>::all_with(west.clone(), &api_resource(&ZTUNNEL)).get("default").await?;
     assert_eq!(ztunnel.data["spec"]["values"]["ztunnel"]["network"], "network2");
     assert_eq!(ztunnel.data["spec"]["values"]["ztunnel"]["multiCluster"]["clusterName"], "west");
+    // `meshfed check` judges what ambient needs: ztunnel and CNI ready, each gateway programmed and addressed.
+    let findings = meshfed_operator::check::check(&f.hub, NAMESPACE, "prod", jiff::Timestamp::now()).await?;
+    assert!(meshfed_operator::check::passed(&findings), "{findings:?}");
+    let said = |area: &str, subject: &str| -> Vec<String> {
+        findings.iter().filter(|x| x.area == area && x.subject == subject).map(|x| x.detail.clone()).collect()
+    };
+    assert_eq!(
+        said("data plane", "west"),
+        ["the Sail operator reports IstioCNI ready", "the Sail operator reports ZTunnel ready"]
+    );
+    let lb = load_balancer_ip(1);
+    assert_eq!(
+        said("networks", "west gateway"),
+        [format!("Gateway istio-ambient-eastwestgateway programmed, dialled at {lb}:15008")]
+    );
+    assert!(said("services", "prod")[0].contains("istio.io/global"), "{findings:?}");
 
     // And back: exactly the sidecar-mode objects again, nothing of ambient left.
     sidecars().await?;
