@@ -208,7 +208,7 @@ async fn the_ambient_example_converges_and_switching_data_planes_leaves_exactly_
     // are written (the API servers validate them against the real Sail and Gateway API schemas), and each gateway's
     // address is the one istiod (played) reports in the Gateway's status.
     let fed = converge(&f, "ambient-multi-network").await?;
-    assert_eq!(fed.status.as_ref().unwrap().topology.as_deref(), Some("MultiPrimary/MultiNetwork"));
+    assert_eq!(fed.status.as_ref().unwrap().topology.as_deref(), Some("MultiPrimary/MultiNetwork/Ambient"));
     assert_eq!(held(&east, "east").await?, expected(&[&[to_west], AMBIENT]));
     assert_eq!(held(&west, "west").await?, expected(&[&[to_east], AMBIENT]));
     for (i, name) in ["east", "west"].into_iter().enumerate() {

@@ -442,7 +442,8 @@ pub struct MeshFederationStatus {
     pub observed_generation: Option<i64>,
 
     /// The topology derived from the clusters' roles and networks: `MultiPrimary` or `PrimaryRemote`, then
-    /// `SingleNetwork` or `MultiNetwork`, for example `PrimaryRemote/MultiNetwork`.
+    /// `SingleNetwork` or `MultiNetwork`, for example `PrimaryRemote/MultiNetwork`; then `/Ambient` with `dataPlane:
+    /// Ambient`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<String>,
 

@@ -513,7 +513,7 @@ mod tests {
     fn ambient_is_refused_where_upstream_istio_does_not_support_it() {
         let ambient = |clusters: &str, extra: &str| spec_with(clusters, &format!("dataPlane: Ambient\n{extra}"));
         let v = validate(&ambient(&format!("{EAST}\n{WEST}"), "istio: {version: v1.29.0}")).unwrap();
-        assert_eq!(v.topology.to_string(), "MultiPrimary/MultiNetwork");
+        assert_eq!(v.topology.to_string(), "MultiPrimary/MultiNetwork/Ambient");
         // Primary-remote.
         let remote = r#"- {"name": "r", "network": "n2", "role": "Remote", "controlPlane": "east", "kubeconfigSecretRef": {"name": "r"}}"#;
         let problems = validate(&ambient(&format!("{EAST}\n{remote}"), "")).unwrap_err();
