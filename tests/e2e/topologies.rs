@@ -15,8 +15,8 @@ use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, DynamicObject, ListParams},
 };
-use meshfed_core::kinds::{ISTIO, OWNED_KINDS};
-use meshfed_e2e::{Fixture, condition, example, fed_condition, is_ready, load_balancer_ip};
+use meshfed_core::kinds::{ISTIO, OWNED_KINDS, ZTUNNEL};
+use meshfed_e2e::{Fixture, NAMESPACE, condition, example, fed_condition, is_ready, load_balancer_ip};
 use meshfed_operator::member::kinds::api_resource;
 use meshfed_testenv::{Options, add_node};
 use serde_json::{Value, json};
@@ -180,6 +180,104 @@ async fn every_topology_converges_with_what_it_needs_and_switching_prunes_the_re
     converge(&f, "multi-primary").await?;
     assert_eq!(held(&east, "east").await?, expected(&[&[&to_west]]));
     assert_eq!(held(&west, "west").await?, expected(&[&[&to_east]]));
+    Ok(())
+}
+
+/// What a member holds in ambient mode beyond the objects of every topology: no sidecar-mode gateway.
+const AMBIENT: &[&str] =
+    &["IstioCNI /default", "ZTunnel /default", "Gateway istio-system/istio-ambient-eastwestgateway"];
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_ambient_example_converges_and_switching_data_planes_leaves_exactly_each_modes_objects()
+-> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let (east, west) = (f.member("east").await?, f.member("west").await?);
+    let (to_west, to_east) =
+        ("Secret istio-system/istio-remote-secret-west", "Secret istio-system/istio-remote-secret-east");
+    let sidecars = async || -> anyhow::Result<()> {
+        converge(&f, "multi-primary-multi-network").await?;
+        assert_eq!(held(&east, "east").await?, expected(&[&[to_west], GATEWAY, CROSS_NETWORK]));
+        assert_eq!(held(&west, "west").await?, expected(&[&[to_east], GATEWAY, CROSS_NETWORK]));
+        let spec = &istio(&east).await?["spec"];
+        assert!(spec["profile"].is_null() && spec["values"]["pilot"]["env"]["AMBIENT_ENABLE_MULTI_NETWORK"].is_null());
+        Ok(())
+    };
+    sidecars().await?;
+
+    // Ambient: every sidecar-mode gateway object is pruned; the ambient control plane, data plane and HBONE gateway
+    // are written (the API servers validate them against the real Sail and Gateway API schemas), and each gateway's
+    // address is the one istiod (played) reports in the Gateway's status.
+    let fed = converge(&f, "ambient-multi-network").await?;
+    assert_eq!(fed.status.as_ref().unwrap().topology.as_deref(), Some("MultiPrimary/MultiNetwork/Ambient"));
+    assert_eq!(held(&east, "east").await?, expected(&[&[to_west], AMBIENT]));
+    assert_eq!(held(&west, "west").await?, expected(&[&[to_east], AMBIENT]));
+    for (i, name) in ["east", "west"].into_iter().enumerate() {
+        let c = fed.status.as_ref().unwrap().clusters.iter().find(|c| c.name == name).unwrap();
+        assert_eq!((c.gateway_address.as_deref(), c.gateway_port), (Some(load_balancer_ip(i).as_str()), Some(15008)));
+        assert_eq!(condition(&c.conditions, "ControlPlaneReady").unwrap().reason, "IstioReady", "{name}");
+    }
+    let spec = &istio(&east).await?["spec"];
+    assert_eq!(spec["profile"], "ambient");
+    assert_eq!(spec["values"]["pilot"]["env"]["AMBIENT_ENABLE_MULTI_NETWORK"], "true");
+    let ztunnel = Api::<DynamicObject>::all_with(west.clone(), &api_resource(&ZTUNNEL)).get("default").await?;
+    assert_eq!(ztunnel.data["spec"]["values"]["ztunnel"]["network"], "network2");
+    assert_eq!(ztunnel.data["spec"]["values"]["ztunnel"]["multiCluster"]["clusterName"], "west");
+    // `meshfed check` judges what ambient needs: ztunnel and CNI ready, each gateway programmed and addressed.
+    let findings = meshfed_operator::check::check(&f.hub, NAMESPACE, "prod", jiff::Timestamp::now()).await?;
+    assert!(meshfed_operator::check::passed(&findings), "{findings:?}");
+    let said = |area: &str, subject: &str| -> Vec<String> {
+        findings.iter().filter(|x| x.area == area && x.subject == subject).map(|x| x.detail.clone()).collect()
+    };
+    assert_eq!(
+        said("data plane", "west"),
+        ["the Sail operator reports IstioCNI ready", "the Sail operator reports ZTunnel ready"]
+    );
+    let lb = load_balancer_ip(1);
+    assert_eq!(
+        said("networks", "west gateway"),
+        [format!("Gateway istio-ambient-eastwestgateway programmed, dialled at {lb}:15008")]
+    );
+    assert!(said("services", "prod")[0].contains("istio.io/global"), "{findings:?}");
+
+    // And back: exactly the sidecar-mode objects again, nothing of ambient left.
+    sidecars().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_ambient_member_without_the_gateway_api_is_told_what_to_install_and_the_rest_converges() -> anyhow::Result<()>
+{
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let crds: Api<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition> =
+        Api::all(f.member("west").await?);
+    crds.delete("gateways.gateway.networking.k8s.io", &DeleteParams::default()).await?;
+    meshfed_e2e::until("the Gateway CRD is gone", WAIT, Duration::from_millis(100), async || {
+        crds.get_opt("gateways.gateway.networking.k8s.io").await.ok().flatten().is_none()
+    })
+    .await?;
+    f.apply(&example("ambient-multi-network")).await?;
+    let fed = f
+        .wait_for("prod", WAIT, |fed| {
+            let c = fed.status.as_ref().and_then(|s| s.clusters.iter().find(|c| c.name == "east").cloned());
+            c.is_some_and(|c| condition(&c.conditions, "Ready").is_some_and(|r| r.status == "True"))
+                && fed_condition(fed, "GatewaysReady").is_some_and(|c| c.reason == "GatewayAPIMissing")
+        })
+        .await?;
+    let gateways = fed_condition(&fed, "GatewaysReady").unwrap();
+    assert!(
+        gateways.message.starts_with("west: ") && gateways.message.contains("install the Gateway API's standard CRDs"),
+        "{}",
+        gateways.message
+    );
+    // Everything else of west is in place, and east converged with its own gateway.
+    assert_eq!(fed_condition(&fed, "MembersConverged").unwrap().status, "True");
+    let mut without_gateway = expected(&[&["Secret istio-system/istio-remote-secret-east"], AMBIENT]);
+    without_gateway.remove("Gateway istio-system/istio-ambient-eastwestgateway");
+    assert_eq!(held(&f.member("west").await?, "west").await?, without_gateway);
+    assert_eq!(
+        held(&f.member("east").await?, "east").await?,
+        expected(&[&["Secret istio-system/istio-remote-secret-west"], AMBIENT])
+    );
     Ok(())
 }
 

@@ -49,6 +49,19 @@ pub struct MeshFederationSpec {
     /// The mesh's trust: the shared root CA and the intermediate CA issued to every member.
     pub trust: TrustSpec,
 
+    /// How workloads join the mesh, in every member. `Sidecar` (the default): an Envoy sidecar per pod, east-west
+    /// gateways meshfed deploys. `Ambient`: no sidecars; every member runs Istio's ambient data plane (the Sail
+    /// `IstioCNI` and `ZTunnel`, both named `default`, in the Istio namespace), its `Istio` has `profile: ambient` with
+    /// `AMBIENT_ENABLE_MULTI_NETWORK`, and its east-west gateway is a Gateway API `Gateway` of class `istio-east-west`
+    /// (HBONE on port 15008) that istiod deploys and exposes as a LoadBalancer. Ambient needs the Gateway API's CRDs in
+    /// every member, every cluster a `Primary`, the clusters on more than one network, an east-west gateway exposed as
+    /// `LoadBalancer`, and Istio 1.29 or later (upstream supports ambient multicluster only as multi-primary on several
+    /// networks, Beta since 1.29); anything else is refused. Services cross clusters only when labelled
+    /// `istio.io/global: "true"`. Changing it switches every member: the old mode's objects are removed and the new
+    /// mode's written.
+    #[serde(default)]
+    pub data_plane: DataPlane,
+
     /// How istiod in one member reads the API of another (the remote secrets).
     #[serde(default)]
     pub remote_access: RemoteAccessSpec,
@@ -80,6 +93,16 @@ pub struct MeshFederationSpec {
     /// by the federation), so that a new federation can bring it as `trust.root.secretRef` and adopt the mesh.
     #[serde(default)]
     pub deletion_policy: DeletionPolicy,
+}
+
+/// How workloads join the mesh.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DataPlane {
+    /// An Envoy sidecar in every pod (Istio's classic data plane).
+    #[default]
+    Sidecar,
+    /// Istio's ambient mode: a ztunnel per node, no sidecars.
+    Ambient,
 }
 
 /// What meshfed does with an object it would write that it did not create.
@@ -419,7 +442,8 @@ pub struct MeshFederationStatus {
     pub observed_generation: Option<i64>,
 
     /// The topology derived from the clusters' roles and networks: `MultiPrimary` or `PrimaryRemote`, then
-    /// `SingleNetwork` or `MultiNetwork`, for example `PrimaryRemote/MultiNetwork`.
+    /// `SingleNetwork` or `MultiNetwork`, for example `PrimaryRemote/MultiNetwork`; then `/Ambient` with `dataPlane:
+    /// Ambient`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<String>,
 

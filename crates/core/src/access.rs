@@ -90,7 +90,12 @@ fn objects_of(kind: &OwnedKind) -> &'static str {
         "Deployment" => "the east-west gateway",
         "PodDisruptionBudget" => "the east-west gateway's PodDisruptionBudget",
         "Istio" => "the Sail `Istio` control plane (and its status)",
+        "Gateway" if kind.group == kinds::KUBERNETES_GATEWAY.group => {
+            "the ambient east-west gateway (a Gateway API Gateway, and its address)"
+        }
         "Gateway" => "Istio Gateways `cross-network-gateway` and `istiod-gateway`",
+        "IstioCNI" => "the Sail `IstioCNI` (ambient mode; and its status)",
+        "ZTunnel" => "the Sail `ZTunnel` (ambient mode; and its status)",
         "VirtualService" => "Istio VirtualService `istiod-vs`",
         _ => "objects meshfed owns",
     }

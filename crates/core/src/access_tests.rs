@@ -3,7 +3,8 @@ use meshfed_api::MeshFederation;
 use super::*;
 use crate::kinds::{CLAIM_NAMESPACE, ObjectKey, SECRET};
 
-const EXAMPLES: [&str; 4] = [
+const EXAMPLES: [&str; 5] = [
+    include_str!("../../../deploy/examples/ambient-multi-network.yaml"),
     include_str!("../../../deploy/examples/multi-primary.yaml"),
     include_str!("../../../deploy/examples/multi-primary-multi-network.yaml"),
     include_str!("../../../deploy/examples/primary-remote.yaml"),

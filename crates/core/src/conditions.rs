@@ -78,6 +78,9 @@ impl Reason {
                 | RevisionTooLong
                 | InvalidGatewayAddress
                 | InvalidAPIServer
+                | AmbientWithRemotes
+                | AmbientSingleNetwork
+                | AmbientIstioTooOld
                 | KubeconfigSecretMissing
                 | KubeconfigKeyMissing
                 | KubeconfigInvalid
@@ -100,6 +103,8 @@ impl Reason {
                 | RootExpired
                 | TokenRequestFailed
                 | SailOperatorMissing
+                | SailAmbientKindsMissing
+                | GatewayAPIMissing
         )
     }
 }
@@ -135,6 +140,9 @@ names! {
         RevisionTooLong,
         InvalidGatewayAddress,
         InvalidAPIServer,
+        AmbientWithRemotes,
+        AmbientSingleNetwork,
+        AmbientIstioTooOld,
         // Reaching a member
         Unreachable,
         Timeout,
@@ -194,8 +202,10 @@ names! {
         NoNodeAddresses,
         NoSchedulableNodes,
         IstioCRDsMissing,
+        GatewayAPIMissing,
         // Control planes
         SailOperatorMissing,
+        SailAmbientKindsMissing,
         AwaitingPrimaryGateway,
         IstioNotReady,
         // Events only

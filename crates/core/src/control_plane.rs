@@ -3,14 +3,14 @@
 
 use std::collections::BTreeMap;
 
-use meshfed_api::{ClusterRole, ClusterSpec, MeshFederationSpec};
+use meshfed_api::{ClusterRole, ClusterSpec, DataPlane, MeshFederationSpec};
 use serde_json::{Value, json};
 
 use crate::{
     conditions::Reason,
     federation::{Failure, FederationRef},
     gateway::{self, GatewayAddress},
-    topology,
+    kinds, topology,
 };
 
 /// The annotation on istiod's pods (through the `Istio`'s `spec.values.pilot.podAnnotations`, which the Sail
@@ -50,7 +50,12 @@ pub fn istio(
             if topology::serves_remotes(spec, cluster) {
                 global["externalIstiod"] = true.into();
             }
-            if let Some(networks) = gateway::mesh_networks(spec, gateways) {
+            if spec.data_plane == DataPlane::Ambient {
+                // istiod in ambient finds every network's gateway by itself (meshNetworks is not read there).
+                computed["pilot"]["env"]["AMBIENT_ENABLE_MULTI_NETWORK"] = "true".into();
+                computed["pilot"]["env"]["AMBIENT_ENABLE_MULTI_NETWORK_INGRESS"] = "true".into();
+                profile = Some("ambient");
+            } else if let Some(networks) = gateway::mesh_networks(spec, gateways) {
                 global["meshNetworks"] = networks;
             }
         }
@@ -86,6 +91,33 @@ pub fn istio(
     Ok(body)
 }
 
+/// The ambient data plane of `cluster` (ISTIO-FACTS.md section 14): the Sail `IstioCNI` and `ZTunnel`, both
+/// cluster-scoped singletons named `default`, in the Istio namespace (which meshfed creates and labels with the
+/// network), on the federation's Istio version, ztunnel with the cluster's name and network.
+pub fn ambient_data_plane(fref: &FederationRef, spec: &MeshFederationSpec, cluster: &ClusterSpec) -> [Value; 2] {
+    let metadata = json!({"name": kinds::AMBIENT_SINGLETON, "labels": fref.owned_labels(&cluster.name)});
+    let mut cni = json!({
+        "apiVersion": "sailoperator.io/v1",
+        "kind": "IstioCNI",
+        "metadata": metadata,
+        "spec": {"namespace": spec.istio.namespace, "profile": "ambient"},
+    });
+    let mut ztunnel = json!({
+        "apiVersion": "sailoperator.io/v1",
+        "kind": "ZTunnel",
+        "metadata": metadata,
+        "spec": {
+            "namespace": spec.istio.namespace,
+            "values": {"ztunnel": {"multiCluster": {"clusterName": cluster.name}, "network": cluster.network}},
+        },
+    });
+    if let Some(version) = &spec.istio.version {
+        cni["spec"]["version"] = version.clone().into();
+        ztunnel["spec"]["version"] = version.clone().into();
+    }
+    [cni, ztunnel]
+}
+
 /// Merges `over` into `base`, object by object; where both set a key to something else than an object, `over` wins.
 fn merge(base: &mut Value, over: Value) {
     match (base, over) {
@@ -101,8 +133,14 @@ fn merge(base: &mut Value, over: Value) {
 /// Whether the member's `Istio` (as the member holds it) is ready: the Sail operator's `Ready` condition is True for
 /// the generation meshfed wrote.
 pub fn istio_ready(observed: Option<&Value>) -> Result<(), Failure> {
+    sail_ready("Istio", observed)
+}
+
+/// Whether a Sail operator resource of `kind` (`Istio`, `IstioCNI`, `ZTunnel`), as the member holds it, is ready:
+/// its `Ready` condition is True for the generation meshfed wrote.
+pub fn sail_ready(kind: &str, observed: Option<&Value>) -> Result<(), Failure> {
     let Some(istio) = observed else {
-        return Err(Failure::new(Reason::IstioNotReady, "the Istio resource is not there yet"));
+        return Err(Failure::new(Reason::IstioNotReady, format!("the {kind} resource is not there yet")));
     };
     let status = &istio["status"];
     let ready = status["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Ready"));
@@ -113,7 +151,7 @@ pub fn istio_ready(observed: Option<&Value>) -> Result<(), Failure> {
         Some(c) if current => Err(Failure::new(
             Reason::IstioNotReady,
             format!(
-                "the Sail operator reports Istio {} not ready ({}): {}",
+                "the Sail operator reports {kind} {} not ready ({}): {}",
                 istio["metadata"]["name"].as_str().unwrap_or_default(),
                 c["reason"].as_str().unwrap_or_default(),
                 c["message"].as_str().unwrap_or_default()

@@ -227,6 +227,78 @@ pub fn istio_gateway_configs(
     out
 }
 
+/// The ambient east-west gateway (a Gateway API `Gateway`), and the Deployment and Service istiod makes for it (the
+/// class adds no suffix). Not the sidecar-mode gateway's name: istiod does not manage a Deployment or Service it did not
+/// make, so a Gateway of that name would get no address while a switch from sidecars still holds them.
+pub const AMBIENT_GATEWAY_NAME: &str = "istio-ambient-eastwestgateway";
+/// The port other networks' ztunnels dial on an ambient east-west gateway (HBONE).
+pub const HBONE_PORT: i32 = 15008;
+/// The class of the ambient east-west gateway, which istiod deploys (ISTIO-FACTS.md section 14).
+pub const EAST_WEST_GATEWAY_CLASS: &str = "istio-east-west";
+
+/// The ambient east-west gateway of `cluster`: a Gateway API `Gateway` of class `istio-east-west` with one HBONE
+/// listener on 15008, labelled with the cluster's network (without it istiod sees no network gateway). istiod deploys
+/// it (a Deployment and a LoadBalancer Service) and writes its address into its `status.addresses`; meshfed writes no
+/// Deployment or Service for it.
+pub fn ambient_gateway(fref: &FederationRef, spec: &MeshFederationSpec, cluster: &ClusterSpec) -> Value {
+    let mut labels = fref.owned_labels(&cluster.name);
+    labels.insert(NETWORK_LABEL.into(), cluster.network.clone());
+    if spec.istio.revision != "default" {
+        labels.insert("istio.io/rev".into(), spec.istio.revision.clone());
+    }
+    json!({
+        "metadata": {"name": AMBIENT_GATEWAY_NAME, "namespace": spec.istio.namespace, "labels": labels},
+        "spec": {
+            "gatewayClassName": EAST_WEST_GATEWAY_CLASS,
+            "listeners": [{
+                "name": "mesh",
+                "port": HBONE_PORT,
+                "protocol": "HBONE",
+                "tls": {"mode": "Terminate", "options": {"gateway.istio.io/tls-terminate-mode": "ISTIO_MUTUAL"}},
+            }],
+        },
+    })
+}
+
+/// The address of an ambient east-west gateway, from the `Gateway` as its member holds it (`gateway`): its
+/// `status.addresses`, once istiod reports it `Programmed` for the generation meshfed wrote (before that, istiod
+/// may publish an address no other network can reach, such as its Service's cluster IP).
+pub fn ambient_gateway_address(gateway: Option<&Value>) -> Result<GatewayAddress, Failure> {
+    let Some(gateway) = gateway else {
+        return Err(Failure::new(
+            Reason::AwaitingGatewayService,
+            format!("the Gateway {AMBIENT_GATEWAY_NAME} is not there yet"),
+        ));
+    };
+    let status = &gateway["status"];
+    let programmed = status["conditions"].as_array().and_then(|c| c.iter().find(|c| c["type"] == "Programmed"));
+    let current =
+        |c: &Value| c["observedGeneration"].is_null() || c["observedGeneration"] == gateway["metadata"]["generation"];
+    let addresses: Vec<String> = status["addresses"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|a| a["value"].as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    match programmed {
+        Some(c) if c["status"] == "True" && current(c) && !addresses.is_empty() => {
+            Ok(GatewayAddress { addresses, port: HBONE_PORT })
+        }
+        Some(c) if current(c) && c["status"] != "True" => Err(Failure::new(
+            Reason::AwaitingLoadBalancer,
+            format!(
+                "istiod reports the Gateway {AMBIENT_GATEWAY_NAME} not programmed ({}): {}",
+                c["reason"].as_str().unwrap_or_default(),
+                c["message"].as_str().unwrap_or_default()
+            ),
+        )),
+        _ => Err(Failure::new(
+            Reason::AwaitingLoadBalancer,
+            format!(
+                "the Gateway {AMBIENT_GATEWAY_NAME} has no address yet: istiod deploys it and reports its load balancer's address once it is programmed"
+            ),
+        )),
+    }
+}
+
 /// Where other members dial a cluster's gateway.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GatewayAddress {
@@ -532,5 +604,34 @@ mod tests {
         );
         // A gateway whose address is not known yet is left out until it is.
         assert_eq!(mesh_networks(&s, &BTreeMap::from([("a".into(), at("1.1.1.1"))])), None);
+    }
+
+    #[test]
+    fn an_ambient_gateways_address_is_its_status_address_once_istiod_programmed_it() {
+        let gateway =
+            |status: Value| json!({"metadata": {"name": AMBIENT_GATEWAY_NAME, "generation": 2}, "status": status});
+        let programmed = |status: &str, generation: i64| json!([{"type": "Programmed", "status": status, "observedGeneration": generation, "reason": "AddressNotAssigned", "message": "no load balancer"}]);
+        let addressed = gateway(
+            json!({"addresses": [{"type": "IPAddress", "value": "203.0.113.7"}], "conditions": programmed("True", 2)}),
+        );
+        assert_eq!(
+            ambient_gateway_address(Some(&addressed)),
+            Ok(GatewayAddress { addresses: vec!["203.0.113.7".into()], port: HBONE_PORT })
+        );
+        // Not programmed: istiod's own reason, even where it published an address (its Service's cluster IP).
+        let unprogrammed =
+            gateway(json!({"addresses": [{"value": "10.96.0.9"}], "conditions": programmed("False", 2)}));
+        let refused = ambient_gateway_address(Some(&unprogrammed)).unwrap_err();
+        assert_eq!(refused.reason, Reason::AwaitingLoadBalancer);
+        assert!(refused.message.contains("AddressNotAssigned") && refused.message.contains("no load balancer"));
+        // Programmed for an older generation, programmed without an address, no status, no Gateway: not yet.
+        let stale = gateway(json!({"addresses": [{"value": "203.0.113.7"}], "conditions": programmed("True", 1)}));
+        assert!(ambient_gateway_address(Some(&stale)).is_err());
+        assert!(ambient_gateway_address(Some(&gateway(json!({"conditions": programmed("True", 2)})))).is_err());
+        assert_eq!(
+            ambient_gateway_address(Some(&gateway(json!({})))).unwrap_err().reason,
+            Reason::AwaitingLoadBalancer
+        );
+        assert_eq!(ambient_gateway_address(None).unwrap_err().reason, Reason::AwaitingGatewayService);
     }
 }

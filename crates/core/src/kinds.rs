@@ -54,6 +54,11 @@ pub const ISTIO: OwnedKind = cluster_scoped(kind("sailoperator.io", "v1", "Istio
 /// Istio's Gateway and VirtualService (CRDs, installed with Istio).
 pub const GATEWAY: OwnedKind = kind("networking.istio.io", "v1", "Gateway", "gateways");
 pub const VIRTUAL_SERVICE: OwnedKind = kind("networking.istio.io", "v1", "VirtualService", "virtualservices");
+/// The Sail operator's ambient data plane (CRDs): the CNI node agent and ztunnel, in ambient mode.
+pub const ISTIO_CNI: OwnedKind = cluster_scoped(kind("sailoperator.io", "v1", "IstioCNI", "istiocnis"));
+pub const ZTUNNEL: OwnedKind = cluster_scoped(kind("sailoperator.io", "v1", "ZTunnel", "ztunnels"));
+/// The Gateway API's Gateway (a CRD): the ambient east-west gateway, which istiod deploys.
+pub const KUBERNETES_GATEWAY: OwnedKind = kind("gateway.networking.k8s.io", "v1", "Gateway", "gateways");
 
 /// Every kind meshfed writes in a member, in the order it applies them; prune and cleanup go in reverse, so the
 /// claim (a ConfigMap) is taken first and given back last, a namespace goes after what it holds, and the Istio
@@ -71,8 +76,11 @@ pub const OWNED_KINDS: &[OwnedKind] = &[
     DEPLOYMENT,
     POD_DISRUPTION_BUDGET,
     ISTIO,
+    ISTIO_CNI,
+    ZTUNNEL,
     GATEWAY,
     VIRTUAL_SERVICE,
+    KUBERNETES_GATEWAY,
 ];
 
 /// The owned kind and key of an object given as JSON with its `apiVersion` and `kind`, if its kind is owned.
@@ -119,6 +127,18 @@ pub fn published_roots_key(namespace: &str) -> ObjectKey {
 /// The key of a member's Sail `Istio` of `revision`.
 pub fn istio_key(revision: &str) -> ObjectKey {
     ObjectKey { kind: ISTIO, namespace: None, name: revision.into() }
+}
+
+/// The name of the Sail `IstioCNI` and `ZTunnel` singletons.
+pub const AMBIENT_SINGLETON: &str = "default";
+
+/// The key of the ambient east-west gateway (a Gateway API `Gateway`) in `namespace`.
+pub fn ambient_gateway_key(namespace: &str) -> ObjectKey {
+    ObjectKey {
+        kind: KUBERNETES_GATEWAY,
+        namespace: Some(namespace.into()),
+        name: crate::gateway::AMBIENT_GATEWAY_NAME.into(),
+    }
 }
 
 /// The key of the Istio namespace `namespace`.

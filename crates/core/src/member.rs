@@ -12,7 +12,7 @@ use k8s_openapi::{
     api::core::v1::{ConfigMap, Namespace, Secret},
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
-use meshfed_api::{ClusterSpec, MeshFederationSpec};
+use meshfed_api::{ClusterSpec, DataPlane, MeshFederationSpec};
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -218,6 +218,8 @@ pub struct MemberFacts<'a> {
     pub istio: Option<&'a Value>,
     /// The restart marker of its istiod, where it has one (`plan::istiod_restarts`).
     pub istiod_restart: Option<&'a str>,
+    /// In ambient mode: the member's Sail `IstioCNI` and `ZTunnel` as they are now, with their status.
+    pub ambient: [Option<&'a Value>; 2],
 }
 
 impl std::fmt::Debug for MemberFacts<'_> {
@@ -232,6 +234,7 @@ impl std::fmt::Debug for MemberFacts<'_> {
             .field("unserved", &self.unserved)
             .field("istio", &self.istio)
             .field("istiod_restart", &self.istiod_restart)
+            .field("ambient", &self.ambient)
             .finish()
     }
 }
@@ -266,7 +269,21 @@ pub fn member_plan(
     }
     let known: BTreeMap<String, GatewayAddress> =
         facts.gateways.iter().filter_map(|(c, g)| Some((c.clone(), g.as_ref().ok()?.clone()))).collect();
-    if topology::needs_gateway(spec, cluster) {
+    let ambient = spec.data_plane == DataPlane::Ambient;
+    if ambient {
+        plan.gateway = Some(if facts.unserved.contains(&KUBERNETES_GATEWAY) {
+            Err(Failure::new(
+                Reason::GatewayAPIMissing,
+                format!(
+                    "the cluster does not serve {} Gateway, which ambient mode's east-west gateway is: install the Gateway API's standard CRDs there (the release's standard-install.yaml, of the version your Istio supports)",
+                    KUBERNETES_GATEWAY.api_version()
+                ),
+            ))
+        } else {
+            plan.objects.push(Desired::dynamic(KUBERNETES_GATEWAY, gateway::ambient_gateway(fref, spec, cluster)));
+            facts.gateways.get(&cluster.name).cloned().unwrap_or_else(|| gateway::ambient_gateway_address(None))
+        });
+    } else if topology::needs_gateway(spec, cluster) {
         let gw = gateway::gateway_objects(fref, spec, cluster, known.get(&cluster.name));
         plan.objects.push(Desired::of(&gw.service_account));
         plan.objects.push(Desired::of(&gw.role));
@@ -311,8 +328,47 @@ pub fn member_plan(
             }
         }
     };
+    if ambient {
+        let data_plane = ambient_data_plane(fref, spec, cluster, facts.ambient, &facts.unserved, &mut plan);
+        // What only a person can clear comes first: a missing Sail operator, then its missing ambient kinds.
+        plan.control_plane = match (plan.control_plane.take(), data_plane) {
+            (Some(istio), _) if istio.reason == Reason::SailOperatorMissing => Some(istio),
+            (_, Some(kinds)) if kinds.reason == Reason::SailAmbientKindsMissing => Some(kinds),
+            (istio, data_plane) => istio.or(data_plane),
+        };
+    }
     plan.objects.sort_by_key(|d| kind_order(&d.key.kind));
     plan
+}
+
+/// Plans the member's Sail `IstioCNI` and `ZTunnel` (ambient mode) into `plan`, where the member serves them; returns
+/// why its data plane is not ready, if it is not (`held`: the two as the member holds them).
+fn ambient_data_plane(
+    fref: &FederationRef,
+    spec: &MeshFederationSpec,
+    cluster: &ClusterSpec,
+    held: [Option<&Value>; 2],
+    unserved: &BTreeSet<OwnedKind>,
+    plan: &mut MemberPlan,
+) -> Option<Failure> {
+    let kinds = [ISTIO_CNI, ZTUNNEL];
+    let missing: Vec<&str> = kinds.iter().filter(|k| unserved.contains(k)).map(|k| k.kind).collect();
+    if !missing.is_empty() {
+        return Some(Failure::new(
+            Reason::SailAmbientKindsMissing,
+            format!(
+                "the cluster does not serve sailoperator.io/v1 {}, which ambient mode needs: install a Sail operator that has them (1.27 or later)",
+                missing.join(" and ")
+            ),
+        ));
+    }
+    let bodies = control_plane::ambient_data_plane(fref, spec, cluster);
+    let mut failure = None;
+    for ((kind, body), held) in kinds.into_iter().zip(bodies).zip(held) {
+        plan.objects.push(Desired::dynamic(kind, body).recreate_on(&["/spec/namespace"]));
+        failure = failure.or(control_plane::sail_ready(kind.kind, held).err());
+    }
+    failure
 }
 
 /// How many apply stages a member's plan has: see [`apply_stage`].
@@ -322,13 +378,14 @@ pub const APPLY_STAGES: usize = 4;
 /// cluster-scoped objects others live in or refer to (namespaces, cluster roles and their bindings: the hub may
 /// `bind` meshfed's cluster roles by name), then everything namespaced but role bindings, which follow their roles
 /// (the API server resolves a binding's Role to check that the hub holds what it grants: a Role written in the same
-/// stage may not be there yet, and the binding is refused as not found), last the control plane (`Istio`), so that
-/// istiod starts on the `cacerts` and the configuration meant for it, not on a self-signed CA.
+/// stage may not be there yet, and the binding is refused as not found), last the control plane (`Istio`, and in
+/// ambient mode `IstioCNI` and `ZTunnel`), so that istiod starts on the `cacerts` and the configuration meant for it,
+/// not on a self-signed CA.
 pub fn apply_stage(kind: &OwnedKind) -> usize {
     match *kind {
         NAMESPACE | CLUSTER_ROLE | CLUSTER_ROLE_BINDING => 0,
         ROLE_BINDING => 2,
-        ISTIO => 3,
+        ISTIO | ISTIO_CNI | ZTUNNEL => 3,
         _ => 1,
     }
 }
@@ -876,7 +933,8 @@ mod tests {
     fn a_role_binding_is_applied_after_its_role_and_the_control_plane_last() {
         assert!(apply_stage(&ROLE_BINDING) > apply_stage(&ROLE));
         assert!(apply_stage(&CLUSTER_ROLE_BINDING) >= apply_stage(&CLUSTER_ROLE), "bound by name: no lookup");
-        assert!(OWNED_KINDS.iter().filter(|k| **k != ISTIO).all(|k| apply_stage(k) < apply_stage(&ISTIO)));
+        let control_plane = [ISTIO, ISTIO_CNI, ZTUNNEL];
+        assert!(OWNED_KINDS.iter().filter(|k| !control_plane.contains(k)).all(|k| apply_stage(k) < apply_stage(&ISTIO)));
         assert!(OWNED_KINDS.iter().all(|k| apply_stage(k) < APPLY_STAGES));
     }
 
@@ -1111,3 +1169,7 @@ mod tests {
         assert_eq!(write_for(&fed(), Some(&moved), &desired), Ok(Write::Apply));
     }
 }
+
+#[cfg(test)]
+#[path = "member_ambient_tests.rs"]
+mod ambient_tests;

@@ -15,7 +15,9 @@ use k8s_openapi::{
     ByteString,
     api::core::v1::{ConfigMap, Namespace, Node, Secret, Service},
 };
-use meshfed_api::{ClusterRole, ClusterSpec, ExistingObjects, MeshFederationSpec, MeshFederationStatus, SecretKeyRef};
+use meshfed_api::{
+    ClusterRole, ClusterSpec, DataPlane, ExistingObjects, MeshFederationSpec, MeshFederationStatus, SecretKeyRef,
+};
 
 use crate::{
     conditions::Reason,
@@ -164,6 +166,10 @@ pub fn gateways(
         .filter(|c| topology::needs_gateway(spec, c) || held_over.contains(&c.name))
         .filter_map(|c| {
             let state = match observed.get(&c.name) {
+                Some(o) if spec.data_plane == DataPlane::Ambient => {
+                    let key = kinds::ambient_gateway_key(&spec.istio.namespace);
+                    gateway::ambient_gateway_address(o.held.get(&key).map(Arc::as_ref))
+                }
                 Some(o) => gateway::gateway_address(c, typed::<Service>(&o.held, &key).as_ref(), &o.nodes),
                 None => Ok(last_known(&c.name)?),
             };
@@ -223,6 +229,10 @@ pub fn member_plan(
         unserved: seen.unserved.clone(),
         istio: seen.held.get(&kinds::istio_key(&spec.istio.revision)).map(Arc::as_ref),
         istiod_restart: wave.restarts.get(&cluster.name).map(String::as_str),
+        ambient: [kinds::ISTIO_CNI, kinds::ZTUNNEL].map(|kind| {
+            let key = kinds::ObjectKey { kind, namespace: None, name: kinds::AMBIENT_SINGLETON.into() };
+            seen.held.get(&key).map(Arc::as_ref)
+        }),
     };
     let mut plan = member::member_plan(fref, hub, spec, cluster, facts);
     member::mark_adopted(&mut plan, fref, &seen.held, spec.existing_objects == ExistingObjects::Adopt);
@@ -294,6 +304,8 @@ pub struct Restarts {
     pub markers: BTreeMap<String, String>,
     pub now: BTreeSet<String>,
     pub held_back_until: Option<Timestamp>,
+    /// The federation runs in ambient mode (which has a remote secret defect of its own).
+    pub ambient: bool,
 }
 
 /// Decides the istiod restarts of a wave. A Primary on a version with a defect of an updated remote secret
@@ -329,14 +341,15 @@ pub fn istiod_restarts(
         if ready { spacing } else { spacing.or_else(|| since(&c.name, RESTART_WINDOW)) }
     });
     let mut under_way = under_way.max();
-    let mut restarts = Restarts::default();
+    let ambient = spec.data_plane == DataPlane::Ambient;
+    let mut restarts = Restarts { ambient, ..Default::default() };
     for cluster in spec.clusters.iter().filter(|c| c.role == ClusterRole::Primary) {
         let (Some(seen), Some(report)) = (observed.get(&cluster.name), reports.iter().find(|r| r.name == cluster.name))
         else {
             continue;
         };
         let release = report.istio_version.as_ref().and_then(|v| v.release);
-        if !versions::restart_after_remote_secret_change(release) {
+        if !versions::restart_after_remote_secret_change(release, ambient) {
             continue;
         }
         let Some(istio) = seen.held.get(&key) else {
@@ -374,7 +387,7 @@ pub fn record_restarts(restarts: &Restarts, reports: &mut [MemberReport], now: T
     done.map(|r| {
         r.istiod_restarted_at = Some(now);
         let version = r.istio_version.as_ref();
-        let defects = versions::remote_secret_defects(version.and_then(|v| v.release));
+        let defects = versions::remote_secret_defects(version.and_then(|v| v.release), restarts.ambient);
         let version = version.map_or("an Istio version not known".into(), |v| format!("Istio {}", v.name));
         Announcement {
             warning: false,
@@ -815,6 +828,20 @@ mod tests {
         reports.iter_mut().for_each(|r| r.istio_version = None);
         let r = istiod_restarts(&fref(), &s, &observed, &reports, Some(&north_refreshed()), None, now());
         assert_eq!(r.now.len(), 1);
+    }
+
+    #[test]
+    fn in_ambient_mode_istio_1_30_4_still_restarts_istiod_after_a_token_refresh_naming_the_ambient_defect() {
+        let (mut s, observed, mut reports) = three_primaries("v1.30.4");
+        s.data_plane = meshfed_api::DataPlane::Ambient;
+        let r = istiod_restarts(&fref(), &s, &observed, &reports, Some(&north_refreshed()), None, now());
+        assert_eq!(r.now.len(), 1, "{r:?}");
+        let announced = record_restarts(&r, &mut reports, now());
+        assert!(announced[0].note.contains("(istio/istio#60033)"), "{}", announced[0].note);
+        s.istio.version = Some("v1.31.0".into());
+        let (_, observed, reports) = three_primaries("v1.31.0");
+        let r = istiod_restarts(&fref(), &s, &observed, &reports, Some(&north_refreshed()), None, now());
+        assert!(r.now.is_empty() && r.markers.is_empty(), "{r:?}");
     }
 
     #[test]

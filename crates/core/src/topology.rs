@@ -2,7 +2,7 @@
 
 use std::{collections::BTreeSet, fmt};
 
-use meshfed_api::{ClusterRole, ClusterSpec, MeshFederationSpec};
+use meshfed_api::{ClusterRole, ClusterSpec, DataPlane, MeshFederationSpec};
 
 /// Which of the four Istio multi-cluster topologies a federation is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -11,6 +11,8 @@ pub struct Topology {
     pub primary_remote: bool,
     /// The members are on more than one network.
     pub multi_network: bool,
+    /// The federation runs Istio's ambient data plane (`dataPlane: Ambient`).
+    pub ambient: bool,
 }
 
 impl Topology {
@@ -19,6 +21,7 @@ impl Topology {
         Self {
             primary_remote: spec.clusters.iter().any(|c| c.role == ClusterRole::Remote),
             multi_network: networks.len() > 1,
+            ambient: spec.data_plane == DataPlane::Ambient,
         }
     }
 }
@@ -27,7 +30,8 @@ impl fmt::Display for Topology {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let control = if self.primary_remote { "PrimaryRemote" } else { "MultiPrimary" };
         let network = if self.multi_network { "MultiNetwork" } else { "SingleNetwork" };
-        write!(f, "{control}/{network}")
+        write!(f, "{control}/{network}")?;
+        if self.ambient { f.write_str("/Ambient") } else { Ok(()) }
     }
 }
 

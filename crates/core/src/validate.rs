@@ -4,11 +4,12 @@
 use std::{collections::BTreeMap, fmt, net::IpAddr, time::Duration};
 
 use ipnet::IpNet;
-use meshfed_api::{ClusterRole, ExposeMode, MAX_REVISION_LEN, MeshFederationSpec, SYSTEM_NAMESPACES};
+use meshfed_api::{ClusterRole, DataPlane, ExposeMode, MAX_REVISION_LEN, MeshFederationSpec, SYSTEM_NAMESPACES};
 
 use crate::{
     conditions::Reason,
     topology::{self, Topology},
+    versions,
 };
 
 /// One broken rule: a stable reason and a message that says what to change.
@@ -223,6 +224,9 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
             problem(Reason::InvalidAPIServer, format!("cluster {:?} apiServer {why}", c.name));
         }
     }
+    if spec.data_plane == DataPlane::Ambient {
+        ambient_problems(spec, topology, &mut problem);
+    }
     cidr_problems(spec, &mut problem);
 
     match (problems.is_empty(), intermediate_validity, renew_before, token_ttl, workload_ttl) {
@@ -239,6 +243,57 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
             })
         }
         _ => Err(problems),
+    }
+}
+
+/// What upstream Istio does not support in ambient mode (ISTIO-FACTS.md section 14): Remotes (primary-remote ambient
+/// is not supported), one network (alpha upstream: meshfed refuses it), a version before ambient multi-network, and
+/// a gateway that istiod cannot expose itself (it deploys the ambient east-west gateway as a LoadBalancer).
+fn ambient_problems(spec: &MeshFederationSpec, topology: Topology, problem: &mut impl FnMut(Reason, String)) {
+    for c in spec.clusters.iter().filter(|c| c.role == ClusterRole::Remote) {
+        problem(
+            Reason::AmbientWithRemotes,
+            format!(
+                "cluster {:?} is a Remote, and Istio does not support ambient mode with primary-remote (istio/istio#60343): make every cluster a Primary, or use dataPlane Sidecar",
+                c.name
+            ),
+        );
+    }
+    if !topology.multi_network {
+        problem(
+            Reason::AmbientSingleNetwork,
+            "every cluster is on one network, and ambient multicluster on one network is alpha in Istio (only multi-network is Beta): put the clusters on different networks, or use dataPlane Sidecar".into(),
+        );
+    }
+    if let Some(version) = &spec.istio.version
+        && versions::before_ambient_multi_network(version) == Some(true)
+    {
+        problem(
+            Reason::AmbientIstioTooOld,
+            format!(
+                "istio.version {version} is older than {}, the first Istio with ambient multi-network: set {} or later, or use dataPlane Sidecar",
+                versions::AMBIENT_MULTI_NETWORK_SINCE,
+                versions::AMBIENT_MULTI_NETWORK_SINCE
+            ),
+        );
+    }
+    for c in spec.clusters.iter().filter(|c| c.east_west_gateway.address.is_some()) {
+        problem(
+            Reason::ExposeModeUnsupported,
+            format!(
+                "cluster {:?} gives its east-west gateway a fixed address; in ambient mode istiod deploys the gateway and reports its load balancer's address, and a fixed address (an istio-remote Gateway) is not supported by meshfed yet: remove eastWestGateway.address",
+                c.name
+            ),
+        );
+    }
+    for c in spec.clusters.iter().filter(|c| c.east_west_gateway.expose != ExposeMode::LoadBalancer) {
+        problem(
+            Reason::ExposeModeUnsupported,
+            format!(
+                "cluster {:?} exposes its east-west gateway as {:?}; in ambient mode istiod deploys the gateway and exposes it as a LoadBalancer, which is all meshfed supports there: use LoadBalancer",
+                c.name, c.east_west_gateway.expose
+            ),
+        );
     }
 }
 
@@ -452,6 +507,40 @@ mod tests {
         assert!(validate(&spec(&format!("{EAST}\n{}", west.replace("n2", "n1")))).is_ok());
         let proxied = west.replace(r#""expose": "ClusterIP""#, r#""expose": "ClusterIP", "address": "proxy.example""#);
         assert!(validate(&spec(&format!("{EAST}\n{proxied}"))).is_ok());
+    }
+
+    #[test]
+    fn ambient_is_refused_where_upstream_istio_does_not_support_it() {
+        let ambient = |clusters: &str, extra: &str| spec_with(clusters, &format!("dataPlane: Ambient\n{extra}"));
+        let v = validate(&ambient(&format!("{EAST}\n{WEST}"), "istio: {version: v1.29.0}")).unwrap();
+        assert_eq!(v.topology.to_string(), "MultiPrimary/MultiNetwork/Ambient");
+        // Primary-remote.
+        let remote = r#"- {"name": "r", "network": "n2", "role": "Remote", "controlPlane": "east", "kubeconfigSecretRef": {"name": "r"}}"#;
+        let problems = validate(&ambient(&format!("{EAST}\n{remote}"), "")).unwrap_err();
+        assert_eq!(problems.iter().map(|p| p.reason).collect::<Vec<_>>(), [Reason::AmbientWithRemotes]);
+        assert!(problems[0].message.contains("\"r\" is a Remote") && problems[0].message.contains("Sidecar"));
+        // One network.
+        let problems = validate(&ambient(&format!("{EAST}\n{}", WEST.replace("n2", "n1")), "")).unwrap_err();
+        assert_eq!(problems.iter().map(|p| p.reason).collect::<Vec<_>>(), [Reason::AmbientSingleNetwork]);
+        // A version before 1.29, by release or by line.
+        for old in ["v1.28.10", "v1.28-latest"] {
+            let problems =
+                validate(&ambient(&format!("{EAST}\n{WEST}"), &format!("istio: {{version: {old}}}"))).unwrap_err();
+            assert_eq!(problems[0].reason, Reason::AmbientIstioTooOld, "{old}");
+            assert!(problems[0].message.contains(old) && problems[0].message.contains("v1.29.0"), "{}", problems[0]);
+        }
+        // A gateway istiod does not expose itself.
+        let node_port = WEST
+            .replace(r#""kubeconfigSecretRef""#, r#""eastWestGateway": {"expose": "NodePort"}, "kubeconfigSecretRef""#);
+        assert_eq!(reasons(&ambient(&format!("{EAST}\n{node_port}"), "")), ["ExposeModeUnsupported"]);
+        let fixed = WEST.replace(
+            r#""kubeconfigSecretRef""#,
+            r#""eastWestGateway": {"address": "gw.example"}, "kubeconfigSecretRef""#,
+        );
+        assert_eq!(reasons(&ambient(&format!("{EAST}\n{fixed}"), "")), ["ExposeModeUnsupported"]);
+        // None of it applies to sidecars, today's default.
+        assert!(validate(&spec_with(&format!("{EAST}\n{remote}"), "istio: {version: v1.28.10}")).is_ok());
+        assert!(validate(&spec(&format!("{EAST}\n{node_port}"))).is_ok());
     }
 
     #[test]

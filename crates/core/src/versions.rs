@@ -102,21 +102,63 @@ pub const DEFECTS: &[Defect] = &[
 /// The first release with Beta ambient multicluster on several networks (Istio 1.29 release notes).
 pub const AMBIENT_MULTI_NETWORK_SINCE: IstioVersion = IstioVersion::new(1, 29, 0);
 
+/// Whether the Istio version `name` (`v1.30.3`, `1.30.3` or `v1.30-latest`) is known to be older than
+/// [`AMBIENT_MULTI_NETWORK_SINCE`]: a release before it, or a `-latest` alias of an older line. `None` when `name`
+/// names no release or line (then nothing is known, and nothing is refused).
+pub fn before_ambient_multi_network(name: &str) -> Option<bool> {
+    let since = AMBIENT_MULTI_NETWORK_SINCE;
+    if let Some(release) = IstioVersion::parse(name) {
+        return Some(release < since);
+    }
+    let line = name.strip_suffix("-latest")?;
+    let release = IstioVersion::parse(&format!("{line}.{}", u32::MAX))?;
+    Some(release < since)
+}
+
+/// Refuses ambient mode on a member whose Istio version is known (from `spec.istio.version` or, unset, its Sail
+/// operator's default) and older than [`AMBIENT_MULTI_NETWORK_SINCE`], before anything is written there.
+/// `spec.istio.version` itself is refused by validation already (`AmbientIstioTooOld`); this catches the default.
+pub fn ambient_on(version: Option<&MemberVersion>) -> Result<(), Failure> {
+    let Some(version) = version else { return Ok(()) };
+    let old = match version.release {
+        Some(release) => release < AMBIENT_MULTI_NETWORK_SINCE,
+        None => before_ambient_multi_network(&version.name).unwrap_or(false),
+    };
+    if !old {
+        return Ok(());
+    }
+    Err(Failure::new(
+        Reason::AmbientIstioTooOld,
+        format!(
+            "this cluster runs Istio {} (its Sail operator's default), older than {AMBIENT_MULTI_NETWORK_SINCE}, the first with ambient multi-network; set spec.istio.version to {AMBIENT_MULTI_NETWORK_SINCE} or later, or use dataPlane Sidecar",
+            version.name
+        ),
+    ))
+}
+
 /// The defects of `version` with `trigger`; a version that is not known has every one (the workarounds are safe on
 /// any version, their absence is not).
 pub fn defects(version: Option<IstioVersion>, trigger: Trigger) -> impl Iterator<Item = &'static Defect> {
     DEFECTS.iter().filter(move |d| d.trigger == trigger && version.is_none_or(|v| d.affects(v)))
 }
 
+/// The defects of `version` that an updated remote secret triggers: those of every data plane, and in ambient mode
+/// (`ambient`) those of ambient too.
+fn remote_secret_update_defects(version: Option<IstioVersion>, ambient: bool) -> impl Iterator<Item = &'static Defect> {
+    let ambient_defects = defects(version, Trigger::AmbientRemoteSecretUpdate).filter(move |_| ambient);
+    defects(version, Trigger::RemoteSecretUpdate).chain(ambient_defects)
+}
+
 /// Whether a Primary on `version` must restart istiod after the remote secrets it holds changed, so that a token
-/// refresh never leaves it on a stale registry (the workaround every report of these defects names).
-pub fn restart_after_remote_secret_change(version: Option<IstioVersion>) -> bool {
-    defects(version, Trigger::RemoteSecretUpdate).next().is_some()
+/// refresh never leaves it on a stale registry (the workaround every report of these defects names); `ambient`: the
+/// federation runs in ambient mode, which has a defect of its own (fixed later).
+pub fn restart_after_remote_secret_change(version: Option<IstioVersion>, ambient: bool) -> bool {
+    remote_secret_update_defects(version, ambient).next().is_some()
 }
 
 /// The issues of the defects a Primary on `version` has with meshfed's token refresh, as `istio/istio#1, #2`.
-pub fn remote_secret_defects(version: Option<IstioVersion>) -> String {
-    let issues = defects(version, Trigger::RemoteSecretUpdate).enumerate();
+pub fn remote_secret_defects(version: Option<IstioVersion>, ambient: bool) -> String {
+    let issues = remote_secret_update_defects(version, ambient).enumerate();
     let issues: Vec<&str> =
         issues.map(|(i, d)| if i == 0 { d.issue } else { d.issue.trim_start_matches("istio/istio") }).collect();
     issues.join(", ")
@@ -216,7 +258,7 @@ mod tests {
 
     #[test]
     fn an_updated_remote_secret_needs_an_istiod_restart_before_1_30_4_and_1_31_0() {
-        let restart = |s: &str| restart_after_remote_secret_change(v(s));
+        let restart = |s: &str| restart_after_remote_secret_change(v(s), false);
         // Every release the Sail operator 1.30.3 installs has at least one of the three defects.
         for affected in ["v1.21.6", "v1.28.10", "v1.29.6", "v1.30.0", "v1.30.2", "v1.30.3"] {
             assert!(restart(affected), "{affected}");
@@ -224,11 +266,16 @@ mod tests {
         for fixed in ["v1.30.4", "v1.30.10", "v1.31.0", "v1.31.2", "v1.32.0", "v2.0.0"] {
             assert!(!restart(fixed), "{fixed}");
         }
-        assert!(restart_after_remote_secret_change(None), "a version not known gets the workaround");
+        assert!(restart_after_remote_secret_change(None, false), "a version not known gets the workaround");
         // Which defects, by release: 1.30.3 has the stale-registry fix but not the two others.
-        assert_eq!(remote_secret_defects(v("v1.30.3")), "istio/istio#61043, #60920");
-        assert_eq!(remote_secret_defects(v("v1.29.6")), "istio/istio#60612, #61043, #60920");
-        assert_eq!(remote_secret_defects(v("v1.31.0")), "");
+        assert_eq!(remote_secret_defects(v("v1.30.3"), false), "istio/istio#61043, #60920");
+        assert_eq!(remote_secret_defects(v("v1.29.6"), false), "istio/istio#60612, #61043, #60920");
+        assert_eq!(remote_secret_defects(v("v1.31.0"), false), "");
+        // In ambient mode, 1.30.4 and later 1.30 releases still have #60033: istiod is restarted there too.
+        assert!(restart_after_remote_secret_change(v("v1.30.4"), true));
+        assert_eq!(remote_secret_defects(v("v1.30.4"), true), "istio/istio#60033");
+        assert_eq!(remote_secret_defects(v("v1.30.3"), true), "istio/istio#61043, #60920, #60033");
+        assert!(!restart_after_remote_secret_change(v("v1.31.0"), true));
         // The ambient defect was fixed on 1.31 only.
         assert!(defects(v("v1.30.4"), Trigger::AmbientRemoteSecretUpdate).next().is_some());
         assert!(defects(v("v1.31.0"), Trigger::AmbientRemoteSecretUpdate).next().is_none());
@@ -254,6 +301,28 @@ mod tests {
         assert_eq!(member_version(None, None), Ok(None), "nothing known");
         let unlisted = member_version(Some("v1.31.0"), None).unwrap().unwrap();
         assert_eq!(unlisted.release, v("v1.31.0"), "without the Sail CRD, what was asked");
+    }
+
+    #[test]
+    fn ambient_multi_network_needs_istio_1_29_by_release_or_line() {
+        for old in ["v1.28.10", "1.28.0", "v1.28-latest", "v1.9-latest", "v0.99.0"] {
+            assert_eq!(before_ambient_multi_network(old), Some(true), "{old}");
+        }
+        for new in ["v1.29.0", "v1.29-latest", "v1.30.3", "v1.31-latest", "v2.0.0"] {
+            assert_eq!(before_ambient_multi_network(new), Some(false), "{new}");
+        }
+        assert_eq!(before_ambient_multi_network("latest"), None, "nothing known, nothing refused");
+        // A member on its Sail operator's default: refused when that default is older.
+        let old_sail = SailVersions {
+            accepted: vec!["v1.28.10".into(), "v1.28-latest".into()],
+            default: Some("v1.28-latest".into()),
+        };
+        let default = member_version(None, Some(&old_sail)).unwrap();
+        let refused = ambient_on(default.as_ref()).unwrap_err();
+        assert_eq!(refused.reason, Reason::AmbientIstioTooOld);
+        assert!(refused.message.contains("v1.28-latest") && refused.message.contains("v1.29.0"), "{}", refused.message);
+        assert_eq!(ambient_on(member_version(None, Some(&sail())).unwrap().as_ref()), Ok(()));
+        assert_eq!(ambient_on(None), Ok(()), "a version not known is not refused");
     }
 
     #[test]

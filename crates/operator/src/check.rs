@@ -18,7 +18,7 @@ use kube::{
     config::KubeConfigOptions,
 };
 use meshfed_api::{
-    ClusterRole, ClusterSpec, ExistingObjects, ExposeMode, MeshFederation, MeshFederationSpec, TrustStatus,
+    ClusterRole, ClusterSpec, DataPlane, ExistingObjects, ExposeMode, MeshFederation, MeshFederationSpec, TrustStatus,
 };
 use meshfed_core::{
     control_plane,
@@ -69,13 +69,15 @@ fn istio_version(spec: &MeshFederationSpec, cluster: &ClusterSpec, sail: Option<
         }
         Err(f) => return found("control plane", &cluster.name, Err(f.message)),
     };
-    let defects = versions::remote_secret_defects(version.release);
+    let ambient = spec.data_plane == DataPlane::Ambient;
+    let defects = versions::remote_secret_defects(version.release, ambient);
     let mut finding = found("control plane", &cluster.name, Ok(format!("Istio {}", version.name)));
     if cluster.role == ClusterRole::Primary && !defects.is_empty() {
         finding.warning = true;
         finding.detail = format!(
-            "Istio {} has {defects}: istiod mishandles an updated remote secret, so meshfed restarts it after each token refresh (every two thirds of remoteAccess.tokenTTL: 16 h with the default 24h); Istio 1.30.4 or 1.31 needs no restart",
-            version.name
+            "Istio {} has {defects}: istiod mishandles an updated remote secret, so meshfed restarts it after each token refresh (every two thirds of remoteAccess.tokenTTL: 16 h with the default 24h); Istio {} needs no restart",
+            version.name,
+            if ambient { "1.31" } else { "1.30.4 or 1.31" }
         );
     }
     finding
@@ -159,6 +161,13 @@ pub async fn check(hub: &Client, namespace: &str, name: &str, now: Timestamp) ->
     let trust_status = fed.status.as_ref().and_then(|s| s.trust.as_ref());
     let roots = root.as_ref().ok().map(|r| (r, kept.as_slice()));
     out.extend(trust_findings(spec, roots, &valid.durations, trust_status, &observed, now));
+    if spec.data_plane == DataPlane::Ambient {
+        out.push(found(
+            "services",
+            name,
+            Ok("ambient: a Service is reached from other clusters only when labelled istio.io/global: \"true\" (where the calling cluster has a Service of that name too, its copy's label decides); without the label it stays local to its cluster".into()),
+        ));
+    }
     let placement = remote::remote_secret_placement(spec);
     let pairs: Vec<(&String, &String, &Client)> = placement
         .iter()
@@ -345,7 +354,9 @@ async fn member_findings(
             Err(e) => Err(e.to_string()),
         },
     ));
-    if topology::needs_gateway(spec, cluster) {
+    if spec.data_plane == DataPlane::Ambient {
+        out.extend(ambient_findings(client, spec, cluster).await);
+    } else if topology::needs_gateway(spec, cluster) {
         let service = Api::<Service>::namespaced(client.clone(), ns)
             .get_opt(gateway::GATEWAY_NAME)
             .await
@@ -366,6 +377,48 @@ async fn member_findings(
     }
     out.extend(ownership(client, fref, spec, name).await?);
     Ok((out, held))
+}
+
+/// What ambient mode needs in `cluster` beyond the control plane: the Sail `IstioCNI` and `ZTunnel` ready as the Sail
+/// operator reports them, and the east-west `Gateway` programmed by istiod with an address.
+async fn ambient_findings(client: &Client, spec: &MeshFederationSpec, cluster: &ClusterSpec) -> Vec<Finding> {
+    let name = cluster.name.as_str();
+    let mut out = Vec::new();
+    for kind in [kinds::ISTIO_CNI, kinds::ZTUNNEL] {
+        let objects = Api::<DynamicObject>::all_with(client.clone(), &api_resource(&kind));
+        let verdict = match objects.get_opt(kinds::AMBIENT_SINGLETON).await {
+            Ok(object) => {
+                let object = object.map(|o| serde_json::to_value(o).unwrap_or_default());
+                control_plane::sail_ready(kind.kind, object.as_ref())
+                    .map(|()| format!("the Sail operator reports {} ready", kind.kind))
+                    .map_err(|f| f.message)
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 => Err(format!(
+                "the cluster does not serve sailoperator.io/v1 {}: install a Sail operator with the ambient kinds",
+                kind.kind
+            )),
+            Err(e) => Err(e.to_string()),
+        };
+        out.push(found("data plane", name, verdict));
+    }
+    let key = kinds::ambient_gateway_key(&spec.istio.namespace);
+    let gateways =
+        Api::<DynamicObject>::namespaced_with(client.clone(), &spec.istio.namespace, &api_resource(&key.kind));
+    let verdict = match gateways.get_opt(&key.name).await {
+        Ok(gw) => {
+            let gw = gw.map(|g| serde_json::to_value(g).unwrap_or_default());
+            gateway::ambient_gateway_address(gw.as_ref())
+                .map(|a| format!("Gateway {} programmed, dialled at {a}", key.name))
+                .map_err(|f| f.message)
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Err(
+            "the cluster does not serve gateway.networking.k8s.io/v1 Gateway: install the Gateway API's standard CRDs"
+                .into(),
+        ),
+        Err(e) => Err(e.to_string()),
+    };
+    out.push(found("networks", format!("{name} gateway"), verdict));
+    out
 }
 
 /// Of every object `meshfed render` shows for member `name`, those it holds that are not this federation's: another

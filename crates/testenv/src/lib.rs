@@ -51,6 +51,10 @@ pub const K8S_VERSION: &str = "v1.34.2";
 /// The `istio.io/api` module version whose CRDs are installed into members.
 pub const ISTIO_API_VERSION: &str = "v1.31.1";
 
+/// The `sigs.k8s.io/gateway-api` module version whose standard CRDs are installed into members (the one Istio's
+/// pinned istiod requires).
+pub const GATEWAY_API_VERSION: &str = "v1.6.0";
+
 /// Options for [`Env::start`].
 #[derive(Debug, Clone, Default)]
 pub struct Options {
@@ -344,6 +348,34 @@ pub fn istio_crds() -> Result<String> {
         .as_str()
         .with_context(|| format!("istio.io/api@{ISTIO_API_VERSION} not downloadable: {}", info["Error"]))?;
     Ok(fs::read_to_string(Path::new(dir).join("kubernetes/customresourcedefinitions.gen.yaml"))?)
+}
+
+/// The Gateway API's standard CRDs (`config/crd/standard`, its CustomResourceDefinitions only) as one YAML stream,
+/// read from the `sigs.k8s.io/gateway-api` module in the Go module cache (downloaded on first use).
+pub fn gateway_api_crds() -> Result<String> {
+    let module = format!("sigs.k8s.io/gateway-api@{GATEWAY_API_VERSION}");
+    let out = Command::new("go")
+        .args(["mod", "download", "-json", &module])
+        .current_dir(std::env::temp_dir())
+        .output()
+        .context("running `go mod download` (is Go installed?)")?;
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading `go mod download -json`")?;
+    let dir = info["Dir"].as_str().with_context(|| format!("{module} not downloadable: {}", info["Error"]))?;
+    let mut files: Vec<PathBuf> = fs::read_dir(Path::new(dir).join("config/crd/standard"))?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let mut out = String::new();
+    for f in files {
+        let text = fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        // The directory also holds a ValidatingAdmissionPolicy (safe upgrades), which is not a CRD.
+        if text.contains("\nkind: CustomResourceDefinition\n") {
+            out.push_str("---\n");
+            out.push_str(&text);
+        }
+    }
+    Ok(out)
 }
 
 /// The directory of the Kubernetes binaries, building them on first use (`hack/k8s-binaries.sh`, under a lock).

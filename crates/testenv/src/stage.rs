@@ -1,6 +1,7 @@
 //! What a real member cluster has around meshfed's objects and a bare API server lacks, played for tests and the
-//! demo: the Istio and Sail operator CRDs, a cloud that gives LoadBalancer Services an address, nodes with
-//! addresses, a Sail operator that reports every `Istio` resource ready, and istiod publishing the roots of its
+//! demo: the Istio, Sail operator and Gateway API CRDs, a cloud that gives LoadBalancer Services an address, nodes
+//! with addresses, a Sail operator that reports every `Istio`, `IstioCNI` and `ZTunnel` ready, istiod programming
+//! ambient east-west Gateways at the cloud's address, and istiod publishing the roots of its
 //! `cacerts` to workloads (ConfigMap `istio-ca-root-cert`). Only status and nodes are played: every
 //! object meshfed writes is validated by the real API server against the real CRD schemas.
 
@@ -20,7 +21,7 @@ use kube::{
 use serde_json::json;
 use tokio::task::JoinHandle;
 
-use crate::{Cluster, istio_crds};
+use crate::{Cluster, gateway_api_crds, istio_crds};
 
 /// The Sail operator release whose CRDs are installed (`github.com/istio-ecosystem/sail-operator`).
 pub const SAIL_VERSION: &str = "1.30.3";
@@ -92,16 +93,19 @@ impl Drop for Stage {
 }
 
 impl Cluster {
-    /// Installs the real Istio and Sail operator CRDs.
+    /// Installs the real Istio, Sail operator and Gateway API (standard) CRDs.
     pub async fn install_mesh_crds(&self) -> Result<()> {
         self.install_crds(&istio_crds()?).await?;
-        self.install_crds(&sail_crds()?).await
+        self.install_crds(&sail_crds()?).await?;
+        self.install_crds(&gateway_api_crds()?).await
     }
 
     /// Plays the cloud and the Sail operator in this cluster until the returned [`Stage`] is dropped: every
-    /// LoadBalancer Service gets `load_balancer_ip` in its status, and every `Istio` resource a `Ready` condition for
-    /// its current generation; and, with `play_istiod`, istiod's publishing of the roots of `cacerts`. The Sail CRDs
-    /// must be installed.
+    /// LoadBalancer Service gets `load_balancer_ip` in its status, and every `Istio`, `IstioCNI` and `ZTunnel` resource
+    /// a `Ready` condition for its current generation; istiod's gateway controller, which programs every Gateway API
+    /// `Gateway` of class `istio-east-west` at `load_balancer_ip` (the address of the LoadBalancer Service istiod would
+    /// deploy for it); and, with `play_istiod`, istiod's publishing of the roots of `cacerts`. The Sail CRDs must be
+    /// installed (and the Gateway API's, for its Gateways to be played).
     pub async fn play_cloud_and_sail(&self, load_balancer_ip: &str, play_istiod: bool) -> Result<Stage> {
         let client = self.client().await?;
         let istios = Api::<DynamicObject>::all_with(client.clone(), &istio_resource());
@@ -116,6 +120,20 @@ impl Cluster {
             .map(|o| o.map(|s| Played::Service(Box::new(s))))
             .boxed();
         let mut played = vec![istio_events, service_events];
+        for kind in ["IstioCNI", "ZTunnel"] {
+            let resource = sail_resource(kind);
+            let events = watcher(Api::<DynamicObject>::all_with(client.clone(), &resource), watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+                .map(move |o| o.map(|i| Played::SailReady(sail_resource(kind), Box::new(i))));
+            played.push(events.boxed());
+        }
+        let gateways = Api::<DynamicObject>::all_with(client.clone(), &kubernetes_gateway_resource());
+        let gateway_events = watcher(gateways, watcher::Config::default())
+            .default_backoff()
+            .applied_objects()
+            .map(|o| o.map(|g| Played::Gateway(Box::new(g))));
+        played.push(gateway_events.boxed());
         if play_istiod {
             let cacerts = watcher::Config::default().fields("metadata.name=cacerts");
             let cacerts_events = watcher(Api::<Secret>::all(client.clone()), cacerts)
@@ -140,8 +158,38 @@ impl Cluster {
     }
 }
 
+/// The API resource of a cluster-scoped Sail operator kind (`IstioCNI`, `ZTunnel`).
+fn sail_resource(kind: &str) -> ApiResource {
+    ApiResource { kind: kind.into(), plural: format!("{}s", kind.to_lowercase()), ..istio_resource() }
+}
+
+/// The API resource of the Gateway API's `Gateway`.
+fn kubernetes_gateway_resource() -> ApiResource {
+    ApiResource {
+        group: "gateway.networking.k8s.io".into(),
+        version: "v1".into(),
+        api_version: "gateway.networking.k8s.io/v1".into(),
+        kind: "Gateway".into(),
+        plural: "gateways".into(),
+    }
+}
+
+/// The Sail operator's status of a resource it reconciled: `Reconciled` and `Ready` for `generation`.
+fn sail_ready_status(generation: Option<i64>) -> serde_json::Value {
+    json!({"status": {
+        "observedGeneration": generation,
+        "state": "Healthy",
+        "conditions": [
+            {"type": "Reconciled", "status": "True", "reason": "Reconciled", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+            {"type": "Ready", "status": "True", "reason": "Healthy", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"},
+        ],
+    }})
+}
+
 enum Played {
     Istio(Box<DynamicObject>),
+    SailReady(ApiResource, Box<DynamicObject>),
+    Gateway(Box<DynamicObject>),
     Service(Box<Service>),
     Cacerts(Box<Secret>),
 }
@@ -155,16 +203,40 @@ async fn play(client: &Client, event: Played, ip: &str) -> Result<()> {
             if istio.data["status"]["observedGeneration"].as_i64() == generation {
                 return Ok(());
             }
-            let body = json!({"status": {
-                "observedGeneration": generation,
-                "state": "Healthy",
-                "conditions": [
-                    {"type": "Reconciled", "status": "True", "reason": "Reconciled", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"},
-                    {"type": "Ready", "status": "True", "reason": "Healthy", "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"},
-                ],
-            }});
             let istios = Api::<DynamicObject>::all_with(client.clone(), &istio_resource());
-            istios.patch_status(&istio.name_any(), &PatchParams::default(), &status(body)).await?;
+            istios
+                .patch_status(&istio.name_any(), &PatchParams::default(), &status(sail_ready_status(generation)))
+                .await?;
+        }
+        Played::SailReady(resource, object) => {
+            let generation = object.metadata.generation;
+            if object.data["status"]["observedGeneration"].as_i64() == generation {
+                return Ok(());
+            }
+            let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+            api.patch_status(&object.name_any(), &PatchParams::default(), &status(sail_ready_status(generation)))
+                .await?;
+        }
+        Played::Gateway(gateway) => {
+            // istiod deploys an istio-east-west Gateway as a LoadBalancer Service and reports that Service's address.
+            let generation = gateway.metadata.generation;
+            let programmed = gateway.data["status"]["conditions"].as_array().is_some_and(|c| {
+                c.iter().any(|c| c["type"] == "Programmed" && c["observedGeneration"].as_i64() == generation)
+            });
+            if gateway.data["spec"]["gatewayClassName"] != "istio-east-west" || programmed {
+                return Ok(());
+            }
+            let condition = |type_: &str, reason: &str| json!({"type": type_, "status": "True", "reason": reason, "message": "", "observedGeneration": generation, "lastTransitionTime": "2026-01-01T00:00:00Z"});
+            let body = json!({"status": {
+                "addresses": [{"type": "IPAddress", "value": ip}],
+                "conditions": [condition("Accepted", "Accepted"), condition("Programmed", "Programmed")],
+            }});
+            let api = Api::<DynamicObject>::namespaced_with(
+                client.clone(),
+                &gateway.namespace().unwrap_or_default(),
+                &kubernetes_gateway_resource(),
+            );
+            api.patch_status(&gateway.name_any(), &PatchParams::default(), &status(body)).await?;
         }
         Played::Cacerts(secret) => {
             // istiod publishes the roots of its CA bundle to workloads, as it reloads them.

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::Api;
-use meshfed_api::{ExposeMode, MeshFederationSpec, SecretKeyRef};
+use meshfed_api::{DataPlane, ExposeMode, MeshFederationSpec, SecretKeyRef};
 use meshfed_core::{
     conditions::Reason,
     federation::{Failure, FederationRef},
@@ -117,6 +117,9 @@ pub(super) async fn observe_member(
         if take_claim {
             // A version its Sail operator does not install is refused before anything, the claim too, is written.
             report.istio_version = versions::member_version(spec.istio.version.as_deref(), sail.as_ref())?;
+            if spec.data_plane == DataPlane::Ambient {
+                versions::ambient_on(report.istio_version.as_ref())?;
+            }
         }
         let reads_ms = asked.elapsed().as_secs_f64() * 1e3;
         let observed_ns = held.get(&kinds::namespace_key(ns));
