@@ -934,7 +934,9 @@ mod tests {
         assert!(apply_stage(&ROLE_BINDING) > apply_stage(&ROLE));
         assert!(apply_stage(&CLUSTER_ROLE_BINDING) >= apply_stage(&CLUSTER_ROLE), "bound by name: no lookup");
         let control_plane = [ISTIO, ISTIO_CNI, ZTUNNEL];
-        assert!(OWNED_KINDS.iter().filter(|k| !control_plane.contains(k)).all(|k| apply_stage(k) < apply_stage(&ISTIO)));
+        assert!(
+            OWNED_KINDS.iter().filter(|k| !control_plane.contains(k)).all(|k| apply_stage(k) < apply_stage(&ISTIO))
+        );
         assert!(OWNED_KINDS.iter().all(|k| apply_stage(k) < APPLY_STAGES));
     }
 

@@ -156,6 +156,12 @@ async fn main() -> Result<()> {
     refs.dedup();
     let started = Instant::now();
     let f = Fixture::clusters(&refs, Options::default()).await?;
+    // The fixture joins every member for `prod`; each federation's hub credential is joined for it, as `meshfed join`.
+    for (name, primaries, remotes) in &federations {
+        let istio = if args.shared { format!("istio-{name}") } else { "istio-system".to_string() };
+        let members: Vec<&str> = primaries.iter().chain(remotes).map(String::as_str).collect();
+        f.join_into(name, &istio, &members, str::to_string).await?;
+    }
     println!("{} members + hub up in {:.1?}", refs.len(), started.elapsed());
 
     // A running cluster's API server has served these kinds before; a fresh one sets up each kind (a CRD's
