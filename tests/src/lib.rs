@@ -116,21 +116,10 @@ impl Fixture {
     /// does, each into Secret `<member>-<name>-kubeconfig` (the fixture's `<member>-kubeconfig` stay prod's):
     /// federations that share members reach each with their own identity, as on a real hub.
     pub async fn join_federation(&self, name: &str, istio_namespace: &str, members: &[&str]) -> Result<()> {
-        self.join_into(name, istio_namespace, members, |m| format!("{m}-{name}")).await
-    }
-
-    /// Joins `members` for federation `name` of [`NAMESPACE`] whose Istio namespace is `istio_namespace`, each into
-    /// Secret `<secret_prefix(member)>-kubeconfig`.
-    pub async fn join_into(
-        &self,
-        name: &str,
-        istio_namespace: &str,
-        members: &[&str],
-        secret_prefix: impl Fn(&str) -> String,
-    ) -> Result<()> {
         let fed = federation::FederationRef { namespace: NAMESPACE.into(), name: name.into() };
         for m in members {
-            join_named(&self.hub, self.env.cluster(m), &secret_prefix(m), &fed, istio_namespace, JOIN_TTL).await?;
+            let secret_prefix = format!("{m}-{name}");
+            join_named(&self.hub, self.env.cluster(m), &secret_prefix, &fed, istio_namespace, JOIN_TTL).await?;
         }
         Ok(())
     }

@@ -156,11 +156,11 @@ async fn main() -> Result<()> {
     refs.dedup();
     let started = Instant::now();
     let f = Fixture::clusters(&refs, Options::default()).await?;
-    // The fixture joins every member for `prod`; each federation's hub credential is joined for it, as `meshfed join`.
+    // Each federation reaches its members with its own credential, joined for it as `meshfed join` does.
     for (name, primaries, remotes) in &federations {
         let istio = if args.shared { format!("istio-{name}") } else { "istio-system".to_string() };
         let members: Vec<&str> = primaries.iter().chain(remotes).map(String::as_str).collect();
-        f.join_into(name, &istio, &members, str::to_string).await?;
+        f.join_federation(name, &istio, &members).await?;
     }
     println!("{} members + hub up in {:.1?}", refs.len(), started.elapsed());
 
@@ -254,13 +254,13 @@ async fn main() -> Result<()> {
             .iter()
             .map(|n| {
                 let net = network(n);
-                format!("  - {{name: {n}, network: {net}, kubeconfigSecretRef: {{name: {n}-kubeconfig}}}}\n")
+                format!("  - {{name: {n}, network: {net}, kubeconfigSecretRef: {{name: {n}-{name}-kubeconfig}}}}\n")
             })
             .chain(remotes.iter().enumerate().map(|(i, n)| {
                 let p = &primaries[i % primaries.len()];
                 let net = network(p);
                 format!(
-                    "  - {{name: {n}, network: {net}, role: Remote, controlPlane: {p}, kubeconfigSecretRef: {{name: {n}-kubeconfig}}}}\n"
+                    "  - {{name: {n}, network: {net}, role: Remote, controlPlane: {p}, kubeconfigSecretRef: {{name: {n}-{name}-kubeconfig}}}}\n"
                 )
             }))
             .collect();
