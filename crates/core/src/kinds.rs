@@ -86,9 +86,7 @@ pub const OWNED_KINDS: &[OwnedKind] = &[
 /// The owned kind and key of an object given as JSON with its `apiVersion` and `kind`, if its kind is owned.
 pub fn key_of(object: &Value) -> Option<ObjectKey> {
     let kind = *OWNED_KINDS.iter().find(|k| object["apiVersion"] == k.api_version() && object["kind"] == k.kind)?;
-    let meta = &object["metadata"];
-    let name = meta["name"].as_str()?.to_string();
-    Some(ObjectKey { kind, namespace: meta["namespace"].as_str().map(Into::into), name })
+    Some(ObjectKey::of(kind, object))
 }
 
 /// Identifies one object in a member.
@@ -97,6 +95,14 @@ pub struct ObjectKey {
     pub kind: OwnedKind,
     pub namespace: Option<String>,
     pub name: String,
+}
+
+impl ObjectKey {
+    /// The key of an object of `kind` given as JSON: its metadata's namespace and name.
+    pub fn of(kind: OwnedKind, object: &Value) -> Self {
+        let meta = |field: &str| object["metadata"][field].as_str().map(String::from);
+        Self { kind, namespace: meta("namespace"), name: meta("name").unwrap_or_default() }
+    }
 }
 
 impl std::fmt::Display for ObjectKey {

@@ -361,13 +361,8 @@ pub fn gateway_api_crds() -> Result<String> {
         .context("running `go mod download` (is Go installed?)")?;
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading `go mod download -json`")?;
     let dir = info["Dir"].as_str().with_context(|| format!("{module} not downloadable: {}", info["Error"]))?;
-    let mut files: Vec<PathBuf> = fs::read_dir(Path::new(dir).join("config/crd/standard"))?
-        .filter_map(|e| Some(e.ok()?.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
     let mut out = String::new();
-    for f in files {
+    for f in yaml_files(&Path::new(dir).join("config/crd/standard"))? {
         let text = fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
         // The directory also holds a ValidatingAdmissionPolicy (safe upgrades), which is not a CRD.
         if text.contains("\nkind: CustomResourceDefinition\n") {
@@ -504,4 +499,14 @@ impl Pki {
             sa_pub: sa.public_key_pem(),
         })
     }
+}
+
+/// The `.yaml` files of `dir`, sorted by name.
+fn yaml_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)?
+        .filter_map(|e| Some(e.ok()?.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    Ok(files)
 }

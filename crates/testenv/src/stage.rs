@@ -34,13 +34,8 @@ pub const SAIL_COMMIT: &str = "4241170416706137c6263939099a4f4aaefc76d1";
 pub fn sail_crds() -> Result<String> {
     static DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     let dir = DIR.get_or_init(|| sail_crds_dir().map_err(|e| format!("{e:#}"))).clone().map_err(anyhow::Error::msg)?;
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)?
-        .filter_map(|e| Some(e.ok()?.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
     let mut out = String::new();
-    for f in files {
+    for f in crate::yaml_files(&dir)? {
         out.push_str("---\n");
         out.push_str(&std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?);
     }

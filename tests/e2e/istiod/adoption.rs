@@ -5,6 +5,7 @@
 
 use super::*;
 use meshfed_core::{federation, kinds};
+use meshfed_operator::member::kinds::api;
 use std::path::Path;
 
 /// Runs openssl with whitespace-separated arguments in `dir`; fails with its output.
@@ -42,19 +43,6 @@ fn seeds_certificates(dir: &Path, clusters: &[&str]) -> anyhow::Result<()> {
             ),
         )?;
     }
-    Ok(())
-}
-
-/// Creates `yaml` (one object) in `member` through the dynamic API of its kind, as `kubectl create` would.
-async fn create(client: &kube::Client, kind: &kinds::OwnedKind, body: Value) -> anyhow::Result<()> {
-    let ar = meshfed_operator::member::kinds::api_resource(kind);
-    let ns = body["metadata"]["namespace"].as_str().map(str::to_string);
-    let obj: kube::api::DynamicObject = serde_json::from_value(body)?;
-    let api: Api<kube::api::DynamicObject> = match &ns {
-        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
-        None => Api::all_with(client.clone(), &ar),
-    };
-    api.create(&PostParams::default(), &obj).await?;
     Ok(())
 }
 
@@ -132,14 +120,7 @@ fn hand_made(dir: &Path, member: &str, network: &str) -> anyhow::Result<Vec<(kin
 async fn snapshot(f: &Fixture, objects: &[(String, kinds::ObjectKey)]) -> anyhow::Result<Vec<Value>> {
     let mut out = Vec::new();
     for (member, key) in objects {
-        let ar = meshfed_operator::member::kinds::api_resource(&key.kind);
-        let client = f.member(member).await?;
-        let api: Api<kube::api::DynamicObject> = match &key.namespace {
-            Some(ns) => Api::namespaced_with(client, ns, &ar),
-            None => Api::all_with(client, &ar),
-        };
-        let o = serde_json::to_value(api.get(&key.name).await?)?;
-        out.push(o);
+        out.push(serde_json::to_value(api(&f.member(member).await?, key).get(&key.name).await?)?);
     }
     Ok(out)
 }
@@ -196,13 +177,7 @@ async fn held_and_rendered(f: &Fixture, fed: &MeshFederation, member: &str) -> a
             &meshfed_operator::member::kinds::api_resource(kind),
         );
         for o in api.list(&lp).await?.items {
-            let o = serde_json::to_value(o)?;
-            let key = kinds::ObjectKey {
-                kind: *kind,
-                namespace: o["metadata"]["namespace"].as_str().map(Into::into),
-                name: o["metadata"]["name"].as_str().unwrap_or_default().into(),
-            };
-            held.insert(key.to_string());
+            held.insert(kinds::ObjectKey::of(*kind, &serde_json::to_value(o)?).to_string());
         }
     }
     let rendered =
@@ -233,12 +208,9 @@ async fn a_mesh_built_by_hand_is_left_alone_then_adopted_without_a_gap_and_let_g
             .patch(ISTIO_NAMESPACE, &PatchParams::default(), &Patch::Merge(&label))
             .await?;
         for (kind, body) in hand_made(dir.path(), member, network)? {
-            let key = kinds::ObjectKey {
-                kind,
-                namespace: body["metadata"]["namespace"].as_str().map(Into::into),
-                name: body["metadata"]["name"].as_str().unwrap_or_default().into(),
-            };
-            create(&client, &kind, body).await?;
+            // Created as `kubectl create` would.
+            let key = kinds::ObjectKey::of(kind, &body);
+            api(&client, &key).create(&PostParams::default(), &serde_json::from_value(body)?).await?;
             made.push((member.to_string(), key));
         }
     }

@@ -21,7 +21,8 @@ pub fn api_resource(kind: &OwnedKind) -> ApiResource {
     }
 }
 
-pub(crate) fn api(client: &Client, key: &ObjectKey) -> Api<DynamicObject> {
+/// The member's API for object `key`'s kind, in its namespace.
+pub fn api(client: &Client, key: &ObjectKey) -> Api<DynamicObject> {
     let ar = api_resource(&key.kind);
     match &key.namespace {
         Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
@@ -41,8 +42,7 @@ pub(crate) fn as_json(kind: &OwnedKind, mut obj: DynamicObject) -> Value {
 
 /// The key of an object of `kind`, as JSON.
 pub(crate) fn key_of(kind: &OwnedKind, obj: &Value) -> ObjectKey {
-    let meta = |field: &str| obj["metadata"][field].as_str().map(String::from);
-    ObjectKey { kind: *kind, namespace: meta("namespace"), name: meta("name").unwrap_or_default() }
+    ObjectKey::of(*kind, obj)
 }
 
 /// An object of `kind` as shared JSON, keyed.
