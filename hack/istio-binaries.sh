@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Builds the real istiod (`pilot-discovery`) the istiod conformance suite runs, `adsc-probe`, a sidecar's view of it
-# (an ADS client built on Istio's own `istio.io/istio/pkg/adsc`), `istioctl` (whose `create-remote-secret` the
+# Builds the real istiod (`pilot-discovery`) the istiod conformance suite runs, `adsc-probe`, a sidecar's or a
+# ztunnel's view of it (ADS clients built on Istio's own `istio.io/istio/pkg/adsc`), `istioctl` (whose `create-remote-secret` the
 # suite compares with meshfed's remote secrets) and `pilot-agent` (the agent of the data plane suite's pods and
 # gateways, which drives the Envoy of `hack/envoy.sh`), from the istio.io/istio Go module through the Go module proxy,
 # pinned, cached by version outside the work tree, under a lock. Prints the directory that holds them.
@@ -12,7 +12,7 @@ set -euo pipefail
 ISTIO_VERSION="${MESHFED_ISTIO_VERSION:-v0.0.0-20260827124520-eed52ebb66ad}"
 CACHE="${MESHFED_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/meshfed}"
 # The recipe revision is part of the cache key: bump it when this script builds differently.
-OUT="$CACHE/istio-$ISTIO_VERSION-r4"
+OUT="$CACHE/istio-$ISTIO_VERSION-r5"
 BINS=(pilot-discovery adsc-probe istioctl pilot-agent)
 
 # pilot-agent renders Envoy's bootstrap from Istio's template, kept beside it.
@@ -57,14 +57,21 @@ cat >adsc-probe/main.go <<'GO'
 // {"cluster": "<name>", "known": <in CDS>, "endpoints": [{"address","port","weight","tlsMode","workload"}]}.
 // `workload` is istiod's telemetry label `<workload>;<namespace>;<service>;<revision>;<cluster ID>`; Envoy's
 // endpoints carry no network, only the address a sidecar dials.
+//
+// With --wds it connects as a ztunnel instead (node type ztunnel, delta xDS, Istio's delta client), asks for every
+// `istio.workload.Address` (WDS) and prints them: {"workloads": [...], "services": [...]} (see wdsOut).
 package main
 
 import (
+	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"net/netip"
 	"os"
+	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"google.golang.org/protobuf/types/known/structpb"
@@ -74,6 +81,7 @@ import (
 	v3 "istio.io/istio/pilot/pkg/xds/v3"
 	"istio.io/istio/pkg/adsc"
 	"istio.io/istio/pkg/log"
+	"istio.io/istio/pkg/workloadapi"
 )
 
 type endpointOut struct {
@@ -93,32 +101,24 @@ func main() {
 	ip := flag.String("ip", "10.244.0.99", "the sidecar's pod IP")
 	name := flag.String("cluster", "", "the Envoy cluster to print, e.g. outbound|5000||hello.sample.svc.cluster.local")
 	timeout := flag.Duration("timeout", 10*time.Second, "how long to wait for CDS and EDS")
+	wds := flag.Bool("wds", false, "ask as a ztunnel for every workload address (WDS) instead")
 	flag.Parse()
+	if *addr != "" && *wds {
+		configureLogs()
+		printWDS(*addr, *clusterID, *network, *ip, *timeout)
+		return
+	}
 	if *addr == "" || *name == "" {
 		fmt.Fprintln(os.Stderr, "usage: adsc-probe --addr host:port --cluster-id c --network n --cluster outbound|port||host")
 		os.Exit(2)
 	}
-	// Istio's logs go to stdout by default: keep stdout for the answer.
-	logs := log.DefaultOptions()
-	logs.OutputPaths = []string{"stderr"}
-	logs.ErrorOutputPaths = []string{"stderr"}
-	if err := log.Configure(logs); err != nil {
-		fail("configuring logs: %v", err)
-	}
-	str := func(s string) *structpb.Value { return structpb.NewStringValue(s) }
-	meta := &structpb.Struct{Fields: map[string]*structpb.Value{
-		"CLUSTER_ID":    str(*clusterID),
-		"NETWORK":       str(*network),
-		"NAMESPACE":     str(*namespace),
-		"ISTIO_VERSION": str("1.31.0"),
-		"INSTANCE_IPS":  str(*ip),
-	}}
+	configureLogs()
 	client, err := adsc.New(*addr, &adsc.ADSConfig{
 		Config: adsc.Config{
 			Namespace: *namespace,
 			Workload:  *pod,
 			IP:        *ip,
-			Meta:      meta,
+			Meta:      nodeMeta(*clusterID, *network, *namespace, *ip),
 			NodeType:  model.SidecarProxy,
 		},
 		// CDS first; pkg/adsc then asks EDS for every EDS cluster it was given, as Envoy does.
@@ -155,6 +155,136 @@ func main() {
 			}
 		}
 	}
+	if err := json.NewEncoder(os.Stdout).Encode(out); err != nil {
+		fail("%v", err)
+	}
+}
+
+// configureLogs sends Istio's logs, which go to stdout by default, to stderr: stdout is for the answer.
+func configureLogs() {
+	logs := log.DefaultOptions()
+	logs.OutputPaths = []string{"stderr"}
+	logs.ErrorOutputPaths = []string{"stderr"}
+	if err := log.Configure(logs); err != nil {
+		fail("configuring logs: %v", err)
+	}
+}
+
+// nodeMeta is the node metadata a proxy's agent sends istiod.
+func nodeMeta(clusterID, network, namespace, ip string) *structpb.Struct {
+	str := func(s string) *structpb.Value { return structpb.NewStringValue(s) }
+	return &structpb.Struct{Fields: map[string]*structpb.Value{
+		"CLUSTER_ID":    str(clusterID),
+		"NETWORK":       str(network),
+		"NAMESPACE":     str(namespace),
+		"ISTIO_VERSION": str("1.31.0"),
+		"INSTANCE_IPS":  str(ip),
+	}}
+}
+
+// A workload as WDS tells a ztunnel of it: its pod addresses (none for a remote network's workloads, which are
+// reached through `gateway`), its network and cluster, and the Services (namespace/hostname) it backs.
+type workloadOut struct {
+	UID            string   `json:"uid"`
+	Name           string   `json:"name"`
+	Namespace      string   `json:"namespace"`
+	ClusterID      string   `json:"clusterId"`
+	Network        string   `json:"network"`
+	Addresses      []string `json:"addresses"`
+	TunnelProtocol string   `json:"tunnelProtocol"`
+	// The network gateway a ztunnel on another network tunnels to: "<network>/<address>" and its HBONE port.
+	Gateway       string   `json:"gateway,omitempty"`
+	GatewayPort   uint32   `json:"gatewayPort,omitempty"`
+	Capacity      uint32   `json:"capacity,omitempty"`
+	Services      []string `json:"services"`
+}
+
+// A Service as WDS tells a ztunnel of it: its virtual addresses as "<network>/<address>".
+type serviceOut struct {
+	Name      string   `json:"name"`
+	Namespace string   `json:"namespace"`
+	Hostname  string   `json:"hostname"`
+	Addresses []string `json:"addresses"`
+}
+
+type wdsOut struct {
+	Workloads []workloadOut `json:"workloads"`
+	Services  []serviceOut  `json:"services"`
+}
+
+func ipString(b []byte) string {
+	if a, ok := netip.AddrFromSlice(b); ok {
+		return a.String()
+	}
+	return fmt.Sprintf("%x", b)
+}
+
+// printWDS asks istiod, as a ztunnel of `clusterID` on `network` at `ip`, for every workload address (wildcard
+// delta WDS) and prints what it was told once the first answer is in.
+func printWDS(addr, clusterID, network, ip string, timeout time.Duration) {
+	var mu sync.Mutex
+	addresses := map[string]*workloadapi.Address{}
+	handler := adsc.Register(func(_ adsc.HandlerContext, name, _ string, a *workloadapi.Address, event adsc.Event) {
+		mu.Lock()
+		defer mu.Unlock()
+		if event == adsc.EventDelete {
+			delete(addresses, name)
+			return
+		}
+		addresses[name] = a
+	})
+	client := adsc.NewDelta(addr, &adsc.DeltaADSConfig{Config: adsc.Config{
+		Namespace: "istio-system",
+		Workload:  "ztunnel-probe",
+		IP:        ip,
+		Meta:      nodeMeta(clusterID, network, "istio-system", ip),
+		NodeType:  model.Ztunnel,
+	}}, handler, adsc.Watch[*workloadapi.Address]("*"))
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	go client.Run(ctx)
+	select {
+	case <-client.Synced():
+	case <-ctx.Done():
+		fail("no WDS answer from %s within %v", addr, timeout)
+	}
+	client.Close()
+	mu.Lock()
+	defer mu.Unlock()
+	out := wdsOut{Workloads: []workloadOut{}, Services: []serviceOut{}}
+	for _, a := range addresses {
+		if w := a.GetWorkload(); w != nil {
+			o := workloadOut{
+				UID: w.GetUid(), Name: w.GetName(), Namespace: w.GetNamespace(), ClusterID: w.GetClusterId(),
+				Network: w.GetNetwork(), Addresses: []string{}, TunnelProtocol: w.GetTunnelProtocol().String(),
+				Capacity: w.GetCapacity().GetValue(), Services: []string{},
+			}
+			for _, b := range w.GetAddresses() {
+				o.Addresses = append(o.Addresses, ipString(b))
+			}
+			if g := w.GetNetworkGateway(); g != nil {
+				if d := g.GetAddress(); d != nil {
+					o.Gateway = d.GetNetwork() + "/" + ipString(d.GetAddress())
+				} else if h := g.GetHostname(); h != nil {
+					o.Gateway = h.GetNamespace() + "/" + h.GetHostname()
+				}
+				o.GatewayPort = g.GetHboneMtlsPort()
+			}
+			for s := range w.GetServices() {
+				o.Services = append(o.Services, s)
+			}
+			sort.Strings(o.Services)
+			out.Workloads = append(out.Workloads, o)
+		} else if s := a.GetService(); s != nil {
+			o := serviceOut{Name: s.GetName(), Namespace: s.GetNamespace(), Hostname: s.GetHostname(), Addresses: []string{}}
+			for _, na := range s.GetAddresses() {
+				o.Addresses = append(o.Addresses, na.GetNetwork()+"/"+ipString(na.GetAddress()))
+			}
+			out.Services = append(out.Services, o)
+		}
+	}
+	sort.Slice(out.Workloads, func(i, j int) bool { return out.Workloads[i].UID < out.Workloads[j].UID })
+	sort.Slice(out.Services, func(i, j int) bool { return out.Services[i].Hostname < out.Services[j].Hostname })
 	if err := json.NewEncoder(os.Stdout).Encode(out); err != nil {
 		fail("%v", err)
 	}

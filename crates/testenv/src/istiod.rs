@@ -12,10 +12,10 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::{
     Api, Client,
-    api::{ApiResource, DynamicObject},
+    api::{ApiResource, DynamicObject, Patch, PatchParams},
     runtime::{WatchStreamExt, watcher},
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -79,6 +79,48 @@ impl Istiod {
         istio_namespace: &str,
         env: &[(&str, &str)],
     ) -> Result<Self> {
+        let client = cluster.client().await?;
+        let mut all = vec![("INJECT_ENABLED".to_string(), "false".to_string())];
+        all.extend(sail_pilot_env(sail_istio_specs(client, istio_namespace).await));
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Self::launch(cluster, cluster_id, istio_namespace, all).await
+    }
+
+    /// Starts istiod as the Sail operator deploys it for the cluster's Sail `Istio` of `istio_namespace`: Istio's
+    /// istiod chart (of the `istio.io/istio` module istiod is built from) rendered with the pinned helm for the
+    /// `Istio`'s `spec.profile` and `spec.values`; the chart's mesh config (ConfigMap `istio`, key `mesh`) and
+    /// injection templates (ConfigMap `istio-sidecar-injector`, which istiod's gateway controller deploys
+    /// `istio-east-west` Gateways with) applied to the cluster before istiod starts, as the operator does; istiod
+    /// given the literal environment of the chart's Deployment (e.g. the ambient profile's `PILOT_ENABLE_AMBIENT`),
+    /// injection on. The mesh networks stay the stage's play of the chart (see `play_cloud_and_sail`). Otherwise as
+    /// [`Istiod::start`].
+    pub async fn start_as_sail(cluster: &Cluster, cluster_id: &str, istio_namespace: &str) -> Result<Self> {
+        let client = cluster.client().await?;
+        let specs = sail_istio_specs(client.clone(), istio_namespace).await;
+        let [spec] = specs.as_slice() else {
+            bail!("{} Sail Istio resources for namespace {istio_namespace} in {cluster_id}: one expected", specs.len())
+        };
+        let chart = render_istiod_chart(cluster, spec, istio_namespace).await?;
+        for mut cm in chart.config_maps {
+            let name = cm["metadata"]["name"].as_str().unwrap_or_default().to_string();
+            if name == "istio" {
+                cm["data"].as_object_mut().map(|d| d.remove("meshNetworks"));
+            }
+            Api::<ConfigMap>::namespaced(client.clone(), istio_namespace)
+                .patch(&name, &PatchParams::apply("sail-operator-chart").force(), &Patch::Apply(&cm))
+                .await
+                .with_context(|| format!("applying the chart's ConfigMap {name}"))?;
+        }
+        Self::launch(cluster, cluster_id, istio_namespace, chart.env).await
+    }
+
+    /// Starts istiod with `env` after the environment every istiod here gets, and waits until it is ready.
+    async fn launch(
+        cluster: &Cluster,
+        cluster_id: &str,
+        istio_namespace: &str,
+        env: Vec<(String, String)>,
+    ) -> Result<Self> {
         // The first use builds istiod for minutes: off the runtime's threads, which the tests' controller shares.
         let bin = tokio::task::spawn_blocking(istio_binaries).await??;
         let dir = tempfile::Builder::new().prefix("istiod-").tempdir_in(&cluster.dir)?;
@@ -88,7 +130,6 @@ impl Istiod {
         fs::create_dir(&root_ca_dir)?;
         let client = cluster.client().await?;
         let cacerts = SecretVolume::start(client.clone(), istio_namespace, "cacerts", &root_ca_dir).await?;
-        let sail_env = sail_pilot_env(client, istio_namespace).await;
         let http_port = free_port()?;
         let grpc_port = free_port()?;
         let secure_grpc_port = free_port()?;
@@ -96,16 +137,14 @@ impl Istiod {
         let mut cmd = Command::new(bin.join("pilot-discovery"));
         cmd.current_dir(dir.path())
             .env_remove("KUBECONFIG")
+            .envs([("REVISION", "default"), ("PILOT_ENABLE_ANALYSIS", "false")])
+            .envs(env)
+            // What a pod's downward API and its cacerts volume give istiod.
             .envs([
                 ("POD_NAMESPACE", istio_namespace),
                 ("POD_NAME", &format!("istiod-{cluster_id}")),
-                ("REVISION", "default"),
                 ("ROOT_CA_DIR", &root_ca_dir.display().to_string()),
-                ("PILOT_ENABLE_ANALYSIS", "false"),
-                ("INJECT_ENABLED", "false"),
             ])
-            .envs(sail_env)
-            .envs(env.iter().copied())
             .args([
                 "discovery".to_string(),
                 format!("--kubeconfig={}", kubeconfig.display()),
@@ -186,22 +225,36 @@ impl Istiod {
         ip: &str,
         envoy_cluster: &str,
     ) -> Result<serde_json::Value> {
+        self.probe(&[
+            "--cluster-id",
+            cluster_id,
+            "--network",
+            network,
+            "--ip",
+            ip,
+            "--cluster",
+            envoy_cluster,
+            "--timeout",
+            "10s",
+        ])
+        .await
+    }
+
+    /// What istiod tells a ztunnel of cluster `cluster_id` on `network` at `ip` over delta xDS: every
+    /// `istio.workload.Address` (WDS), as `hack/istio-binaries.sh`'s `adsc-probe --wds` prints them (Istio's own delta
+    /// client, node type ztunnel): `{"workloads": [{"uid", "name", "namespace", "clusterId", "network", "addresses",
+    /// "tunnelProtocol", "gateway" ("<network>/<address>"), "gatewayPort", "capacity", "services"}], "services":
+    /// [{"name", "namespace", "hostname", "addresses" ("<network>/<address>")}]}`.
+    pub async fn ztunnel_view(&self, cluster_id: &str, network: &str, ip: &str) -> Result<serde_json::Value> {
+        self.probe(&["--wds", "--cluster-id", cluster_id, "--network", network, "--ip", ip, "--timeout", "10s"]).await
+    }
+
+    /// Runs `adsc-probe` against istiod's plaintext xDS port with `args`: its JSON answer.
+    async fn probe(&self, args: &[&str]) -> Result<serde_json::Value> {
         let bin = tokio::task::spawn_blocking(istio_binaries).await??;
         let out = tokio::process::Command::new(bin.join("adsc-probe"))
-            .args([
-                "--addr",
-                &self.xds_address(),
-                "--cluster-id",
-                cluster_id,
-                "--network",
-                network,
-                "--ip",
-                ip,
-                "--cluster",
-                envoy_cluster,
-                "--timeout",
-                "10s",
-            ])
+            .args(["--addr", &self.xds_address()])
+            .args(args)
             .kill_on_drop(true)
             .output()
             .await
@@ -240,11 +293,9 @@ impl Istiod {
     }
 }
 
-/// The environment the Sail operator gives istiod in a cluster: `spec.values.pilot.env` of the Sail `Istio`
-/// resources (`sailoperator.io/v1`) whose `spec.namespace` is `istio_namespace` (Istio's istiod chart puts them in
-/// the Deployment's env), and `EXTERNAL_ISTIOD` for `spec.values.global.externalIstiod`. Empty when there is none, or
+/// The `spec` of every Sail `Istio` (`sailoperator.io/v1`) whose `spec.namespace` is `istio_namespace`; none when
 /// Sail's CRD is not served.
-async fn sail_pilot_env(client: Client, istio_namespace: &str) -> Vec<(String, String)> {
+async fn sail_istio_specs(client: Client, istio_namespace: &str) -> Vec<serde_json::Value> {
     let resource = ApiResource {
         group: "sailoperator.io".into(),
         version: "v1".into(),
@@ -255,12 +306,18 @@ async fn sail_pilot_env(client: Client, istio_namespace: &str) -> Vec<(String, S
     let Ok(istios) = Api::<DynamicObject>::all_with(client, &resource).list(&Default::default()).await else {
         return Vec::new();
     };
+    istios
+        .into_iter()
+        .map(|i| i.data["spec"].clone())
+        .filter(|spec| spec["namespace"].as_str().unwrap_or("istio-system") == istio_namespace)
+        .collect()
+}
+
+/// The environment the Sail operator gives istiod for the `Istio` `specs`: `spec.values.pilot.env` (Istio's istiod
+/// chart puts it in the Deployment's env), and `EXTERNAL_ISTIOD` for `spec.values.global.externalIstiod`.
+fn sail_pilot_env(specs: Vec<serde_json::Value>) -> Vec<(String, String)> {
     let mut env = Vec::new();
-    for istio in istios {
-        let spec = &istio.data["spec"];
-        if spec["namespace"].as_str().unwrap_or("istio-system") != istio_namespace {
-            continue;
-        }
+    for spec in specs {
         // The istiod chart's Deployment: `global.externalIstiod` sets EXTERNAL_ISTIOD (a Primary serving Remotes,
         // which then publishes the root into their namespaces too), unless `pilot.env` does.
         if spec["values"]["global"]["externalIstiod"] == true {
@@ -271,6 +328,63 @@ async fn sail_pilot_env(client: Client, istio_namespace: &str) -> Vec<(String, S
         }
     }
     env
+}
+
+/// The pinned helm (`hack/helm.sh`, built on first use), the one the chart tests use.
+const HELM_VERSION: &str = "v3.22.0";
+
+/// What Istio's istiod chart makes for one Sail `Istio`: istiod's ConfigMaps and the literal environment of its
+/// Deployment's container (what the downward API, a volume or the chart's own defaults give is left out).
+struct IstiodChart {
+    config_maps: Vec<serde_json::Value>,
+    env: Vec<(String, String)>,
+}
+
+/// Renders Istio's istiod chart (`manifests/charts/istio-control/istio-discovery` of the `istio.io/istio` module
+/// istiod is built from) with `helm template` for the Sail `Istio` `spec`: its `values`, its `profile` (the chart
+/// merges `files/profile-<profile>.yaml`, as the Sail operator merges its copy of the profile) and the namespace.
+async fn render_istiod_chart(cluster: &Cluster, spec: &serde_json::Value, namespace: &str) -> Result<IstiodChart> {
+    let (helm, module) = tokio::task::spawn_blocking(|| {
+        let helm = crate::build_with("helm.sh", "MESHFED_HELM_VERSION", HELM_VERSION)?;
+        anyhow::Ok((helm, crate::go_module_dir(&format!("istio.io/istio@{ISTIO_VERSION}"))?))
+    })
+    .await??;
+    let values = tempfile::Builder::new().prefix("values-").suffix(".json").tempfile_in(&cluster.dir)?;
+    fs::write(values.path(), serde_json::to_vec(&spec["values"])?)?;
+    let mut cmd = tokio::process::Command::new(&helm);
+    cmd.args(["template", "istiod"])
+        .arg(module.join("manifests/charts/istio-control/istio-discovery"))
+        .args(["--namespace", namespace, "--set", &format!("global.istioNamespace={namespace}"), "--values"])
+        .arg(values.path());
+    if let Some(profile) = spec["profile"].as_str() {
+        cmd.args(["--set", &format!("profile={profile}")]);
+    }
+    let out = cmd.output().await.context("running helm template")?;
+    if !out.status.success() {
+        bail!("helm template of the istiod chart failed: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let mut chart = IstiodChart { config_maps: Vec::new(), env: Vec::new() };
+    for doc in serde_saphyr::from_multiple::<serde_json::Value>(&String::from_utf8(out.stdout)?)? {
+        match doc["kind"].as_str() {
+            Some("ConfigMap") => chart.config_maps.push(doc),
+            Some("Deployment") if doc["metadata"]["name"] == "istiod" => {
+                let env = &doc["spec"]["template"]["spec"]["containers"][0]["env"];
+                for var in env.as_array().into_iter().flatten() {
+                    // KUBECONFIG names the chart's remote-kubeconfig mount; istiod here gets --kubeconfig.
+                    if let (Some(name), Some(value)) = (var["name"].as_str(), var["value"].as_str())
+                        && name != "KUBECONFIG"
+                    {
+                        chart.env.push((name.into(), value.into()));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    if chart.env.is_empty() {
+        bail!("the istiod chart rendered no istiod Deployment with an environment");
+    }
+    Ok(chart)
 }
 
 /// GETs `path` from istiod's loopback HTTP port: the status code and the body.

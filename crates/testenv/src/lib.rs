@@ -338,31 +338,29 @@ pub async fn client_from_kubeconfig(yaml: &str) -> Result<Client> {
 
 /// The real Istio CRDs, read from the `istio.io/api` module in the Go module cache (downloaded on first use).
 pub fn istio_crds() -> Result<String> {
-    let out = Command::new("go")
-        .args(["mod", "download", "-json", &format!("istio.io/api@{ISTIO_API_VERSION}")])
-        .current_dir(std::env::temp_dir())
-        .output()
-        .context("running `go mod download` (is Go installed?)")?;
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading `go mod download -json`")?;
-    let dir = info["Dir"]
-        .as_str()
-        .with_context(|| format!("istio.io/api@{ISTIO_API_VERSION} not downloadable: {}", info["Error"]))?;
-    Ok(fs::read_to_string(Path::new(dir).join("kubernetes/customresourcedefinitions.gen.yaml"))?)
+    let dir = go_module_dir(&format!("istio.io/api@{ISTIO_API_VERSION}"))?;
+    Ok(fs::read_to_string(dir.join("kubernetes/customresourcedefinitions.gen.yaml"))?)
 }
 
-/// The Gateway API's standard CRDs (`config/crd/standard`, its CustomResourceDefinitions only) as one YAML stream,
-/// read from the `sigs.k8s.io/gateway-api` module in the Go module cache (downloaded on first use).
-pub fn gateway_api_crds() -> Result<String> {
-    let module = format!("sigs.k8s.io/gateway-api@{GATEWAY_API_VERSION}");
+/// The directory of Go module `module` (`path@version`) in the Go module cache, downloaded through the Go module
+/// proxy on first use.
+pub(crate) fn go_module_dir(module: &str) -> Result<PathBuf> {
     let out = Command::new("go")
-        .args(["mod", "download", "-json", &module])
+        .args(["mod", "download", "-json", module])
         .current_dir(std::env::temp_dir())
         .output()
         .context("running `go mod download` (is Go installed?)")?;
     let info: serde_json::Value = serde_json::from_slice(&out.stdout).context("reading `go mod download -json`")?;
     let dir = info["Dir"].as_str().with_context(|| format!("{module} not downloadable: {}", info["Error"]))?;
+    Ok(dir.into())
+}
+
+/// The Gateway API's standard CRDs (`config/crd/standard`, its CustomResourceDefinitions only) as one YAML stream,
+/// read from the `sigs.k8s.io/gateway-api` module in the Go module cache (downloaded on first use).
+pub fn gateway_api_crds() -> Result<String> {
+    let dir = go_module_dir(&format!("sigs.k8s.io/gateway-api@{GATEWAY_API_VERSION}"))?;
     let mut out = String::new();
-    for f in yaml_files(&Path::new(dir).join("config/crd/standard"))? {
+    for f in yaml_files(&dir.join("config/crd/standard"))? {
         let text = fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
         // The directory also holds a ValidatingAdmissionPolicy (safe upgrades), which is not a CRD.
         if text.contains("\nkind: CustomResourceDefinition\n") {

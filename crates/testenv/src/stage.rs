@@ -97,10 +97,10 @@ impl Cluster {
 
     /// Plays the cloud and the Sail operator in this cluster until the returned [`Stage`] is dropped: every
     /// LoadBalancer Service gets `load_balancer_ip` in its status, and every `Istio`, `IstioCNI` and `ZTunnel` resource
-    /// a `Ready` condition for its current generation; istiod's gateway controller, which programs every Gateway API
-    /// `Gateway` of class `istio-east-west` at `load_balancer_ip` (the address of the LoadBalancer Service istiod would
-    /// deploy for it); and, with `play_istiod`, istiod's publishing of the roots of `cacerts`. The Sail CRDs must be
-    /// installed (and the Gateway API's, for its Gateways to be played).
+    /// a `Ready` condition for its current generation; and, with `play_istiod`, istiod: its gateway controller, which
+    /// programs every Gateway API `Gateway` of class `istio-east-west` at `load_balancer_ip` (the address of the
+    /// LoadBalancer Service istiod would deploy for it), and its publishing of the roots of `cacerts`. The Sail CRDs
+    /// must be installed (and the Gateway API's, for its Gateways to be played).
     pub async fn play_cloud_and_sail(&self, load_balancer_ip: &str, play_istiod: bool) -> Result<Stage> {
         let client = self.client().await?;
         let istios = Api::<DynamicObject>::all_with(client.clone(), &istio_resource());
@@ -123,13 +123,13 @@ impl Cluster {
                 .map(move |o| o.map(|i| Played::SailReady(sail_resource(kind), Box::new(i))));
             played.push(events.boxed());
         }
-        let gateways = Api::<DynamicObject>::all_with(client.clone(), &kubernetes_gateway_resource());
-        let gateway_events = watcher(gateways, watcher::Config::default())
-            .default_backoff()
-            .applied_objects()
-            .map(|o| o.map(|g| Played::Gateway(Box::new(g))));
-        played.push(gateway_events.boxed());
         if play_istiod {
+            let gateways = Api::<DynamicObject>::all_with(client.clone(), &kubernetes_gateway_resource());
+            let gateway_events = watcher(gateways, watcher::Config::default())
+                .default_backoff()
+                .applied_objects()
+                .map(|o| o.map(|g| Played::Gateway(Box::new(g))));
+            played.push(gateway_events.boxed());
             let cacerts = watcher::Config::default().fields("metadata.name=cacerts");
             let cacerts_events = watcher(Api::<Secret>::all(client.clone()), cacerts)
                 .default_backoff()

@@ -25,6 +25,7 @@ use meshfed_testenv::{Istiod, Options};
 use serde_json::{Value, json};
 
 mod adoption;
+mod ambient;
 mod discovery;
 mod remote_access;
 mod trust;

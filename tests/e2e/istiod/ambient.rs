@@ -1,0 +1,247 @@
+//! Ambient multi-network at the real istiod: with `dataPlane: Ambient`, each Primary's istiod, deployed as the Sail
+//! operator deploys it from what meshfed wrote (the istiod chart rendered for the `Istio`'s ambient profile and
+//! values), deploys the HBONE east-west Gateway meshfed declared, and tells a ztunnel on its network (delta xDS, WDS)
+//! that a global Service's endpoints on the other network are reached through that network's gateway on 15008, at
+//! the address meshfed reports, while a Service without `istio.io/global` stays in its cluster.
+
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::DynamicObject;
+use meshfed_core::gateway::{AMBIENT_GATEWAY_NAME, HBONE_PORT};
+use meshfed_core::kinds::ISTIO;
+use meshfed_e2e::load_balancer_ip;
+use meshfed_operator::member::kinds::api_resource;
+
+use super::*;
+
+/// The global Service's pod, the local Service's pod and the gateway pod of each member.
+fn addresses(member: &str) -> [&'static str; 3] {
+    if member == "east" {
+        ["10.244.2.7", "10.244.2.8", "10.244.2.20"]
+    } else {
+        ["10.244.1.5", "10.244.1.6", "10.244.1.20"]
+    }
+}
+
+/// Plays the kubelet and the endpoint controller for the pod of Deployment `name` (which istiod deployed for the
+/// Gateway) in `namespace`: a Pod with the Deployment's template, Running and Ready at `address`, and an EndpointSlice
+/// of Service `name` with that ready endpoint on every port of the Service.
+async fn play_pod_of(client: &kube::Client, namespace: &str, name: &str, address: &str) -> anyhow::Result<()> {
+    let pp = PostParams::default();
+    let deployment = until_some(&format!("istiod to deploy {name}"), async || {
+        Api::<Deployment>::namespaced(client.clone(), namespace).get_opt(name).await.ok().flatten()
+    })
+    .await?;
+    let service = until_some(&format!("istiod to create Service {name}"), async || {
+        Api::<Service>::namespaced(client.clone(), namespace).get_opt(name).await.ok().flatten()
+    })
+    .await?;
+    let template = deployment.spec.context("a Deployment spec")?.template;
+    let pod_name = format!("{name}-0");
+    let mut pod = Pod { metadata: template.metadata.unwrap_or_default(), spec: template.spec, status: None };
+    pod.metadata.name = Some(pod_name.clone());
+    // Admission looks the ServiceAccount up; istiod made it, but make sure of it without a controller-manager.
+    let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": sa}}))?;
+    match Api::<ServiceAccount>::namespaced(client.clone(), namespace).create(&pp, &account).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        r => drop(r?),
+    }
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    pods.create(&pp, &pod).await?;
+    let status = json!({"status": {
+        "phase": "Running",
+        "podIP": address,
+        "podIPs": [{"ip": address}],
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }});
+    pods.patch_status(&pod_name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+    let ports: Vec<Value> = service
+        .spec
+        .and_then(|s| s.ports)
+        .unwrap_or_default()
+        .iter()
+        .map(|p| json!({"name": p.name, "port": p.port, "protocol": "TCP"}))
+        .collect();
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": format!("{name}-0"), "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "endpoints": [{
+            "addresses": [address],
+            "conditions": {"ready": true},
+            "targetRef": {"kind": "Pod", "namespace": namespace, "name": pod_name},
+        }],
+        "ports": ports,
+    }))?;
+    Api::<EndpointSlice>::namespaced(client.clone(), namespace).create(&pp, &slice).await?;
+    Ok(())
+}
+
+/// Polls `get` until it gives something, within [`WAIT`].
+async fn until_some<T>(what: &str, get: impl AsyncFn() -> Option<T>) -> anyhow::Result<T> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(t) = get().await {
+            return Ok(t);
+        }
+        anyhow::ensure!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+/// Creates, in namespace `sample` of `member`, Service `name` (port 5000; labelled `istio.io/global: "true"` when
+/// `global`) and its one Pod at `address`, captured by ztunnel as istio-cni marks it (annotation
+/// `ambient.istio.io/redirection: enabled`), Running and Ready, with its EndpointSlice.
+async fn create_service(client: &kube::Client, name: &str, global: bool, address: &str) -> anyhow::Result<()> {
+    let pp = PostParams::default();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "sample"}}))?;
+    match Api::<Namespace>::all(client.clone()).create(&pp, &ns).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        r => drop(r?),
+    }
+    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
+    match Api::<ServiceAccount>::namespaced(client.clone(), "sample").create(&pp, &sa).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        r => drop(r?),
+    }
+    let pods = Api::<Pod>::namespaced(client.clone(), "sample");
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app": name}, "annotations": {"ambient.istio.io/redirection": "enabled"}},
+        "spec": {"automountServiceAccountToken": false, "containers": [{"name": name, "image": name, "ports": [{"containerPort": 5000}]}]},
+    }))?;
+    pods.create(&pp, &pod).await?;
+    let status = json!({"status": {
+        "phase": "Running",
+        "podIP": address,
+        "podIPs": [{"ip": address}],
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }});
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+    let labels = if global { json!({"istio.io/global": "true"}) } else { json!({}) };
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": labels},
+        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}]},
+    }))?;
+    Api::<Service>::namespaced(client.clone(), "sample").create(&pp, &svc).await?;
+    let slice: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "endpoints": [{
+            "addresses": [address],
+            "conditions": {"ready": true},
+            "targetRef": {"kind": "Pod", "namespace": "sample", "name": name},
+        }],
+        "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}],
+    }))?;
+    Api::<EndpointSlice>::namespaced(client.clone(), "sample").create(&pp, &slice).await?;
+    Ok(())
+}
+
+/// The WDS workloads of cluster `cluster` that back Service `name` of namespace `sample`.
+fn backing<'a>(view: &'a Value, cluster: &str, name: &str) -> Vec<&'a Value> {
+    let service = format!("sample/{name}.sample.svc.cluster.local");
+    view["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|w| w["clusterId"] == cluster && w["services"].as_array().is_some_and(|s| s.contains(&json!(service))))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_ambient_mode_a_ztunnel_reaches_the_other_networks_global_services_through_its_gateway_and_no_local_one()
+-> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..Options::default() }).await?;
+    f.apply(&prod(&format!("{GENERATED_ROOT}  dataPlane: Ambient\n"), NETWORKS, "")).await?;
+    let members = ["east", "west"];
+    // istiod starts once meshfed wrote its CA and its Istio, as the Sail operator would start it.
+    for member in members {
+        let client = f.member(member).await?;
+        until_some(&format!("meshfed to write {member}'s cacerts and Sail Istio"), async || {
+            let cacerts = Api::<Secret>::namespaced(client.clone(), ISTIO_NAMESPACE).get_opt("cacerts").await;
+            let istio = Api::<DynamicObject>::all_with(client.clone(), &api_resource(&ISTIO)).get_opt("default").await;
+            (cacerts.ok().flatten().is_some() && istio.ok().flatten().is_some()).then_some(())
+        })
+        .await?;
+    }
+    let started = futures::future::try_join_all(
+        members.map(|m| Istiod::start_as_sail(f.env.cluster(m), m, ISTIO_NAMESPACE)),
+    )
+    .await?;
+    let istiods: BTreeMap<String, Istiod> = members.iter().map(|m| m.to_string()).zip(started).collect();
+    // istiod deploys the Gateway meshfed declared; the test plays its pod (no kubelet here) and the cloud its load
+    // balancer; istiod then reports the load balancer's address in the Gateway's status, which meshfed reads.
+    for member in members {
+        let client = f.member(member).await?;
+        play_pod_of(&client, ISTIO_NAMESPACE, AMBIENT_GATEWAY_NAME, addresses(member)[2]).await?;
+    }
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    let mesh = Mesh { f, fed, istiods };
+    let reported = |member: &str| -> String {
+        let status = mesh.fed.status.as_ref().expect("a status");
+        let cluster = status.clusters.iter().find(|c| c.name == member).expect("the member's status");
+        assert_eq!(cluster.gateway_port, Some(HBONE_PORT), "{member}'s gateway port");
+        cluster.gateway_address.clone().expect("the member's gateway address")
+    };
+    for (i, member) in members.iter().enumerate() {
+        assert_eq!(reported(member), load_balancer_ip(i), "{member}'s gateway address is its load balancer's");
+    }
+
+    for (holder, other) in [("east", "west"), ("west", "east")] {
+        let istiod = mesh.istiod(holder);
+        let ok = async || istiod.debug("/debug/clusterz").await.is_ok_and(|c| synced(&c, other));
+        if let Err(e) = until(&format!("{holder}'s istiod to sync {other}"), WAIT, POLL, ok).await {
+            panic!("{e}; clusterz: {}; log:\n{}", istiod.debug("/debug/clusterz").await?, istiod.log_tail());
+        }
+    }
+    // Each member: a Service without the global label first, then a global one.
+    for member in members {
+        let client = mesh.f.member(member).await?;
+        let [global, local, _] = addresses(member);
+        create_service(&client, "local", false, local).await?;
+        create_service(&client, "hello", true, global).await?;
+    }
+
+    for (holder, other) in [("east", "west"), ("west", "east")] {
+        let (network, other_network) = (mesh.network(holder), mesh.network(other));
+        let istiod = mesh.istiod(holder);
+        let gateway = format!("{other_network}/{}", reported(other));
+        let ztunnel_ip = if holder == "east" { "10.244.2.30" } else { "10.244.1.30" };
+        let view = async || istiod.ztunnel_view(holder, &network, ztunnel_ip).await.ok();
+        // The global Service's endpoint in the other member, behind that member's gateway.
+        let crossed = async || view().await.filter(|v| !backing(v, other, "hello").is_empty());
+        let what = format!("{holder}'s istiod to tell a ztunnel of {other}'s global Service");
+        let view = match until_some(&what, crossed).await {
+            Ok(v) => v,
+            Err(e) => panic!(
+                "{e}; WDS: {}; log:\n{}",
+                istiod.ztunnel_view(holder, &network, ztunnel_ip).await?,
+                istiod.log_tail()
+            ),
+        };
+        println!("{holder}'s ztunnel is told (WDS): {view:#}");
+        let [remote] = backing(&view, other, "hello")[..] else { panic!("one workload of {other} for hello: {view:#}") };
+        assert_eq!(remote["network"], other_network.as_str(), "{remote:#}");
+        assert_eq!(remote["gateway"], gateway.as_str(), "reached through {other}'s gateway at meshfed's address");
+        assert_eq!(remote["gatewayPort"], HBONE_PORT, "{remote:#}");
+        assert_eq!(remote["tunnelProtocol"], "HBONE", "{remote:#}");
+        assert_eq!(remote["addresses"], json!([]), "no pod address of another network: {remote:#}");
+        // Its own member's endpoint, directly.
+        let [own] = backing(&view, holder, "hello")[..] else { panic!("one workload of {holder} for hello: {view:#}") };
+        assert_eq!(own["addresses"], json!([addresses(holder)[0]]), "{own:#}");
+        // The Service without the global label, created before the global one, did not cross; no pod address of the
+        // other member is anywhere.
+        assert!(backing(&view, other, "local").is_empty(), "{other}'s local Service crossed: {view:#}");
+        assert_eq!(backing(&view, holder, "local").len(), 1, "{holder}'s own local Service: {view:#}");
+        let text = view.to_string();
+        for address in &addresses(other)[..2] {
+            assert!(!text.contains(&format!("\"{address}\"")), "{other}'s pod address {address} in {holder}'s WDS");
+        }
+        // Every network's gateway is known, at the address meshfed reports.
+        let networkz = istiod.debug("/debug/networkz").await?;
+        for (member, net) in [(holder, &network), (other, &other_network)] {
+            let listed = networkz.as_array().into_iter().flatten().any(|g| g["Network"] == net.as_str() && g["Addr"] == reported(member).as_str());
+            assert!(listed, "{holder}'s istiod lists {member}'s gateway on {net}: {networkz}");
+        }
+    }
+    Ok(())
+}
