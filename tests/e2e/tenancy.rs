@@ -217,6 +217,55 @@ async fn federations_share_members_each_in_its_own_istio_namespace_and_revision(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_second_ambient_federation_is_refused_on_a_member_that_runs_anothers_ztunnel_and_writes_nothing_more()
+-> anyhow::Result<()> {
+    let f = Fixture::start(&["east", "west"], Options::default()).await?;
+    let both = ["east:n1", "west:n2"];
+    let ambient = |name: &str| {
+        let namespace = format!("istio-{name}");
+        federation_of_revision(name, &namespace, name, &both)
+            .replace("  clusters:\n", "  dataPlane: Ambient\n  clusters:\n")
+    };
+    for name in ["alpha", "beta"] {
+        f.join_federation(name, &format!("istio-{name}"), &["east", "west"]).await?;
+    }
+    f.apply(&ambient("alpha")).await?;
+    f.wait_for("alpha", WAIT, is_ready).await?;
+    let (east, west) = (f.member("east").await?, f.member("west").await?);
+    let alpha = [versions_of(&east, "alpha").await?, versions_of(&west, "alpha").await?];
+    assert!(alpha[0].contains_key("ZTunnel /default"), "{:?}", alpha[0]);
+
+    // beta, in its own Istio namespace and revision, would need the members' one istio-cni and ztunnel.
+    f.apply(&ambient("beta")).await?;
+    let refused = |fed: &MeshFederation| {
+        ["east", "west"].iter().all(|m| member_reason(fed, m).as_deref() == Some("OwnedByAnotherFederation"))
+    };
+    let beta = f.wait_for("beta", WAIT, refused).await?;
+    for (member, client) in [("east", &east), ("west", &west)] {
+        let status = beta.status.as_ref().unwrap().clusters.iter().find(|c| c.name == member).unwrap();
+        let message = &condition(&status.conditions, "Ready").unwrap().message;
+        for kind in ["IstioCNI", "ZTunnel"] {
+            assert!(message.contains(&format!("{kind} default belongs to federation mesh-system/alpha")), "{message}");
+        }
+        assert!(message.contains("one ambient federation only"), "{message}");
+        let written = versions_of(client, "beta").await?;
+        assert_eq!(
+            written.keys().collect::<Vec<_>>(),
+            ["ConfigMap kube-system/meshfed-claim.istio-beta"],
+            "only its claim"
+        );
+    }
+    f.delete("beta").await?;
+    f.wait_gone("beta", Duration::from_secs(20)).await?;
+    for (member, alpha) in [&east, &west].into_iter().zip(alpha) {
+        assert!(versions_of(member, "beta").await?.is_empty());
+        assert_eq!(versions_of(member, "alpha").await?, alpha, "alpha's objects stay as they were");
+    }
+    assert!(is_ready(&f.federations().get("alpha").await?));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn two_federations_racing_for_one_member_leave_exactly_one_claim() -> anyhow::Result<()> {
     let f = Fixture::start(&["east"], Options::default()).await?;
     f.join_federation("alpha", "istio-system", &["east"]).await?;

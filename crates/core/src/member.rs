@@ -464,6 +464,17 @@ pub struct Foreign {
     pub owner: Option<String>,
 }
 
+/// How a member's status names `key`, held by federation `owner`: with why that keeps this federation out for good
+/// where the object is one per cluster (the ambient node agents).
+pub fn held_by_another(key: &ObjectKey, owner: &str) -> String {
+    let mut message = format!("{key} belongs to federation {owner}");
+    if key.kind == ISTIO_CNI || key.kind == ZTUNNEL {
+        message
+            .push_str(" (a cluster runs one istio-cni and one ztunnel, so it can be in one ambient federation only)");
+    }
+    message
+}
+
 /// What to do about `desired` given the member's object of the same key as it is now (`observed`, as JSON).
 /// An object labelled for another federation is never touched, nor one no federation labelled unless the plan
 /// adopts it ([`mark_adopted`]); the Istio namespace is labelled whoever made it.

@@ -178,3 +178,16 @@ fn switching_between_sidecar_and_ambient_prunes_exactly_the_old_modes_objects() 
         ]
     );
 }
+
+#[test]
+fn a_node_agent_held_by_another_federation_says_a_cluster_is_in_one_ambient_federation_only() {
+    let plan = east(&spec(DataPlane::Ambient), MemberFacts::default());
+    let key = |kind: OwnedKind| plan.objects.iter().find(|d| d.key.kind == kind).unwrap().key.clone();
+    for kind in [ZTUNNEL, ISTIO_CNI] {
+        let message = held_by_another(&key(kind), "mesh-system/other");
+        assert!(message.starts_with(&format!("{} belongs to federation mesh-system/other", key(kind))), "{message}");
+        assert!(message.contains("one ambient federation only"), "{message}");
+    }
+    let message = held_by_another(&key(ISTIO), "mesh-system/other");
+    assert_eq!(message, format!("{} belongs to federation mesh-system/other", key(ISTIO)));
+}

@@ -248,7 +248,10 @@ pub fn validate(spec: &MeshFederationSpec) -> Result<Validated, Vec<Problem>> {
 
 /// What upstream Istio does not support in ambient mode (ISTIO-FACTS.md section 14): Remotes (primary-remote ambient
 /// is not supported), one network (alpha upstream: meshfed refuses it), a version before ambient multi-network, and
-/// a gateway that istiod cannot expose itself (it deploys the ambient east-west gateway as a LoadBalancer).
+/// a gateway that istiod cannot expose itself (it deploys the ambient east-west gateway as a LoadBalancer). An
+/// `istio-remote` Gateway cannot stand for a fixed address or a node port here: each member's istiod also discovers
+/// the peer's own `istio-east-west` Gateway through the remote secret, and with two gateways for one network istiod
+/// tells ztunnels either one (ISTIO-FACTS.md 14a, measured).
 fn ambient_problems(spec: &MeshFederationSpec, topology: Topology, problem: &mut impl FnMut(Reason, String)) {
     for c in spec.clusters.iter().filter(|c| c.role == ClusterRole::Remote) {
         problem(
@@ -281,7 +284,7 @@ fn ambient_problems(spec: &MeshFederationSpec, topology: Topology, problem: &mut
         problem(
             Reason::ExposeModeUnsupported,
             format!(
-                "cluster {:?} gives its east-west gateway a fixed address; in ambient mode istiod deploys the gateway and reports its load balancer's address, and a fixed address (an istio-remote Gateway) is not supported by meshfed yet: remove eastWestGateway.address",
+                "cluster {:?} gives its east-west gateway a fixed address; in ambient mode every other member's istiod reads the gateway's address from the Gateway istiod deploys (its load balancer's), and an istio-remote Gateway declaring the fixed address beside it would be a second gateway for the network, of which istiod uses either one (istio/istio#56960): remove eastWestGateway.address",
                 c.name
             ),
         );
@@ -290,7 +293,7 @@ fn ambient_problems(spec: &MeshFederationSpec, topology: Topology, problem: &mut
         problem(
             Reason::ExposeModeUnsupported,
             format!(
-                "cluster {:?} exposes its east-west gateway as {:?}; in ambient mode istiod deploys the gateway and exposes it as a LoadBalancer, which is all meshfed supports there: use LoadBalancer",
+                "cluster {:?} exposes its east-west gateway as {:?}; in ambient mode istiod deploys the gateway as a LoadBalancer and every other member's istiod reads its address from there (an istio-remote Gateway for a node port would be a second gateway for the network, of which istiod uses either one: istio/istio#56960): use LoadBalancer",
                 c.name, c.east_west_gateway.expose
             ),
         );

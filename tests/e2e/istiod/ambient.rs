@@ -147,11 +147,12 @@ fn backing<'a>(view: &'a Value, cluster: &str, name: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn in_ambient_mode_a_ztunnel_reaches_the_other_networks_global_services_through_its_gateway_and_no_local_one()
--> anyhow::Result<()> {
+/// An ambient federation `prod` of east and west (`west_fields` appended to west's entry), converged, with each
+/// Primary's istiod started as the Sail operator starts it, the Gateways it deploys played, each istiod synced with
+/// the other member, and in each member a Service `local` and then a global Service `hello`.
+async fn ambient_mesh(west_fields: &str) -> anyhow::Result<Mesh> {
     let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..Options::default() }).await?;
-    f.apply(&prod(&format!("{GENERATED_ROOT}  dataPlane: Ambient\n"), NETWORKS, "")).await?;
+    f.apply(&prod(&format!("{GENERATED_ROOT}  dataPlane: Ambient\n"), NETWORKS, west_fields)).await?;
     let members = ["east", "west"];
     // istiod starts once meshfed wrote its CA and its Istio, as the Sail operator would start it.
     for member in members {
@@ -163,10 +164,9 @@ async fn in_ambient_mode_a_ztunnel_reaches_the_other_networks_global_services_th
         })
         .await?;
     }
-    let started = futures::future::try_join_all(
-        members.map(|m| Istiod::start_as_sail(f.env.cluster(m), m, ISTIO_NAMESPACE)),
-    )
-    .await?;
+    let started =
+        futures::future::try_join_all(members.map(|m| Istiod::start_as_sail(f.env.cluster(m), m, ISTIO_NAMESPACE)))
+            .await?;
     let istiods: BTreeMap<String, Istiod> = members.iter().map(|m| m.to_string()).zip(started).collect();
     // istiod deploys the Gateway meshfed declared; the test plays its pod (no kubelet here) and the cloud its load
     // balancer; istiod then reports the load balancer's address in the Gateway's status, which meshfed reads.
@@ -176,16 +176,6 @@ async fn in_ambient_mode_a_ztunnel_reaches_the_other_networks_global_services_th
     }
     let fed = f.wait_for("prod", WAIT, is_ready).await?;
     let mesh = Mesh { f, fed, istiods };
-    let reported = |member: &str| -> String {
-        let status = mesh.fed.status.as_ref().expect("a status");
-        let cluster = status.clusters.iter().find(|c| c.name == member).expect("the member's status");
-        assert_eq!(cluster.gateway_port, Some(HBONE_PORT), "{member}'s gateway port");
-        cluster.gateway_address.clone().expect("the member's gateway address")
-    };
-    for (i, member) in members.iter().enumerate() {
-        assert_eq!(reported(member), load_balancer_ip(i), "{member}'s gateway address is its load balancer's");
-    }
-
     for (holder, other) in [("east", "west"), ("west", "east")] {
         let istiod = mesh.istiod(holder);
         let ok = async || istiod.debug("/debug/clusterz").await.is_ok_and(|c| synced(&c, other));
@@ -200,26 +190,57 @@ async fn in_ambient_mode_a_ztunnel_reaches_the_other_networks_global_services_th
         create_service(&client, "local", false, local).await?;
         create_service(&client, "hello", true, global).await?;
     }
+    Ok(mesh)
+}
+
+/// The address and port meshfed reports for `member`'s gateway.
+fn reported(mesh: &Mesh, member: &str) -> (String, i32) {
+    let status = mesh.fed.status.as_ref().expect("a status");
+    let cluster = status.clusters.iter().find(|c| c.name == member).expect("the member's status");
+    (cluster.gateway_address.clone().expect("a gateway address"), cluster.gateway_port.expect("a gateway port"))
+}
+
+/// Polls what `holder`'s istiod tells a ztunnel of its network until `other`'s global Service `hello` is in it.
+async fn wds_with_the_others_hello(mesh: &Mesh, holder: &str, other: &str) -> anyhow::Result<Value> {
+    let network = mesh.network(holder);
+    let istiod = mesh.istiod(holder);
+    let ztunnel_ip = if holder == "east" { "10.244.2.30" } else { "10.244.1.30" };
+    let view = async || istiod.ztunnel_view(holder, &network, ztunnel_ip).await.ok();
+    let crossed = async || view().await.filter(|v| !backing(v, other, "hello").is_empty());
+    let what = format!("{holder}'s istiod to tell a ztunnel of {other}'s global Service");
+    match until_some(&what, crossed).await {
+        Ok(v) => Ok(v),
+        Err(e) => panic!(
+            "{e}; WDS: {}; log:\n{}",
+            istiod.ztunnel_view(holder, &network, ztunnel_ip).await?,
+            istiod.log_tail()
+        ),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn in_ambient_mode_a_ztunnel_reaches_the_other_networks_global_services_through_its_gateway_and_no_local_one()
+-> anyhow::Result<()> {
+    let mesh = ambient_mesh("").await?;
+    for (i, member) in ["east", "west"].iter().enumerate() {
+        let (address, port) = reported(&mesh, member);
+        assert_eq!(
+            (address.as_str(), port),
+            (load_balancer_ip(i).as_str(), HBONE_PORT),
+            "{member}'s gateway is its load balancer's"
+        );
+    }
 
     for (holder, other) in [("east", "west"), ("west", "east")] {
         let (network, other_network) = (mesh.network(holder), mesh.network(other));
         let istiod = mesh.istiod(holder);
-        let gateway = format!("{other_network}/{}", reported(other));
-        let ztunnel_ip = if holder == "east" { "10.244.2.30" } else { "10.244.1.30" };
-        let view = async || istiod.ztunnel_view(holder, &network, ztunnel_ip).await.ok();
+        let gateway = format!("{other_network}/{}", reported(&mesh, other).0);
         // The global Service's endpoint in the other member, behind that member's gateway.
-        let crossed = async || view().await.filter(|v| !backing(v, other, "hello").is_empty());
-        let what = format!("{holder}'s istiod to tell a ztunnel of {other}'s global Service");
-        let view = match until_some(&what, crossed).await {
-            Ok(v) => v,
-            Err(e) => panic!(
-                "{e}; WDS: {}; log:\n{}",
-                istiod.ztunnel_view(holder, &network, ztunnel_ip).await?,
-                istiod.log_tail()
-            ),
-        };
+        let view = wds_with_the_others_hello(&mesh, holder, other).await?;
         println!("{holder}'s ztunnel is told (WDS): {view:#}");
-        let [remote] = backing(&view, other, "hello")[..] else { panic!("one workload of {other} for hello: {view:#}") };
+        let [remote] = backing(&view, other, "hello")[..] else {
+            panic!("one workload of {other} for hello: {view:#}")
+        };
         assert_eq!(remote["network"], other_network.as_str(), "{remote:#}");
         assert_eq!(remote["gateway"], gateway.as_str(), "reached through {other}'s gateway at meshfed's address");
         assert_eq!(remote["gatewayPort"], HBONE_PORT, "{remote:#}");
@@ -239,7 +260,11 @@ async fn in_ambient_mode_a_ztunnel_reaches_the_other_networks_global_services_th
         // Every network's gateway is known, at the address meshfed reports.
         let networkz = istiod.debug("/debug/networkz").await?;
         for (member, net) in [(holder, &network), (other, &other_network)] {
-            let listed = networkz.as_array().into_iter().flatten().any(|g| g["Network"] == net.as_str() && g["Addr"] == reported(member).as_str());
+            let listed = networkz
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|g| g["Network"] == net.as_str() && g["Addr"] == reported(&mesh, member).0.as_str());
             assert!(listed, "{holder}'s istiod lists {member}'s gateway on {net}: {networkz}");
         }
     }

@@ -105,9 +105,7 @@ pub async fn apply_plan(
     for desired in &plan.objects {
         match member::write_for(fref, held.get(&desired.key).map(Arc::as_ref), desired) {
             Ok(write) => writes.push((desired, write)),
-            Err(Foreign { owner: Some(owner) }) => {
-                theirs.push(format!("{} belongs to federation {owner}", desired.key))
-            }
+            Err(Foreign { owner: Some(owner) }) => theirs.push(member::held_by_another(&desired.key, &owner)),
             Err(Foreign { owner: None }) => nobodys.push(desired.key.to_string()),
         }
     }
