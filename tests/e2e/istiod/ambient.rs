@@ -6,8 +6,8 @@
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::DynamicObject;
-use meshfed_core::gateway::{AMBIENT_GATEWAY_NAME, HBONE_PORT};
-use meshfed_core::kinds::ISTIO;
+use meshfed_core::gateway::{AMBIENT_GATEWAY_NAME, GATEWAY_NAME, HBONE_PORT};
+use meshfed_core::kinds::{ISTIO, KUBERNETES_GATEWAY};
 use meshfed_e2e::load_balancer_ip;
 use meshfed_operator::member::kinds::api_resource;
 
@@ -147,14 +147,10 @@ fn backing<'a>(view: &'a Value, cluster: &str, name: &str) -> Vec<&'a Value> {
         .collect()
 }
 
-/// An ambient federation `prod` of east and west (`west_fields` appended to west's entry), converged, with each
-/// Primary's istiod started as the Sail operator starts it, the Gateways it deploys played, each istiod synced with
-/// the other member, and in each member a Service `local` and then a global Service `hello`.
-async fn ambient_mesh(west_fields: &str) -> anyhow::Result<Mesh> {
-    let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..Options::default() }).await?;
-    f.apply(&prod(&format!("{GENERATED_ROOT}  dataPlane: Ambient\n"), NETWORKS, west_fields)).await?;
+/// Starts an istiod in east and in west as the Sail operator starts it ([`Istiod::start_as_sail`]) once meshfed wrote
+/// the member's CA and Sail `Istio`.
+async fn start_istiods_as_sail(f: &Fixture) -> anyhow::Result<BTreeMap<String, Istiod>> {
     let members = ["east", "west"];
-    // istiod starts once meshfed wrote its CA and its Istio, as the Sail operator would start it.
     for member in members {
         let client = f.member(member).await?;
         until_some(&format!("meshfed to write {member}'s cacerts and Sail Istio"), async || {
@@ -167,13 +163,27 @@ async fn ambient_mesh(west_fields: &str) -> anyhow::Result<Mesh> {
     let started =
         futures::future::try_join_all(members.map(|m| Istiod::start_as_sail(f.env.cluster(m), m, ISTIO_NAMESPACE)))
             .await?;
-    let istiods: BTreeMap<String, Istiod> = members.iter().map(|m| m.to_string()).zip(started).collect();
-    // istiod deploys the Gateway meshfed declared; the test plays its pod (no kubelet here) and the cloud its load
-    // balancer; istiod then reports the load balancer's address in the Gateway's status, which meshfed reads.
-    for member in members {
+    Ok(members.iter().map(|m| m.to_string()).zip(started).collect())
+}
+
+/// Plays, in east and west, the pod of the ambient east-west Gateway once istiod deployed it; the played cloud gives
+/// its Service an address, which istiod then reports in the Gateway's status.
+async fn play_ambient_gateways(f: &Fixture) -> anyhow::Result<()> {
+    for member in ["east", "west"] {
         let client = f.member(member).await?;
         play_pod_of(&client, ISTIO_NAMESPACE, AMBIENT_GATEWAY_NAME, addresses(member)[2]).await?;
     }
+    Ok(())
+}
+
+/// An ambient federation `prod` of east and west, converged, with each
+/// Primary's istiod started as the Sail operator starts it, the Gateways it deploys played, each istiod synced with
+/// the other member, and in each member a Service `local` and then a global Service `hello`.
+async fn ambient_mesh() -> anyhow::Result<Mesh> {
+    let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..Options::default() }).await?;
+    f.apply(&prod(&format!("{GENERATED_ROOT}  dataPlane: Ambient\n"), NETWORKS, "")).await?;
+    let istiods = start_istiods_as_sail(&f).await?;
+    play_ambient_gateways(&f).await?;
     let fed = f.wait_for("prod", WAIT, is_ready).await?;
     let mesh = Mesh { f, fed, istiods };
     for (holder, other) in [("east", "west"), ("west", "east")] {
@@ -184,7 +194,7 @@ async fn ambient_mesh(west_fields: &str) -> anyhow::Result<Mesh> {
         }
     }
     // Each member: a Service without the global label first, then a global one.
-    for member in members {
+    for member in ["east", "west"] {
         let client = mesh.f.member(member).await?;
         let [global, local, _] = addresses(member);
         create_service(&client, "local", false, local).await?;
@@ -221,7 +231,7 @@ async fn wds_with_the_others_hello(mesh: &Mesh, holder: &str, other: &str) -> an
 #[tokio::test(flavor = "multi_thread")]
 async fn in_ambient_mode_a_ztunnel_reaches_the_other_networks_global_services_through_its_gateway_and_no_local_one()
 -> anyhow::Result<()> {
-    let mesh = ambient_mesh("").await?;
+    let mesh = ambient_mesh().await?;
     for (i, member) in ["east", "west"].iter().enumerate() {
         let (address, port) = reported(&mesh, member);
         assert_eq!(
@@ -268,5 +278,109 @@ async fn in_ambient_mode_a_ztunnel_reaches_the_other_networks_global_services_th
             assert!(listed, "{holder}'s istiod lists {member}'s gateway on {net}: {networkz}");
         }
     }
+    Ok(())
+}
+
+/// What east's sidecar is told of `hello` over a stretch of time: each distinct view with when it was first seen
+/// (since `from`).
+#[derive(Default)]
+struct Timeline(Vec<(Duration, Vec<String>)>);
+
+impl Timeline {
+    async fn sample(&mut self, mesh: &Mesh, from: Instant) -> Vec<String> {
+        let view = super::discovery::sidecar_view(mesh, "east").await.unwrap_or_else(|e| vec![format!("error: {e:#}")]);
+        if self.0.last().is_none_or(|(_, last)| *last != view) {
+            self.0.push((from.elapsed(), view.clone()));
+        }
+        view
+    }
+
+    /// Samples every [`POLL`] until `until` has passed since `from`.
+    async fn sample_until(&mut self, mesh: &Mesh, from: Instant, until: Duration) {
+        while from.elapsed() < until {
+            let sampled = Instant::now();
+            self.sample(mesh, from).await;
+            tokio::time::sleep(POLL.saturating_sub(sampled.elapsed())).await;
+        }
+    }
+}
+
+impl std::fmt::Display for Timeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (at, view) in &self.0 {
+            writeln!(f, "  {:>6.2}s {view:?}", at.as_secs_f64())?;
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn switching_a_running_mesh_from_sidecars_to_ambient_what_a_sidecar_is_told_at_each_moment() -> anyhow::Result<()>
+{
+    let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..Options::default() }).await?;
+    f.apply(&prod(GENERATED_ROOT, NETWORKS, "")).await?;
+    let fed = f.wait_for("prod", WAIT, is_ready).await?;
+    let istiods = start_istiods_as_sail(&f).await?;
+    let mut mesh = Mesh { f, fed, istiods };
+    create_hellos(&mesh).await?;
+    // Prepared for ambient: `hello` is global (sidecar mode does not read the label).
+    for member in ["east", "west"] {
+        let services = Api::<Service>::namespaced(mesh.f.member(member).await?, "sample");
+        let global = json!({"metadata": {"labels": {"istio.io/global": "true"}}});
+        services.patch("hello", &PatchParams::default(), &Patch::Merge(&global)).await?;
+    }
+    let sidecar_mode = super::discovery::told_on_two_networks(&mesh, "east");
+    let ok = async || super::discovery::sidecar_view(&mesh, "east").await.is_ok_and(|v| v == sidecar_mode);
+    until("east's sidecar to be told west's hello through west's gateway", WAIT, POLL, ok).await?;
+
+    // The switch, as a GitOps tool would apply it.
+    let applied = Instant::now();
+    let mut timeline = Timeline::default();
+    timeline.sample(&mesh, applied).await;
+    mesh.f.apply(&prod(&format!("{GENERATED_ROOT}  dataPlane: Ambient\n"), NETWORKS, "")).await?;
+    let west = mesh.f.member("west").await?;
+    let services = Api::<Service>::namespaced(west.clone(), ISTIO_NAMESPACE);
+    let gateways =
+        Api::<DynamicObject>::namespaced_with(west.clone(), ISTIO_NAMESPACE, &api_resource(&KUBERNETES_GATEWAY));
+    // Until west's sidecar-mode gateway is pruned: the ambient objects are there first.
+    let pruned = sample_until(applied, WAIT, POLL, async |_, _| {
+        timeline.sample(&mesh, applied).await;
+        if services.get_opt(GATEWAY_NAME).await?.is_some() {
+            return Ok(false);
+        }
+        let hbone = gateways.get_opt(AMBIENT_GATEWAY_NAME).await?;
+        assert!(hbone.is_some(), "west's sidecar gateway was pruned before its HBONE Gateway was written");
+        Ok(true)
+    })
+    .await
+    .map(|_| applied.elapsed())?;
+    // The old istiod keeps running (the Sail operator rolls it only now): a few seconds of what it tells.
+    timeline.sample_until(&mesh, applied, pruned + Duration::from_secs(2)).await;
+
+    // The Sail operator rolls istiod onto the ambient profile (the test plays it: new istiods, then the old go).
+    let restarted = applied.elapsed();
+    mesh.istiods = start_istiods_as_sail(&mesh.f).await?;
+    play_ambient_gateways(&mesh.f).await?;
+    mesh.fed = mesh.f.wait_for("prod", WAIT, is_ready).await?;
+    let ready = applied.elapsed();
+    timeline.sample_until(&mesh, applied, ready + Duration::from_secs(3)).await;
+    println!(
+        "east's sidecar, told of hello, from the switch's apply (west's sidecar gateway pruned at {:.2}s, istiod rolled at {:.2}s, Ready at {:.2}s):\n{timeline}",
+        pruned.as_secs_f64(),
+        restarted.as_secs_f64(),
+        ready.as_secs_f64()
+    );
+    // What the README says a running sidecar sees, in this order and nothing else. Until the prune, west's endpoint
+    // through west's sidecar-mode gateway. Once the ambient `Istio` (no meshNetworks) and the prune reach the old
+    // istiod, it knows no gateway for network2 and tells the sidecar west's pod address itself, which another network
+    // cannot reach. The ambient istiod tells it east's own pod only: sidecars no longer cross networks.
+    let own = format!("{}:5000 weight 1", pod_address("east"));
+    let direct = format!("{}:5000 weight 1", pod_address("west"));
+    let views: Vec<&Vec<String>> = timeline.0.iter().map(|(_, v)| v).collect();
+    assert_eq!(views, [&sidecar_mode, &vec![direct, own.clone()], &vec![own]], "{timeline}");
+    // A ztunnel is told west's global hello through west's HBONE gateway, at the address meshfed reports.
+    let view = wds_with_the_others_hello(&mesh, "east", "west").await?;
+    let gateway = format!("network2/{}", reported(&mesh, "west").0);
+    assert!(backing(&view, "west", "hello").iter().all(|w| w["gateway"] == gateway.as_str()), "{view:#}");
     Ok(())
 }

@@ -103,7 +103,7 @@ async fn istiod_finds_every_networks_gateway_in_each_exposure_mode() -> anyhow::
 
 /// What `observer`'s istiod tells a sidecar of `observer` (on its network) about `hello`: `address:port` with
 /// weight, sorted.
-async fn sidecar_view(mesh: &Mesh, observer: &str) -> anyhow::Result<Vec<String>> {
+pub(super) async fn sidecar_view(mesh: &Mesh, observer: &str) -> anyhow::Result<Vec<String>> {
     let answer =
         mesh.istiod(observer).sidecar_endpoints(observer, &mesh.network(observer), "10.244.9.9", HELLO_CLUSTER).await?;
     let mut seen: Vec<String> = answer["endpoints"]
@@ -124,7 +124,7 @@ fn told_on_one_network(_observer: &str) -> Vec<String> {
 /// What a sidecar of `observer` must be told about `hello` when east and west are on two networks: its own
 /// member's pod, and the other member's through that member's east-west gateway (the address meshfed reports in
 /// status, the played cloud's load balancer address) at 15443, weight 1 for the one endpoint behind it.
-fn told_on_two_networks(mesh: &Mesh, observer: &str) -> Vec<String> {
+pub(super) fn told_on_two_networks(mesh: &Mesh, observer: &str) -> Vec<String> {
     let other = if observer == "east" { "west" } else { "east" };
     let status = mesh.fed.status.as_ref().expect("a status");
     let c = status.clusters.iter().find(|c| c.name == other).expect("a member's status");
