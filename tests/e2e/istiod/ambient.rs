@@ -47,7 +47,14 @@ async fn play_pod_of(client: &kube::Client, namespace: &str, name: &str, address
         r => drop(r?),
     }
     let pods = Api::<Pod>::namespaced(client.clone(), namespace);
-    pods.create(&pp, &pod).await?;
+    // Pod admission looks the ServiceAccount up in its own cache, which may not hold one made a moment ago.
+    let deadline = Instant::now() + WAIT;
+    while let Err(e) = pods.create(&pp, &pod).await {
+        let unknown_account =
+            matches!(&e, kube::Error::Api(s) if s.code == 403 && s.message.contains("service account"));
+        anyhow::ensure!(unknown_account && Instant::now() < deadline, "creating Pod {pod_name}: {e}");
+        tokio::time::sleep(POLL).await;
+    }
     let status = json!({"status": {
         "phase": "Running",
         "podIP": address,
@@ -166,11 +173,25 @@ async fn start_istiods_as_sail(f: &Fixture) -> anyhow::Result<BTreeMap<String, I
     Ok(members.iter().map(|m| m.to_string()).zip(started).collect())
 }
 
-/// Plays, in east and west, the pod of the ambient east-west Gateway once istiod deployed it; the played cloud gives
-/// its Service an address, which istiod then reports in the Gateway's status.
-async fn play_ambient_gateways(f: &Fixture) -> anyhow::Result<()> {
+/// Plays, in east and west, the pod of the ambient east-west Gateway once istiod deployed it and knows its Service
+/// (a real pod takes seconds to start; played at once, it can be ready before istiod's informer holds its own Service,
+/// and istiod then reports the other cluster's gateway address, from the Service of the same name there, in this
+/// Gateway's status: seen on a loaded machine). The played cloud gives the Service an address, which istiod then
+/// reports in the Gateway's status.
+async fn play_ambient_gateways(f: &Fixture, istiods: &BTreeMap<String, Istiod>) -> anyhow::Result<()> {
+    let hostname = format!("{AMBIENT_GATEWAY_NAME}.{ISTIO_NAMESPACE}.svc.cluster.local");
     for member in ["east", "west"] {
         let client = f.member(member).await?;
+        let istiod = &istiods[member];
+        let knows = async || {
+            let registry = istiod.debug("/debug/registryz").await.unwrap_or_default();
+            registry
+                .as_array()
+                .into_iter()
+                .flatten()
+                .any(|s| s["hostname"] == hostname.as_str() && !s["clusterVIPs"]["Addresses"][member].is_null())
+        };
+        until(&format!("{member}'s istiod to know its gateway Service"), WAIT, POLL, knows).await?;
         play_pod_of(&client, ISTIO_NAMESPACE, AMBIENT_GATEWAY_NAME, addresses(member)[2]).await?;
     }
     Ok(())
@@ -183,7 +204,7 @@ async fn ambient_mesh() -> anyhow::Result<Mesh> {
     let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..Options::default() }).await?;
     f.apply(&prod(&format!("{GENERATED_ROOT}  dataPlane: Ambient\n"), NETWORKS, "")).await?;
     let istiods = start_istiods_as_sail(&f).await?;
-    play_ambient_gateways(&f).await?;
+    play_ambient_gateways(&f, &istiods).await?;
     let fed = f.wait_for("prod", WAIT, is_ready).await?;
     let mesh = Mesh { f, fed, istiods };
     for (holder, other) in [("east", "west"), ("west", "east")] {
@@ -360,7 +381,7 @@ async fn switching_a_running_mesh_from_sidecars_to_ambient_what_a_sidecar_is_tol
     // The Sail operator rolls istiod onto the ambient profile (the test plays it: new istiods, then the old go).
     let restarted = applied.elapsed();
     mesh.istiods = start_istiods_as_sail(&mesh.f).await?;
-    play_ambient_gateways(&mesh.f).await?;
+    play_ambient_gateways(&mesh.f, &mesh.istiods).await?;
     mesh.fed = mesh.f.wait_for("prod", WAIT, is_ready).await?;
     let ready = applied.elapsed();
     timeline.sample_until(&mesh, applied, ready + Duration::from_secs(3)).await;
