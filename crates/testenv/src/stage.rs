@@ -47,21 +47,15 @@ fn sail_crds_dir() -> Result<PathBuf> {
         return Ok(dir.into());
     }
     let module = format!("github.com/istio-ecosystem/sail-operator@{SAIL_COMMIT}");
-    let out = std::process::Command::new("go")
-        .args(["mod", "download", "-json", &module])
-        .current_dir(std::env::temp_dir())
-        .output()
-        .context("running `go mod download` (is Go installed?)")?;
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-    if let Some(dir) = info["Dir"].as_str() {
-        return Ok(Path::new(dir).join("chart/crds"));
-    }
+    let served = match crate::go_module_dir(&module) {
+        Ok(dir) => return Ok(dir.join("chart/crds")),
+        Err(e) => e,
+    };
     let shared =
         Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../../../shared/sail-operator-{SAIL_VERSION}/crds"));
     shared.canonicalize().with_context(|| {
         format!(
-            "the Sail operator CRDs: {module} is not served by the Go module proxy ({}), and {} does not exist; set MESHFED_SAIL_CRDS to a directory holding them",
-            info["Error"].as_str().unwrap_or("no answer"),
+            "the Sail operator CRDs: {served:#}, and {} does not exist; set MESHFED_SAIL_CRDS to a directory holding them",
             shared.display()
         )
     })

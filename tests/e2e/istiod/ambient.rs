@@ -39,29 +39,7 @@ async fn play_pod_of(client: &kube::Client, namespace: &str, name: &str, address
     let pod_name = format!("{name}-0");
     let mut pod = Pod { metadata: template.metadata.unwrap_or_default(), spec: template.spec, status: None };
     pod.metadata.name = Some(pod_name.clone());
-    // Admission looks the ServiceAccount up; istiod made it, but make sure of it without a controller-manager.
-    let sa = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
-    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": sa}}))?;
-    match Api::<ServiceAccount>::namespaced(client.clone(), namespace).create(&pp, &account).await {
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        r => drop(r?),
-    }
-    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
-    // Pod admission looks the ServiceAccount up in its own cache, which may not hold one made a moment ago.
-    let deadline = Instant::now() + WAIT;
-    while let Err(e) = pods.create(&pp, &pod).await {
-        let unknown_account =
-            matches!(&e, kube::Error::Api(s) if s.code == 403 && s.message.contains("service account"));
-        anyhow::ensure!(unknown_account && Instant::now() < deadline, "creating Pod {pod_name}: {e}");
-        tokio::time::sleep(POLL).await;
-    }
-    let status = json!({"status": {
-        "phase": "Running",
-        "podIP": address,
-        "podIPs": [{"ip": address}],
-        "conditions": [{"type": "Ready", "status": "True"}],
-    }});
-    pods.patch_status(&pod_name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+    run_pod(client, namespace, &pod, address).await?;
     let ports: Vec<Value> = service
         .spec
         .and_then(|s| s.ports)
@@ -95,52 +73,13 @@ async fn until_some<T>(what: &str, get: impl AsyncFn() -> Option<T>) -> anyhow::
     }
 }
 
-/// Creates, in namespace `sample` of `member`, Service `name` (port 5000; labelled `istio.io/global: "true"` when
-/// `global`) and its one Pod at `address`, captured by ztunnel as istio-cni marks it (annotation
-/// `ambient.istio.io/redirection: enabled`), Running and Ready, with its EndpointSlice.
+/// Creates, in namespace `sample` of the member `client` reaches, Service `name` (port 5000; labelled
+/// `istio.io/global: "true"` when `global`) and its one Pod at `address`, captured by ztunnel as istio-cni marks it
+/// (annotation `ambient.istio.io/redirection: enabled`), Running and Ready, with its EndpointSlice.
 async fn create_service(client: &kube::Client, name: &str, global: bool, address: &str) -> anyhow::Result<()> {
-    let pp = PostParams::default();
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "sample"}}))?;
-    match Api::<Namespace>::all(client.clone()).create(&pp, &ns).await {
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        r => drop(r?),
-    }
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
-    match Api::<ServiceAccount>::namespaced(client.clone(), "sample").create(&pp, &sa).await {
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        r => drop(r?),
-    }
-    let pods = Api::<Pod>::namespaced(client.clone(), "sample");
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"app": name}, "annotations": {"ambient.istio.io/redirection": "enabled"}},
-        "spec": {"automountServiceAccountToken": false, "containers": [{"name": name, "image": name, "ports": [{"containerPort": 5000}]}]},
-    }))?;
-    pods.create(&pp, &pod).await?;
-    let status = json!({"status": {
-        "phase": "Running",
-        "podIP": address,
-        "podIPs": [{"ip": address}],
-        "conditions": [{"type": "Ready", "status": "True"}],
-    }});
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+    let pod = json!({"name": name, "annotations": {"ambient.istio.io/redirection": "enabled"}});
     let labels = if global { json!({"istio.io/global": "true"}) } else { json!({}) };
-    let svc: Service = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": labels},
-        "spec": {"selector": {"app": name}, "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}]},
-    }))?;
-    Api::<Service>::namespaced(client.clone(), "sample").create(&pp, &svc).await?;
-    let slice: EndpointSlice = serde_json::from_value(json!({
-        "metadata": {"name": name, "labels": {"kubernetes.io/service-name": name}},
-        "addressType": "IPv4",
-        "endpoints": [{
-            "addresses": [address],
-            "conditions": {"ready": true},
-            "targetRef": {"kind": "Pod", "namespace": "sample", "name": name},
-        }],
-        "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}],
-    }))?;
-    Api::<EndpointSlice>::namespaced(client.clone(), "sample").create(&pp, &slice).await?;
-    Ok(())
+    create_backed_service(client, name, pod, labels, address).await
 }
 
 /// The WDS workloads of cluster `cluster` that back Service `name` of namespace `sample`.

@@ -182,41 +182,38 @@ const HELLO_CLUSTER: &str = "outbound|5000||hello.sample.svc.cluster.local";
 /// gateway must be mTLS-capable) and made Running and Ready at `address` as a kubelet would (no kubelet runs here),
 /// then Service `hello` (port 5000) and an EndpointSlice whose ready endpoint at `address` names the Pod.
 async fn create_hello_pod(mesh: &Mesh, member: &str, address: &str) -> anyhow::Result<()> {
-    let client = mesh.f.member(member).await?;
+    let pod = json!({"name": format!("hello-{member}"), "labels": {"security.istio.io/tlsMode": "istio"}});
+    create_backed_service(&mesh.f.member(member).await?, "hello", pod, json!({}), address).await
+}
+
+/// Creates, in namespace `sample` (created if missing), Pod `pod_metadata.name` (with that metadata, and label
+/// `app: <service>`) made Running and Ready at `address` as a kubelet would (no kubelet runs here), then Service
+/// `service` (port 5000, labelled `service_labels`) and an EndpointSlice whose ready endpoint at `address` names the
+/// Pod.
+async fn create_backed_service(
+    client: &kube::Client,
+    service: &str,
+    mut pod_metadata: Value,
+    service_labels: Value,
+    address: &str,
+) -> anyhow::Result<()> {
     let pp = PostParams::default();
     let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "sample"}}))?;
-    match Api::<Namespace>::all(client.clone()).create(&pp, &ns).await {
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        r => drop(r?),
-    }
-    // Without a controller-manager nothing makes the namespace's `default` ServiceAccount, which Pod admission
-    // looks up; with one, it may be there already.
-    let sa: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": "default"}}))?;
-    match Api::<ServiceAccount>::namespaced(client.clone(), "sample").create(&pp, &sa).await {
-        Err(kube::Error::Api(e)) if e.code == 409 => {}
-        r => drop(r?),
-    }
-    let pod_name = format!("hello-{member}");
-    let pods = Api::<Pod>::namespaced(client.clone(), "sample");
+    create_if_missing(&Api::all(client.clone()), &ns).await?;
+    pod_metadata["labels"]["app"] = json!(service);
+    let pod_name = pod_metadata["name"].as_str().context("a Pod name")?.to_string();
     let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": pod_name, "labels": {"app": "hello", "security.istio.io/tlsMode": "istio"}},
-        "spec": {"automountServiceAccountToken": false, "containers": [{"name": "hello", "image": "hello", "ports": [{"containerPort": 5000}]}]},
+        "metadata": pod_metadata,
+        "spec": {"automountServiceAccountToken": false, "containers": [{"name": service, "image": service, "ports": [{"containerPort": 5000}]}]},
     }))?;
-    pods.create(&pp, &pod).await?;
-    let status = json!({"status": {
-        "phase": "Running",
-        "podIP": address,
-        "podIPs": [{"ip": address}],
-        "conditions": [{"type": "Ready", "status": "True"}],
-    }});
-    pods.patch_status(&pod_name, &PatchParams::default(), &Patch::Merge(&status)).await?;
+    run_pod(client, "sample", &pod, address).await?;
     let svc: Service = serde_json::from_value(json!({
-        "metadata": {"name": "hello"},
-        "spec": {"selector": {"app": "hello"}, "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}]},
+        "metadata": {"name": service, "labels": service_labels},
+        "spec": {"selector": {"app": service}, "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}]},
     }))?;
     Api::<Service>::namespaced(client.clone(), "sample").create(&pp, &svc).await?;
     let slice: EndpointSlice = serde_json::from_value(json!({
-        "metadata": {"name": format!("hello-{member}"), "labels": {"kubernetes.io/service-name": "hello"}},
+        "metadata": {"name": pod_name, "labels": {"kubernetes.io/service-name": service}},
         "addressType": "IPv4",
         "endpoints": [{
             "addresses": [address],
@@ -225,7 +222,44 @@ async fn create_hello_pod(mesh: &Mesh, member: &str, address: &str) -> anyhow::R
         }],
         "ports": [{"name": "http", "port": 5000, "protocol": "TCP"}],
     }))?;
-    Api::<EndpointSlice>::namespaced(client, "sample").create(&pp, &slice).await?;
+    Api::<EndpointSlice>::namespaced(client.clone(), "sample").create(&pp, &slice).await?;
+    Ok(())
+}
+
+/// Creates `object` unless there is one of its name already.
+async fn create_if_missing<K>(api: &Api<K>, object: &K) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    match api.create(&PostParams::default(), object).await {
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        r => r.map(drop).map_err(Into::into),
+    }
+}
+
+/// Runs `pod` in `namespace` as a kubelet would (no kubelet runs here): creates it, with its ServiceAccount (which
+/// nothing makes without a controller-manager) if missing, and makes it Running and Ready at `address`.
+async fn run_pod(client: &kube::Client, namespace: &str, pod: &Pod, address: &str) -> anyhow::Result<()> {
+    let account = pod.spec.as_ref().and_then(|s| s.service_account_name.clone()).unwrap_or_else(|| "default".into());
+    let account: ServiceAccount = serde_json::from_value(json!({"metadata": {"name": account}}))?;
+    create_if_missing(&Api::namespaced(client.clone(), namespace), &account).await?;
+    let pods = Api::<Pod>::namespaced(client.clone(), namespace);
+    let name = pod.metadata.name.clone().context("a Pod name")?;
+    // Pod admission looks the ServiceAccount up in its own cache, which may not hold one made a moment ago.
+    let deadline = Instant::now() + WAIT;
+    while let Err(e) = pods.create(&PostParams::default(), pod).await {
+        let unknown_account =
+            matches!(&e, kube::Error::Api(s) if s.code == 403 && s.message.contains("service account"));
+        anyhow::ensure!(unknown_account && Instant::now() < deadline, "creating Pod {name}: {e}");
+        tokio::time::sleep(POLL).await;
+    }
+    let status = json!({"status": {
+        "phase": "Running",
+        "podIP": address,
+        "podIPs": [{"ip": address}],
+        "conditions": [{"type": "Ready", "status": "True"}],
+    }});
+    pods.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status)).await?;
     Ok(())
 }
 
