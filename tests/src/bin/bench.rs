@@ -44,6 +44,9 @@ struct Args {
     /// Every cluster on one network (no gateways but the primaries' that serve remotes).
     #[arg(long)]
     one_network: bool,
+    /// Istio's ambient data plane (`dataPlane: Ambient`; primaries only, each on its own network).
+    #[arg(long)]
+    ambient: bool,
     /// How many resyncs to force once converged, to count the writes of a steady state.
     #[arg(long, default_value_t = 5)]
     resyncs: u64,
@@ -264,8 +267,9 @@ async fn main() -> Result<()> {
                 )
             }))
             .collect();
+        let data_plane = if args.ambient { "  dataPlane: Ambient\n" } else { "" };
         format!(
-            "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  meshID: {name}\n{istio}  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n{clusters}"
+            "apiVersion: meshfed.io/v1alpha1\nkind: MeshFederation\nmetadata: {{name: {name}, namespace: {NAMESPACE}}}\nspec:\n  meshID: {name}\n{istio}{data_plane}  trust: {{root: {{generate: {{}}}}}}\n  clusters:\n{clusters}"
         )
     };
     let names: Vec<&String> = federations.iter().map(|(name, _, _)| name).collect();
