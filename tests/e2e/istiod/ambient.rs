@@ -136,9 +136,9 @@ async fn play_ambient_gateways(f: &Fixture, istiods: &BTreeMap<String, Istiod>) 
     Ok(())
 }
 
-/// An ambient federation `prod` of east and west, converged, with each
-/// Primary's istiod started as the Sail operator starts it, the Gateways it deploys played, each istiod synced with
-/// the other member, and in each member a Service `local` and then a global Service `hello`.
+/// An ambient federation `prod` of east and west, converged, with each Primary's istiod started as the Sail operator
+/// starts it, the Gateways it deploys played, each istiod synced with the other member, and in each member a Service
+/// `local` and then a global Service `hello`.
 async fn ambient_mesh() -> anyhow::Result<Mesh> {
     let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..Options::default() }).await?;
     f.apply(&prod(&format!("{GENERATED_ROOT}  dataPlane: Ambient\n"), NETWORKS, "")).await?;
@@ -256,7 +256,7 @@ impl Timeline {
     }
 
     /// Samples every [`POLL`] until `until` has passed since `from`.
-    async fn sample_until(&mut self, mesh: &Mesh, from: Instant, until: Duration) {
+    async fn sample_through(&mut self, mesh: &Mesh, from: Instant, until: Duration) {
         while from.elapsed() < until {
             let sampled = Instant::now();
             self.sample(mesh, from).await;
@@ -315,7 +315,7 @@ async fn switching_a_running_mesh_from_sidecars_to_ambient_what_a_sidecar_is_tol
     .await
     .map(|_| applied.elapsed())?;
     // The old istiod keeps running (the Sail operator rolls it only now): a few seconds of what it tells.
-    timeline.sample_until(&mesh, applied, pruned + Duration::from_secs(2)).await;
+    timeline.sample_through(&mesh, applied, pruned + Duration::from_secs(2)).await;
 
     // The Sail operator rolls istiod onto the ambient profile (the test plays it: new istiods, then the old go).
     let restarted = applied.elapsed();
@@ -323,7 +323,7 @@ async fn switching_a_running_mesh_from_sidecars_to_ambient_what_a_sidecar_is_tol
     play_ambient_gateways(&mesh.f, &mesh.istiods).await?;
     mesh.fed = mesh.f.wait_for("prod", WAIT, is_ready).await?;
     let ready = applied.elapsed();
-    timeline.sample_until(&mesh, applied, ready + Duration::from_secs(3)).await;
+    timeline.sample_through(&mesh, applied, ready + Duration::from_secs(3)).await;
     println!(
         "east's sidecar, told of hello, from the switch's apply (west's sidecar gateway pruned at {:.2}s, istiod rolled at {:.2}s, Ready at {:.2}s):\n{timeline}",
         pruned.as_secs_f64(),
