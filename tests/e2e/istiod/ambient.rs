@@ -331,9 +331,9 @@ async fn switching_a_running_mesh_from_sidecars_to_ambient_what_a_sidecar_is_tol
         ready.as_secs_f64()
     );
     // What the README says a running sidecar sees, in this order and nothing else. Until the prune, west's endpoint
-    // through west's sidecar-mode gateway. Once the ambient `Istio` (no meshNetworks) and the prune reach the old
-    // istiod, it knows no gateway for network2 and tells the sidecar west's pod address itself, which another network
-    // cannot reach. The ambient istiod tells it east's own pod only: sidecars no longer cross networks.
+    // through west's sidecar-mode gateway. Once the prune reaches the old istiod (which found network2's gateway by
+    // its Service's network label), it knows no gateway for network2 and tells the sidecar west's pod address itself,
+    // which another network cannot reach. The ambient istiod tells it east's own pod only: sidecars no longer cross.
     let own = format!("{}:5000 weight 1", pod_address("east"));
     let direct = format!("{}:5000 weight 1", pod_address("west"));
     let views: Vec<&Vec<String>> = timeline.0.iter().map(|(_, v)| v).collect();
