@@ -241,27 +241,29 @@ async fn in_ambient_mode_a_ztunnel_reaches_the_other_networks_global_services_th
     Ok(())
 }
 
-/// What east's sidecar is told of `hello` over a stretch of time: each distinct view with when it was first seen
-/// (since `from`).
+/// What east's sidecar or ztunnel is told of `hello` over a stretch of time: each distinct view with when it was first
+/// seen (since `from`).
 #[derive(Default)]
 struct Timeline(Vec<(Duration, Vec<String>)>);
 
 impl Timeline {
-    async fn sample(&mut self, mesh: &Mesh, from: Instant) -> Vec<String> {
-        let view = super::discovery::sidecar_view(mesh, "east").await.unwrap_or_else(|e| vec![format!("error: {e:#}")]);
+    fn record(&mut self, from: Instant, view: Vec<String>) {
         if self.0.last().is_none_or(|(_, last)| *last != view) {
-            self.0.push((from.elapsed(), view.clone()));
+            self.0.push((from.elapsed(), view));
         }
-        view
     }
 
-    /// Samples every [`POLL`] until `until` has passed since `from`.
-    async fn sample_through(&mut self, mesh: &Mesh, from: Instant, until: Duration) {
+    /// Records `view()` every [`POLL`] until `until` has passed since `from`.
+    async fn sample_through(&mut self, from: Instant, until: Duration, view: impl AsyncFn() -> Vec<String>) {
         while from.elapsed() < until {
             let sampled = Instant::now();
-            self.sample(mesh, from).await;
+            self.record(from, view().await);
             tokio::time::sleep(POLL.saturating_sub(sampled.elapsed())).await;
         }
+    }
+
+    fn views(&self) -> Vec<&Vec<String>> {
+        self.0.iter().map(|(_, v)| v).collect()
     }
 }
 
@@ -274,9 +276,28 @@ impl std::fmt::Display for Timeline {
     }
 }
 
+/// What east's sidecar is told of `hello`: `address:port weight w`, sorted.
+async fn sidecar_now(mesh: &Mesh) -> Vec<String> {
+    super::discovery::sidecar_view(mesh, "east").await.unwrap_or_else(|e| vec![format!("error: {e:#}")])
+}
+
+/// What east's ztunnel is told of west's `hello`: each workload as `via <gateway>:<port>` or its addresses.
+async fn ztunnel_now(mesh: &Mesh) -> Vec<String> {
+    match mesh.istiod("east").ztunnel_view("east", "network1", "10.244.2.30").await {
+        Ok(view) => backing(&view, "west", "hello")
+            .iter()
+            .map(|w| match w["gateway"].as_str() {
+                Some(gateway) => format!("via {gateway}:{}", w["gatewayPort"]),
+                None => format!("direct {}", w["addresses"]),
+            })
+            .collect(),
+        Err(e) => vec![format!("error: {e:#}")],
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
-async fn switching_a_running_mesh_from_sidecars_to_ambient_what_a_sidecar_is_told_at_each_moment() -> anyhow::Result<()>
-{
+async fn switching_a_running_mesh_to_ambient_and_back_what_sidecars_and_ztunnels_are_told_at_each_moment()
+-> anyhow::Result<()> {
     let f = Fixture::start(&["east", "west"], Options { real_istiod: true, ..Options::default() }).await?;
     f.apply(&prod(GENERATED_ROOT, NETWORKS, "")).await?;
     let fed = f.wait_for("prod", WAIT, is_ready).await?;
@@ -296,7 +317,7 @@ async fn switching_a_running_mesh_from_sidecars_to_ambient_what_a_sidecar_is_tol
     // The switch, as a GitOps tool would apply it.
     let applied = Instant::now();
     let mut timeline = Timeline::default();
-    timeline.sample(&mesh, applied).await;
+    timeline.record(applied, sidecar_now(&mesh).await);
     mesh.f.apply(&prod(&format!("{GENERATED_ROOT}  dataPlane: Ambient\n"), NETWORKS, "")).await?;
     let west = mesh.f.member("west").await?;
     let services = Api::<Service>::namespaced(west.clone(), ISTIO_NAMESPACE);
@@ -304,7 +325,7 @@ async fn switching_a_running_mesh_from_sidecars_to_ambient_what_a_sidecar_is_tol
         Api::<DynamicObject>::namespaced_with(west.clone(), ISTIO_NAMESPACE, &api_resource(&KUBERNETES_GATEWAY));
     // Until west's sidecar-mode gateway is pruned: the ambient objects are there first.
     let pruned = sample_until(applied, WAIT, POLL, async |_, _| {
-        timeline.sample(&mesh, applied).await;
+        timeline.record(applied, sidecar_now(&mesh).await);
         if services.get_opt(GATEWAY_NAME).await?.is_some() {
             return Ok(false);
         }
@@ -315,7 +336,7 @@ async fn switching_a_running_mesh_from_sidecars_to_ambient_what_a_sidecar_is_tol
     .await
     .map(|_| applied.elapsed())?;
     // The old istiod keeps running (the Sail operator rolls it only now): a few seconds of what it tells.
-    timeline.sample_through(&mesh, applied, pruned + Duration::from_secs(2)).await;
+    timeline.sample_through(applied, pruned + Duration::from_secs(2), async || sidecar_now(&mesh).await).await;
 
     // The Sail operator rolls istiod onto the ambient profile (the test plays it: new istiods, then the old go).
     let restarted = applied.elapsed();
@@ -323,7 +344,7 @@ async fn switching_a_running_mesh_from_sidecars_to_ambient_what_a_sidecar_is_tol
     play_ambient_gateways(&mesh.f, &mesh.istiods).await?;
     mesh.fed = mesh.f.wait_for("prod", WAIT, is_ready).await?;
     let ready = applied.elapsed();
-    timeline.sample_through(&mesh, applied, ready + Duration::from_secs(3)).await;
+    timeline.sample_through(applied, ready + Duration::from_secs(3), async || sidecar_now(&mesh).await).await;
     println!(
         "east's sidecar, told of hello, from the switch's apply (west's sidecar gateway pruned at {:.2}s, istiod rolled at {:.2}s, Ready at {:.2}s):\n{timeline}",
         pruned.as_secs_f64(),
@@ -336,11 +357,48 @@ async fn switching_a_running_mesh_from_sidecars_to_ambient_what_a_sidecar_is_tol
     // which another network cannot reach. The ambient istiod tells it east's own pod only: sidecars no longer cross.
     let own = format!("{}:5000 weight 1", pod_address("east"));
     let direct = format!("{}:5000 weight 1", pod_address("west"));
-    let views: Vec<&Vec<String>> = timeline.0.iter().map(|(_, v)| v).collect();
-    assert_eq!(views, [&sidecar_mode, &vec![direct, own.clone()], &vec![own]], "{timeline}");
+    assert_eq!(timeline.views(), [&sidecar_mode, &vec![direct, own.clone()], &vec![own]], "{timeline}");
     // A ztunnel is told west's global hello through west's HBONE gateway, at the address meshfed reports.
     let view = wds_with_the_others_hello(&mesh, "east", "west").await?;
     let gateway = format!("network2/{}", reported(&mesh, "west").0);
     assert!(backing(&view, "west", "hello").iter().all(|w| w["gateway"] == gateway.as_str()), "{view:#}");
+
+    // And back to sidecars: what east's ztunnel is told, until the Sail operator rolls istiod off the ambient profile.
+    let back = Instant::now();
+    let mut ztunnel = Timeline::default();
+    ztunnel.record(back, ztunnel_now(&mesh).await);
+    mesh.f.apply(&prod(GENERATED_ROOT, NETWORKS, "")).await?;
+    let hbone_pruned = sample_until(back, WAIT, POLL, async |_, _| {
+        ztunnel.record(back, ztunnel_now(&mesh).await);
+        if gateways.get_opt(AMBIENT_GATEWAY_NAME).await?.is_some() {
+            return Ok(false);
+        }
+        let sidecar_gateway = services.get_opt(GATEWAY_NAME).await?;
+        assert!(sidecar_gateway.is_some(), "west's HBONE Gateway was pruned before its sidecar gateway was written");
+        Ok(true)
+    })
+    .await
+    .map(|_| back.elapsed())?;
+    ztunnel.sample_through(back, hbone_pruned + Duration::from_secs(2), async || ztunnel_now(&mesh).await).await;
+    mesh.istiods = start_istiods_as_sail(&mesh.f).await?;
+    mesh.fed = mesh.f.wait_for("prod", WAIT, is_ready).await?;
+    let rolled = mesh.istiod("east").ztunnel_view("east", "network1", "10.244.2.30").await;
+    println!(
+        "east's ztunnel, told of west's hello, from the switch back (west's HBONE Gateway pruned at {:.2}s):\n{ztunnel}",
+        hbone_pruned.as_secs_f64()
+    );
+    // Through west's HBONE gateway, then nothing of west once meshfed pruned it, and never a pod address. In between
+    // (from the sidecar gateway's Service, a second gateway for network2 that istiod may take first, until the prune)
+    // the view may flap between the two. The istiod without the ambient profile refuses ztunnels.
+    let via = vec![format!("via {gateway}:{HBONE_PORT}")];
+    let views = ztunnel.views();
+    assert_eq!((views.first(), views.last()), (Some(&&via), Some(&&vec![])), "{ztunnel}");
+    assert!(views.iter().all(|v| **v == via || v.is_empty()), "{ztunnel}");
+    let refused = rolled.expect_err("istiod without the ambient profile answered a ztunnel").to_string();
+    assert!(refused.contains("ztunnel requires PILOT_ENABLE_AMBIENT=true"), "{refused}");
+    // Sidecars cross again through west's sidecar gateway, from the istiod without the ambient profile.
+    let sidecar_mode = super::discovery::told_on_two_networks(&mesh, "east");
+    let ok = async || sidecar_now(&mesh).await == sidecar_mode;
+    until("east's sidecar to be told west's hello through west's gateway again", WAIT, POLL, ok).await?;
     Ok(())
 }
