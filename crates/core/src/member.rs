@@ -572,7 +572,9 @@ pub fn ownership(
     match owner(observed) {
         _ if key.kind == NAMESPACE => None,
         Some((ns, name)) if fref.is_labelled(ns, name) => None,
-        Some((ns, name)) => Some(Err(format!("{key} belongs to federation {ns}/{name}: meshfed leaves it alone"))),
+        Some((ns, name)) => {
+            Some(Err(format!("{}: meshfed leaves it alone", held_by_another(&key, &format!("{ns}/{name}")))))
+        }
         None => {
             let changes: Vec<String> =
                 adoption_changes(observed, desired).into_iter().filter(|p| !p.starts_with("/data")).collect();

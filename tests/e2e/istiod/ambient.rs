@@ -262,6 +262,27 @@ impl Timeline {
         }
     }
 
+    /// Records `view()` every [`POLL`] until `old()` says west's gateway of the mode switched from is pruned, which
+    /// must not happen before `new()` says the new mode's is written: when the prune was seen, since `from`.
+    async fn record_until_pruned(
+        &mut self,
+        from: Instant,
+        view: impl AsyncFn() -> Vec<String>,
+        old: &impl AsyncFn() -> anyhow::Result<bool>,
+        new: &impl AsyncFn() -> anyhow::Result<bool>,
+    ) -> anyhow::Result<Duration> {
+        loop {
+            let sampled = Instant::now();
+            self.record(from, view().await);
+            if !old().await? {
+                assert!(new().await?, "west's old gateway was pruned before the new one was written: {self}");
+                return Ok(from.elapsed());
+            }
+            anyhow::ensure!(from.elapsed() < WAIT, "west's old gateway still there after {WAIT:?}: {self}");
+            tokio::time::sleep(POLL.saturating_sub(sampled.elapsed())).await;
+        }
+    }
+
     fn views(&self) -> Vec<&Vec<String>> {
         self.0.iter().map(|(_, v)| v).collect()
     }
@@ -324,17 +345,11 @@ async fn switching_a_running_mesh_to_ambient_and_back_what_sidecars_and_ztunnels
     let gateways =
         Api::<DynamicObject>::namespaced_with(west.clone(), ISTIO_NAMESPACE, &api_resource(&KUBERNETES_GATEWAY));
     // Until west's sidecar-mode gateway is pruned: the ambient objects are there first.
-    let pruned = sample_until(applied, WAIT, POLL, async |_, _| {
-        timeline.record(applied, sidecar_now(&mesh).await);
-        if services.get_opt(GATEWAY_NAME).await?.is_some() {
-            return Ok(false);
-        }
-        let hbone = gateways.get_opt(AMBIENT_GATEWAY_NAME).await?;
-        assert!(hbone.is_some(), "west's sidecar gateway was pruned before its HBONE Gateway was written");
-        Ok(true)
-    })
-    .await
-    .map(|_| applied.elapsed())?;
+    let sidecar_gateway = async || anyhow::Ok(services.get_opt(GATEWAY_NAME).await?.is_some());
+    let hbone_gateway = async || anyhow::Ok(gateways.get_opt(AMBIENT_GATEWAY_NAME).await?.is_some());
+    let pruned = timeline
+        .record_until_pruned(applied, async || sidecar_now(&mesh).await, &sidecar_gateway, &hbone_gateway)
+        .await?;
     // The old istiod keeps running (the Sail operator rolls it only now): a few seconds of what it tells.
     timeline.sample_through(applied, pruned + Duration::from_secs(2), async || sidecar_now(&mesh).await).await;
 
@@ -368,17 +383,8 @@ async fn switching_a_running_mesh_to_ambient_and_back_what_sidecars_and_ztunnels
     let mut ztunnel = Timeline::default();
     ztunnel.record(back, ztunnel_now(&mesh).await);
     mesh.f.apply(&prod(GENERATED_ROOT, NETWORKS, "")).await?;
-    let hbone_pruned = sample_until(back, WAIT, POLL, async |_, _| {
-        ztunnel.record(back, ztunnel_now(&mesh).await);
-        if gateways.get_opt(AMBIENT_GATEWAY_NAME).await?.is_some() {
-            return Ok(false);
-        }
-        let sidecar_gateway = services.get_opt(GATEWAY_NAME).await?;
-        assert!(sidecar_gateway.is_some(), "west's HBONE Gateway was pruned before its sidecar gateway was written");
-        Ok(true)
-    })
-    .await
-    .map(|_| back.elapsed())?;
+    let hbone_pruned =
+        ztunnel.record_until_pruned(back, async || ztunnel_now(&mesh).await, &hbone_gateway, &sidecar_gateway).await?;
     ztunnel.sample_through(back, hbone_pruned + Duration::from_secs(2), async || ztunnel_now(&mesh).await).await;
     mesh.istiods = start_istiods_as_sail(&mesh.f).await?;
     mesh.fed = mesh.f.wait_for("prod", WAIT, is_ready).await?;
